@@ -1,0 +1,199 @@
+"""Pipeline configuration: one frozen dataclass per stage, composed into `PipelineConfig`.
+
+Loaded from YAML and overridden with `section.key=value` strings. Unknown keys and wrong
+types raise `ValueError` naming the key and what is accepted, before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    corpus: str = ""  # local path or s3:// prefix: Parquet (id, embedding), .npy, .fvecs, .bvecs
+    train_queries: str = ""  # unlabeled training queries; empty: corpus samples as pseudo-queries
+    eval_queries: str = ""  # held-out queries for evaluation; empty: skip evaluation
+    labels: str = ""  # optional Parquet (query_id, doc_id) for label MRR/recall
+    rows_per_shard: int = 250_000  # corpus rows per shard task (files are split, never merged)
+    max_train_queries: int = 0  # 0: all
+    max_eval_queries: int = 0  # 0: all
+    pseudo_queries: int = 20_000  # corpus samples used as queries when train_queries is empty
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    nlist: int = 256
+    M: int = 8  # sub-quantizers; bytes per vector = M * nbits / 8
+    nbits: int = 8
+    opq: bool = True
+    metric: str = "ip"  # "ip" (inner product) or "l2"
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    train_sample: int = 100_000  # corpus vectors sampled for k-means/PQ and negatives
+    niter: int = 20
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    k: int = 10  # exact neighbours per training query
+    query_block: int = 4096
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 256  # global batch (queries), split across workers
+    lr: float = 1e-3  # codebooks and centroids
+    rotation_lr: float = 1e-4
+    temperature: float = 0.3  # relative to each query's teacher-score spread
+    negatives: int = 256  # random corpus negatives shared by a batch
+    in_batch: bool = True  # also score the other queries' neighbours
+    ivf_weight: float = 1.0  # weight of the Distill-VQ coarse (IVF) distillation term
+    soft_temperature: float = 0.1  # soft codeword assignment, relative to mean distance
+    learn_ivf: bool = True
+    learn_pq: bool = True
+    learn_rotation: bool = True
+    val_fraction: float = 0.05
+    num_workers: int = 1
+    use_gpu: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    nprobe: tuple[int, ...] = (1, 4, 16, 32)
+    k: int = 100
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = ""  # empty: attach to RAY_ADDRESS or start a local cluster
+    num_cpus: int = 0  # local cluster only; 0: max(4, cores) so Train's controller gets a slot
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self, *sections: str) -> str:
+        """Stable hash of the whole config, or of the named sections only."""
+        d = self.to_dict()
+        if sections:
+            d = {s: d[s] for s in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _coerce(value, typ, where: str):
+    origin = typing.get_origin(typ)
+    if origin is tuple:
+        (inner, _ellipsis) = typing.get_args(typ)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list of {inner.__name__}, got {value!r}")
+        return tuple(_coerce(v, inner, where) for v in value)
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported config type {typ} at {where}")
+
+
+def _build(cls, raw: dict, where: str):
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
+            f"valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _build(typ, value, f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(value, typ, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like section.key=value")
+    key, text = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {override!r}: {p} is not a section")
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> PipelineConfig:
+    raw: dict = {}
+    if path:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    for o in overrides:
+        _apply_override(raw, o)
+    cfg = _build(PipelineConfig, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """Checks that need no data. Checks against the data's dimension live in ingest."""
+    ix, tr = cfg.index, cfg.train
+    if ix.metric not in ("ip", "l2"):
+        raise ValueError(f"index.metric must be 'ip' or 'l2', got {ix.metric!r}")
+    if ix.nbits not in range(1, 17) or ix.M < 1 or ix.nlist < 1:
+        raise ValueError("index.M and index.nlist must be >= 1 and index.nbits in 1..16")
+    if cfg.teacher.k < 1 or cfg.eval.k < 1:
+        raise ValueError("teacher.k and eval.k must be >= 1")
+    if tr.num_workers < 1 or tr.batch_size < tr.num_workers:
+        raise ValueError("train.num_workers must be >= 1 and train.batch_size >= num_workers")
+    if tr.batch_size % tr.num_workers:
+        raise ValueError(
+            f"train.batch_size ({tr.batch_size}) must be divisible by train.num_workers "
+            f"({tr.num_workers}) so that every worker gets an equal slice of the global batch"
+        )
+    if not 0 <= tr.val_fraction < 1:
+        raise ValueError("train.val_fraction must be in [0, 1)")
+    if any(p < 1 for p in cfg.eval.nprobe):
+        raise ValueError("eval.nprobe values must be >= 1")
+    if not cfg.data.corpus:
+        raise ValueError("data.corpus is empty: set it to a local path or s3:// prefix")

@@ -1,0 +1,103 @@
+"""faiss index construction: the k-means-trained baseline, and export of learned parameters.
+
+Parameters are a dict of numpy arrays:
+  rotation  (d, d) float32 or absent: x_rot = x @ rotation.T (faiss OPQMatrix.A)
+  centroids (nlist, d) float32, in the rotated space
+  codebooks (M, ksub, dsub) float32: PQ of the residual x_rot - centroid
+"""
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from pipeline.config import IndexConfig
+
+
+def faiss_metric(metric: str) -> int:
+    return faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+
+
+def check_shape(cfg: IndexConfig, d: int, n_train: int) -> None:
+    """User-facing checks that need the data's dimension and the training sample size."""
+    if d % cfg.M:
+        divisors = [m for m in range(1, d + 1) if d % m == 0 and m <= 64]
+        raise ValueError(
+            f"index.M={cfg.M} does not divide the dimension d={d}; choose one of {divisors}"
+        )
+    need = max(cfg.nlist, 1 << cfg.nbits)
+    if n_train < need:
+        raise ValueError(
+            f"{n_train} training vectors are fewer than the {need} centroids to learn "
+            f"(index.nlist={cfg.nlist}, 2**index.nbits={1 << cfg.nbits}); lower them"
+        )
+
+
+def ivfpq_of(index) -> faiss.IndexIVFPQ:
+    """The IndexIVFPQ inside `index` (which may sit behind a pre-transform)."""
+    return faiss.downcast_index(faiss.extract_index_ivf(index))
+
+
+def train_baseline(xt: np.ndarray, cfg: IndexConfig, niter: int = 20, seed: int = 0):
+    """faiss's own k-means IVF + PQ (+ OPQ) trained on xt: the baseline and the warm start."""
+    d = xt.shape[1]
+    key = f"IVF{cfg.nlist},PQ{cfg.M}x{cfg.nbits}"
+    if cfg.opq:
+        key = f"OPQ{cfg.M},{key}"
+    index = faiss.index_factory(d, key, faiss_metric(cfg.metric))
+    ivf = ivfpq_of(index)
+    ivf.cp.niter = niter
+    ivf.cp.seed = seed
+    ivf.pq.cp.seed = seed
+    index.train(np.ascontiguousarray(xt, dtype=np.float32))
+    return index
+
+
+def extract_params(index) -> dict:
+    ivf = ivfpq_of(index)
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    params = {
+        "centroids": quantizer.reconstruct_n(0, ivf.nlist).astype(np.float32),
+        "codebooks": faiss.vector_to_array(ivf.pq.centroids)
+        .reshape(ivf.pq.M, ivf.pq.ksub, ivf.pq.dsub).astype(np.float32),
+    }
+    if isinstance(index, faiss.IndexPreTransform):
+        lt = faiss.downcast_VectorTransform(index.chain.at(0))
+        params["rotation"] = faiss.vector_to_array(lt.A).reshape(lt.d_out, lt.d_in)
+    return params
+
+
+def index_from_params(params: dict, metric: str):
+    """A trained, empty IndexIVFPQ (behind an OPQMatrix if a rotation is given)."""
+    C, B = params["centroids"], params["codebooks"]
+    nlist, d = C.shape
+    M, ksub, dsub = B.shape
+    assert M * dsub == d, "codebooks must tile the dimension"
+    nbits = int(np.log2(ksub))
+    quantizer = faiss.IndexFlatIP(d) if metric == "ip" else faiss.IndexFlatL2(d)
+    quantizer.add(np.ascontiguousarray(C, dtype=np.float32))
+    ivf = faiss.IndexIVFPQ(quantizer, d, nlist, M, nbits, faiss_metric(metric))
+    faiss.copy_array_to_vector(np.ascontiguousarray(B, dtype=np.float32).ravel(), ivf.pq.centroids)
+    ivf.is_trained = True
+    ivf.own_fields = True
+    quantizer.this.disown()
+    if metric == "l2":
+        ivf.precompute_table()
+    rotation = params.get("rotation")
+    if rotation is None:
+        return ivf
+    opq = faiss.OPQMatrix(d, M)
+    faiss.copy_array_to_vector(np.ascontiguousarray(rotation, dtype=np.float32).ravel(), opq.A)
+    opq.is_trained = True
+    index = faiss.IndexPreTransform(opq, ivf)
+    index.own_fields = True
+    ivf.this.disown()
+    opq.this.disown()
+    return index
+
+
+def set_nprobe(index, nprobe: int) -> None:
+    faiss.extract_index_ivf(index).nprobe = nprobe
+
+
+def bytes_per_vector(cfg: IndexConfig) -> int:
+    return cfg.M * cfg.nbits // 8

@@ -1,0 +1,31 @@
+"""Retrieval quality metrics."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def overlap_recall(I: np.ndarray, gt: np.ndarray, k: int) -> float:
+    """k@k recall: mean fraction of the exact top-k found in the returned top-k."""
+    assert I.shape[1] >= k and gt.shape[1] >= k, "need at least k results and k true neighbours"
+    hits = sum(len(np.intersect1d(a[:k], b[:k])) for a, b in zip(I, gt))
+    return hits / (len(I) * k)
+
+
+def mrr_at(I: np.ndarray, qids: np.ndarray, qrels: dict, k: int = 10) -> float:
+    total = 0.0
+    for row, q in zip(I[:, :k], qids):
+        rel = qrels.get(int(q), ())
+        for rank, doc in enumerate(row):
+            if doc in rel:
+                total += 1.0 / (rank + 1)
+                break
+    return total / len(I)
+
+
+def label_recall_at(I: np.ndarray, qids: np.ndarray, qrels: dict, k: int = 10) -> float:
+    total = 0.0
+    for row, q in zip(I[:, :k], qids):
+        rel = qrels.get(int(q), set())
+        if rel:
+            total += len(rel.intersection(row.tolist())) / len(rel)
+    return total / len(I)

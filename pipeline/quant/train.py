@@ -1,0 +1,161 @@
+"""Pure training kernel: one data-parallel epoch of listwise distillation.
+
+Workers see equal slices of the same global batch; `reduce_grads` (a callable passed in by the
+caller, identity for one worker) sums gradients across workers. Losses are sums divided by the
+*global* batch size, so summed gradients equal the single-process gradient of the global batch,
+and every worker applies the same update.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.quant.losses import listwise_kl, relative_tau
+from pipeline.quant.model import IVFPQStudent
+
+
+@dataclass
+class TrainData:
+    xq: np.ndarray  # (n, d) float32 training queries
+    pos: np.ndarray  # (n, K, d) float16/32 teacher top-K neighbour vectors
+    pool: np.ndarray  # (P, d) float32 random corpus vectors for negatives
+
+
+def exact_scores(q: torch.Tensor, x: torch.Tensor, metric: str) -> torch.Tensor:
+    """Teacher similarity of each query to the docs: x (n, d) -> (nq, n); x (nq, L, d) -> (nq, L)."""
+    if x.dim() == 3:
+        s = torch.einsum("bd,bld->bl", q, x)
+        return s if metric == "ip" else 2 * s - (x * x).sum(-1) - (q * q).sum(1, keepdim=True)
+    s = q @ x.T
+    return s if metric == "ip" else 2 * s - (x * x).sum(1)[None] - (q * q).sum(1)[:, None]
+
+
+def batch_loss(model: IVFPQStudent, q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
+               cfg: TrainConfig, in_batch: bool):
+    """Loss sums (pq part, ivf part) for a local batch.
+
+    q (b, d); pos (b, K, d) each query's teacher neighbours; neg (N, d) shared negatives.
+    Candidates of query i: its K neighbours, the shared negatives, and (in_batch) the other
+    queries' neighbours.
+    """
+    b, K, d = pos.shape
+    shared = neg
+    if in_batch and b > 1:
+        shared = torch.cat([neg, pos.reshape(b * K, d)], 0)
+    R = model.rotation() if model.has_rotation else None
+    q_rot = model.rotate(q, R)
+    docs = torch.cat([pos.reshape(b * K, d), shared], 0)
+    c, r_hat, _ = model.quantize(model.rotate(docs, R))
+    x_hat = c + r_hat
+
+    def candidate_scores(fn_pos, fn_shared):
+        s = torch.cat([fn_pos, fn_shared], 1)
+        if in_batch and b > 1:  # a query's own neighbours must not reappear as negatives
+            own = torch.zeros(b, s.shape[1], dtype=torch.bool, device=s.device)
+            own[:, K + len(neg):] = torch.eye(b, dtype=torch.bool, device=s.device)\
+                .repeat_interleave(K, dim=1)
+            s = s.masked_fill(own, -torch.inf)
+        return s
+
+    t = candidate_scores(exact_scores(q, pos, model.metric), exact_scores(q, shared, model.metric))
+    tau = relative_tau(t, cfg.temperature)
+    n_pos = b * K
+    s_pq = candidate_scores(
+        exact_scores(q_rot, x_hat[:n_pos].view(b, K, d), model.metric),
+        model.score(q_rot, x_hat[n_pos:]),
+    )
+    loss_pq = listwise_kl(t, s_pq, tau)
+    loss_ivf = torch.zeros((), device=q.device)
+    if cfg.ivf_weight > 0 and model.centroids.requires_grad:
+        s_ivf = candidate_scores(
+            exact_scores(q_rot, c[:n_pos].view(b, K, d), model.metric),
+            model.score(q_rot, c[n_pos:]),
+        )
+        loss_ivf = listwise_kl(t, s_ivf, tau)
+    return loss_pq, loss_ivf
+
+
+def make_optimizer(model: IVFPQStudent, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = [{"params": [p for p in (model.centroids, model.codebooks) if p.requires_grad],
+               "lr": cfg.lr}]
+    if model.skew.requires_grad:
+        groups.append({"params": [model.skew], "lr": cfg.rotation_lr})
+    return torch.optim.Adam([g for g in groups if g["params"]])
+
+
+def _negatives(pool: np.ndarray, n: int, seed: int, epoch: int, step: int) -> np.ndarray:
+    # Seeded by (seed, epoch, step) alone, so every worker draws the same negatives.
+    rng = np.random.default_rng([seed, epoch, step])
+    return pool[rng.choice(len(pool), size=min(n, len(pool)), replace=False)]
+
+
+def train_epoch(model: IVFPQStudent, opt: torch.optim.Optimizer, data: TrainData,
+                cfg: TrainConfig, epoch: int, rank: int = 0, world: int = 1,
+                reduce_grads: Callable[[list[torch.Tensor]], None] = lambda grads: None,
+                device: str = "cpu", log: Callable[[int, int, float], None] | None = None,
+                max_steps: int = 0) -> dict:
+    """One pass over the training queries in global batches of cfg.batch_size.
+
+    Returns {"loss", "loss_pq", "loss_ivf", "steps", "queries"} averaged over the epoch.
+    """
+    B = cfg.batch_size
+    assert B % world == 0, "global batch must split evenly across workers"
+    local = B // world
+    order = np.random.default_rng([cfg.seed, epoch]).permutation(len(data.xq))
+    steps = len(order) // B  # drop the ragged tail: every step sees a full global batch
+    if max_steps:
+        steps = min(steps, max_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    totals = np.zeros(2)
+    model.train()
+    for step in range(steps):
+        idx = np.sort(order[step * B + rank * local: step * B + (rank + 1) * local])
+        q = torch.as_tensor(data.xq[idx], dtype=torch.float32, device=device)
+        pos = torch.as_tensor(data.pos[idx].astype(np.float32), device=device)
+        neg = torch.as_tensor(_negatives(data.pool, cfg.negatives, cfg.seed, epoch, step),
+                              dtype=torch.float32, device=device)
+        loss_pq, loss_ivf = batch_loss(model, q, pos, neg, cfg, cfg.in_batch)
+        loss = (loss_pq + cfg.ivf_weight * loss_ivf) / B
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        reduce_grads([p.grad for p in params])
+        opt.step()
+        totals += [loss_pq.item() / B, loss_ivf.item() / B]
+        if log is not None:
+            log(step + 1, steps, float(loss.item()))
+    totals = totals * world / max(steps, 1)  # per-query averages (this worker's share x world)
+    return {"loss_pq": float(totals[0]), "loss_ivf": float(totals[1]),
+            "loss": float(totals[0] + cfg.ivf_weight * totals[1]), "steps": steps,
+            "queries": steps * B}
+
+
+@torch.no_grad()
+def validate(model: IVFPQStudent, data: TrainData, k: int = 10, pool_size: int = 4096,
+             batch: int = 512) -> float:
+    """Proxy recall@k: for held-out queries, the overlap of the student's top-k with the exact
+    top-k among each query's teacher neighbours plus a fixed sample of corpus vectors."""
+    model.eval()
+    pool = torch.as_tensor(data.pool[:pool_size], dtype=torch.float32)
+    R = model.rotation() if model.has_rotation else None
+    c, r_hat, _ = model.quantize(model.rotate(pool, R))
+    pool_hat = c + r_hat
+    hits, total = 0, 0
+    for i0 in range(0, len(data.xq), batch):
+        q = torch.as_tensor(data.xq[i0:i0 + batch], dtype=torch.float32)
+        pos = torch.as_tensor(data.pos[i0:i0 + batch].astype(np.float32))
+        b, K, d = pos.shape
+        q_rot = model.rotate(q, R)
+        pc, pr, _ = model.quantize(model.rotate(pos.reshape(b * K, d), R))
+        t = torch.cat([exact_scores(q, pos, model.metric),
+                       exact_scores(q, pool, model.metric)], 1)
+        s = torch.cat([exact_scores(q_rot, (pc + pr).view(b, K, d), model.metric),
+                       model.score(q_rot, pool_hat)], 1)
+        kk = min(k, t.shape[1])
+        top_t, top_s = t.topk(kk, 1).indices, s.topk(kk, 1).indices
+        hits += (top_t[:, :, None] == top_s[:, None, :]).any(2).sum().item()
+        total += b * kk
+    return hits / max(total, 1)

@@ -1,0 +1,80 @@
+"""What every Ray stage shares: the run folder, stage manifests, thread pinning, progress."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import ray
+
+from pipeline import storage
+from pipeline.config import PipelineConfig
+
+log = logging.getLogger("pipeline.stages")
+
+
+@dataclass
+class Run:
+    """The run folder (local path or s3:// prefix) and the resolved config."""
+    output: str
+    cfg: PipelineConfig
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.output, *parts)
+
+    def stage_path(self, stage: str, *parts: str) -> str:
+        return self.path("stages", stage, *parts)
+
+    def manifest_uri(self, stage: str) -> str:
+        return self.stage_path(stage, "_manifest.json")
+
+    def is_done(self, stage: str) -> bool:
+        uri = self.manifest_uri(stage)
+        return storage.exists(uri) and storage.read_json(uri).get("config_hash") == self.cfg.hash()
+
+    def stage_info(self, stage: str) -> dict:
+        return storage.read_json(self.manifest_uri(stage))["info"]
+
+    def finish(self, stage: str, info: dict, seconds: float) -> None:
+        # Written last: a stage without its manifest is unfinished and runs again.
+        storage.write_json(self.manifest_uri(stage), {
+            "stage": stage, "config_hash": self.cfg.hash(), "seconds": seconds, "info": info})
+
+
+def pin_threads() -> int:
+    """Limits faiss/torch/BLAS threads to the CPUs Ray gave this task (OpenMP threads spin
+    badly when cores are oversubscribed). Returns that count."""
+    import faiss
+    import torch
+
+    try:
+        n = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1
+    except Exception:  # noqa: BLE001 - outside a Ray worker (driver, tests): use every core
+        n = os.cpu_count() or 1
+    faiss.omp_set_num_threads(n)
+    torch.set_num_threads(n)
+    return n
+
+
+def wait_all(refs: list, what: str, every: float = 10.0) -> list:
+    """ray.get with a progress line (done/total, elapsed, ETA) at most every `every` seconds.
+    Results come back in the order of `refs`."""
+    t0 = last = time.time()
+    pending = list(refs)
+    total = len(refs)
+    while pending:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=every)
+        now = time.time()
+        done = total - len(pending)
+        if pending and now - last >= every or not pending:
+            eta = (now - t0) / max(done, 1) * len(pending)
+            log.info("%s: %d/%d done, %.0fs elapsed, ETA %.0fs", what, done, total, now - t0, eta)
+            last = now
+    return ray.get(refs)
+
+
+def cpus_per_task(num_tasks: int) -> int:
+    """Spreads the cluster's CPUs over concurrent tasks (at least 1 each)."""
+    total = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, total // max(num_tasks, 1))

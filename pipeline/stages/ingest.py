@@ -1,0 +1,124 @@
+"""ingest: plan the corpus shards, validate every row with Ray Data, sample training vectors.
+
+`preflight` reads metadata only and runs before Ray starts, so the common mistakes (missing
+path, no files, wrong columns, bad dimension, k too large, M not dividing d) fail in seconds.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import ray
+
+from pipeline import storage
+from pipeline.config import PipelineConfig
+from pipeline.data import readers
+from pipeline.data.plan import Shard, plan_shards
+from pipeline.index.build import check_shape
+from pipeline.stages.common import Run
+
+log = logging.getLogger("pipeline.stages.ingest")
+
+
+def preflight(cfg: PipelineConfig) -> dict:
+    """Shard plan plus corpus size and dimension, from file metadata alone."""
+    files = readers.list_inputs(cfg.data.corpus, "data.corpus")
+    probed = [(f, *readers.probe(f)) for f in files]
+    dims = {d for _, _, d in probed if d is not None}
+    if len(dims) > 1:
+        raise ValueError(f"data.corpus: files disagree on the dimension: {sorted(dims)}")
+    if any(d is None for _, _, d in probed):  # list<float> Parquet: read one row to learn d
+        f = next(f for f, n, d in probed if d is None and n)
+        dims.add(readers.read_rows(f, 0, 1)[1].shape[1])
+    n = sum(rows for _, rows, _ in probed)
+    if n == 0:
+        raise ValueError(f"data.corpus: {cfg.data.corpus} holds no rows (empty corpus)")
+    (d,) = dims
+    k_max = max(cfg.teacher.k, cfg.eval.k)
+    if k_max > n:
+        raise ValueError(
+            f"teacher.k={cfg.teacher.k} / eval.k={cfg.eval.k} exceed the corpus size {n}; "
+            "lower them"
+        )
+    check_shape(cfg.index, d, min(n, cfg.init.train_sample))
+    for what, uri in (("data.train_queries", cfg.data.train_queries),
+                      ("data.eval_queries", cfg.data.eval_queries), ("data.labels", cfg.data.labels)):
+        if uri:
+            for f in readers.list_inputs(uri, what):
+                if what != "data.labels":
+                    qd = readers.probe(f)[1]
+                    if qd is not None and qd != d:
+                        raise ValueError(f"{what}: dimension {qd} disagrees with the corpus's {d}")
+    shards = plan_shards([(f, rows) for f, rows, _ in probed], cfg.data.rows_per_shard)
+    return {"n": n, "d": d, "shards": [s.to_dict() for s in shards]}
+
+
+def scan_shard(shard: dict, d: int, sample_p: float, seed: int) -> dict:
+    """Pure kernel: validate one shard and draw its Bernoulli sample of training vectors."""
+    s = Shard(**shard)
+    ids, x = readers.read_rows(s.uri, s.start, s.stop, s.id_offset)
+    readers.check_block(ids, x, f"{s.uri} rows {s.start}-{s.stop}", d)
+    rng = np.random.default_rng([seed, s.shard_id])
+    keep = rng.random(len(ids)) < sample_p
+    return {"shard_id": s.shard_id, "rows": len(ids), "id_min": int(ids.min()),
+            "id_max": int(ids.max()), "sample": x[keep]}
+
+
+def _check_cross_shard_ids(stats: list[dict], shards: list[dict]) -> None:
+    spans = sorted((s["id_min"], s["id_max"], s["shard_id"]) for s in stats)
+    overlapping = {a[2] for a, b in zip(spans, spans[1:]) if b[0] <= a[1]}
+    overlapping |= {b[2] for a, b in zip(spans, spans[1:]) if b[0] <= a[1]}
+    if not overlapping:
+        return
+    # Id ranges overlap: compare the actual ids of those shards only.
+    read_ids = ray.remote(lambda sh: readers.read_rows(sh["uri"], sh["start"], sh["stop"],
+                                                       sh["id_offset"])[0])
+    parts = ray.get([read_ids.remote(shards[i]) for i in sorted(overlapping)])
+    ids = np.concatenate(parts)
+    u, c = np.unique(ids, return_counts=True)
+    if (c > 1).any():
+        raise ValueError(f"data.corpus: duplicate ids across files {u[c > 1][:5].tolist()}; "
+                         "ids must be unique")
+
+
+def load_queries(cfg: PipelineConfig, sample: np.ndarray, d: int) -> dict:
+    out = {}
+    if cfg.data.train_queries:
+        ids, x = readers.read_all(cfg.data.train_queries, "data.train_queries",
+                                  cfg.data.max_train_queries)
+    else:  # symmetric case: corpus samples stand in for queries
+        n = min(cfg.data.pseudo_queries, len(sample))
+        ids, x = np.arange(n, dtype=np.int64), sample[:n]
+        log.info("no data.train_queries: using %d corpus samples as pseudo-queries", n)
+    out["train"] = (ids, x)
+    if cfg.data.eval_queries:
+        out["eval"] = readers.read_all(cfg.data.eval_queries, "data.eval_queries",
+                                       cfg.data.max_eval_queries)
+    for name, (_, x) in out.items():
+        if x.shape[1] != d:
+            raise ValueError(f"data.{name}_queries: dimension {x.shape[1]} != corpus {d}")
+    return out
+
+
+def run(run: Run, plan: dict) -> dict:
+    cfg = run.cfg
+    t0 = time.time()
+    p = min(1.0, cfg.init.train_sample / plan["n"])
+    ds = ray.data.from_items(plan["shards"], override_num_blocks=len(plan["shards"]))
+    stats = ds.map(lambda row: scan_shard(row, plan["d"], p, cfg.init.seed)).take_all()
+    stats.sort(key=lambda s: s["shard_id"])
+    rows = sum(s["rows"] for s in stats)
+    assert rows == plan["n"], f"scanned {rows} rows, metadata says {plan['n']}"
+    _check_cross_shard_ids(stats, plan["shards"])
+    sample = np.concatenate([s["sample"] for s in stats]).astype(np.float32)
+    sample = sample[np.random.default_rng(cfg.init.seed).permutation(len(sample))]
+    check_shape(cfg.index, plan["d"], len(sample))
+    queries = load_queries(cfg, sample, plan["d"])
+    storage.save_npz(run.stage_path("ingest", "sample.npz"), x=sample)
+    for name, (ids, x) in queries.items():
+        storage.save_npz(run.stage_path("ingest", f"{name}_queries.npz"), ids=ids, x=x)
+    log.info("ingest: %d vectors of d=%d in %d shards validated, %d sampled (%.1fs)",
+             plan["n"], plan["d"], len(plan["shards"]), len(sample), time.time() - t0)
+    return {**plan, "sample": len(sample),
+            "queries": {k: len(v[0]) for k, v in queries.items()}}

@@ -1,0 +1,49 @@
+"""init: faiss k-means IVF + PQ/OPQ on the sample: the baseline, and the student's warm start."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import faiss
+import ray
+
+from pipeline import storage
+from pipeline.index import build
+from pipeline.stages.common import Run, pin_threads
+
+log = logging.getLogger("pipeline.stages.init")
+
+
+@ray.remote
+def _train_baseline(sample_uri: str, out_uri: str, index_cfg, niter: int, seed: int) -> dict:
+    pin_threads()
+    xt = storage.load_npz(sample_uri)["x"]
+    t0 = time.time()
+    index = build.train_baseline(xt, index_cfg, niter=niter, seed=seed)
+    scratch = storage.local_scratch("init")
+    local = os.path.join(scratch, "baseline.index")
+    faiss.write_index(index, local)
+    storage.upload_file(local, out_uri)
+    return {"train_seconds": time.time() - t0, "n_train": len(xt)}
+
+
+def run(run: Run) -> dict:
+    cfg = run.cfg
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    info = ray.get(_train_baseline.options(num_cpus=cpus).remote(
+        run.stage_path("ingest", "sample.npz"), run.stage_path("init", "baseline.index"),
+        cfg.index, cfg.init.niter, cfg.init.seed))
+    log.info("init: faiss baseline trained on %d vectors in %.1fs", info["n_train"],
+             info["train_seconds"])
+    return info
+
+
+def load_index(uri: str):
+    """Reads a faiss index file from a local path or s3:// URI."""
+    scratch = storage.local_scratch("idx")
+    local = os.path.join(scratch, os.path.basename(uri))
+    storage.download_file(uri, local)
+    index = faiss.read_index(local)
+    os.remove(local)
+    return index

@@ -1,0 +1,162 @@
+"""train: Ray Train data-parallel distillation of the IVF centroids, PQ codebooks and rotation.
+
+The per-worker loop is wiring only: it loads the teacher parts, builds the student from the
+warm start, and calls `pipeline.quant.train.train_epoch` with an all-reduce passed in. Rank 0
+checkpoints every epoch to the run folder; a rerun resumes from the latest checkpoint.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+import time
+
+import numpy as np
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pipeline import storage
+from pipeline.config import PipelineConfig, TrainConfig
+from pipeline.index import build
+from pipeline.quant.model import IVFPQStudent
+from pipeline.quant.train import TrainData, make_optimizer, train_epoch, validate
+from pipeline.stages.common import Run
+from pipeline.stages.init import load_index
+from pipeline.stages.teacher import load_parts
+
+log = logging.getLogger("pipeline.stages.train")
+
+
+def split_data(parts: dict, pool: np.ndarray, cfg: TrainConfig) -> tuple[TrainData, TrainData]:
+    """Deterministic train/validation split of the teacher's queries."""
+    n = len(parts["xq"])
+    order = np.random.default_rng([cfg.seed, 7]).permutation(n)
+    n_val = int(round(n * cfg.val_fraction))
+    val, tr = np.sort(order[:n_val]), np.sort(order[n_val:])
+    xq, V = parts["xq"].astype(np.float32), parts["V"]
+    return TrainData(xq[tr], V[tr], pool), TrainData(xq[val], V[val], pool)
+
+
+def build_student(params: dict, pcfg: PipelineConfig) -> IVFPQStudent:
+    t = pcfg.train
+    return IVFPQStudent(params, pcfg.index.metric, t.learn_ivf, t.learn_pq, t.learn_rotation,
+                        t.soft_temperature)
+
+
+def _state_bytes(state: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def fit_local(params: dict, data: TrainData, val: TrainData, pcfg: PipelineConfig,
+              rank: int = 0, world: int = 1, reduce_grads=lambda g: None, state: dict | None = None,
+              on_epoch=None, device: str = "cpu") -> dict:
+    """The training loop of one worker (or of a single process): epochs, validation, keeping
+    the best student and never one worse than the warm start. Returns the final state."""
+    cfg = pcfg.train
+    model = build_student(params, pcfg).to(device)
+    opt = make_optimizer(model, cfg)
+    if state is None:
+        warm = validate(model, val) if len(val.xq) else 0.0
+        state = {"epoch": 0, "best_val": warm, "warm_val": warm, "best": model.export(),
+                 "history": []}
+        log.info("train: warm start validation recall %.4f", warm)
+    else:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    for epoch in range(state["epoch"], cfg.epochs):
+        t0 = time.time()
+
+        def progress(step, steps, loss, _t0=t0, _epoch=epoch):
+            if rank == 0 and (step % 50 == 0 or step == steps):
+                eta = (time.time() - _t0) / step * (steps - step)
+                log.info("train: epoch %d step %d/%d loss %.4f ETA %.0fs", _epoch + 1, step,
+                         steps, loss, eta)
+
+        m = train_epoch(model, opt, data, cfg, epoch, rank, world, reduce_grads, device, progress)
+        m["val_recall"] = validate(model, val) if len(val.xq) else 0.0
+        m["seconds"] = time.time() - t0
+        m["queries_per_s_per_worker"] = m["queries"] / world / max(m["seconds"], 1e-9)
+        m["epoch"] = epoch + 1
+        if m["val_recall"] > state["best_val"]:
+            state["best_val"], state["best"] = m["val_recall"], model.export()
+        state["history"].append(m)
+        state.update(epoch=epoch + 1, model=model.state_dict(), optimizer=opt.state_dict())
+        if rank == 0:
+            log.info("train: epoch %d/%d loss %.4f val recall %.4f (warm %.4f) %.1fs",
+                     epoch + 1, cfg.epochs, m["loss"], m["val_recall"], state["warm_val"],
+                     m["seconds"])
+        if on_epoch is not None:
+            on_epoch(state, m)
+    return state
+
+
+def _worker_loop(config: dict) -> None:
+    import torch.distributed as dist
+
+    from pipeline.stages.common import pin_threads
+
+    pin_threads()
+    run: Run = config["run"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = "cuda" if run.cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
+    parts = load_parts(run.stage_info("teacher")["parts"])
+    pool = storage.load_npz(run.stage_path("ingest", "sample.npz"))["x"]
+    data, val = split_data(parts, pool, run.cfg.train)
+    params = build.extract_params(load_index(run.stage_path("init", "baseline.index")))
+    ckpt_uri = run.stage_path("train", "checkpoint.pt")
+    state = None
+    if storage.exists(ckpt_uri):
+        state = torch.load(io.BytesIO(storage.read_bytes(ckpt_uri)), weights_only=False)
+        if rank == 0:
+            log.info("train: resuming from %s after epoch %d", ckpt_uri, state["epoch"])
+
+    def reduce_grads(grads):
+        if world > 1:
+            for g in grads:
+                dist.all_reduce(g)  # SUM: losses are already divided by the global batch
+
+    def on_epoch(st, metrics):
+        checkpoint = None
+        if rank == 0:
+            blob = _state_bytes(st)
+            storage.write_bytes(ckpt_uri, blob)
+            tmp = tempfile.mkdtemp()
+            with open(os.path.join(tmp, "state.pt"), "wb") as f:
+                f.write(blob)
+            checkpoint = Checkpoint.from_directory(tmp)
+        ray.train.report({k: v for k, v in metrics.items()}, checkpoint=checkpoint)
+
+    fit_local(params, data, val, run.cfg, rank, world, reduce_grads, state, on_epoch, device)
+
+
+def run(run: Run) -> dict:
+    cfg = run.cfg.train
+    t0 = time.time()
+    fs, path = storage.pyarrow_fs(run.stage_path("train", "ray"))
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"run": run},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name="distill", storage_path=path, storage_filesystem=fs),
+    )
+    trainer.fit()
+    ckpt_uri = run.stage_path("train", "checkpoint.pt")
+    if not storage.exists(ckpt_uri):
+        raise RuntimeError("training finished without writing a checkpoint (0 epochs?)")
+    state = torch.load(io.BytesIO(storage.read_bytes(ckpt_uri)), weights_only=False)
+    storage.save_npz(run.stage_path("train", "params.npz"), **state["best"])
+    secs = time.time() - t0
+    improved = state["best_val"] > state["warm_val"]
+    log.info("train: %d epochs in %.1fs; validation recall %.4f -> %.4f%s", state["epoch"], secs,
+             state["warm_val"], state["best_val"],
+             "" if improved else " (no gain: exporting the warm start)")
+    return {"history": state["history"], "warm_val": state["warm_val"],
+            "best_val": state["best_val"], "seconds": secs}
