@@ -22,8 +22,11 @@ def free_port() -> int:
 
 def start(buckets=(), port: int = 0):
     """Starts the server in this process; returns (server, endpoint URL). Sets the env vars."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     port = port or free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

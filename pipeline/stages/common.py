@@ -78,3 +78,4 @@ def cpus_per_task(num_tasks: int) -> int:
     """Spreads the cluster's CPUs over concurrent tasks (at least 1 each)."""
     total = int(ray.cluster_resources().get("CPU", 1))
     return max(1, total // max(num_tasks, 1))
+

@@ -65,6 +65,16 @@ def scan_shard(shard: dict, d: int, sample_p: float, seed: int) -> dict:
             "id_max": int(ids.max()), "sample": x[keep]}
 
 
+def _scan_or_report(shard: dict, d: int, sample_p: float, seed: int) -> dict:
+    # Ray Data keeps only the text of a UDF's exception, so a bad-input error travels back as
+    # data and the driver raises it as the ValueError the user should see.
+    try:
+        return {**scan_shard(shard, d, sample_p, seed), "error": ""}
+    except ValueError as e:
+        return {"shard_id": shard["shard_id"], "rows": 0, "id_min": 0, "id_max": 0,
+                "sample": np.zeros((0, d), np.float32), "error": str(e)}
+
+
 def _check_cross_shard_ids(stats: list[dict], shards: list[dict]) -> None:
     spans = sorted((s["id_min"], s["id_max"], s["shard_id"]) for s in stats)
     overlapping = {a[2] for a, b in zip(spans, spans[1:]) if b[0] <= a[1]}
@@ -106,7 +116,10 @@ def run(run: Run, plan: dict) -> dict:
     t0 = time.time()
     p = min(1.0, cfg.init.train_sample / plan["n"])
     ds = ray.data.from_items(plan["shards"], override_num_blocks=len(plan["shards"]))
-    stats = ds.map(lambda row: scan_shard(row, plan["d"], p, cfg.init.seed)).take_all()
+    stats = ds.map(lambda row: _scan_or_report(row, plan["d"], p, cfg.init.seed)).take_all()
+    errors = sorted(s["error"] for s in stats if s["error"])
+    if errors:
+        raise ValueError(errors[0] + (f" (and {len(errors) - 1} more shards)" if errors[1:] else ""))
     stats.sort(key=lambda s: s["shard_id"])
     rows = sum(s["rows"] for s in stats)
     assert rows == plan["n"], f"scanned {rows} rows, metadata says {plan['n']}"

@@ -1,0 +1,42 @@
+# Everything installs itself into .venv on first use. The CPU torch is pinned and installed
+# first: an open torch range with no torch present pulls a multi-GB CUDA build.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+DATA ?= ../shared/data/debian-minilm
+DEMO_OUT ?= runs/demo
+
+.PHONY: install test test-faults demo bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q -ra tests
+
+test-faults: install
+	$(PY) -m pytest -q -ra -m faults tests
+
+lint: install
+	$(VENV)/bin/ruff check pipeline jobs infra tests bench
+
+# The demo: the shared data goes onto a local S3 endpoint (127.0.0.1), the job runs on a local
+# Ray cluster, and the published index and report are copied to $(DEMO_OUT).
+demo: install
+	$(PY) infra/local_s3.py --bucket demo -- sh -c '\
+	  $(PY) jobs/prepare_data.py --source $(DATA) --out s3://demo/debian-minilm && \
+	  $(PY) jobs/distill.py --config jobs/configs/demo.yaml --output s3://demo/runs/demo && \
+	  $(PY) jobs/copy_run.py s3://demo/runs/demo $(DEMO_OUT)'
+
+bench: install
+	$(PY) bench/quality.py --json runs/bench/quality.json
+
+clean:
+	rm -rf $(VENV) runs

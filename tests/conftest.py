@@ -1,0 +1,46 @@
+"""Shared fixtures: one local Ray cluster and one local S3 endpoint (127.0.0.1) per session."""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="session")
+def s3():
+    from infra.local_s3 import start
+
+    server, endpoint = start(buckets=["test"])
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3):
+    """Started after the S3 endpoint: workers inherit its AWS_* environment variables."""
+    import ray
+
+    # More logical CPUs than training workers: Ray Train's controller needs a slot too.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory):
+    """The smoke preset's synthetic dataset, written locally in the input contract."""
+    from jobs.prepare_data import synthetic, write_dataset
+
+    out = str(tmp_path_factory.mktemp("smoke"))
+    write_dataset(out, *synthetic(4000, 32), files=4)
+    return out
+
+
+def normalized(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)

@@ -1,0 +1,36 @@
+import pytest
+
+from pipeline.config import PipelineConfig, load_config
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  corpus: /x\nindex:\n  M: 16\n")
+    cfg = load_config(str(p), ["index.nlist=64", "eval.nprobe=[1, 2]", "train.use_gpu=true"])
+    assert (cfg.index.M, cfg.index.nlist, cfg.eval.nprobe, cfg.train.use_gpu) == \
+        (16, 64, (1, 2), True)
+    assert cfg.hash() != PipelineConfig().hash()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("index.bogus=1", "unknown config key"),
+    ("nosection.key=1", "unknown config key"),
+    ("index.M=eight", "expected an integer"),
+    ("train.lr=fast", "expected a number"),
+    ("train.in_batch=3", "expected true or false"),
+    ("index.metric=cosine", "index.metric"),
+    ("train.batch_size=255", "divisible"),
+])
+def test_bad_config_is_a_clear_error(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, ["data.corpus=/x", "train.num_workers=2", override])
+
+
+def test_corpus_required():
+    with pytest.raises(ValueError, match="data.corpus"):
+        load_config(None, [])
+
+
+def test_presets_load():
+    for name in ("smoke", "demo"):
+        load_config(f"jobs/configs/{name}.yaml")

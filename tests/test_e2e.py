@@ -1,0 +1,84 @@
+"""The whole job as a user runs it (jobs/distill.py), on the smoke preset."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jobs import distill, prepare_data
+from pipeline import storage
+
+
+def job_args(data, out, *extra):
+    return ["--config", "jobs/configs/smoke.yaml", "--output", out,
+            "--set", f"data.corpus={data}/corpus", "--set", f"data.train_queries={data}/train_queries",
+            "--set", f"data.eval_queries={data}/eval_queries", "--set", f"data.labels={data}/labels",
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def s3_run(ray_cluster, s3):
+    data, out = "s3://test/smoke", "s3://test/runs/e2e"
+    prepare_data.write_dataset(data, *prepare_data.synthetic(4000, 32), files=4)
+    assert distill.main(job_args(data, out)) == 0
+    return data, out
+
+
+def test_job_publishes_report_and_manifest(s3_run):
+    _, out = s3_run
+    report = storage.read_json(storage.join(out, "report.json"))
+    methods = {r["method"] for r in report["rows"]}
+    assert methods == {"faiss-ivf-opq", "distilled-ivf-opq"}
+    for r in report["rows"]:
+        assert r["bytes_per_vector"] == 3 and r["nlist"] == 16
+        assert 0 < r["recall_at_10"] <= 1 and 0 < r["recall_at_100"] <= 1
+        assert r["mrr_at_10"] is not None and r["label_recall_at_10"] is not None
+    assert set(report["wall_seconds"]) >= {"ingest", "train", "merge", "evaluate"}
+    manifest = storage.read_json(storage.join(out, "manifest.json"))
+    assert manifest["counts"]["vectors"] == 4000
+    for name, meta in manifest["files"].items():
+        local = os.path.join(os.environ.get("TMPDIR", "/tmp"), "check-" + name.replace("/", "_"))
+        storage.download_file(storage.join(out, name), local)
+        assert storage.sha256_file(local) == meta["sha256"], name
+    cfg = storage.read_json(storage.join(out, "config.json"))
+    assert cfg["hash"] == manifest["config_hash"]
+
+
+def test_published_index_opens_with_plain_faiss(s3_run, tmp_path):
+    _, out = s3_run
+    for name in ("index.index", "index.ivfdata"):
+        storage.download_file(storage.join(out, "index", name), str(tmp_path / name))
+    xq = np.random.default_rng(0).standard_normal((5, 32)).astype(np.float32)
+    np.save(tmp_path / "xq.npy", xq)
+    code = ("import faiss, numpy as np, sys; "
+            "ix = faiss.read_index(sys.argv[1], faiss.IO_FLAG_ONDISK_SAME_DIR); "
+            "D, I = ix.search(np.load(sys.argv[2]), 10); print(ix.ntotal, int((I >= 0).sum()))")
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "index.index"),
+                          str(tmp_path / "xq.npy")], capture_output=True, text=True, cwd="/")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[-2:] == ["4000", "50"]  # faiss logs the ivfdata path first
+
+
+def test_rerun_skips_finished_stages(s3_run, caplog):
+    data, out = s3_run
+    before = storage.read_bytes(storage.join(out, "index", "index.index"))
+    with caplog.at_level("INFO", logger="pipeline"):
+        assert distill.main(job_args(data, out)) == 0
+    skipped = [r.message for r in caplog.records if "already finished" in r.message]
+    assert len(skipped) == 8
+    assert storage.read_bytes(storage.join(out, "index", "index.index")) == before
+
+
+def test_local_output_reads_with_plain_read_index(ray_cluster, smoke_data, tmp_path):
+    out = str(tmp_path / "run")
+    assert distill.main(job_args(smoke_data, out, "--set", "train.epochs=1")) == 0
+    manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
+    code = ("import faiss, numpy as np, sys; ix = faiss.read_index(sys.argv[1]); "
+            "faiss.extract_index_ivf(ix).nprobe = 4; "
+            "D, I = ix.search(np.ones((3, 32), 'float32'), 5); print(ix.ntotal, I.min() >= 0)")
+    res = subprocess.run([sys.executable, "-c", code, os.path.join(out, manifest["index"])],
+                         capture_output=True, text=True, cwd="/")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["4000", "True"]

@@ -1,0 +1,105 @@
+"""faiss layer: exact kNN merge, parameter export, on-disk merge of shards."""
+import os
+import subprocess
+import sys
+
+import faiss
+import numpy as np
+import pytest
+
+from pipeline.config import IndexConfig
+from pipeline.index import build, knn, metrics, ondisk
+
+from .conftest import normalized
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    return normalized(rng, 12000, 32), normalized(rng, 64, 32)
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    return build.train_baseline(data[0], IndexConfig(nlist=16, M=4, nbits=6, opq=True), niter=5)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_sharded_topk_equals_brute_force(data, metric):
+    xb, xq = data
+    ids = np.arange(len(xb)) * 7 + 3
+    parts = [knn.block_topk(xq, xb[a:a + 3000], ids[a:a + 3000], 10, metric, True)
+             for a in range(0, len(xb), 3000)]
+    S, I, V = knn.merge_topk(parts, 10)
+    sim = xq @ xb.T if metric == "ip" else -((xq[:, None] - xb[None]) ** 2).sum(-1)
+    ref = np.argsort(-sim, axis=1)[:, :10]
+    np.testing.assert_array_equal(I, ids[ref])
+    np.testing.assert_allclose(V.astype(np.float32), xb[ref], atol=1e-3)
+
+
+def test_topk_pads_small_shards(data):
+    xb, xq = data
+    S, I, _ = knn.block_topk(xq, xb[:3], np.arange(3), 5, "ip")
+    assert (I[:, 3:] == -1).all() and np.isneginf(S[:, 3:]).all()
+
+
+def test_params_round_trip(data, trained):
+    xb, xq = data
+    rebuilt = build.index_from_params(build.extract_params(trained), "ip")
+    a = ondisk.encode_shard(trained, np.arange(len(xb)), xb)
+    b = ondisk.encode_shard(rebuilt, np.arange(len(xb)), xb)
+    for index in (a, b):
+        build.set_nprobe(index, 4)
+    Da, Ia = a.search(xq, 10)
+    Db, Ib = b.search(xq, 10)
+    np.testing.assert_array_equal(Ia, Ib)
+    np.testing.assert_allclose(Da, Db, rtol=1e-5)
+
+
+def test_ondisk_merge_equals_single_index(data, trained, tmp_path):
+    xb, xq = data
+    ids = np.arange(len(xb)) + 1000
+    single = ondisk.encode_shard(trained, ids, xb)
+    paths = []
+    for s in range(4):
+        sl = slice(s * 3000, (s + 1) * 3000)
+        p = str(tmp_path / f"s{s}.index")
+        faiss.write_index(ondisk.encode_shard(trained, ids[sl], xb[sl]), p)
+        paths.append(p)
+    out = tmp_path / "out"
+    out.mkdir()
+    index_path, ivfdata, n = ondisk.merge_ondisk(trained, paths, str(out))
+    assert n == len(xb) and os.path.exists(ivfdata)
+    merged = ondisk.read_ondisk(index_path)
+    for index in (single, merged):
+        build.set_nprobe(index, 8)
+    Ds, Is = single.search(xq, 20)
+    Dm, Im = merged.search(xq, 20)
+    np.testing.assert_array_equal(Is, Im)
+    np.testing.assert_allclose(Ds, Dm, rtol=1e-6)
+    # A process that imports nothing of ours opens it with plain faiss and gets the same answer.
+    np.save(tmp_path / "xq.npy", xq)
+    code = ("import faiss, numpy as np, sys; ix = faiss.read_index(sys.argv[1]); "
+            "faiss.extract_index_ivf(ix).nprobe = 8; "
+            "print(ix.ntotal); np.save(sys.argv[3], ix.search(np.load(sys.argv[2]), 20)[1])")
+    res = subprocess.run([sys.executable, "-c", code, index_path, str(tmp_path / "xq.npy"),
+                          str(tmp_path / "I.npy")], capture_output=True, text=True, cwd="/")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[-1] == str(len(xb))
+    np.testing.assert_array_equal(np.load(tmp_path / "I.npy"), Is)
+
+
+def test_metrics():
+    gt = np.array([[1, 2, 3], [4, 5, 6]])
+    I = np.array([[3, 9, 1], [7, 8, 9]])
+    assert metrics.overlap_recall(I, gt, 3) == pytest.approx(2 / 6)
+    qrels = {0: {9}, 1: {4}}
+    assert metrics.mrr_at(I, np.array([0, 1]), qrels, 3) == pytest.approx(0.25)
+    assert metrics.label_recall_at(I, np.array([0, 1]), qrels, 3) == pytest.approx(0.5)
+
+
+def test_check_shape_names_the_fix():
+    with pytest.raises(ValueError, match="does not divide"):
+        build.check_shape(IndexConfig(M=7), 32, 10000)
+    with pytest.raises(ValueError, match="fewer than"):
+        build.check_shape(IndexConfig(nlist=256, M=4), 32, 100)
