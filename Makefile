@@ -1,5 +1,6 @@
 # Everything installs itself into .venv on first use. The CPU torch is pinned and installed
-# first: an open torch range with no torch present pulls a multi-GB CUDA build.
+# first: an open torch range with no torch present pulls a multi-GB CUDA build. constraints.txt
+# pins the versions the suite was run with, which also spares pip a long resolution.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -58,6 +58,7 @@ class TrainConfig:
     negatives: int = 256  # random corpus negatives shared by a batch
     in_batch: bool = True  # also score the other queries' neighbours
     ivf_weight: float = 1.0  # weight of the Distill-VQ coarse (IVF) distillation term
+    recon_weight: float = 0.0  # KDindex reconstruction term, relative to the warm-start error
     soft_temperature: float = 0.1  # soft codeword assignment, relative to mean distance
     learn_ivf: bool = True
     learn_pq: bool = True

@@ -22,7 +22,9 @@ class IVFPQStudent(nn.Module):
         self.soft_temperature = soft_temperature
         C = torch.as_tensor(np.asarray(params["centroids"], dtype=np.float32))
         B = torch.as_tensor(np.asarray(params["codebooks"], dtype=np.float32))
-        self.centroids = nn.Parameter(C.clone(), requires_grad=learn_ivf)
+        # A flat PQ/OPQ student has one zero centroid that never moves.
+        self.flat = "flat" in params
+        self.centroids = nn.Parameter(C.clone(), requires_grad=learn_ivf and not self.flat)
         self.codebooks = nn.Parameter(B.clone(), requires_grad=learn_pq)
         rotation = params.get("rotation")
         self.has_rotation = rotation is not None
@@ -32,6 +34,9 @@ class IVFPQStudent(nn.Module):
         self.register_buffer("rotation0", R0.clone())
         # R = expm(A - A^T) @ R0 stays orthogonal whatever the optimizer does to A, so the
         # rotation never changes the teacher's geometry (q.d == Rq.Rd).
+        # Reconstruction error per vector at the warm start, set by the caller; it makes the
+        # reconstruction term scale-free.
+        self.recon_scale = 1.0
         learn_rot = learn_rotation and self.has_rotation
         self.skew = nn.Parameter(torch.zeros(d, d), requires_grad=learn_rot)
 
@@ -103,6 +108,8 @@ class IVFPQStudent(nn.Module):
                 "centroids": self.centroids.detach().cpu().numpy().astype(np.float32),
                 "codebooks": self.codebooks.detach().cpu().numpy().astype(np.float32),
             }
+            if self.flat:
+                out["flat"] = np.array(1)
             if self.has_rotation:
                 out["rotation"] = self.rotation().detach().cpu().numpy().astype(np.float32)
         return out

@@ -36,7 +36,7 @@ def exact_scores(q: torch.Tensor, x: torch.Tensor, metric: str) -> torch.Tensor:
 
 def batch_loss(model: IVFPQStudent, q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
                cfg: TrainConfig, in_batch: bool):
-    """Loss sums (pq part, ivf part) for a local batch.
+    """Loss sums (pq part, ivf part, reconstruction part) for a local batch.
 
     q (b, d); pos (b, K, d) each query's teacher neighbours; neg (N, d) shared negatives.
     Candidates of query i: its K neighbours, the shared negatives, and (in_batch) the other
@@ -49,8 +49,12 @@ def batch_loss(model: IVFPQStudent, q: torch.Tensor, pos: torch.Tensor, neg: tor
     R = model.rotation() if model.has_rotation else None
     q_rot = model.rotate(q, R)
     docs = torch.cat([pos.reshape(b * K, d), shared], 0)
-    c, r_hat, _ = model.quantize(model.rotate(docs, R))
+    docs_rot = model.rotate(docs, R)
+    c, r_hat, _ = model.quantize(docs_rot)
     x_hat = c + r_hat
+    # Mean squared reconstruction error of the batch's docs, counted once per local query so
+    # that, like the KL sums, it divides by the global batch size.
+    loss_recon = ((docs_rot - x_hat) ** 2).sum(1).mean() * b
 
     def candidate_scores(fn_pos, fn_shared):
         s = torch.cat([fn_pos, fn_shared], 1)
@@ -76,7 +80,7 @@ def batch_loss(model: IVFPQStudent, q: torch.Tensor, pos: torch.Tensor, neg: tor
             model.score(q_rot, c[n_pos:]),
         )
         loss_ivf = listwise_kl(t, s_ivf, tau)
-    return loss_pq, loss_ivf
+    return loss_pq, loss_ivf, loss_recon
 
 
 def make_optimizer(model: IVFPQStudent, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -110,6 +114,7 @@ def train_epoch(model: IVFPQStudent, opt: torch.optim.Optimizer, data: TrainData
     if max_steps:
         steps = min(steps, max_steps)
     params = [p for p in model.parameters() if p.requires_grad]
+    recon0 = model.recon_scale
     totals = np.zeros(2)
     model.train()
     for step in range(steps):
@@ -118,8 +123,8 @@ def train_epoch(model: IVFPQStudent, opt: torch.optim.Optimizer, data: TrainData
         pos = torch.as_tensor(data.pos[idx].astype(np.float32), device=device)
         neg = torch.as_tensor(_negatives(data.pool, cfg.negatives, cfg.seed, epoch, step),
                               dtype=torch.float32, device=device)
-        loss_pq, loss_ivf = batch_loss(model, q, pos, neg, cfg, cfg.in_batch)
-        loss = (loss_pq + cfg.ivf_weight * loss_ivf) / B
+        loss_pq, loss_ivf, loss_recon = batch_loss(model, q, pos, neg, cfg, cfg.in_batch)
+        loss = (loss_pq + cfg.ivf_weight * loss_ivf + cfg.recon_weight * loss_recon / recon0) / B
         opt.zero_grad(set_to_none=False)
         loss.backward()
         reduce_grads([p.grad for p in params])
@@ -131,6 +136,14 @@ def train_epoch(model: IVFPQStudent, opt: torch.optim.Optimizer, data: TrainData
     return {"loss_pq": float(totals[0]), "loss_ivf": float(totals[1]),
             "loss": float(totals[0] + cfg.ivf_weight * totals[1]), "steps": steps,
             "queries": steps * B}
+
+
+@torch.no_grad()
+def reconstruction_error(model: IVFPQStudent, x: np.ndarray) -> float:
+    """Mean squared reconstruction error of x (n, d) under the model."""
+    xr = model.rotate(torch.as_tensor(x, dtype=torch.float32))
+    c, r_hat, _ = model.quantize(xr)
+    return float(((xr - c - r_hat) ** 2).sum(1).mean())
 
 
 @torch.no_grad()

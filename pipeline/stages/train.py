@@ -23,7 +23,8 @@ from pipeline import storage
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.index import build
 from pipeline.quant.model import IVFPQStudent
-from pipeline.quant.train import TrainData, make_optimizer, train_epoch, validate
+from pipeline.quant.train import (TrainData, make_optimizer, reconstruction_error, train_epoch,
+                                  validate)
 from pipeline.stages.common import Run
 from pipeline.stages.init import load_index
 from pipeline.stages.teacher import load_parts
@@ -60,6 +61,7 @@ def fit_local(params: dict, data: TrainData, val: TrainData, pcfg: PipelineConfi
     the best student and never one worse than the warm start. Returns the final state."""
     cfg = pcfg.train
     model = build_student(params, pcfg).to(device)
+    model.recon_scale = max(reconstruction_error(model, data.pool[:4096]), 1e-12)
     opt = make_optimizer(model, cfg)
     if state is None:
         warm = validate(model, val) if len(val.xq) else 0.0

@@ -1,0 +1,268 @@
+"""Quality benchmark: faiss's k-means quantizers against distilled ones at the same code size,
+on the same data, in one run.
+
+  python bench/quality.py                       # shared Debian/MiniLM data, 8 and 16 B
+  python bench/quality.py --full                # every structure, RQ baseline, ablations
+  python bench/quality.py --set data.corpus=s3://b/corpus --set data.train_queries=... \
+                          --set data.eval_queries=... --set data.labels=
+
+It reads the pipeline's config (`--config`, `--set`), so any dataset in the input contract runs
+unchanged. Distillation uses the pipeline's own training kernel (single process here).
+Prints a table, writes JSON (--json) in report.json's row schema plus `train_seconds`, and a
+PNG of recall@10 against nprobe (--png).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+
+import faiss
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from pipeline.config import IndexConfig, PipelineConfig, load_config  # noqa: E402
+from pipeline.data import readers  # noqa: E402
+from pipeline.index import build, knn, metrics  # noqa: E402
+from pipeline.quant.train import TrainData  # noqa: E402
+from pipeline.stages.evaluate import format_table  # noqa: E402
+from pipeline.stages.train import fit_local  # noqa: E402
+
+log = logging.getLogger("bench.quality")
+
+# structure -> (has IVF, has OPQ rotation)
+STRUCTURES = {"pq": (False, False), "opq": (False, True), "ivf-pq": (True, False),
+              "ivf-opq": (True, True)}
+SHARED = os.path.join(ROOT, "..", "shared", "data", "debian-minilm")
+
+
+@dataclasses.dataclass
+class Data:
+    ids: np.ndarray
+    xb: np.ndarray
+    xt: np.ndarray  # training queries
+    eval_ids: np.ndarray
+    xq: np.ndarray
+    qrels: dict | None
+    gt: np.ndarray  # (nq, 100) exact neighbours of xq
+
+
+def default_data(cache: str) -> list[str]:
+    """The shared data in the input contract, written once under `cache`."""
+    from jobs.prepare_data import from_shared, write_dataset
+
+    if not os.path.exists(os.path.join(cache, "labels")):
+        write_dataset(cache, *from_shared(SHARED), files=4)
+    return [f"data.corpus={cache}/corpus", f"data.train_queries={cache}/train_queries",
+            f"data.eval_queries={cache}/eval_queries", f"data.labels={cache}/labels"]
+
+
+def load(cfg: PipelineConfig) -> Data:
+    ids, xb = readers.read_all(cfg.data.corpus, "data.corpus")
+    if cfg.data.train_queries:
+        _, xt = readers.read_all(cfg.data.train_queries, "data.train_queries",
+                                 cfg.data.max_train_queries)
+    else:  # symmetric: corpus samples as pseudo-queries
+        rng = np.random.default_rng(cfg.init.seed)
+        xt = xb[rng.choice(len(xb), min(cfg.data.pseudo_queries, len(xb)), replace=False)]
+    eval_ids, xq = readers.read_all(cfg.data.eval_queries, "data.eval_queries",
+                                    cfg.data.max_eval_queries)
+    qrels = readers.read_labels(cfg.data.labels) if cfg.data.labels else None
+    _, gt, _ = knn.block_topk(xq, xb, ids, 100, cfg.index.metric)
+    return Data(ids, xb, xt, eval_ids, xq, qrels, gt)
+
+
+def evaluate(trained, data: Data, nprobes, row: dict) -> list[dict]:
+    index = faiss.clone_index(trained)
+    index.add_with_ids(data.xb, data.ids)
+    out = []
+    for nprobe in (nprobes if row["nlist"] else [0]):
+        build.set_nprobe(index, max(nprobe, 1))
+        I = index.search(data.xq, 100)[1]
+        out.append({
+            **row, "nprobe": nprobe,
+            "recall_at_10": metrics.overlap_recall(I, data.gt, 10),
+            "recall_at_100": metrics.overlap_recall(I, data.gt, 100),
+            "mrr_at_10": metrics.mrr_at(I, data.eval_ids, data.qrels) if data.qrels else None,
+            "label_recall_at_10":
+                metrics.label_recall_at(I, data.eval_ids, data.qrels) if data.qrels else None,
+        })
+    return out
+
+
+def train_faiss(xb: np.ndarray, icfg: IndexConfig, cfg: PipelineConfig, opq_cache: dict):
+    """faiss's own training: (trained index, seconds). The OPQ rotation of a code size is
+    trained once and shared by the flat and IVF structures (faiss trains a chain in that order
+    either way); its time is counted where it is first trained."""
+    t0 = time.time()
+    rng = np.random.default_rng(cfg.init.seed)
+    xt = xb[rng.choice(len(xb), min(cfg.init.train_sample, len(xb)), replace=False)]
+    plain = dataclasses.replace(icfg, opq=False)
+    if not icfg.opq:
+        return build.train_baseline(xt, plain, cfg.init.niter, cfg.init.seed), time.time() - t0
+    key = (icfg.M, icfg.nbits)
+    if key not in opq_cache:
+        opq_cache[key] = faiss.OPQMatrix(xb.shape[1], icfg.M)
+        opq_cache[key].train(xt)
+    opq = opq_cache[key]
+    inner = build.train_baseline(opq.apply(xt), plain, cfg.init.niter, cfg.init.seed)
+    index = faiss.IndexPreTransform(faiss.clone_VectorTransform(opq), inner)
+    index.own_fields = True
+    inner.this.disown()
+    return index, time.time() - t0
+
+
+def distill(trained, data: Data, teacher: tuple, cfg: PipelineConfig):
+    """Distils a faiss-trained index with the pipeline's kernel; returns (index, secs, state)."""
+    t0 = time.time()
+    V = teacher[2]
+    n_val = int(round(len(data.xt) * cfg.train.val_fraction))
+    rng = np.random.default_rng(cfg.init.seed)
+    pool = data.xb[rng.choice(len(data.xb), min(cfg.init.train_sample, len(data.xb)),
+                              replace=False)]
+    tr = TrainData(data.xt[n_val:], V[n_val:], pool)
+    val = TrainData(data.xt[:n_val], V[:n_val], pool)
+    state = fit_local(build.extract_params(trained), tr, val, cfg)
+    index = build.index_from_params(state["best"], cfg.index.metric)
+    return index, time.time() - t0, state
+
+
+def ablations(cfg: PipelineConfig) -> dict[str, PipelineConfig]:
+    """What each part contributes, for the distilled IVF-OPQ."""
+    t = cfg.train
+    variants = {
+        "ivf-only": dict(learn_pq=False, learn_rotation=False),
+        "pq-only": dict(learn_ivf=False, ivf_weight=0.0),
+        "no-rotation": dict(learn_rotation=False),
+        "no-ivf-loss": dict(ivf_weight=0.0),
+        "sampler-topk-only": dict(negatives=0, in_batch=False),
+        "sampler-random": dict(in_batch=False),
+        "sampler-in-batch": dict(negatives=0),
+        "recon-term": dict(recon_weight=1.0),
+    }
+    return {k: dataclasses.replace(cfg, train=dataclasses.replace(t, **v))
+            for k, v in variants.items()}
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["bytes_per_vector"] for r in rows})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        for method in sorted({r["method"] for r in rows if r["nlist"]}):
+            pts = sorted((r["nprobe"], r["recall_at_10"]) for r in rows
+                         if r["method"] == method and r["bytes_per_vector"] == size)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method,
+                        linestyle="-" if method.startswith("distilled") else "--")
+        ax.set_xscale("log", base=2)
+        ax.set(title=f"{size} bytes/vector", xlabel="nprobe", ylabel="recall@10 (10@10)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--config", default=os.path.join(ROOT, "bench", "quality.yaml"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--sizes", default="8,16", help="bytes per vector, comma-separated")
+    ap.add_argument("--full", action="store_true", help="all structures, RQ, ablations")
+    ap.add_argument("--json", default=os.path.join(ROOT, "runs", "bench", "quality.json"))
+    ap.add_argument("--png", default=None, help="default: the JSON path with .png")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    torch.set_num_threads(os.cpu_count() or 1)
+    overrides = list(args.overrides)
+    if not any(o.startswith("data.corpus=") for o in overrides):
+        overrides = default_data(os.path.join(ROOT, "runs", "bench", "data")) + overrides
+    cfg = load_config(args.config, overrides)
+    t0 = time.time()
+    data = load(cfg)
+    log.info("data: %d x %d corpus, %d training queries, %d eval queries (%.0fs)",
+             *data.xb.shape, len(data.xt), len(data.xq), time.time() - t0)
+    t1 = time.time()
+    teacher = knn.block_topk(data.xt, data.xb, data.ids, cfg.teacher.k, cfg.index.metric, True)
+    teacher_s = time.time() - t1
+    structures = list(STRUCTURES) if args.full else list(STRUCTURES)
+    distilled = list(STRUCTURES) if args.full else ["ivf-opq"]
+    rows, opq_cache, extra = [], {}, {}
+    for size in [int(s) for s in args.sizes.split(",")]:
+        M = size * 8 // cfg.index.nbits
+        for name in structures:
+            has_ivf, has_opq = STRUCTURES[name]
+            icfg = dataclasses.replace(cfg.index, M=M, opq=has_opq,
+                                       nlist=cfg.index.nlist if has_ivf else 0)
+            base = {"bytes_per_vector": size, "nlist": icfg.nlist}
+            trained, secs = train_faiss(data.xb, icfg, cfg, opq_cache)
+            rows += evaluate(trained, data, cfg.eval.nprobe,
+                             {"method": f"faiss-{name}", **base, "train_seconds": secs})
+            log.info("faiss-%s %dB trained in %.0fs", name, size, secs)
+            if name not in distilled:
+                continue
+            pcfg = dataclasses.replace(cfg, index=icfg)
+            index, dsecs, state = distill(trained, data, teacher, pcfg)
+            qps = np.mean([h["queries_per_s_per_worker"] for h in state["history"]])
+            rows += evaluate(index, data, cfg.eval.nprobe, {
+                "method": f"distilled-{name}", **base, "train_seconds": dsecs + teacher_s,
+                "train_queries_per_s_per_worker": qps})
+            extra[f"distilled-{name}-{size}B"] = {
+                "history": state["history"], "warm_val": state["warm_val"],
+                "best_val": state["best_val"]}
+            if args.full and name == "ivf-opq":
+                for ab, acfg in ablations(pcfg).items():
+                    ab_index, ab_secs, _ = distill(trained, data, teacher, acfg)
+                    rows += evaluate(ab_index, data, cfg.eval.nprobe, {
+                        "method": f"ablation-{ab}-ivf-opq", **base, "train_seconds": ab_secs})
+        if args.full:
+            icfg = dataclasses.replace(cfg.index, M=M, nlist=0)
+            t2 = time.time()
+            rq = faiss.index_factory(data.xb.shape[1], f"RQ{M}x{cfg.index.nbits}",
+                                     build.faiss_metric(cfg.index.metric))
+            rq.train(data.xb[:cfg.init.train_sample])
+            rows += evaluate(rq, data, cfg.eval.nprobe, {
+                "method": "faiss-rq", "bytes_per_vector": size, "nlist": 0,
+                "train_seconds": time.time() - t2})
+    print("\n" + format_table(rows))
+    print_gains(rows)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"rows": rows, "config": cfg.to_dict(), "training": extra,
+                   "teacher_seconds": teacher_s, "wall_seconds": time.time() - t0}, f, indent=2)
+    png = args.png or os.path.splitext(args.json)[0] + ".png"
+    plot(rows, png)
+    print(f"\nwrote {args.json} and {png}; total {time.time() - t0:.0f}s")
+    return 0
+
+
+def print_gains(rows: list[dict]) -> None:
+    """Relative recall@10 gain of each distilled row over faiss at the same setting."""
+    ref = {(r["method"][len("faiss-"):], r["bytes_per_vector"], r["nprobe"]): r for r in rows
+           if r["method"].startswith("faiss-")}
+    print("\nrelative gain of distilled over faiss (recall@10, recall@100, MRR@10):")
+    for r in rows:
+        if not r["method"].startswith("distilled-"):
+            continue
+        b = ref.get((r["method"][len("distilled-"):], r["bytes_per_vector"], r["nprobe"]))
+        if b:
+            gains = [(r[k] / b[k] - 1) * 100 if r[k] is not None and b[k] else float("nan")
+                     for k in ("recall_at_10", "recall_at_100", "mrr_at_10")]
+            print(f"  {r['method']:<20} {r['bytes_per_vector']:>3}B nprobe {r['nprobe']:>4}: "
+                  + "  ".join(f"{g:+.1f}%" for g in gains))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
