@@ -1,0 +1,189 @@
+"""Readers for the input contract: Parquet (id, embedding), .npy, texmex .fvecs / .bvecs.
+
+Every reader returns `(ids, x)`: ids (n,) int64 and x (n, d) float32. Files without an id
+column (.npy, .fvecs, .bvecs) get ids `id_offset + row`, with the offset given by the shard plan
+(files in sorted order, numbered consecutively).
+"""
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import storage
+
+SUFFIXES = (".parquet", ".npy", ".fvecs", ".bvecs")
+
+
+def list_inputs(uri: str, what: str = "data") -> list[str]:
+    """Sorted input files under `uri` (a file, a directory or an s3:// prefix)."""
+    fs, path = storage.get_fs(uri)
+    scheme = "s3://" if storage.is_s3(uri) else ""
+    try:
+        if fs.isfile(path):
+            files = [path]
+        elif fs.isdir(path):
+            files = sorted(p for p in fs.find(path) if p.endswith(SUFFIXES))
+        else:
+            raise ValueError(
+                f"{what}: {uri} does not exist (check the bucket name and path, and for S3 the "
+                "AWS_ENDPOINT_URL and credentials in the environment)"
+            )
+    except FileNotFoundError as e:
+        raise ValueError(f"{what}: {uri} does not exist: {e}") from None
+    files = [f for f in files if not os.path.basename(f).startswith((".", "_"))]
+    if not files:
+        raise ValueError(f"{what}: no {'/'.join(SUFFIXES)} files under {uri}")
+    if not files[0].endswith(SUFFIXES):
+        raise ValueError(f"{what}: {uri} is not one of {', '.join(SUFFIXES)}")
+    return [scheme + f for f in files]
+
+
+def _parquet_file(uri: str) -> pq.ParquetFile:
+    fs, path = storage.get_fs(uri)
+    return pq.ParquetFile(fs.open(path, "rb"))
+
+
+def _npy_header(f):
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+        else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    return shape, fortran, dtype, f.tell()
+
+
+def probe(uri: str, id_cols=("id", "embedding")) -> tuple[int, int | None]:
+    """(rows, d) from metadata alone; d is None where only the data tells (list<float>)."""
+    fs, path = storage.get_fs(uri)
+    if uri.endswith(".parquet"):
+        pf = _parquet_file(uri)
+        names = pf.schema_arrow.names
+        missing = [c for c in id_cols if c not in names]
+        if missing:
+            raise ValueError(
+                f"{uri}: missing column(s) {missing}; found {names}. The input contract is "
+                f"Parquet with columns {list(id_cols)}"
+            )
+        t = pf.schema_arrow.field(id_cols[-1]).type
+        d = t.list_size if pa.types.is_fixed_size_list(t) else None
+        return pf.metadata.num_rows, d
+    with fs.open(path, "rb") as f:
+        if uri.endswith(".npy"):
+            shape, fortran, dtype, _ = _npy_header(f)
+            if len(shape) != 2 or fortran:
+                raise ValueError(f"{uri}: expected a C-order 2-D array, got shape {shape}")
+            return shape[0], shape[1]
+        (d,) = struct.unpack("<i", f.read(4))
+    size = fs.size(path)
+    row = 4 + d * (4 if uri.endswith(".fvecs") else 1)
+    if d <= 0 or size % row:
+        raise ValueError(f"{uri}: not a valid {uri[-5:]} file (size {size}, d {d})")
+    return size // row, d
+
+
+def _embedding_to_numpy(col: pa.ChunkedArray, uri: str) -> np.ndarray:
+    arr = col.combine_chunks()
+    if pa.types.is_fixed_size_list(arr.type):
+        d = arr.type.list_size
+    elif pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+        lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+        if len(lengths) and (lengths.min() != lengths.max()):
+            raise ValueError(
+                f"{uri}: embedding lengths disagree ({lengths.min()} to {lengths.max()}); "
+                "every row must have the same dimension"
+            )
+        d = int(lengths[0]) if len(lengths) else 0
+    else:
+        raise ValueError(f"{uri}: embedding column must be a list of floats, got {arr.type}")
+    if arr.null_count:
+        raise ValueError(f"{uri}: embedding column has {arr.null_count} null rows")
+    values = arr.flatten().to_numpy(zero_copy_only=False)
+    return values.astype(np.float32, copy=False).reshape(len(arr), d)
+
+
+def read_rows(uri: str, start: int, stop: int, id_offset: int = 0,
+              columns=("id", "embedding")) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [start, stop) of one file: (ids (n,) int64, x (n, d) float32)."""
+    fs, path = storage.get_fs(uri)
+    if uri.endswith(".parquet"):
+        pf = _parquet_file(uri)
+        groups, first, pos = [], None, 0
+        for g in range(pf.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if pos + n > start and pos < stop:
+                groups.append(g)
+                first = pos if first is None else first
+            pos += n
+        table = pf.read_row_groups(groups, columns=list(columns))
+        table = table.slice(start - first, stop - start)
+        ids = table.column(columns[0]).to_numpy().astype(np.int64, copy=False)
+        return ids, _embedding_to_numpy(table.column(columns[1]), uri)
+    ids = np.arange(id_offset + start, id_offset + stop, dtype=np.int64)
+    with fs.open(path, "rb") as f:
+        if uri.endswith(".npy"):
+            shape, _, dtype, offset = _npy_header(f)
+            rowbytes = shape[1] * dtype.itemsize
+            f.seek(offset + start * rowbytes)
+            raw = f.read((stop - start) * rowbytes)
+            return ids, np.frombuffer(raw, dtype=dtype).reshape(-1, shape[1]).astype(np.float32)
+        (d,) = struct.unpack("<i", f.read(4))
+        itemsize = 4 if uri.endswith(".fvecs") else 1
+        row = 4 + d * itemsize
+        f.seek(start * row)
+        raw = np.frombuffer(f.read((stop - start) * row), dtype=np.uint8).reshape(-1, row)
+    body = raw[:, 4:]
+    x = body.copy().view(np.float32) if itemsize == 4 else body.astype(np.float32)
+    return ids, x
+
+
+def check_block(ids: np.ndarray, x: np.ndarray, where: str, d: int | None = None) -> None:
+    """Raises ValueError naming the fix for non-finite values, bad dimension, duplicate ids."""
+    if d is not None and x.shape[1] != d:
+        raise ValueError(f"{where}: dimension {x.shape[1]} disagrees with the corpus's {d}")
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)[:5].tolist()
+        raise ValueError(
+            f"{where}: {int(bad.sum())} vector(s) contain NaN or inf (first ids "
+            f"{ids[rows].tolist()}); clean or drop them before indexing"
+        )
+    if len(np.unique(ids)) != len(ids):
+        u, c = np.unique(ids, return_counts=True)
+        raise ValueError(f"{where}: duplicate ids {u[c > 1][:5].tolist()}; ids must be unique")
+
+
+def read_all(uri: str, what: str, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Every row under `uri`, for query sets (which are assumed to fit in memory)."""
+    ids_parts, x_parts, offset, n = [], [], 0, 0
+    for f in list_inputs(uri, what):
+        rows, _ = probe(f)
+        ids, x = read_rows(f, 0, rows, id_offset=offset)
+        offset += rows
+        ids_parts.append(ids)
+        x_parts.append(x)
+        n += rows
+        if limit and n >= limit:
+            break
+    ids, x = np.concatenate(ids_parts), np.concatenate(x_parts)
+    if limit:
+        ids, x = ids[:limit], x[:limit]
+    check_block(ids, x, what)
+    return ids, np.ascontiguousarray(x)
+
+
+def read_labels(uri: str) -> dict[int, set[int]]:
+    """query_id -> set of relevant doc ids, from Parquet (query_id, doc_id)."""
+    qrels: dict[int, set[int]] = {}
+    for f in list_inputs(uri, "data.labels"):
+        if not f.endswith(".parquet"):
+            raise ValueError(f"data.labels: {f} must be Parquet with columns query_id, doc_id")
+        t = _parquet_file(f).read()
+        if not {"query_id", "doc_id"} <= set(t.column_names):
+            raise ValueError(f"data.labels: {f} needs columns query_id, doc_id; has {t.column_names}")
+        for q, dd in zip(t.column("query_id").to_numpy(), t.column("doc_id").to_numpy()):
+            qrels.setdefault(int(q), set()).add(int(dd))
+    return qrels
