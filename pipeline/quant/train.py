@@ -52,9 +52,12 @@ def batch_loss(model: IVFPQStudent, q: torch.Tensor, pos: torch.Tensor, neg: tor
     docs_rot = model.rotate(docs, R)
     c, r_hat, _ = model.quantize(docs_rot)
     x_hat = c + r_hat
-    # Mean squared reconstruction error of the batch's docs, counted once per local query so
-    # that, like the KL sums, it divides by the global batch size.
-    loss_recon = ((docs_rot - x_hat) ** 2).sum(1).mean() * b
+    # Squared reconstruction error as a sum over local queries (its neighbours' mean plus the
+    # shared negatives' mean), so that, like the KL sums, workers' parts add up exactly.
+    err = ((docs_rot - x_hat) ** 2).sum(1)
+    loss_recon = err[:b * K].sum() / K
+    if len(neg):
+        loss_recon = loss_recon + b * err[b * K:b * K + len(neg)].mean()
 
     def candidate_scores(fn_pos, fn_shared):
         s = torch.cat([fn_pos, fn_shared], 1)
