@@ -48,8 +48,7 @@ def test_job_publishes_report_and_manifest(s3_run):
 
 def test_published_index_opens_with_plain_faiss(s3_run, tmp_path):
     _, out = s3_run
-    for name in ("index.index", "index.ivfdata"):
-        storage.download_file(storage.join(out, "index", name), str(tmp_path / name))
+    _download_index(out, tmp_path)
     xq = np.random.default_rng(0).standard_normal((5, 32)).astype(np.float32)
     np.save(tmp_path / "xq.npy", xq)
     code = ("import faiss, numpy as np, sys; "
@@ -82,3 +81,26 @@ def test_local_output_reads_with_plain_read_index(ray_cluster, smoke_data, tmp_p
                          capture_output=True, text=True, cwd="/")
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["4000", "True"]
+
+
+def test_search_cli_answers_from_s3(s3_run, tmp_path):
+    from jobs import search
+    from pipeline.data import readers
+    from pipeline.index import build, ondisk
+
+    data, out = s3_run
+    res_uri = str(tmp_path / "res.parquet")
+    assert search.main(["--index", out, "--queries", f"{data}/eval_queries", "-k", "5",
+                        "--nprobe", "4", "--out", res_uri]) == 0
+    got = readers._parquet_file(res_uri).read().to_pydict()
+    qids, xq = readers.read_all(f"{data}/eval_queries", "q")
+    assert len(got["id"]) == len(qids) * 5
+    index = ondisk.read_ondisk(_download_index(out, tmp_path))
+    build.set_nprobe(index, 4)
+    np.testing.assert_array_equal(np.array(got["id"]).reshape(-1, 5), index.search(xq, 5)[1])
+
+
+def _download_index(out, tmp_path):
+    for name in ("index.index", "index.ivfdata"):
+        storage.download_file(storage.join(out, "index", name), str(tmp_path / name))
+    return str(tmp_path / "index.index")
