@@ -197,12 +197,11 @@ def main(argv=None) -> int:
     t1 = time.time()
     teacher = knn.block_topk(data.xt, data.xb, data.ids, cfg.teacher.k, cfg.index.metric, True)
     teacher_s = time.time() - t1
-    structures = list(STRUCTURES) if args.full else list(STRUCTURES)
     distilled = list(STRUCTURES) if args.full else ["ivf-opq"]
     rows, opq_cache, extra = [], {}, {}
     for size in [int(s) for s in args.sizes.split(",")]:
         M = size * 8 // cfg.index.nbits
-        for name in structures:
+        for name in STRUCTURES:
             has_ivf, has_opq = STRUCTURES[name]
             icfg = dataclasses.replace(cfg.index, M=M, opq=has_opq,
                                        nlist=cfg.index.nlist if has_ivf else 0)

@@ -84,6 +84,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="local path or s3:// prefix")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("aiobotocore", "botocore", "s3fs"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     data = from_shared(args.source) if args.source else synthetic(args.synthetic, args.dim)
     write_dataset(args.out, *data, files=args.files)
     return 0

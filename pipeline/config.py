@@ -54,7 +54,7 @@ class TrainConfig:
     batch_size: int = 256  # global batch (queries), split across workers
     lr: float = 1e-3  # codebooks and centroids
     rotation_lr: float = 1e-4
-    temperature: float = 0.3  # relative to each query's teacher-score spread
+    temperature: float = 2.0  # relative to each query's teacher-score spread
     negatives: int = 256  # random corpus negatives shared by a batch
     in_batch: bool = True  # also score the other queries' neighbours
     ivf_weight: float = 1.0  # weight of the Distill-VQ coarse (IVF) distillation term

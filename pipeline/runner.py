@@ -28,7 +28,8 @@ def init_ray(cfg: PipelineConfig) -> None:
     # of exactly 2 CPUs with 2 training workers hangs waiting for it.
     cores = os.cpu_count() or 1
     num_cpus = cfg.ray.num_cpus or max(4, cores, cfg.train.num_workers + 2)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    # address="local": always a fresh cluster, never a stray `ray start` head found on disk.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
 def run_pipeline(cfg: PipelineConfig, output: str, from_stage: str | None = None) -> dict:

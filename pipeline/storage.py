@@ -59,11 +59,23 @@ def write_bytes(uri: str, data: bytes) -> None:
     if is_s3(uri):
         fs.pipe_file(path, data)
         return
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    _atomic_local(path, write)
+
+
+def _atomic_local(path: str, write) -> None:
+    """Runs write(tmp) for a temporary name beside `path`, then renames it into place."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def read_json(uri: str):
@@ -90,10 +102,7 @@ def upload_file(local: str, uri: str) -> None:
     if is_s3(uri):
         fs.put_file(local, path)
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    fs.copy(local, tmp)
-    os.replace(tmp, path)
+    _atomic_local(path, lambda tmp: fs.copy(local, tmp))
 
 
 def download_file(uri: str, local: str) -> None:

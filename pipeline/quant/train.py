@@ -147,31 +147,3 @@ def reconstruction_error(model: IVFPQStudent, x: np.ndarray) -> float:
     xr = model.rotate(torch.as_tensor(x, dtype=torch.float32))
     c, r_hat, _ = model.quantize(xr)
     return float(((xr - c - r_hat) ** 2).sum(1).mean())
-
-
-@torch.no_grad()
-def validate(model: IVFPQStudent, data: TrainData, k: int = 10, pool_size: int = 4096,
-             batch: int = 512) -> float:
-    """Proxy recall@k: for held-out queries, the overlap of the student's top-k with the exact
-    top-k among each query's teacher neighbours plus a fixed sample of corpus vectors."""
-    model.eval()
-    pool = torch.as_tensor(data.pool[:pool_size], dtype=torch.float32)
-    R = model.rotation() if model.has_rotation else None
-    c, r_hat, _ = model.quantize(model.rotate(pool, R))
-    pool_hat = c + r_hat
-    hits, total = 0, 0
-    for i0 in range(0, len(data.xq), batch):
-        q = torch.as_tensor(data.xq[i0:i0 + batch], dtype=torch.float32)
-        pos = torch.as_tensor(data.pos[i0:i0 + batch].astype(np.float32))
-        b, K, d = pos.shape
-        q_rot = model.rotate(q, R)
-        pc, pr, _ = model.quantize(model.rotate(pos.reshape(b * K, d), R))
-        t = torch.cat([exact_scores(q, pos, model.metric),
-                       exact_scores(q, pool, model.metric)], 1)
-        s = torch.cat([exact_scores(q_rot, (pc + pr).view(b, K, d), model.metric),
-                       model.score(q_rot, pool_hat)], 1)
-        kk = min(k, t.shape[1])
-        top_t, top_s = t.topk(kk, 1).indices, s.topk(kk, 1).indices
-        hits += (top_t[:, :, None] == top_s[:, None, :]).any(2).sum().item()
-        total += b * kk
-    return hits / max(total, 1)

@@ -73,9 +73,3 @@ def wait_all(refs: list, what: str, every: float = 10.0) -> list:
             last = now
     return ray.get(refs)
 
-
-def cpus_per_task(num_tasks: int) -> int:
-    """Spreads the cluster's CPUs over concurrent tasks (at least 1 each)."""
-    total = int(ray.cluster_resources().get("CPU", 1))
-    return max(1, total // max(num_tasks, 1))
-

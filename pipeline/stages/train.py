@@ -23,8 +23,9 @@ from pipeline import storage
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.index import build
 from pipeline.quant.model import IVFPQStudent
-from pipeline.quant.train import (TrainData, make_optimizer, reconstruction_error, train_epoch,
-                                  validate)
+from pipeline.index.knn import block_topk
+from pipeline.index.metrics import overlap_recall
+from pipeline.quant.train import TrainData, make_optimizer, reconstruction_error, train_epoch
 from pipeline.stages.common import Run
 from pipeline.stages.init import load_index
 from pipeline.stages.teacher import load_parts
@@ -54,6 +55,23 @@ def _state_bytes(state: dict) -> bytes:
     return buf.getvalue()
 
 
+class IndexValidator:
+    """Validation as the product is used: the exported faiss index over the sample pool,
+    searched by held-out queries at nprobe = nlist / 8, against the exact top-k in the pool."""
+
+    def __init__(self, val: TrainData, metric: str, k: int = 10):
+        self.xq, self.pool, self.metric, self.k = val.xq, val.pool, metric, k
+        self.gt = block_topk(val.xq, val.pool, np.arange(len(val.pool)), k, metric)[1]
+
+    def __call__(self, model: IVFPQStudent) -> float:
+        if not len(self.xq):
+            return 0.0
+        index = build.index_from_params(model.export(), self.metric)
+        index.add(self.pool)
+        build.set_nprobe(index, max(1, model.centroids.shape[0] // 8))
+        return overlap_recall(index.search(self.xq, self.k)[1], self.gt, self.k)
+
+
 def fit_local(params: dict, data: TrainData, val: TrainData, pcfg: PipelineConfig,
               rank: int = 0, world: int = 1, reduce_grads=lambda g: None, state: dict | None = None,
               on_epoch=None, device: str = "cpu") -> dict:
@@ -63,8 +81,9 @@ def fit_local(params: dict, data: TrainData, val: TrainData, pcfg: PipelineConfi
     model = build_student(params, pcfg).to(device)
     model.recon_scale = max(reconstruction_error(model, data.pool[:4096]), 1e-12)
     opt = make_optimizer(model, cfg)
+    validate = IndexValidator(val, pcfg.index.metric)
     if state is None:
-        warm = validate(model, val) if len(val.xq) else 0.0
+        warm = validate(model)
         state = {"epoch": 0, "best_val": warm, "warm_val": warm, "best": model.export(),
                  "history": []}
         log.info("train: warm start validation recall %.4f", warm)
@@ -81,7 +100,7 @@ def fit_local(params: dict, data: TrainData, val: TrainData, pcfg: PipelineConfi
                          steps, loss, eta)
 
         m = train_epoch(model, opt, data, cfg, epoch, rank, world, reduce_grads, device, progress)
-        m["val_recall"] = validate(model, val) if len(val.xq) else 0.0
+        m["val_recall"] = validate(model)
         m["seconds"] = time.time() - t0
         m["queries_per_s_per_worker"] = m["queries"] / world / max(m["seconds"], 1e-9)
         m["epoch"] = epoch + 1
