@@ -81,11 +81,17 @@ def load(cfg: PipelineConfig) -> Data:
 
 def evaluate(trained, data: Data, nprobes, row: dict) -> list[dict]:
     index = faiss.clone_index(trained)
-    index.add_with_ids(data.xb, data.ids)
+    if row["nlist"]:
+        index.add_with_ids(data.xb, data.ids)
+    else:  # flat PQ/OPQ/RQ indexes take no ids: add by position, map the results back
+        index.add(data.xb)
     out = []
     for nprobe in (nprobes if row["nlist"] else [0]):
-        build.set_nprobe(index, max(nprobe, 1))
+        if row["nlist"]:
+            build.set_nprobe(index, nprobe)
         I = index.search(data.xq, 100)[1]
+        if not row["nlist"]:
+            I = np.where(I >= 0, data.ids[np.maximum(I, 0)], -1)
         out.append({
             **row, "nprobe": nprobe,
             "recall_at_10": metrics.overlap_recall(I, data.gt, 10),
