@@ -119,9 +119,12 @@ def train_faiss(xb: np.ndarray, icfg: IndexConfig, cfg: PipelineConfig, opq_cach
         opq_cache[key].train(xt)
     opq = opq_cache[key]
     inner = build.train_baseline(opq.apply(xt), plain, cfg.init.niter, cfg.init.seed)
-    index = faiss.IndexPreTransform(faiss.clone_VectorTransform(opq), inner)
+    rotation = faiss.vector_to_array(opq.A).reshape(opq.d_out, opq.d_in)
+    opq_copy = build.opq_matrix(rotation, icfg.M)
+    index = faiss.IndexPreTransform(opq_copy, inner)
     index.own_fields = True
     inner.this.disown()
+    opq_copy.this.disown()
     return index, time.time() - t0
 
 

@@ -108,14 +108,20 @@ def index_from_params(params: dict, metric: str):
     rotation = params.get("rotation")
     if rotation is None:
         return ivf
-    opq = faiss.OPQMatrix(d, M)
-    faiss.copy_array_to_vector(np.ascontiguousarray(rotation, dtype=np.float32).ravel(), opq.A)
-    opq.is_trained = True
+    opq = opq_matrix(rotation, M)
     index = faiss.IndexPreTransform(opq, ivf)
     index.own_fields = True
     ivf.this.disown()
     opq.this.disown()
     return index
+
+
+def opq_matrix(rotation: np.ndarray, M: int) -> faiss.OPQMatrix:
+    """A trained OPQMatrix applying x @ rotation.T."""
+    opq = faiss.OPQMatrix(rotation.shape[1], M)
+    faiss.copy_array_to_vector(np.ascontiguousarray(rotation, dtype=np.float32).ravel(), opq.A)
+    opq.is_trained = True
+    return opq
 
 
 def set_nprobe(index, nprobe: int) -> None:
