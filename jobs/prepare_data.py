@@ -40,7 +40,8 @@ def write_dataset(out: str, xb, xq_train, train_ids, xq_eval, eval_ids, labels, 
         a, b = n * i // files, n * (i + 1) // files
         write_table(embedding_table(np.arange(a, b), xb[a:b]),
                     storage.join(out, "corpus", f"part-{i:04d}.parquet"))
-    write_table(embedding_table(train_ids, xq_train), storage.join(out, "train_queries", "q.parquet"))
+    write_table(embedding_table(train_ids, xq_train),
+                storage.join(out, "train_queries", "q.parquet"))
     write_table(embedding_table(eval_ids, xq_eval), storage.join(out, "eval_queries", "q.parquet"))
     if labels is not None:
         write_table(pa.table({"query_id": pa.array(labels[0], pa.int64()),

@@ -1,4 +1,4 @@
-"""Learned, retrieval-oriented vector quantization on Ray: distil IVF/PQ/OPQ, build FAISS indexes."""
+"""Learned, retrieval-oriented vector quantization on Ray: distilled IVF/PQ/OPQ, FAISS indexes."""
 import logging
 
 logging.getLogger("pipeline").addHandler(logging.NullHandler())

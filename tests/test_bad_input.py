@@ -5,7 +5,6 @@ import os
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from jobs import distill
 from jobs.prepare_data import embedding_table

@@ -13,8 +13,10 @@ from pipeline import storage
 
 def job_args(data, out, *extra):
     return ["--config", "jobs/configs/smoke.yaml", "--output", out,
-            "--set", f"data.corpus={data}/corpus", "--set", f"data.train_queries={data}/train_queries",
-            "--set", f"data.eval_queries={data}/eval_queries", "--set", f"data.labels={data}/labels",
+            "--set", f"data.corpus={data}/corpus",
+            "--set", f"data.train_queries={data}/train_queries",
+            "--set", f"data.eval_queries={data}/eval_queries",
+            "--set", f"data.labels={data}/labels",
             *extra]
 
 

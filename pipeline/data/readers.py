@@ -183,7 +183,8 @@ def read_labels(uri: str) -> dict[int, set[int]]:
             raise ValueError(f"data.labels: {f} must be Parquet with columns query_id, doc_id")
         t = _parquet_file(f).read()
         if not {"query_id", "doc_id"} <= set(t.column_names):
-            raise ValueError(f"data.labels: {f} needs columns query_id, doc_id; has {t.column_names}")
+            raise ValueError(
+                f"data.labels: {f} needs columns query_id, doc_id; has {t.column_names}")
         for q, dd in zip(t.column("query_id").to_numpy(), t.column("doc_id").to_numpy()):
             qrels.setdefault(int(q), set()).add(int(dd))
     return qrels

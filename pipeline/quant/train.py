@@ -26,7 +26,7 @@ class TrainData:
 
 
 def exact_scores(q: torch.Tensor, x: torch.Tensor, metric: str) -> torch.Tensor:
-    """Teacher similarity of each query to the docs: x (n, d) -> (nq, n); x (nq, L, d) -> (nq, L)."""
+    """Exact similarity of queries to docs: x (n, d) -> (nq, n); x (nq, L, d) -> (nq, L)."""
     if x.dim() == 3:
         s = torch.einsum("bd,bld->bl", q, x)
         return s if metric == "ip" else 2 * s - (x * x).sum(-1) - (q * q).sum(1, keepdim=True)

@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 
-
 import faiss
 import ray
 

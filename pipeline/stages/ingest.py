@@ -43,7 +43,8 @@ def preflight(cfg: PipelineConfig) -> dict:
         )
     check_shape(cfg.index, d, min(n, cfg.init.train_sample))
     for what, uri in (("data.train_queries", cfg.data.train_queries),
-                      ("data.eval_queries", cfg.data.eval_queries), ("data.labels", cfg.data.labels)):
+                      ("data.eval_queries", cfg.data.eval_queries),
+                      ("data.labels", cfg.data.labels)):
         if uri:
             for f in readers.list_inputs(uri, what):
                 if what != "data.labels":
@@ -119,7 +120,8 @@ def run(run: Run, plan: dict) -> dict:
     stats = ds.map(lambda row: _scan_or_report(row, plan["d"], p, cfg.init.seed)).take_all()
     errors = sorted(s["error"] for s in stats if s["error"])
     if errors:
-        raise ValueError(errors[0] + (f" (and {len(errors) - 1} more shards)" if errors[1:] else ""))
+        more = f" (and {len(errors) - 1} more shards)" if errors[1:] else ""
+        raise ValueError(errors[0] + more)
     stats.sort(key=lambda s: s["shard_id"])
     rows = sum(s["rows"] for s in stats)
     assert rows == plan["n"], f"scanned {rows} rows, metadata says {plan['n']}"

@@ -22,9 +22,9 @@ from ray.train.torch import TorchTrainer
 from pipeline import storage
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.index import build
-from pipeline.quant.model import IVFPQStudent
 from pipeline.index.knn import block_topk
 from pipeline.index.metrics import overlap_recall
+from pipeline.quant.model import IVFPQStudent
 from pipeline.quant.train import TrainData, make_optimizer, reconstruction_error, train_epoch
 from pipeline.stages.common import Run
 from pipeline.stages.init import load_index
