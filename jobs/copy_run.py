@@ -14,7 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline import storage  # noqa: E402
 
 PUBLISHED = ["index/index.ivfdata", "index/index.index", "baseline/index.ivfdata",
-             "baseline/index.index", "report.json", "config.json", "manifest.json"]
+             "baseline/index.index", "report.json", "report.html", "report-recall.png",
+             "report-loss.png", "config.json", "manifest.json"]
 
 
 def main(argv=None) -> int:

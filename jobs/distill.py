@@ -26,6 +26,9 @@ def main(argv=None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value, e.g. --set index.M=16 (repeatable)")
     ap.add_argument("--from-stage", choices=STAGES, help="rerun this stage and all later ones")
+    ap.add_argument("--incremental", action="store_true",
+                    help="after corpus files were added, changed or removed: keep the trained "
+                         "quantizers, encode only new or changed shards, merge, evaluate")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -38,7 +41,7 @@ def main(argv=None) -> int:
         return 2
     t0 = time.time()
     try:
-        result = run_pipeline(cfg, args.output, args.from_stage)
+        result = run_pipeline(cfg, args.output, args.from_stage, args.incremental)
     except ValueError as e:
         print(f"input error: {e}", file=sys.stderr)
         return 2
@@ -49,6 +52,8 @@ def main(argv=None) -> int:
     size = sum(f.get("bytes", 0) for n, f in m["files"].items() if n.startswith("index/"))
     print(f"\nindex: {args.output.rstrip('/')}/{m['index']} (+ index.ivfdata), "
           f"{m['counts']['vectors']} vectors, {size / 1e6:.1f} MB")
+    if "report.html" in m["files"]:
+        print(f"report: {args.output.rstrip('/')}/report.html")
     print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
     print(f"total wall time: {total:.1f}s")
     return 0

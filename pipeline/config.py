@@ -70,6 +70,13 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class BuildConfig:
+    # Inverted-list ranges merged in parallel (faiss's hslice pattern); 0: one per 512 MiB of
+    # codes and ids, at least 2. The published index is byte-identical whatever the value.
+    list_ranges: int = 0
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     nprobe: tuple[int, ...] = (1, 4, 16, 32)
     k: int = 100
@@ -79,6 +86,7 @@ class EvalConfig:
 class RayConfig:
     address: str = ""  # empty: attach to RAY_ADDRESS or start a local cluster
     num_cpus: int = 0  # local cluster only; 0: max(4, cores) so Train's controller gets a slot
+    gpus_per_task: float = 0.0  # GPUs per teacher/encode task; > 0 runs them on the GPU
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,7 @@ class PipelineConfig:
     init: InitConfig = field(default_factory=InitConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    build: BuildConfig = field(default_factory=BuildConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -196,5 +205,9 @@ def validate(cfg: PipelineConfig) -> None:
         raise ValueError("train.val_fraction must be in [0, 1)")
     if any(p < 1 for p in cfg.eval.nprobe):
         raise ValueError("eval.nprobe values must be >= 1")
+    if cfg.build.list_ranges < 0:
+        raise ValueError("build.list_ranges must be >= 0 (0 picks one range per 512 MiB)")
+    if cfg.ray.gpus_per_task < 0:
+        raise ValueError("ray.gpus_per_task must be >= 0 (0 runs teacher and encode on CPUs)")
     if not cfg.data.corpus:
         raise ValueError("data.corpus is empty: set it to a local path or s3:// prefix")

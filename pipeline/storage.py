@@ -30,7 +30,11 @@ def get_fs(uri: str):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         # Cached instances are shared by fsspec; skip_instance_cache avoids stale connections
         # after a fork (Ray workers) while keeping one client per call site cheap enough.
-        fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
+        # Standard-mode retries with exponential backoff ride out throttling and an endpoint
+        # that drops away for a few seconds (connection refused, 5xx).
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True,
+                               config_kwargs={"retries": {"max_attempts": 10,
+                                                          "mode": "standard"}})
         return fs, uri[len("s3://"):]
     fs = fsspec.filesystem("file")
     return fs, os.path.abspath(uri)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import uuid
 
 import numpy as np
 import pytest
@@ -11,10 +12,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+# Distinctive credentials, so that a test can look for them where they must never appear.
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIALEAKCHECK" + uuid.uuid4().hex[:8].upper(),
+               "AWS_SECRET_ACCESS_KEY": "leakcheck-" + uuid.uuid4().hex}
+
+
 @pytest.fixture(scope="session")
 def s3():
     from infra.local_s3 import start
 
+    os.environ.update(CREDENTIALS)  # moto accepts any credentials
     server, endpoint = start(buckets=["test"])
     yield endpoint
     server.stop()
@@ -26,7 +33,7 @@ def ray_cluster(s3):
     import ray
 
     # More logical CPUs than training workers: Ray Train's controller needs a slot too.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

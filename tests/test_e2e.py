@@ -1,4 +1,5 @@
 """The whole job as a user runs it (jobs/distill.py), on the smoke preset."""
+import glob
 import json
 import os
 import subprocess
@@ -9,6 +10,8 @@ import pytest
 
 from jobs import distill, prepare_data
 from pipeline import storage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def job_args(data, out, *extra):
@@ -106,3 +109,29 @@ def _download_index(out, tmp_path):
     for name in ("index.index", "index.ivfdata"):
         storage.download_file(storage.join(out, "index", name), str(tmp_path / name))
     return str(tmp_path / "index.index")
+
+
+def test_credentials_never_written_or_logged(s3, tmp_path):
+    """The job as a user runs it, in its own process and Ray cluster: the S3 credentials of
+    its environment appear in no published file, no stage file, and no log line."""
+    from tests.conftest import CREDENTIALS
+
+    data, out = "s3://test/leak/data", "s3://test/leak/run"
+    prepare_data.write_dataset(data, *prepare_data.synthetic(2000, 32), files=2)
+    res = subprocess.run([sys.executable, "jobs/distill.py",
+                          *job_args(data, out, "--set", "train.epochs=1")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    fs, root = storage.get_fs(out)
+    written = fs.find(root)
+    assert any(p.endswith("manifest.json") for p in written)
+    texts = {"stdout": res.stdout, "stderr": res.stderr}
+    for p in written:
+        texts[p] = fs.cat_file(p).decode("latin-1")
+    for path in glob.glob("/tmp/ray/session_*/logs/**/*", recursive=True):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                texts[path] = f.read().decode("latin-1")
+    for name, secret in CREDENTIALS.items():
+        leaks = [where for where, text in texts.items() if secret in text]
+        assert not leaks, f"{name} found in {leaks[:5]}"

@@ -37,6 +37,19 @@ def test_sharded_topk_equals_brute_force(data, metric):
     np.testing.assert_allclose(V.astype(np.float32), xb[ref], atol=1e-3)
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_torch_gemm_search_equals_faiss(data, metric):
+    """The GPU route (torch GEMM + top-k), run here on the CPU, finds faiss's neighbours."""
+    xb, xq = data
+    index = faiss.IndexFlatIP(32) if metric == "ip" else faiss.IndexFlatL2(32)
+    index.add(xb)
+    D_ref, I_ref = index.search(xq, 10)
+    D, I = knn._torch_search(xb, metric, "cpu")(xq, 10)
+    np.testing.assert_array_equal(I, I_ref)
+    np.testing.assert_allclose(D, D_ref, atol=1e-4)
+    assert knn.pick_device(0) == "cpu"
+
+
 def test_topk_pads_small_shards(data):
     xb, xq = data
     S, I, _ = knn.block_topk(xq, xb[:3], np.arange(3), 5, "ip")

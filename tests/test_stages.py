@@ -11,6 +11,7 @@ import torch
 from pipeline import storage
 from pipeline.config import load_config
 from pipeline.data import readers
+from pipeline.data.plan import Shard
 from pipeline.index import build, knn, ondisk
 from pipeline.stages import build as build_stage
 from pipeline.stages import ingest, init, teacher
@@ -49,24 +50,58 @@ def test_teacher_equals_brute_force(prepared):
     np.testing.assert_array_equal(parts["V"], V)
 
 
-def test_encode_and_merge_equal_one_index(prepared, tmp_path):
+@pytest.mark.parametrize("ranges", [1, 3])
+def test_encode_and_merge_equal_one_index(prepared, tmp_path, ranges):
+    """The Ray encode (per shard, cut by list range) and the parallel range merge give the
+    index one process builds, and the very bytes of the single-process on-disk merge."""
     ids, xb = corpus(prepared)
     trained_uri = prepared.stage_path("init", "baseline.index")
+    trained = faiss.read_index(trained_uri)
     shards = prepared.stage_info("ingest")["shards"]
     assert len(shards) == 4
-    uris = [str(tmp_path / f"shard-{s['shard_id']}.index") for s in shards]
-    counts = ray.get([build_stage._encode_shard.remote(s, trained_uri, u)
-                      for s, u in zip(shards, uris)])
+    layout, nlist = str(tmp_path / "enc"), prepared.cfg.index.nlist
+    counts = ray.get([build_stage._encode_shard.remote(s, trained_uri, layout, nlist, ranges)
+                      for s in shards])
     assert sum(counts) == len(xb)
+    keys = [Shard(**s).key for s in shards]
+    slices = [str(tmp_path / f"slice-{r}.ivfdata") for r in range(ranges)]
+    sizes = ray.get([build_stage._merge_range.remote(
+        [f"{layout}/range-{r:05d}/{k}.npz" for k in keys], slices[r]) for r in range(ranges)])
     out = str(tmp_path / "published")
-    res = ray.get(build_stage._merge_method.remote(trained_uri, uris, out))
+    res = ray.get(build_stage._stitch.remote(trained_uri, slices, np.concatenate(sizes), out))
     assert res["ntotal"] == len(xb)
     merged = faiss.read_index(os.path.join(out, "index.index"))
-    single = ondisk.encode_shard(faiss.read_index(trained_uri), ids, xb)
+    single = ondisk.encode_shard(trained, ids, xb)
     xq = storage.load_npz(prepared.stage_path("ingest", "eval_queries.npz"))["x"]
     for index in (merged, single):
         build.set_nprobe(index, 8)
     np.testing.assert_array_equal(merged.search(xq, 50)[1], single.search(xq, 50)[1])
+    # byte for byte the single-process merge of the same shards
+    shard_files = []
+    for s in shards:
+        p = str(tmp_path / f"shard-{s['shard_id']}.index")
+        sid, sx = readers.read_rows(s["uri"], s["start"], s["stop"], s["id_offset"])
+        faiss.write_index(ondisk.encode_shard(trained, sid, sx), p)
+        shard_files.append(p)
+    os.makedirs(tmp_path / "ref")
+    ref = ondisk.merge_ondisk(trained, shard_files, str(tmp_path / "ref"), "index",
+                              os.path.join(os.path.abspath(out), "index.ivfdata"))
+    published = (os.path.join(out, "index.index"), os.path.join(out, "index.ivfdata"))
+    for a, b in zip(ref[:2], published):
+        assert open(a, "rb").read() == open(b, "rb").read(), os.path.basename(a)
+
+
+def test_encode_is_idempotent_per_shard(prepared, tmp_path):
+    """A shard already encoded (its marker written) is not encoded again: retries, resumed
+    runs and incremental rebuilds reuse it."""
+    trained_uri = prepared.stage_path("init", "baseline.index")
+    s = prepared.stage_info("ingest")["shards"][0]
+    layout = str(tmp_path / "enc")
+    n = ray.get(build_stage._encode_shard.remote(s, trained_uri, layout, 16, 2))
+    part = f"{layout}/range-00000/{Shard(**s).key}.npz"
+    before = os.path.getmtime(part)
+    assert ray.get(build_stage._encode_shard.remote(s, trained_uri, layout, 16, 2)) == n
+    assert os.path.getmtime(part) == before
 
 
 def _train(prepared, workers, tmp_path):

@@ -1,6 +1,7 @@
 """Shard plan: a pure function from file metadata to a table of corpus pieces."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
 
 
@@ -11,17 +12,25 @@ class Shard:
     start: int  # first row in the file
     stop: int  # one past the last row
     id_offset: int  # ids of files without an id column: id_offset + row
+    fingerprint: str = ""  # the file's size and version (ETag or mtime): changes with content
 
     @property
     def rows(self) -> int:
         return self.stop - self.start
 
+    @property
+    def key(self) -> str:
+        """Names this shard's encoded outputs: the same rows of the same file version under the
+        same ids give the same key, so unchanged shards are never encoded twice."""
+        raw = f"{self.uri}|{self.start}|{self.stop}|{self.id_offset}|{self.fingerprint}"
+        return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def plan_shards(files: list[tuple[str, int]], rows_per_shard: int) -> list[Shard]:
-    """Splits files (uri, rows) into shards of at most `rows_per_shard` rows.
+def plan_shards(files: list[tuple], rows_per_shard: int) -> list[Shard]:
+    """Splits files (uri, rows[, fingerprint]) into shards of at most `rows_per_shard` rows.
 
     Each shard lies within one file; files with zero rows get no shard. Shards cover every row
     exactly once, in file order.
@@ -30,11 +39,11 @@ def plan_shards(files: list[tuple[str, int]], rows_per_shard: int) -> list[Shard
         raise ValueError("data.rows_per_shard must be >= 1")
     shards: list[Shard] = []
     offset = 0
-    for uri, rows in files:
+    for uri, rows, *fp in files:
         n_pieces = -(-rows // rows_per_shard)
         for p in range(n_pieces):
             # Even split keeps shards balanced instead of leaving one small tail.
             start, stop = rows * p // n_pieces, rows * (p + 1) // n_pieces
-            shards.append(Shard(len(shards), uri, start, stop, offset))
+            shards.append(Shard(len(shards), uri, start, stop, offset, *fp))
         offset += rows
     return shards

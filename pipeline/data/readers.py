@@ -43,9 +43,25 @@ def list_inputs(uri: str, what: str = "data") -> list[str]:
     return [scheme + f for f in files]
 
 
+def fingerprint(uri: str) -> str:
+    """The file's size and version (S3 ETag, or local mtime) from metadata alone."""
+    fs, path = storage.get_fs(uri)
+    info = fs.info(path)
+    version = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
+    return f"{info.get('size')}-{str(version).strip(chr(34))}"
+
+
 def _parquet_file(uri: str) -> pq.ParquetFile:
     fs, path = storage.get_fs(uri)
-    return pq.ParquetFile(fs.open(path, "rb"))
+    try:
+        return pq.ParquetFile(fs.open(path, "rb"))
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(_unreadable(uri, e)) from None
+
+
+def _unreadable(uri: str, e: Exception) -> str:
+    return (f"{uri}: unreadable ({type(e).__name__}: {e}); the file is truncated or corrupt: "
+            "write or upload it again")
 
 
 def _npy_header(f):
@@ -76,6 +92,10 @@ def probe(uri: str, id_cols=("id", "embedding")) -> tuple[int, int | None]:
             shape, fortran, dtype, _ = _npy_header(f)
             if len(shape) != 2 or fortran:
                 raise ValueError(f"{uri}: expected a C-order 2-D array, got shape {shape}")
+            want = f.tell() + shape[0] * shape[1] * dtype.itemsize
+            if fs.size(path) != want:
+                raise ValueError(f"{uri}: {fs.size(path)} bytes where its header promises "
+                                 f"{want}; the file is truncated or corrupt: write it again")
             return shape[0], shape[1]
         (d,) = struct.unpack("<i", f.read(4))
     size = fs.size(path)
@@ -118,7 +138,10 @@ def read_rows(uri: str, start: int, stop: int, id_offset: int = 0,
                 groups.append(g)
                 first = pos if first is None else first
             pos += n
-        table = pf.read_row_groups(groups, columns=list(columns))
+        try:
+            table = pf.read_row_groups(groups, columns=list(columns))
+        except (OSError, pa.ArrowException) as e:
+            raise ValueError(_unreadable(f"{uri} rows {start}-{stop}", e)) from None
         table = table.slice(start - first, stop - start)
         ids = table.column(columns[0]).to_numpy().astype(np.int64, copy=False)
         return ids, _embedding_to_numpy(table.column(columns[1]), uri)

@@ -107,7 +107,8 @@ def train_epoch(model: IVFPQStudent, opt: torch.optim.Optimizer, data: TrainData
                 max_steps: int = 0) -> dict:
     """One pass over the training queries in global batches of cfg.batch_size.
 
-    Returns {"loss", "loss_pq", "loss_ivf", "steps", "queries"} averaged over the epoch.
+    Returns {"loss", "loss_pq", "loss_ivf", "steps", "queries"} averaged over the epoch, and
+    "step_losses", the loss of every step.
     """
     B = cfg.batch_size
     assert B % world == 0, "global batch must split evenly across workers"
@@ -119,6 +120,7 @@ def train_epoch(model: IVFPQStudent, opt: torch.optim.Optimizer, data: TrainData
     params = [p for p in model.parameters() if p.requires_grad]
     recon0 = model.recon_scale
     totals = np.zeros(2)
+    step_losses = []
     model.train()
     for step in range(steps):
         idx = np.sort(order[step * B + rank * local: step * B + (rank + 1) * local])
@@ -133,12 +135,13 @@ def train_epoch(model: IVFPQStudent, opt: torch.optim.Optimizer, data: TrainData
         reduce_grads([p.grad for p in params])
         opt.step()
         totals += [loss_pq.item() / B, loss_ivf.item() / B]
+        step_losses.append(float(loss.item()) * world)  # this worker's share, per query
         if log is not None:
             log(step + 1, steps, float(loss.item()))
     totals = totals * world / max(steps, 1)  # per-query averages (this worker's share x world)
     return {"loss_pq": float(totals[0]), "loss_ivf": float(totals[1]),
             "loss": float(totals[0] + cfg.ivf_weight * totals[1]), "steps": steps,
-            "queries": steps * B}
+            "queries": steps * B, "step_losses": step_losses}
 
 
 @torch.no_grad()

@@ -6,18 +6,20 @@ student ("distilled-ivfpq"), so evaluation compares like with like.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
 
 import faiss
+import numpy as np
 import ray
 
 from pipeline import storage
 from pipeline.data import readers
 from pipeline.data.plan import Shard
 from pipeline.index import build, ondisk
-from pipeline.stages.common import Run, pin_threads, wait_all
+from pipeline.stages.common import Run, fault_point, pin_threads, wait_all
 from pipeline.stages.init import load_index
 
 log = logging.getLogger("pipeline.stages.build")
@@ -46,53 +48,97 @@ def run_export(run: Run) -> dict:
     return {"d": index.d, "bytes_per_vector": build.bytes_per_vector(run.cfg.index)}
 
 
+def n_ranges(run: Run) -> int:
+    """Inverted-list ranges for the parallel merge (build.list_ranges, or by size)."""
+    cfg = run.cfg
+    if cfg.build.list_ranges:
+        return min(cfg.build.list_ranges, cfg.index.nlist)
+    total = run.stage_info("ingest")["n"] * (build.bytes_per_vector(cfg.index) + 8)
+    return min(cfg.index.nlist, max(2, -(-total // (512 << 20))))
+
+
+def _layout(run: Run, method: str, trained_uri: str) -> str:
+    """Folder of a method's encoded ranges. Named by the trained index's content and the range
+    count, so a retrained quantizer or another range split never reuses stale codes."""
+    digest = hashlib.sha256(storage.read_bytes(trained_uri)).hexdigest()[:12]
+    return run.stage_path("encode", method, f"{digest}-r{n_ranges(run)}")
+
+
 @ray.remote(max_retries=3)
-def _encode_shard(shard: dict, trained_uri: str, out_uri: str) -> int:
-    pin_threads()
+def _encode_shard(shard: dict, trained_uri: str, out_dir: str, n_lists: int, ranges: int,
+                  gpus: float = 0.0) -> int:
+    """Encodes one shard and writes it cut by list range: out_dir/range-R/<shard key>.npz, then
+    out_dir/done/<shard key>.json. A shard whose marker exists is already encoded (a retry,
+    a resumed run, or an unchanged shard in an incremental rebuild)."""
     s = Shard(**shard)
+    marker = storage.join(out_dir, "done", f"{s.key}.json")
+    if storage.exists(marker):
+        return storage.read_json(marker)["ntotal"]
+    pin_threads()
     ids, x = readers.read_rows(s.uri, s.start, s.stop, s.id_offset)
-    index = ondisk.encode_shard(load_index(trained_uri), ids, x)
-    scratch = storage.local_scratch("encode")
-    local = os.path.join(scratch, "shard.index")
-    faiss.write_index(index, local)
-    storage.upload_file(local, out_uri)  # atomic: a retried task overwrites whole files
-    shutil.rmtree(scratch)
+    index = ondisk.encode_shard(load_index(trained_uri), ids, x, use_gpu=gpus > 0)
+    fault_point("encode")
+    for r, part in enumerate(ondisk.split_by_range(index, ondisk.list_ranges(n_lists, ranges))):
+        storage.save_npz(storage.join(out_dir, f"range-{r:05d}", f"{s.key}.npz"), **part)
+    storage.write_json(marker, {"ntotal": index.ntotal, "shard": shard})
     return index.ntotal
 
 
 def run_encode(run: Run) -> dict:
     shards = run.stage_info("ingest")["shards"]
-    refs, names = [], []
+    gpus = run.cfg.ray.gpus_per_task
+    encode = _encode_shard.options(num_gpus=gpus) if gpus else _encode_shard
+    if gpus and not ondisk.gpu_count():
+        log.warning("encode: ray.gpus_per_task=%s but this faiss has no GPU support "
+                    "(faiss-cpu): encoding on the CPU", gpus)
+    refs, names, layouts = [], [], {}
     for method, (trained, _) in METHODS.items():
+        layouts[method] = _layout(run, method, run.stage_path(*trained))
         for s in shards:
-            out = run.stage_path("encode", method, f"shard-{s['shard_id']:05d}.index")
-            refs.append(_encode_shard.remote(s, run.stage_path(*trained), out))
+            refs.append(encode.remote(s, run.stage_path(*trained), layouts[method],
+                                      run.cfg.index.nlist, n_ranges(run), gpus))
             names.append(method)
     counts = wait_all(refs, "encode: shards")
     totals = {m: sum(c for c, n in zip(counts, names) if n == m) for m in METHODS}
     n = run.stage_info("ingest")["n"]
     for m, t in totals.items():
         assert t == n, f"{m}: encoded {t} vectors, the corpus has {n}"
-    return {"counts": totals, "shards": len(shards)}
+    return {"counts": totals, "shards": len(shards), "layouts": layouts,
+            "ranges": n_ranges(run)}
 
 
 @ray.remote(max_retries=2)
-def _merge_method(trained_uri: str, shard_uris: list[str], publish_uri: str) -> dict:
+def _merge_range(part_uris: list[str], slice_uri: str) -> np.ndarray:
+    """One list range of every shard -> one slice file; returns the range's list sizes."""
+    pin_threads()
+    scratch = storage.local_scratch("range")
+    local = os.path.join(scratch, "slice.ivfdata")
+    sizes = ondisk.merge_range([storage.load_npz(u) for u in part_uris], local)
+    storage.upload_file(local, slice_uri)
+    shutil.rmtree(scratch)
+    return sizes
+
+
+@ray.remote(max_retries=2)
+def _stitch(trained_uri: str, slice_uris: list[str], sizes: np.ndarray,
+            publish_uri: str) -> dict:
     pin_threads()
     scratch = storage.local_scratch("merge")
-    local_shards = []
-    for i, u in enumerate(shard_uris):
-        p = os.path.join(scratch, f"shard-{i:05d}.index")
-        storage.download_file(u, p)
-        local_shards.append(p)
+
+    def fetch():  # one slice on local disk at a time
+        for i, u in enumerate(slice_uris):
+            p = os.path.join(scratch, f"slice-{i:05d}.ivfdata")
+            storage.download_file(u, p)
+            yield p
+
     out = os.path.join(scratch, "out")
     os.makedirs(out)
     # Local outputs record the final absolute .ivfdata path, so plain faiss.read_index works;
     # S3 outputs record the bare name (open with IO_FLAG_ONDISK_SAME_DIR after download).
     stored = "index.ivfdata" if storage.is_s3(publish_uri) else \
         os.path.join(os.path.abspath(publish_uri), "index.ivfdata")
-    index_path, ivfdata, ntotal = ondisk.merge_ondisk(load_index(trained_uri), local_shards, out,
-                                                      "index", stored)
+    index_path, ivfdata, ntotal = ondisk.stitch_ranges(
+        load_index(trained_uri), fetch(), sizes, out, "index", stored, remove_slices=True)
     files = {}
     # The .ivfdata goes first: a reader never finds an .index whose data is missing.
     for p in (ivfdata, index_path):
@@ -105,29 +151,43 @@ def _merge_method(trained_uri: str, shard_uris: list[str], publish_uri: str) -> 
 
 def run_merge(run: Run) -> dict:
     shards = run.stage_info("ingest")["shards"]
+    enc = run.stage_info("encode")
     storage.delete(run.path("manifest.json"))  # nothing is advertised while files change
+    keys = [Shard(**s).key for s in shards]
+    ranges = enc["ranges"]
+    range_refs = {}
+    for method in METHODS:
+        layout = enc["layouts"][method]
+        range_refs[method] = [_merge_range.remote(
+            [storage.join(layout, f"range-{r:05d}", f"{k}.npz") for k in keys],
+            run.stage_path("merge", method, f"slice-{r:05d}.ivfdata")) for r in range(ranges)]
+    flat = wait_all([r for m in METHODS for r in range_refs[m]], "merge: list ranges")
+    sizes = {m: np.concatenate(flat[i * ranges:(i + 1) * ranges]) for i, m in enumerate(METHODS)}
     refs = []
     for method, (trained, folder) in METHODS.items():
-        uris = [run.stage_path("encode", method, f"shard-{s['shard_id']:05d}.index")
-                for s in shards]
-        refs.append(_merge_method.remote(run.stage_path(*trained), uris, run.path(folder)))
-    results = dict(zip(METHODS, wait_all(refs, "merge")))
+        slices = [run.stage_path("merge", method, f"slice-{r:05d}.ivfdata")
+                  for r in range(ranges)]
+        refs.append(_stitch.remote(run.stage_path(*trained), slices, sizes[method],
+                                   run.path(folder)))
+    results = dict(zip(METHODS, wait_all(refs, "merge: stitch")))
     n = run.stage_info("ingest")["n"]
     for m, r in results.items():
         assert r["ntotal"] == n, f"{m}: merged {r['ntotal']} vectors, the corpus has {n}"
-    log.info("merge: %d vectors per index published under %s", n, run.output)
+    for method in METHODS:
+        storage.delete(run.stage_path("merge", method))  # slices are copied into the index
+    log.info("merge: %d vectors per index, %d list ranges, published under %s", n, ranges,
+             run.output)
     return {m: {"folder": METHODS[m][1], **r} for m, r in results.items()}
 
 
-def publish_manifest(run: Run, report_sha: str | None, stage_seconds: dict) -> dict:
+def publish_manifest(run: Run, report_files: dict, stage_seconds: dict) -> dict:
     merged = run.stage_info("merge")
     ingest = run.stage_info("ingest")
     files = {}
     for m, r in merged.items():
         for name, meta in r["files"].items():
             files[f"{r['folder']}/{name}"] = meta
-    if report_sha:
-        files["report.json"] = {"sha256": report_sha}
+    files.update(report_files)
     manifest = {
         "index": "index/index.index",
         "ivfdata": "index/index.ivfdata",

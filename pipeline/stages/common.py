@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 
@@ -73,3 +74,18 @@ def wait_all(refs: list, what: str, every: float = 10.0) -> list:
             last = now
     return ray.get(refs)
 
+
+
+def fault_point(name: str) -> None:
+    """Fault injection for the fault tests: with PIPELINE_FAULT_KILL="name:DIR" in the
+    environment, the first process to reach this point SIGKILLs itself (as the OOM killer or a
+    lost node would), leaving DIR/name as the evidence. A no-op otherwise."""
+    spec = os.environ.get("PIPELINE_FAULT_KILL", "")
+    if not spec.startswith(name + ":"):
+        return
+    flag = os.path.join(spec.split(":", 1)[1], name)
+    try:
+        os.close(os.open(flag, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return  # killed once already: the retry goes through
+    os.kill(os.getpid(), signal.SIGKILL)

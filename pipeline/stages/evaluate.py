@@ -88,8 +88,21 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report(run: Run, rows: list[dict], wall_seconds: dict) -> str:
-    """Writes report.json; returns its sha256."""
-    data = json.dumps({"rows": rows, "wall_seconds": wall_seconds}, indent=2).encode()
-    storage.write_bytes(run.path("report.json"), data)
-    return hashlib.sha256(data).hexdigest()
+def write_report(run: Run, rows: list[dict], wall_seconds: dict) -> dict:
+    """Writes report.json, report.html and its PNGs; returns {name: {"sha256", "bytes"}}."""
+    from pipeline import report
+
+    files = {"report.json": json.dumps({"rows": rows, "wall_seconds": wall_seconds},
+                                       indent=2).encode()}
+    train_info = run.stage_info("train") if run.is_done("train") else None
+    n = run.stage_info("ingest")["n"]
+    summary = {"index": run.path("index", "index.index"), "vectors": n,
+               "bytes_per_vector": build.bytes_per_vector(run.cfg.index),
+               "config_hash": run.cfg.hash()}
+    files.update(report.render(rows, train_info, wall_seconds, summary))
+    out = {}
+    for name, data in files.items():
+        storage.write_bytes(run.path(name), data)
+        out[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    log.info("report: %s", run.path("report.html"))
+    return out

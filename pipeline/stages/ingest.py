@@ -51,7 +51,8 @@ def preflight(cfg: PipelineConfig) -> dict:
                     qd = readers.probe(f)[1]
                     if qd is not None and qd != d:
                         raise ValueError(f"{what}: dimension {qd} disagrees with the corpus's {d}")
-    shards = plan_shards([(f, rows) for f, rows, _ in probed], cfg.data.rows_per_shard)
+    shards = plan_shards([(f, rows, readers.fingerprint(f)) for f, rows, _ in probed],
+                         cfg.data.rows_per_shard)
     return {"n": n, "d": d, "shards": [s.to_dict() for s in shards]}
 
 
@@ -112,17 +113,47 @@ def load_queries(cfg: PipelineConfig, sample: np.ndarray, d: int) -> dict:
     return out
 
 
-def run(run: Run, plan: dict) -> dict:
-    cfg = run.cfg
-    t0 = time.time()
-    p = min(1.0, cfg.init.train_sample / plan["n"])
-    ds = ray.data.from_items(plan["shards"], override_num_blocks=len(plan["shards"]))
-    stats = ds.map(lambda row: _scan_or_report(row, plan["d"], p, cfg.init.seed)).take_all()
+def _scan(shards: list[dict], d: int, sample_p: float, seed: int) -> list[dict]:
+    """Validates the shards with Ray Data; raises the first bad-input error as a ValueError."""
+    ds = ray.data.from_items(shards, override_num_blocks=len(shards))
+    stats = ds.map(lambda row: _scan_or_report(row, d, sample_p, seed)).take_all()
     errors = sorted(s["error"] for s in stats if s["error"])
     if errors:
         more = f" (and {len(errors) - 1} more shards)" if errors[1:] else ""
         raise ValueError(errors[0] + more)
-    stats.sort(key=lambda s: s["shard_id"])
+    return sorted(stats, key=lambda s: s["shard_id"])
+
+
+def _spans(stats: list[dict]) -> dict:
+    return {Shard(**s).key: [st["id_min"], st["id_max"]] for s, st in stats}
+
+
+def run_incremental(run: Run, plan: dict) -> dict:
+    """Ingest for an incremental rebuild: only shards that are new or changed since the last
+    run are read and validated; the training sample and queries of that run are kept (the
+    quantizers are frozen)."""
+    t0 = time.time()
+    prev = run.stage_info("ingest")
+    spans = dict(prev["spans"])
+    fresh = [s for s in plan["shards"] if Shard(**s).key not in spans]
+    if fresh:
+        stats = _scan(fresh, plan["d"], 0.0, run.cfg.init.seed)
+        spans.update(_spans(zip(fresh, stats)))
+    current = [Shard(**s).key for s in plan["shards"]]
+    spans = {k: spans[k] for k in current}
+    _check_cross_shard_ids([{"id_min": a, "id_max": b, "shard_id": i}
+                            for i, (a, b) in enumerate(spans[k] for k in current)], plan["shards"])
+    log.info("ingest (incremental): %d of %d shards new or changed, %d vectors (%.1fs)",
+             len(fresh), len(current), plan["n"], time.time() - t0)
+    return {**plan, "sample": prev["sample"], "queries": prev["queries"], "spans": spans,
+            "changed_shards": len(fresh)}
+
+
+def run(run: Run, plan: dict) -> dict:
+    cfg = run.cfg
+    t0 = time.time()
+    p = min(1.0, cfg.init.train_sample / plan["n"])
+    stats = _scan(plan["shards"], plan["d"], p, cfg.init.seed)
     rows = sum(s["rows"] for s in stats)
     assert rows == plan["n"], f"scanned {rows} rows, metadata says {plan['n']}"
     _check_cross_shard_ids(stats, plan["shards"])
@@ -135,5 +166,5 @@ def run(run: Run, plan: dict) -> dict:
         storage.save_npz(run.stage_path("ingest", f"{name}_queries.npz"), ids=ids, x=x)
     log.info("ingest: %d vectors of d=%d in %d shards validated, %d sampled (%.1fs)",
              plan["n"], plan["d"], len(plan["shards"]), len(sample), time.time() - t0)
-    return {**plan, "sample": len(sample),
+    return {**plan, "sample": len(sample), "spans": _spans(zip(plan["shards"], stats)),
             "queries": {k: len(v[0]) for k, v in queries.items()}}

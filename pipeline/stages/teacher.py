@@ -14,18 +14,19 @@ import ray
 from pipeline import storage
 from pipeline.data import readers
 from pipeline.data.plan import Shard
-from pipeline.index.knn import block_topk, merge_topk
+from pipeline.index.knn import block_topk, merge_topk, pick_device
 from pipeline.stages.common import Run, pin_threads, wait_all
 
 log = logging.getLogger("pipeline.stages.teacher")
 
 
 @ray.remote
-def _search_shard(shard: dict, xq: np.ndarray, k: int, metric: str, with_vectors: bool):
+def _search_shard(shard: dict, xq: np.ndarray, k: int, metric: str, with_vectors: bool,
+                  gpus: float = 0.0):
     pin_threads()
     s = Shard(**shard)
     ids, x = readers.read_rows(s.uri, s.start, s.stop, s.id_offset)
-    return block_topk(xq, x, ids, k, metric, with_vectors)
+    return block_topk(xq, x, ids, k, metric, with_vectors, device=pick_device(gpus))
 
 
 @ray.remote
@@ -43,10 +44,12 @@ def distributed_topk(run: Run, shards: list[dict], qids: np.ndarray, xq: np.ndar
     """Writes out_dir/part-XXXXX.npz (qids, xq, S, I[, V]) per query block; returns the URIs."""
     metric = run.cfg.index.metric
     block = run.cfg.teacher.query_block
+    gpus = run.cfg.ray.gpus_per_task
+    search = _search_shard.options(num_gpus=gpus) if gpus else _search_shard
     uris, merges = [], []
     for b, q0 in enumerate(range(0, len(xq), block)):
         q_ref = ray.put(np.ascontiguousarray(xq[q0:q0 + block]))
-        parts = [_search_shard.remote(s, q_ref, k, metric, with_vectors) for s in shards]
+        parts = [search.remote(s, q_ref, k, metric, with_vectors, gpus) for s in shards]
         uri = storage.join(out_dir, f"part-{b:05d}.npz")
         merges.append(_merge_block.remote(uri, k, qids[q0:q0 + block], q_ref, *parts))
         uris.append(uri)

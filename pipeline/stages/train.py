@@ -152,7 +152,9 @@ def _worker_loop(config: dict) -> None:
             with open(os.path.join(tmp, "state.pt"), "wb") as f:
                 f.write(blob)
             checkpoint = Checkpoint.from_directory(tmp)
-        ray.train.report({k: v for k, v in metrics.items()}, checkpoint=checkpoint)
+        # Scalars only: the per-step curve stays in the checkpoint's history.
+        ray.train.report({k: v for k, v in metrics.items() if not isinstance(v, list)},
+                         checkpoint=checkpoint)
 
     fit_local(params, data, val, run.cfg, rank, world, reduce_grads, state, on_epoch, device)
 

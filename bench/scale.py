@@ -1,0 +1,233 @@
+"""Scale benchmark: the pipeline on synthetic 128-d corpora of growing size, per stage.
+
+  python bench/scale.py                         # 1M and 4M vectors (about 15 min on 2 cores)
+  python bench/scale.py --sizes 200000,800000   # quicker
+
+Each size runs in its own process with its own local Ray cluster. Per stage it reports the
+throughput, the peak RSS of the driver and of the Ray worker processes (sampled from /proc every
+0.2 s), and, in the same process, bare single-process faiss on the same data: brute-force
+kNN (IndexFlat over the whole corpus) for the teacher, `add` into the same trained index for
+encode. Prints a table and writes JSON (--json) with rows of stage, n, throughput_per_s,
+faiss_throughput_per_s, ratio, peak_rss_driver_mb, peak_rss_worker_mb.
+
+Throughput units: vectors/s for ingest and init (the training sample), query-document pairs/s
+for the teacher, training queries/s for train, vectors/s for encode and merge (both the faiss
+baseline and the distilled index are encoded and merged, so 2n vectors each).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+log = logging.getLogger("bench.scale")
+D = 128
+FILE_ROWS = 250_000
+
+
+def make_corpus(folder: str, n: int, seed: int = 0) -> None:
+    """Clustered, L2-normalised 128-d vectors as .npy files of FILE_ROWS rows (cached)."""
+    done = os.path.join(folder, "_complete")
+    if os.path.exists(done):
+        return
+    os.makedirs(folder, exist_ok=True)
+    centers = np.random.default_rng(seed).standard_normal((1000, D)).astype(np.float32)
+    for i, a in enumerate(range(0, n, FILE_ROWS)):
+        rng = np.random.default_rng([seed, i])
+        rows = min(FILE_ROWS, n - a)
+        x = centers[rng.integers(0, len(centers), rows)] + \
+            0.7 * rng.standard_normal((rows, D)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        np.save(os.path.join(folder, f"part-{i:05d}.npy"), x.astype(np.float32))
+    open(done, "w").close()
+
+
+def rss_mb(pid: int | str) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def ray_worker_pids() -> list[str]:
+    """Processes running Ray tasks and actors (their title starts with "ray::"), not Ray's
+    own daemons (dashboard, agents)."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read(64).decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::") and "Agent" not in title and "Dashboard" not in title:
+            out.append(pid)
+    return out
+
+
+class Sampler(threading.Thread):
+    """Peak RSS of the driver and of any Ray worker, per pipeline stage."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.stage, self.peaks, self.running = None, {}, True
+
+    def set_stage(self, name: str) -> None:
+        self.stage = name
+        self.peaks.setdefault(name, [0.0, 0.0])
+
+    def run(self):
+        while self.running:
+            if self.stage:
+                peak = self.peaks[self.stage]
+                peak[0] = max(peak[0], rss_mb(os.getpid()))
+                peak[1] = max([peak[1]] + [rss_mb(p) for p in ray_worker_pids()])
+            time.sleep(0.2)
+
+
+def bare_faiss(out: str, corpus: str, k: int) -> dict:
+    """Single-process faiss on the same data: brute-force kNN of the pipeline's training
+    queries, and add into the pipeline's trained baseline index."""
+    import faiss
+
+    from pipeline import storage
+    from pipeline.data import readers
+    from pipeline.stages.init import load_index
+
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    ids, xb = readers.read_all(corpus, "corpus")
+    xq = storage.load_npz(os.path.join(out, "stages", "ingest", "train_queries.npz"))["x"]
+    nq = len(xq)
+    t0 = time.time()
+    flat = faiss.IndexFlatIP(xb.shape[1])
+    flat.add(xb)
+    flat.search(xq, k)
+    knn_s = time.time() - t0
+    del flat
+    trained = load_index(os.path.join(out, "stages", "init", "baseline.index"))
+    t0 = time.time()
+    trained.add_with_ids(xb, ids)
+    add_s = time.time() - t0
+    return {"teacher": nq * len(xb) / knn_s, "encode": len(xb) / add_s}
+
+
+def run_one(n: int, data_root: str, config: str, overrides: list[str]) -> list[dict]:
+    from pipeline.config import load_config
+    from pipeline.runner import run_pipeline
+
+    corpus = os.path.join(data_root, f"n{n}")
+    t0 = time.time()
+    make_corpus(corpus, n)
+    log.info("corpus of %d vectors ready in %.0fs", n, time.time() - t0)
+    cfg = load_config(config, [f"data.corpus={corpus}", *overrides])
+    out = tempfile.mkdtemp(prefix=f"vq-scale-{n}-")
+    sampler = Sampler()
+    sampler.start()
+    result = run_pipeline(cfg, out, on_stage=sampler.set_stage)
+    sampler.running = False
+    secs = result["seconds"]
+    from pipeline.stages.common import Run
+
+    run = Run(out, cfg)
+    nq = run.stage_info("teacher")["queries"]
+    trained_q = sum(h["queries"] for h in run.stage_info("train")["history"])
+    work = {"ingest": n, "init": run.stage_info("init")["n_train"], "teacher": nq * n,
+            "train": trained_q, "encode": 2 * n, "merge": 2 * n}
+    import ray
+
+    ray.shutdown()
+    bare = bare_faiss(out, corpus, cfg.teacher.k)
+    rows = []
+    for stage, s in secs.items():
+        if stage not in work:
+            continue
+        tput = work[stage] / max(s, 1e-9)
+        ref = bare.get(stage)
+        peak = sampler.peaks.get(stage, [0.0, 0.0])
+        rows.append({"stage": stage, "n": n, "seconds": s, "throughput_per_s": tput,
+                     "faiss_throughput_per_s": ref, "ratio": tput / ref if ref else None,
+                     "peak_rss_driver_mb": round(peak[0], 1),
+                     "peak_rss_worker_mb": round(peak[1], 1)})
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    head = ["stage", "n", "seconds", "throughput/s", "faiss/s", "ratio", "driver MB",
+            "worker MB"]
+    keys = ["stage", "n", "seconds", "throughput_per_s", "faiss_throughput_per_s", "ratio",
+            "peak_rss_driver_mb", "peak_rss_worker_mb"]
+
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}" if v < 1000 else f"{v:,.0f}"
+        return str(v)
+
+    table = [head] + [[fmt(r[k]) for k in keys] for r in rows]
+    widths = [max(len(t[i]) for t in table) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(t, widths)) for t in table)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--sizes", default="1000000,4000000")
+    ap.add_argument("--config", default=os.path.join(ROOT, "bench", "scale.yaml"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--data", default=os.path.join(ROOT, "runs", "bench", "scale-data"))
+    ap.add_argument("--json", default=os.path.join(ROOT, "runs", "bench", "scale.json"))
+    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child: one size, JSON out
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("aiobotocore", "botocore", "s3fs", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.one:
+        rows = run_one(args.one, args.data, args.config, args.overrides)
+        print("ROWS " + json.dumps(rows))
+        return 0
+    rows = []
+    for n in [int(s) for s in args.sizes.split(",")]:
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", str(n), "--data", args.data,
+               "--config", args.config] + [a for o in args.overrides for a in ("--set", o)]
+        res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        if res.returncode:
+            print(f"size {n} failed (exit {res.returncode})", file=sys.stderr)
+            return 1
+        rows += json.loads(next(ln for ln in res.stdout.splitlines()
+                                if ln.startswith("ROWS "))[5:])
+    print("\n" + format_rows(rows))
+    sizes = sorted({r["n"] for r in rows})
+    if len(sizes) > 1:
+        lo, hi = sizes[0], sizes[-1]
+        print(f"\npeak RSS at {hi:,} relative to {lo:,} (target <= 1.2x):")
+        for stage in dict.fromkeys(r["stage"] for r in rows):
+            a = next(r for r in rows if r["stage"] == stage and r["n"] == lo)
+            b = next(r for r in rows if r["stage"] == stage and r["n"] == hi)
+            print(f"  {stage:<8} driver {b['peak_rss_driver_mb'] / a['peak_rss_driver_mb']:.2f}x"
+                  f"  workers {b['peak_rss_worker_mb'] / max(a['peak_rss_worker_mb'], 1):.2f}x")
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"rows": rows}, f, indent=2)
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
