@@ -30,7 +30,8 @@ def embedding_table(ids: np.ndarray, x: np.ndarray) -> pa.Table:
 
 def write_table(table: pa.Table, uri: str) -> None:
     buf = io.BytesIO()
-    pq.write_table(table, buf, row_group_size=8192)
+    # Page checksums let readers tell a corrupted file from a good one.
+    pq.write_table(table, buf, row_group_size=8192, write_page_checksum=True)
     storage.write_bytes(uri, buf.getvalue())
 
 

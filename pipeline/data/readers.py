@@ -54,7 +54,8 @@ def fingerprint(uri: str) -> str:
 def _parquet_file(uri: str) -> pq.ParquetFile:
     fs, path = storage.get_fs(uri)
     try:
-        return pq.ParquetFile(fs.open(path, "rb"))
+        # Verifies the page checksums where the writer stored them (jobs/prepare_data.py does).
+        return pq.ParquetFile(fs.open(path, "rb"), page_checksum_verification=True)
     except (OSError, pa.ArrowException) as e:
         raise ValueError(_unreadable(uri, e)) from None
 
