@@ -63,7 +63,8 @@ class TrainConfig:
     learn_ivf: bool = True
     learn_pq: bool = True
     learn_rotation: bool = True
-    val_fraction: float = 0.05
+    val_fraction: float = 0.05  # queries held out (by id) for validation; kept in memory
+    shuffle_buffer: int = 16384  # rows in Ray Data's local shuffle buffer (0: file order)
     num_workers: int = 1
     use_gpu: bool = False
     seed: int = 0

@@ -43,7 +43,10 @@ def corpus(run):
 
 def test_teacher_equals_brute_force(prepared):
     ids, xb = corpus(prepared)
-    parts = teacher.load_parts(prepared.stage_info("teacher")["parts"])
+    info = prepared.stage_info("teacher")
+    parts = teacher.load_parts(info["train"] + info["val"])
+    assert len(parts["qids"]) == info["queries"] and len(info["val"]) == len(info["train"])
+    assert 0 < info["rows"]["val"] < info["rows"]["train"]
     S, I, V = knn.block_topk(parts["xq"], xb, ids, prepared.cfg.teacher.k, "ip", True)
     np.testing.assert_array_equal(parts["I"], I)
     np.testing.assert_allclose(parts["S"], S, rtol=1e-5)

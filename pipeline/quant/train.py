@@ -20,9 +20,21 @@ from pipeline.quant.model import IVFPQStudent
 
 @dataclass
 class TrainData:
+    """Training queries in memory. Any object with the same `pool`, `steps(B)` and
+    `batches(B, seed, epoch)` can stand in for it (the pipeline streams them from Parquet)."""
     xq: np.ndarray  # (n, d) float32 training queries
     pos: np.ndarray  # (n, K, d) float16/32 teacher top-K neighbour vectors
     pool: np.ndarray  # (P, d) float32 random corpus vectors for negatives
+
+    def steps(self, batch_size: int) -> int:
+        return len(self.xq) // batch_size  # the ragged tail is dropped
+
+    def batches(self, batch_size: int, seed: int, epoch: int):
+        """Global batches (xq (B, d), pos (B, K, d)) in a seeded order, full batches only."""
+        order = np.random.default_rng([seed, epoch]).permutation(len(self.xq))
+        for step in range(self.steps(batch_size)):
+            idx = np.sort(order[step * batch_size:(step + 1) * batch_size])
+            yield self.xq[idx], self.pos[idx]
 
 
 def exact_scores(q: torch.Tensor, x: torch.Tensor, metric: str) -> torch.Tensor:
@@ -105,7 +117,8 @@ def train_epoch(model: IVFPQStudent, opt: torch.optim.Optimizer, data: TrainData
                 reduce_grads: Callable[[list[torch.Tensor]], None] = lambda grads: None,
                 device: str = "cpu", log: Callable[[int, int, float], None] | None = None,
                 max_steps: int = 0) -> dict:
-    """One pass over the training queries in global batches of cfg.batch_size.
+    """One pass over data.batches(...) in global batches of cfg.batch_size; this worker
+    trains on its slice [rank * B / world, (rank + 1) * B / world) of each.
 
     Returns {"loss", "loss_pq", "loss_ivf", "steps", "queries"} averaged over the epoch, and
     "step_losses", the loss of every step.
@@ -113,8 +126,7 @@ def train_epoch(model: IVFPQStudent, opt: torch.optim.Optimizer, data: TrainData
     B = cfg.batch_size
     assert B % world == 0, "global batch must split evenly across workers"
     local = B // world
-    order = np.random.default_rng([cfg.seed, epoch]).permutation(len(data.xq))
-    steps = len(order) // B  # drop the ragged tail: every step sees a full global batch
+    steps = data.steps(B)
     if max_steps:
         steps = min(steps, max_steps)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -122,10 +134,15 @@ def train_epoch(model: IVFPQStudent, opt: torch.optim.Optimizer, data: TrainData
     totals = np.zeros(2)
     step_losses = []
     model.train()
-    for step in range(steps):
-        idx = np.sort(order[step * B + rank * local: step * B + (rank + 1) * local])
-        q = torch.as_tensor(data.xq[idx], dtype=torch.float32, device=device)
-        pos = torch.as_tensor(data.pos[idx].astype(np.float32), device=device)
+    step = 0
+    for xq_b, pos_b in data.batches(B, cfg.seed, epoch):
+        if step >= steps:
+            break
+        assert len(xq_b) == B, "every step takes a full global batch"
+        q = torch.as_tensor(xq_b[rank * local:(rank + 1) * local], dtype=torch.float32,
+                            device=device)
+        pos = torch.as_tensor(pos_b[rank * local:(rank + 1) * local].astype(np.float32),
+                              device=device)
         neg = torch.as_tensor(_negatives(data.pool, cfg.negatives, cfg.seed, epoch, step),
                               dtype=torch.float32, device=device)
         loss_pq, loss_ivf, loss_recon = batch_loss(model, q, pos, neg, cfg, cfg.in_batch)
@@ -136,8 +153,10 @@ def train_epoch(model: IVFPQStudent, opt: torch.optim.Optimizer, data: TrainData
         opt.step()
         totals += [loss_pq.item() / B, loss_ivf.item() / B]
         step_losses.append(float(loss.item()) * world)  # this worker's share, per query
+        step += 1
         if log is not None:
-            log(step + 1, steps, float(loss.item()))
+            log(step, steps, float(loss.item()))
+    steps = step
     totals = totals * world / max(steps, 1)  # per-query averages (this worker's share x world)
     return {"loss_pq": float(totals[0]), "loss_ivf": float(totals[1]),
             "loss": float(totals[0] + cfg.ivf_weight * totals[1]), "steps": steps,

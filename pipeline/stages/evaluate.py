@@ -57,7 +57,8 @@ def run(run: Run) -> dict:
     plan = run.stage_info("ingest")
     k = max(cfg.eval.k, 10)
     gt = load_parts(distributed_topk(run, plan["shards"], q["ids"], q["x"], k, False,
-                                     run.stage_path("evaluate", "gt"), "evaluate: exact top-k"))
+                                     run.stage_path("evaluate", "gt"),
+                                     "evaluate: exact top-k")["all"])
     qrels = readers.read_labels(cfg.data.labels) if cfg.data.labels else None
     names = method_names(cfg)
     refs = [_search_published.remote(run.path(folder), q["x"], k, cfg.eval.nprobe)

@@ -1,14 +1,18 @@
 """teacher: exact top-k of the queries over every corpus shard, merged per query block.
 
 Tasks are (shard x query block); a merge task per query block combines the shards' results
-and writes them to the run folder, so no single process holds all teacher results.
+and writes them to the run folder as Parquet, so no single process holds all teacher results.
+Training streams those parts back through Ray Data.
 """
 from __future__ import annotations
 
+import io
 import logging
 import time
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from pipeline import storage
@@ -29,47 +33,114 @@ def _search_shard(shard: dict, xq: np.ndarray, k: int, metric: str, with_vectors
     return block_topk(xq, x, ids, k, metric, with_vectors, device=pick_device(gpus))
 
 
-@ray.remote
-def _merge_block(out_uri: str, k: int, qids: np.ndarray, xq: np.ndarray, *parts) -> int:
-    S, I, V = merge_topk(list(parts), k)
-    arrays = {"qids": qids, "xq": xq, "S": S, "I": I}
+def _fsl(x: np.ndarray) -> pa.FixedSizeListArray:
+    x = np.ascontiguousarray(x)
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), int(np.prod(x.shape[1:])))
+
+
+def teacher_table(qids, xq, S, I, V=None) -> pa.Table:
+    """One row per query: qid, xq (d,), S (k,), I (k,) and, for training, V (k * d) float16."""
+    cols = {"qid": pa.array(qids, pa.int64()), "xq": _fsl(xq.astype(np.float32)),
+            "S": _fsl(S), "I": _fsl(I)}
     if V is not None:
-        arrays["V"] = V
-    storage.save_npz(out_uri, **arrays)
-    return len(qids)
+        cols["V"] = _fsl(V.astype(np.float16))
+    return pa.table(cols)
+
+
+def _column(table: pa.Table, name: str) -> np.ndarray:
+    col = table.column(name).combine_chunks()
+    if isinstance(col.type, pa.ExtensionType):  # Ray's tensor type, if it converted the column
+        return np.asarray(col.to_numpy())
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
+
+
+def table_arrays(table: pa.Table, names=("qid", "xq", "S", "I", "V")) -> dict:
+    """numpy arrays of a teacher table: qids (n,), xq (n, d), S, I (n, k), V (n, k, d)."""
+    out = {}
+    for name in names:
+        if name not in table.column_names:
+            continue
+        if name == "qid":
+            out["qids"] = table.column("qid").to_numpy()
+            continue
+        out[name] = _column(table, name)
+    if "V" in out:
+        out["V"] = out["V"].reshape(len(out["V"]), out["S"].shape[1] if "S" in out
+                                    else -1, out["xq"].shape[1])
+    return out
+
+
+def val_mask(qids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Deterministic held-out split by query id, the same in every block and every run."""
+    with np.errstate(over="ignore"):
+        h = (qids.astype(np.uint64) + np.uint64(seed)) * np.uint64(0x9E3779B97F4A7C15)
+    return (h >> np.uint64(40)) < np.uint64(int(fraction * (1 << 24)))
+
+
+def _write_table(table: pa.Table, uri: str) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, write_page_checksum=True)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+@ray.remote
+def _merge_block(out_dir: str, name: str, k: int, qids: np.ndarray, xq: np.ndarray,
+                 split: tuple | None, *parts) -> dict:
+    S, I, V = merge_topk(list(parts), k)
+    table = teacher_table(qids, xq, S, I, V)
+    if split is None:
+        _write_table(table, storage.join(out_dir, name))
+        return {"all": len(qids)}
+    held = val_mask(qids, *split)
+    _write_table(table.filter(pa.array(~held)), storage.join(out_dir, "train", name))
+    _write_table(table.filter(pa.array(held)), storage.join(out_dir, "val", name))
+    return {"train": int((~held).sum()), "val": int(held.sum())}
 
 
 def distributed_topk(run: Run, shards: list[dict], qids: np.ndarray, xq: np.ndarray, k: int,
-                     with_vectors: bool, out_dir: str, what: str) -> list[str]:
-    """Writes out_dir/part-XXXXX.npz (qids, xq, S, I[, V]) per query block; returns the URIs."""
+                     with_vectors: bool, out_dir: str, what: str,
+                     split: tuple | None = None) -> dict:
+    """Exact top-k of xq over every shard, as Parquet parts (teacher_table) per query block.
+
+    Returns {"all": [uris]}, or with split=(val_fraction, seed) {"train": [uris], "val":
+    [uris]}; and "rows": the row count of each.
+    """
     metric = run.cfg.index.metric
     block = run.cfg.teacher.query_block
     gpus = run.cfg.ray.gpus_per_task
     search = _search_shard.options(num_gpus=gpus) if gpus else _search_shard
-    uris, merges = [], []
+    names, merges = [], []
     for b, q0 in enumerate(range(0, len(xq), block)):
         q_ref = ray.put(np.ascontiguousarray(xq[q0:q0 + block]))
         parts = [search.remote(s, q_ref, k, metric, with_vectors, gpus) for s in shards]
-        uri = storage.join(out_dir, f"part-{b:05d}.npz")
-        merges.append(_merge_block.remote(uri, k, qids[q0:q0 + block], q_ref, *parts))
-        uris.append(uri)
-    wait_all(merges, f"{what}: query blocks")
-    return uris
+        name = f"part-{b:05d}.parquet"
+        merges.append(_merge_block.remote(out_dir, name, k, qids[q0:q0 + block], q_ref, split,
+                                          *parts))
+        names.append(name)
+    counts = wait_all(merges, f"{what}: query blocks")
+    groups = ["all"] if split is None else ["train", "val"]
+    out = {g: [storage.join(out_dir, name) if g == "all" else storage.join(out_dir, g, name)
+               for name in names] for g in groups}
+    out["rows"] = {g: sum(c[g] for c in counts) for g in groups}
+    return out
 
 
 def load_parts(uris: list[str]) -> dict:
-    """Concatenates teacher parts (fine for the query counts a training run uses)."""
-    parts = [storage.load_npz(u) for u in uris]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    """Concatenates teacher parts into numpy arrays (for query sets that fit in memory:
+    evaluation ground truth, the validation split)."""
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(u))) for u in uris]
+    return table_arrays(pa.concat_tables(tables))
 
 
 def run(run: Run) -> dict:
     t0 = time.time()
     plan = run.stage_info("ingest")
     q = storage.load_npz(run.stage_path("ingest", "train_queries.npz"))
-    uris = distributed_topk(run, plan["shards"], q["ids"], q["x"], run.cfg.teacher.k, True,
-                            run.stage_path("teacher"), "teacher")
+    tr = run.cfg.train
+    out = distributed_topk(run, plan["shards"], q["ids"], q["x"], run.cfg.teacher.k, True,
+                           run.stage_path("teacher"), "teacher", split=(tr.val_fraction, tr.seed))
     secs = time.time() - t0
-    log.info("teacher: top-%d of %d queries over %d vectors in %.1fs (%.0f queries/s)",
-             run.cfg.teacher.k, len(q["ids"]), plan["n"], secs, len(q["ids"]) / secs)
-    return {"parts": uris, "queries": len(q["ids"])}
+    log.info("teacher: top-%d of %d queries over %d vectors in %.1fs (%.0f queries/s); "
+             "%d for training, %d held out", run.cfg.teacher.k, len(q["ids"]), plan["n"], secs,
+             len(q["ids"]) / secs, out["rows"]["train"], out["rows"]["val"])
+    return {**out, "queries": len(q["ids"])}

@@ -1,8 +1,9 @@
 """train: Ray Train data-parallel distillation of the IVF centroids, PQ codebooks and rotation.
 
-The per-worker loop is wiring only: it loads the teacher parts, builds the student from the
-warm start, and calls `pipeline.quant.train.train_epoch` with an all-reduce passed in. Rank 0
-checkpoints every epoch to the run folder; a rerun resumes from the latest checkpoint.
+The per-worker loop is wiring only: it streams the teacher's Parquet parts through Ray Data,
+builds the student from the warm start, and calls `pipeline.quant.train.train_epoch` with an
+all-reduce passed in. Rank 0 checkpoints every epoch to the run folder; a rerun resumes from
+the latest checkpoint.
 """
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ import numpy as np
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, RunConfig, ScalingConfig
+from ray.train import Checkpoint, DataConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline import storage
-from pipeline.config import PipelineConfig, TrainConfig
+from pipeline.config import PipelineConfig
 from pipeline.index import build
 from pipeline.index.knn import block_topk
 from pipeline.index.metrics import overlap_recall
@@ -28,19 +29,30 @@ from pipeline.quant.model import IVFPQStudent
 from pipeline.quant.train import TrainData, make_optimizer, reconstruction_error, train_epoch
 from pipeline.stages.common import Run
 from pipeline.stages.init import load_index
-from pipeline.stages.teacher import load_parts
+from pipeline.stages.teacher import load_parts, table_arrays
 
 log = logging.getLogger("pipeline.stages.train")
 
 
-def split_data(parts: dict, pool: np.ndarray, cfg: TrainConfig) -> tuple[TrainData, TrainData]:
-    """Deterministic train/validation split of the teacher's queries."""
-    n = len(parts["xq"])
-    order = np.random.default_rng([cfg.seed, 7]).permutation(n)
-    n_val = int(round(n * cfg.val_fraction))
-    val, tr = np.sort(order[:n_val]), np.sort(order[n_val:])
-    xq, V = parts["xq"].astype(np.float32), parts["V"]
-    return TrainData(xq[tr], V[tr], pool), TrainData(xq[val], V[val], pool)
+class StreamData:
+    """The teacher's training parts streamed through Ray Data, in the interface of
+    pipeline.quant.train.TrainData. Every worker iterates the same stream in the same seeded
+    order (a local shuffle buffer, no global gather) and trains on its slice of each global
+    batch, so W workers take exactly the steps one worker would."""
+
+    def __init__(self, it, pool: np.ndarray, rows: int, shuffle_rows: int):
+        self.it, self.pool, self.rows, self.shuffle_rows = it, pool, rows, shuffle_rows
+
+    def steps(self, batch_size: int) -> int:
+        return self.rows // batch_size
+
+    def batches(self, batch_size: int, seed: int, epoch: int):
+        shuffle = {"local_shuffle_buffer_size": self.shuffle_rows,
+                   "local_shuffle_seed": seed * 1_000_003 + epoch} if self.shuffle_rows else {}
+        for t in self.it.iter_batches(batch_size=batch_size, batch_format="pyarrow",
+                                      drop_last=True, **shuffle):
+            a = table_arrays(t, ("xq", "S", "V"))
+            yield a["xq"], a["V"]
 
 
 def build_student(params: dict, pcfg: PipelineConfig) -> IVFPQStudent:
@@ -127,9 +139,12 @@ def _worker_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = "cuda" if run.cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
-    parts = load_parts(run.stage_info("teacher")["parts"])
+    teacher = run.stage_info("teacher")
     pool = storage.load_npz(run.stage_path("ingest", "sample.npz"))["x"]
-    data, val = split_data(parts, pool, run.cfg.train)
+    data = StreamData(ray.train.get_dataset_shard("teacher"), pool, teacher["rows"]["train"],
+                      run.cfg.train.shuffle_buffer)
+    held = load_parts(teacher["val"])
+    val = TrainData(held["xq"], held["V"], pool)
     params = build.extract_params(load_index(run.stage_path("init", "baseline.index")))
     ckpt_uri = run.stage_path("train", "checkpoint.pt")
     state = None
@@ -163,9 +178,18 @@ def run(run: Run) -> dict:
     cfg = run.cfg.train
     t0 = time.time()
     fs, path = storage.pyarrow_fs(run.stage_path("train", "ray"))
+    # The training parts stream from object storage; every worker reads the whole stream in
+    # the same order (not split) and takes its slice of each global batch.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    parts = run.stage_info("teacher")["train"]
+    pfs, _ = storage.pyarrow_fs(parts[0])
+    ds = ray.data.read_parquet([storage.pyarrow_fs(u)[1] for u in parts], filesystem=pfs,
+                               columns=["xq", "S", "V"])
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"run": run},
+        datasets={"teacher": ds},
+        dataset_config=DataConfig(datasets_to_split=[]),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name="distill", storage_path=path, storage_filesystem=fs),
