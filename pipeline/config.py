@@ -72,8 +72,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class BuildConfig:
-    # Inverted-list ranges merged in parallel (faiss's hslice pattern); 0: one per 512 MiB of
-    # codes and ids, at least 2. The published index is byte-identical whatever the value.
+    # Inverted-list ranges merged in parallel (faiss's hslice pattern); 0: one per GiB of codes
+    # and ids, at least one per cluster CPU. The index is byte-identical whatever the value.
     list_ranges: int = 0
 
 
@@ -207,7 +207,7 @@ def validate(cfg: PipelineConfig) -> None:
     if any(p < 1 for p in cfg.eval.nprobe):
         raise ValueError("eval.nprobe values must be >= 1")
     if cfg.build.list_ranges < 0:
-        raise ValueError("build.list_ranges must be >= 0 (0 picks one range per 512 MiB)")
+        raise ValueError("build.list_ranges must be >= 0 (0 picks them by size and CPUs)")
     if cfg.ray.gpus_per_task < 0:
         raise ValueError("ray.gpus_per_task must be >= 0 (0 runs teacher and encode on CPUs)")
     if not cfg.data.corpus:

@@ -109,6 +109,14 @@ def upload_file(local: str, uri: str) -> None:
     _atomic_local(path, lambda tmp: fs.copy(local, tmp))
 
 
+def open_ranged(uri: str):
+    """A binary file object for seek + read of byte ranges (S3: one ranged GET per read)."""
+    fs, path = get_fs(uri)
+    if is_s3(uri):
+        return fs.open(path, "rb", cache_type="none")
+    return open(path, "rb")
+
+
 def download_file(uri: str, local: str) -> None:
     fs, path = get_fs(uri)
     fs.get_file(path, local)

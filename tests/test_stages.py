@@ -53,7 +53,7 @@ def test_teacher_equals_brute_force(prepared):
     np.testing.assert_array_equal(parts["V"], V)
 
 
-@pytest.mark.parametrize("ranges", [1, 3])
+@pytest.mark.parametrize("ranges", [1, 3, 16])
 def test_encode_and_merge_equal_one_index(prepared, tmp_path, ranges):
     """The Ray encode (per shard, cut by list range) and the parallel range merge give the
     index one process builds, and the very bytes of the single-process on-disk merge."""
@@ -63,13 +63,14 @@ def test_encode_and_merge_equal_one_index(prepared, tmp_path, ranges):
     shards = prepared.stage_info("ingest")["shards"]
     assert len(shards) == 4
     layout, nlist = str(tmp_path / "enc"), prepared.cfg.index.nlist
-    counts = ray.get([build_stage._encode_shard.remote(s, trained_uri, layout, nlist, ranges)
-                      for s in shards])
+    counts = ray.get([build_stage._encode_shard.remote(s, trained_uri, layout) for s in shards])
     assert sum(counts) == len(xb)
-    keys = [Shard(**s).key for s in shards]
+    uris = [f"{layout}/{Shard(**s).key}.lists" for s in shards]
+    pieces = ondisk.list_ranges(nlist, ranges)
+    assert len(pieces) == ranges
     slices = [str(tmp_path / f"slice-{r}.ivfdata") for r in range(ranges)]
-    sizes = ray.get([build_stage._merge_range.remote(
-        [f"{layout}/range-{r:05d}/{k}.npz" for k in keys], slices[r]) for r in range(ranges)])
+    sizes = ray.get([build_stage._merge_range.remote(uris, l0, l1, slices[r])
+                     for r, (l0, l1) in enumerate(pieces)])
     out = str(tmp_path / "published")
     res = ray.get(build_stage._stitch.remote(trained_uri, slices, np.concatenate(sizes), out))
     assert res["ntotal"] == len(xb)
@@ -100,10 +101,10 @@ def test_encode_is_idempotent_per_shard(prepared, tmp_path):
     trained_uri = prepared.stage_path("init", "baseline.index")
     s = prepared.stage_info("ingest")["shards"][0]
     layout = str(tmp_path / "enc")
-    n = ray.get(build_stage._encode_shard.remote(s, trained_uri, layout, 16, 2))
-    part = f"{layout}/range-00000/{Shard(**s).key}.npz"
+    n = ray.get(build_stage._encode_shard.remote(s, trained_uri, layout))
+    part = f"{layout}/{Shard(**s).key}.lists"
     before = os.path.getmtime(part)
-    assert ray.get(build_stage._encode_shard.remote(s, trained_uri, layout, 16, 2)) == n
+    assert ray.get(build_stage._encode_shard.remote(s, trained_uri, layout)) == n
     assert os.path.getmtime(part) == before
 
 

@@ -79,10 +79,11 @@ def _write_ondisk_index(index, ondisk, ntotal: int, out_dir: str, name: str,
 
 
 # The list-range ("hslice") merge, after faiss's benchs/distributed_ondisk: each encoded shard
-# is cut into list ranges; one task per range merges that range of every shard into its own
-# slice file; a last step concatenates the slices. merge_from_multiple lays the lists out in
-# list order with exact capacities, so the slices concatenated are byte for byte the file a
-# single merge writes, and the final metadata follows from the list sizes alone.
+# is one list-major file; one task per list range reads that range of every shard (ranged
+# reads) into its own slice file; a last step concatenates the slices. The slices use the
+# layout of OnDiskInvertedLists.merge_from_multiple (lists in order, exact capacities), so
+# concatenated they are byte for byte the file a single merge writes, and the final metadata
+# follows from the list sizes alone.
 
 def list_ranges(nlist: int, n_ranges: int) -> list[tuple[int, int]]:
     """[l0, l1) ranges covering 0..nlist, as even as possible, none empty."""
@@ -91,49 +92,89 @@ def list_ranges(nlist: int, n_ranges: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
-def split_by_range(index, ranges: list[tuple[int, int]]) -> list[dict]:
-    """Cuts an encoded IVF index by list range: per range {"sizes": (l1-l0,) int64,
-    "ids": (n,) int64, "codes": (n, code_size) uint8}, lists in order."""
+# An encoded shard's inverted lists in one file, list-major, so that any list range is three
+# ranged reads: header (magic, nlist, code_size, ntotal: int64), cum (nlist + 1) int64 running
+# list sizes, ids (ntotal) int64, codes (ntotal, code_size) uint8.
+_MAGIC = 0x4C49515621  # "!VQIL"
+_HEAD = 4 * 8
+
+
+def write_lists(index, f) -> int:
+    """Writes the inverted lists of an encoded IVF index to the binary file object f."""
     il = faiss.extract_index_ivf(index).invlists
-    cs = il.code_size
-    out = []
-    for l0, l1 in ranges:
-        sizes = np.array([il.list_size(j) for j in range(l0, l1)], dtype=np.int64)
-        ids, codes = [], []
-        for j, n in zip(range(l0, l1), sizes.tolist()):
-            if n:
-                ids.append(faiss.rev_swig_ptr(il.get_ids(j), n).copy())
-                codes.append(faiss.rev_swig_ptr(il.get_codes(j), n * cs).copy())
-        out.append({
-            "sizes": sizes,
-            "ids": np.concatenate(ids) if ids else np.zeros(0, np.int64),
-            "codes": (np.concatenate(codes) if codes else np.zeros(0, np.uint8)).reshape(-1, cs),
-        })
-    return out
+    nlist, cs = il.nlist, il.code_size
+    sizes = np.array([il.list_size(j) for j in range(nlist)], dtype=np.int64)
+    cum = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    f.write(np.array([_MAGIC, nlist, cs, cum[-1]], dtype=np.int64).tobytes())
+    f.write(cum.tobytes())
+    nonempty = np.flatnonzero(sizes)
+    for j in nonempty:
+        f.write(faiss.rev_swig_ptr(il.get_ids(int(j)), int(sizes[j])).tobytes())
+    for j in nonempty:
+        f.write(faiss.rev_swig_ptr(il.get_codes(int(j)), int(sizes[j]) * cs).tobytes())
+    return int(cum[-1])
 
 
-def _as_invlists(part: dict):
-    sizes, ids, codes = part["sizes"], part["ids"], np.ascontiguousarray(part["codes"])
-    il = faiss.ArrayInvertedLists(len(sizes), codes.shape[1])
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    for j in np.flatnonzero(sizes):
-        a, b = int(starts[j]), int(starts[j + 1])
-        il.add_entries(int(j), b - a, faiss.swig_ptr(ids[a:b]), faiss.swig_ptr(codes[a:b]))
-    return il
+def _read_at(f, offset: int, nbytes: int, dtype) -> np.ndarray:
+    f.seek(offset)
+    raw = f.read(nbytes)
+    assert len(raw) == nbytes, "encoded shard file is truncated"
+    return np.frombuffer(raw, dtype=dtype)
 
 
-def merge_range(parts: list[dict], out_ivfdata: str) -> np.ndarray:
-    """Merges one list range of every shard (split_by_range outputs, in shard order) into the
-    slice file `out_ivfdata`. Returns the range's list sizes (l1 - l0,) int64."""
-    nl, cs = len(parts[0]["sizes"]), parts[0]["codes"].shape[1]
-    assert all(len(p["sizes"]) == nl and p["codes"].shape[1] == cs for p in parts), \
-        "range parts disagree on the range or the code size"
-    invlists = [_as_invlists(p) for p in parts]
-    ondisk = faiss.OnDiskInvertedLists(nl, cs, out_ivfdata)
-    _merge_into(ondisk, invlists)
-    sizes = np.array([ondisk.list_size(j) for j in range(nl)], dtype=np.int64)
-    del ondisk  # unmaps and closes the slice file
-    return sizes
+def read_range_sizes(f, l0: int, l1: int) -> tuple[np.ndarray, dict]:
+    """Sizes of lists l0..l1 of an encoded shard file, and where its entries lie."""
+    magic, nlist, cs, ntotal = _read_at(f, 0, _HEAD, np.int64).tolist()
+    assert magic == _MAGIC and l1 <= nlist, "not an encoded shard file, or another nlist"
+    cum = _read_at(f, _HEAD + 8 * l0, 8 * (l1 - l0 + 1), np.int64)
+    where = {"start": int(cum[0]), "n": int(cum[-1] - cum[0]), "cs": cs,
+             "ids_at": _HEAD + 8 * (nlist + 1), "codes_at": _HEAD + 8 * (nlist + 1) + 8 * ntotal}
+    return np.diff(cum), where
+
+
+def read_range_entries(f, where: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (n,), codes (n * code_size,)) of a list range, from read_range_sizes's `where`."""
+    start, n, cs = where["start"], where["n"], where["cs"]
+    ids = _read_at(f, where["ids_at"] + 8 * start, 8 * n, np.int64)
+    codes = _read_at(f, where["codes_at"] + cs * start, cs * n, np.uint8)
+    return ids, codes
+
+
+def merge_range(open_shards: list, l0: int, l1: int, out_ivfdata: str) -> np.ndarray:
+    """Merges lists l0..l1 of every encoded shard into the slice file `out_ivfdata`, in the
+    layout OnDiskInvertedLists.merge_from_multiple gives them (per list, codes then ids, exact
+    capacity; shards in order within a list). One shard's range is in memory at a time, and
+    the output is written with pwrite, not mapped, so memory stays flat however big the range.
+
+    open_shards: callables, each returning a binary file object of one encoded shard.
+    Returns the range's list sizes (l1 - l0,) int64.
+    """
+    per_shard = []
+    for opener in open_shards:
+        with opener() as f:
+            per_shard.append(read_range_sizes(f, l0, l1))
+    sizes = np.stack([s for s, _ in per_shard])  # (shards, lists)
+    cs = per_shard[0][1]["cs"]
+    cap = sizes.sum(0)
+    offset = np.concatenate([[0], np.cumsum(cap * (cs + 8))])
+    before = np.cumsum(sizes, axis=0) - sizes  # entries of earlier shards in each list
+    fd = os.open(out_ivfdata, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+    try:
+        os.ftruncate(fd, int(offset[-1]))
+        for s, opener in enumerate(open_shards):
+            with opener() as f:
+                ids, codes = read_range_entries(f, per_shard[s][1])
+            pos = 0
+            for j in np.flatnonzero(sizes[s]).tolist():
+                n, k = int(sizes[s, j]), int(before[s, j])
+                code_at = int(offset[j]) + k * cs
+                id_at = int(offset[j]) + int(cap[j]) * cs + 8 * k
+                os.pwrite(fd, codes[pos * cs:(pos + n) * cs].tobytes(), code_at)
+                os.pwrite(fd, ids[pos:pos + n].tobytes(), id_at)
+                pos += n
+    finally:
+        os.close(fd)
+    return cap.astype(np.int64)
 
 
 def stitch_ranges(trained, slice_paths, sizes: np.ndarray, out_dir: str,

@@ -49,25 +49,26 @@ def run_export(run: Run) -> dict:
 
 
 def n_ranges(run: Run) -> int:
-    """Inverted-list ranges for the parallel merge (build.list_ranges, or by size)."""
+    """Inverted-list ranges for the parallel merge: build.list_ranges, or one per GiB of codes
+    and ids and at least one per cluster CPU. Range tasks stream, so size bounds no memory."""
     cfg = run.cfg
     if cfg.build.list_ranges:
         return min(cfg.build.list_ranges, cfg.index.nlist)
     total = run.stage_info("ingest")["n"] * (build.bytes_per_vector(cfg.index) + 8)
-    return min(cfg.index.nlist, max(2, -(-total // (512 << 20))))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return min(cfg.index.nlist, max(cpus, -(-total // (1 << 30))))
 
 
 def _layout(run: Run, method: str, trained_uri: str) -> str:
-    """Folder of a method's encoded ranges. Named by the trained index's content and the range
-    count, so a retrained quantizer or another range split never reuses stale codes."""
+    """Folder of a method's encoded shards, named by the trained index's content, so that a
+    retrained quantizer never reuses stale codes."""
     digest = hashlib.sha256(storage.read_bytes(trained_uri)).hexdigest()[:12]
-    return run.stage_path("encode", method, f"{digest}-r{n_ranges(run)}")
+    return run.stage_path("encode", method, digest)
 
 
 @ray.remote(max_retries=3)
-def _encode_shard(shard: dict, trained_uri: str, out_dir: str, n_lists: int, ranges: int,
-                  gpus: float = 0.0) -> int:
-    """Encodes one shard and writes it cut by list range: out_dir/range-R/<shard key>.npz, then
+def _encode_shard(shard: dict, trained_uri: str, out_dir: str, gpus: float = 0.0) -> int:
+    """Encodes one shard into out_dir/<shard key>.lists (ondisk.write_lists), then writes
     out_dir/done/<shard key>.json. A shard whose marker exists is already encoded (a retry,
     a resumed run, or an unchanged shard in an incremental rebuild)."""
     s = Shard(**shard)
@@ -78,10 +79,14 @@ def _encode_shard(shard: dict, trained_uri: str, out_dir: str, n_lists: int, ran
     ids, x = readers.read_rows(s.uri, s.start, s.stop, s.id_offset)
     index = ondisk.encode_shard(load_index(trained_uri), ids, x, use_gpu=gpus > 0)
     fault_point("encode")
-    for r, part in enumerate(ondisk.split_by_range(index, ondisk.list_ranges(n_lists, ranges))):
-        storage.save_npz(storage.join(out_dir, f"range-{r:05d}", f"{s.key}.npz"), **part)
-    storage.write_json(marker, {"ntotal": index.ntotal, "shard": shard})
-    return index.ntotal
+    scratch = storage.local_scratch("encode")
+    local = os.path.join(scratch, "shard.lists")
+    with open(local, "wb") as f:
+        ntotal = ondisk.write_lists(index, f)
+    storage.upload_file(local, storage.join(out_dir, f"{s.key}.lists"))
+    shutil.rmtree(scratch)
+    storage.write_json(marker, {"ntotal": ntotal, "shard": shard})
+    return ntotal
 
 
 def run_encode(run: Run) -> dict:
@@ -95,25 +100,24 @@ def run_encode(run: Run) -> dict:
     for method, (trained, _) in METHODS.items():
         layouts[method] = _layout(run, method, run.stage_path(*trained))
         for s in shards:
-            refs.append(encode.remote(s, run.stage_path(*trained), layouts[method],
-                                      run.cfg.index.nlist, n_ranges(run), gpus))
+            refs.append(encode.remote(s, run.stage_path(*trained), layouts[method], gpus))
             names.append(method)
     counts = wait_all(refs, "encode: shards")
     totals = {m: sum(c for c, n in zip(counts, names) if n == m) for m in METHODS}
     n = run.stage_info("ingest")["n"]
     for m, t in totals.items():
         assert t == n, f"{m}: encoded {t} vectors, the corpus has {n}"
-    return {"counts": totals, "shards": len(shards), "layouts": layouts,
-            "ranges": n_ranges(run)}
+    return {"counts": totals, "shards": len(shards), "layouts": layouts}
 
 
 @ray.remote(max_retries=2)
-def _merge_range(part_uris: list[str], slice_uri: str) -> np.ndarray:
-    """One list range of every shard -> one slice file; returns the range's list sizes."""
+def _merge_range(shard_uris: list[str], l0: int, l1: int, slice_uri: str) -> np.ndarray:
+    """Lists l0..l1 of every encoded shard -> one slice file; returns the list sizes."""
     pin_threads()
     scratch = storage.local_scratch("range")
     local = os.path.join(scratch, "slice.ivfdata")
-    sizes = ondisk.merge_range([storage.load_npz(u) for u in part_uris], local)
+    openers = [lambda u=u: storage.open_ranged(u) for u in shard_uris]
+    sizes = ondisk.merge_range(openers, l0, l1, local)
     storage.upload_file(local, slice_uri)
     shutil.rmtree(scratch)
     return sizes
@@ -154,37 +158,40 @@ def run_merge(run: Run) -> dict:
     enc = run.stage_info("encode")
     storage.delete(run.path("manifest.json"))  # nothing is advertised while files change
     keys = [Shard(**s).key for s in shards]
-    ranges = enc["ranges"]
-    range_refs = {}
-    for method in METHODS:
-        layout = enc["layouts"][method]
-        range_refs[method] = [_merge_range.remote(
-            [storage.join(layout, f"range-{r:05d}", f"{k}.npz") for k in keys],
-            run.stage_path("merge", method, f"slice-{r:05d}.ivfdata")) for r in range(ranges)]
-    flat = wait_all([r for m in METHODS for r in range_refs[m]], "merge: list ranges")
-    sizes = {m: np.concatenate(flat[i * ranges:(i + 1) * ranges]) for i, m in enumerate(METHODS)}
+    ranges = ondisk.list_ranges(run.cfg.index.nlist, n_ranges(run))
     refs = []
-    for method, (trained, folder) in METHODS.items():
-        slices = [run.stage_path("merge", method, f"slice-{r:05d}.ivfdata")
-                  for r in range(ranges)]
-        refs.append(_stitch.remote(run.stage_path(*trained), slices, sizes[method],
-                                   run.path(folder)))
+    for method in METHODS:
+        uris = [storage.join(enc["layouts"][method], f"{k}.lists") for k in keys]
+        refs += [_merge_range.remote(uris, l0, l1, _slice_uri(run, method, r))
+                 for r, (l0, l1) in enumerate(ranges)]
+    flat = wait_all(refs, "merge: list ranges")
+    R = len(ranges)
+    sizes = {m: np.concatenate(flat[i * R:(i + 1) * R]) for i, m in enumerate(METHODS)}
+    refs = [_stitch.remote(run.stage_path(*trained), [_slice_uri(run, method, r)
+                                                      for r in range(R)],
+                           sizes[method], run.path(folder))
+            for method, (trained, folder) in METHODS.items()]
     results = dict(zip(METHODS, wait_all(refs, "merge: stitch")))
     n = run.stage_info("ingest")["n"]
     for m, r in results.items():
         assert r["ntotal"] == n, f"{m}: merged {r['ntotal']} vectors, the corpus has {n}"
     for method in METHODS:
         storage.delete(run.stage_path("merge", method))  # slices are copied into the index
-    log.info("merge: %d vectors per index, %d list ranges, published under %s", n, ranges,
+    log.info("merge: %d vectors per index, %d list ranges, published under %s", n, R,
              run.output)
-    return {m: {"folder": METHODS[m][1], **r} for m, r in results.items()}
+    return {**{m: {"folder": METHODS[m][1], **r} for m, r in results.items()}, "ranges": R}
+
+
+def _slice_uri(run: Run, method: str, r: int) -> str:
+    return run.stage_path("merge", method, f"slice-{r:05d}.ivfdata")
 
 
 def publish_manifest(run: Run, report_files: dict, stage_seconds: dict) -> dict:
     merged = run.stage_info("merge")
     ingest = run.stage_info("ingest")
     files = {}
-    for m, r in merged.items():
+    for m in METHODS:
+        r = merged[m]
         for name, meta in r["files"].items():
             files[f"{r['folder']}/{name}"] = meta
     files.update(report_files)
