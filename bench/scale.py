@@ -65,8 +65,8 @@ def rss_mb(pid: int | str) -> float:
 
 
 def ray_worker_pids() -> list[str]:
-    """Processes running Ray tasks and actors (their title starts with "ray::"), not Ray's
-    own daemons (dashboard, agents)."""
+    """Processes running Ray tasks and actors (their title starts with "ray::"), not idle
+    workers and not Ray's own daemons (dashboard, agents)."""
     out = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -76,7 +76,10 @@ def ray_worker_pids() -> list[str]:
                 title = f.read(64).decode(errors="replace")
         except OSError:
             continue
-        if title.startswith("ray::") and "Agent" not in title and "Dashboard" not in title:
+        # A worker's title names the task it runs; idle workers (ray::IDLE) keep whatever an
+        # earlier stage left on their heap and are not counted against this stage.
+        if title.startswith("ray::") and not any(w in title for w in ("IDLE", "Agent",
+                                                                      "Dashboard")):
             out.append(pid)
     return out
 

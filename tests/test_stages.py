@@ -135,3 +135,17 @@ def test_two_train_workers_match_one(prepared, tmp_path):
         build.extract_params(init.load_index(prepared.stage_path("init", "baseline.index")))
         ["codebooks"]))
     assert [h["steps"] for h in info2["history"]] == [h["steps"] for h in info1["history"]]
+
+
+def test_teacher_tree_merge_equals_brute_force(prepared, tmp_path, monkeypatch):
+    """With a fan-in of 2, the 4 shards' results merge in a two-level tree: same answer."""
+    monkeypatch.setattr(teacher, "MERGE_FANIN", 2)
+    ids, xb = corpus(prepared)
+    q = storage.load_npz(prepared.stage_path("ingest", "eval_queries.npz"))
+    out = teacher.distributed_topk(prepared, prepared.stage_info("ingest")["shards"], q["ids"],
+                                   q["x"], 10, True, str(tmp_path / "t"), "test")
+    got = teacher.load_parts(out["all"])
+    S, I, V = knn.block_topk(q["x"], xb, ids, 10, "ip", True)
+    np.testing.assert_array_equal(got["I"], I)
+    np.testing.assert_array_equal(got["V"], V)
+    np.testing.assert_array_equal(got["qids"], q["ids"])
