@@ -64,6 +64,7 @@ class TrainConfig:
     learn_pq: bool = True
     learn_rotation: bool = True
     val_fraction: float = 0.05  # queries held out (by id) for validation; kept in memory
+    max_val_queries: int = 5000  # cap on the held-out queries each worker keeps in memory
     shuffle_buffer: int = 16384  # rows in Ray Data's local shuffle buffer (0: file order)
     num_workers: int = 1
     use_gpu: bool = False

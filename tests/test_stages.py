@@ -149,3 +149,4 @@ def test_teacher_tree_merge_equals_brute_force(prepared, tmp_path, monkeypatch):
     np.testing.assert_array_equal(got["I"], I)
     np.testing.assert_array_equal(got["V"], V)
     np.testing.assert_array_equal(got["qids"], q["ids"])
+    assert len(teacher.load_parts(out["all"], limit=7)["qids"]) == 7

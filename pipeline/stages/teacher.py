@@ -173,11 +173,18 @@ def distributed_topk(run: Run, shards: list[dict], qids: np.ndarray, xq: np.ndar
     return out
 
 
-def load_parts(uris: list[str]) -> dict:
+def load_parts(uris: list[str], limit: int = 0) -> dict:
     """Concatenates teacher parts into numpy arrays (for query sets that fit in memory:
-    evaluation ground truth, the validation split)."""
-    tables = [pq.read_table(io.BytesIO(storage.read_bytes(u))) for u in uris]
-    return table_arrays(pa.concat_tables(tables))
+    evaluation ground truth, the validation split); with `limit`, its first rows only, and
+    no more parts are read than that takes."""
+    tables, rows = [], 0
+    for u in uris:
+        if limit and rows >= limit:
+            break
+        tables.append(pq.read_table(io.BytesIO(storage.read_bytes(u))))
+        rows += tables[-1].num_rows
+    table = pa.concat_tables(tables)
+    return table_arrays(table.slice(0, limit) if limit else table)
 
 
 def run(run: Run) -> dict:

@@ -143,7 +143,7 @@ def _worker_loop(config: dict) -> None:
     pool = storage.load_npz(run.stage_path("ingest", "sample.npz"))["x"]
     data = StreamData(ray.train.get_dataset_shard("teacher"), pool, teacher["rows"]["train"],
                       run.cfg.train.shuffle_buffer)
-    held = load_parts(teacher["val"])
+    held = load_parts(teacher["val"], run.cfg.train.max_val_queries)
     val = TrainData(held["xq"], held["V"], pool)
     params = build.extract_params(load_index(run.stage_path("init", "baseline.index")))
     ckpt_uri = run.stage_path("train", "checkpoint.pt")
