@@ -44,7 +44,8 @@ def recall_plot(rows: list[dict]) -> bytes:
         ax.set_xscale("log", base=2)
         ax.set(xlabel="nprobe", ylabel=label, title=f"{label} against nprobe")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     return _png(plt, fig)
 
 
