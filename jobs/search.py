@@ -70,9 +70,13 @@ def main(argv=None) -> int:
         storage.write_bytes(args.out, buf.getvalue().to_pybytes())
         print(f"wrote {n} x {k} results to {args.out}")
         return 0
-    for q, ids, scores in zip(qids, I, D):
-        hits = " ".join(f"{i}:{s:.4f}" for i, s in zip(ids, scores))
-        print(f"{q}\t{hits}")
+    try:
+        for q, ids, scores in zip(qids, I, D):
+            hits = " ".join(f"{i}:{s:.4f}" for i, s in zip(ids, scores))
+            print(f"{q}\t{hits}")
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader stopped early (`| head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
