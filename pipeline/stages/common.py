@@ -75,7 +75,6 @@ def wait_all(refs: list, what: str, every: float = 10.0) -> list:
     return ray.get(refs)
 
 
-
 def fault_point(name: str) -> None:
     """Fault injection for the fault tests: with PIPELINE_FAULT_KILL="name:DIR" in the
     environment, the first process to reach this point SIGKILLs itself (as the OOM killer or a
