@@ -31,8 +31,12 @@ class IndexConfig:
     nlist: int = 256
     M: int = 8  # sub-quantizers; bytes per vector = M * nbits / 8
     nbits: int = 8
-    opq: bool = True
+    opq: bool = True  # learn (and distil) an OPQ rotation in front of the PQ
     metric: str = "ip"  # "ip" (inner product) or "l2"
+    # "pq": product quantizer (IndexIVFPQ). "rq": residual/additive quantizer of M full-width
+    # codebooks (IndexIVFResidualQuantizer, KDindex's AQ student); needs opq: false.
+    quantizer: str = "pq"
+    rq_beam: int = 1  # RQ only: encoding beam width (1: greedy, as the student trains)
 
 
 @dataclass(frozen=True)
@@ -54,11 +58,25 @@ class TrainConfig:
     batch_size: int = 256  # global batch (queries), split across workers
     lr: float = 1e-3  # codebooks and centroids
     rotation_lr: float = 1e-4
+    # "kl": Distill-VQ's listwise KL over the candidates; "ranking": KDindex's ranking loss
+    # (the student keeps the teacher's order of the top-k, each above all ranked below it).
+    loss: str = "kl"
     temperature: float = 2.0  # relative to each query's teacher-score spread
-    negatives: int = 256  # random corpus negatives shared by a batch
+    negatives: int = 256  # corpus negatives shared by a batch (from the sample pool)
+    # "random": uniform over the pool; "ivf": pool vectors in the lists the batch's queries
+    # probe under the current centroids (Distill-VQ's IVF-aware hard negatives).
+    negative_sampler: str = "random"
+    ivf_negative_nprobe: int = 8  # lists per query that "ivf" negatives come from
     in_batch: bool = True  # also score the other queries' neighbours
     ivf_weight: float = 1.0  # weight of the Distill-VQ coarse (IVF) distillation term
     recon_weight: float = 0.0  # KDindex reconstruction term, relative to the warm-start error
+    # KDindex balance: cross-entropy of the soft list/codeword assignment of the pool negatives
+    # to its Sinkhorn-Knopp balanced plan, so that no list or codeword is left unused.
+    balance_weight: float = 0.0
+    sinkhorn_iters: int = 3
+    # InfoNCE on labeled (query, document) pairs; needs labels for the *training* queries
+    # (bench/quality.py --train-labels). 0: label-free distillation only.
+    contrastive_weight: float = 0.0
     soft_temperature: float = 0.1  # soft codeword assignment, relative to mean distance
     learn_ivf: bool = True
     learn_pq: bool = True
@@ -203,6 +221,21 @@ def validate(cfg: PipelineConfig) -> None:
             f"train.batch_size ({tr.batch_size}) must be divisible by train.num_workers "
             f"({tr.num_workers}) so that every worker gets an equal slice of the global batch"
         )
+    if ix.quantizer not in ("pq", "rq"):
+        raise ValueError(f"index.quantizer must be 'pq' or 'rq', got {ix.quantizer!r}")
+    if ix.quantizer == "rq" and ix.opq:
+        raise ValueError("index.quantizer=rq takes no OPQ rotation: set index.opq=false")
+    if ix.rq_beam < 1:
+        raise ValueError("index.rq_beam must be >= 1 (1 encodes greedily)")
+    if tr.loss not in ("kl", "ranking"):
+        raise ValueError(f"train.loss must be 'kl' or 'ranking', got {tr.loss!r}")
+    if tr.negative_sampler not in ("random", "ivf"):
+        raise ValueError(
+            f"train.negative_sampler must be 'random' or 'ivf', got {tr.negative_sampler!r}")
+    if tr.ivf_negative_nprobe < 1 or tr.sinkhorn_iters < 1:
+        raise ValueError("train.ivf_negative_nprobe and train.sinkhorn_iters must be >= 1")
+    if min(tr.balance_weight, tr.contrastive_weight, tr.recon_weight, tr.ivf_weight) < 0:
+        raise ValueError("train.*_weight values must be >= 0")
     if not 0 <= tr.val_fraction < 1:
         raise ValueError("train.val_fraction must be in [0, 1)")
     if any(p < 1 for p in cfg.eval.nprobe):

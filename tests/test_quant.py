@@ -1,4 +1,5 @@
 """The student model and the training kernel, checked against faiss and against themselves."""
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -6,8 +7,9 @@ import torch
 from pipeline.config import IndexConfig, TrainConfig
 from pipeline.index import build, knn, ondisk
 from pipeline.quant import train as T
-from pipeline.quant.losses import listwise_kl, relative_tau
-from pipeline.quant.model import IVFPQStudent
+from pipeline.quant.losses import (contrastive, listwise_kl, ranking_loss, relative_tau,
+                                    sinkhorn_balance, sinkhorn_plan)
+from pipeline.quant.model import Student
 
 from .conftest import normalized
 
@@ -23,7 +25,7 @@ def setup():
 
 def test_student_reconstructs_like_faiss(setup):
     xb, xq, trained, _ = setup
-    model = IVFPQStudent(build.extract_params(trained), "ip")
+    model = Student(build.extract_params(trained), "ip")
     index = ondisk.encode_shard(trained, np.arange(len(xb)), xb)
     build.set_nprobe(index, 16)
     D, I = index.search(xq[:20], 5)
@@ -37,7 +39,7 @@ def test_student_reconstructs_like_faiss(setup):
 def test_rotation_stays_orthogonal_and_loss_falls(setup):
     xb, xq, trained, V = setup
     cfg = TrainConfig(batch_size=50, negatives=64, rotation_lr=1e-2, epochs=3)
-    model = IVFPQStudent(build.extract_params(trained), "ip")
+    model = Student(build.extract_params(trained), "ip")
     opt = T.make_optimizer(model, cfg)
     data = T.TrainData(xq, V, xb[:2000])
     losses = [T.train_epoch(model, opt, data, cfg, e)["loss"] for e in range(cfg.epochs)]
@@ -60,18 +62,132 @@ def test_data_parallel_gradients_sum_to_the_global_batch(setup):
     xb, xq, trained, V = setup
     cfg = TrainConfig(batch_size=64, negatives=32, in_batch=False)
     params = build.extract_params(trained)
-    neg = torch.as_tensor(T._negatives(xb[:1000], 32, 0, 0, 0))
+    neg = torch.as_tensor(xb[np.random.default_rng(0).choice(1000, 32, replace=False)])
 
     def summed_grads(world):
         per_rank = []
         for r in range(world):
-            model = IVFPQStudent(params, "ip")
+            model = Student(params, "ip")
             idx = np.arange(r * 64 // world, (r + 1) * 64 // world)
             q, pos = torch.as_tensor(xq[idx]), torch.as_tensor(V[idx].astype(np.float32))
-            a, b, c = T.batch_loss(model, q, pos, neg, cfg, in_batch=False)
-            ((a + b + 0.5 * c) / cfg.batch_size).backward()
+            parts = T.batch_loss(model, q, pos, neg, cfg, in_batch=False)
+            ((parts["pq"] + parts["ivf"] + 0.5 * parts["recon"]) / cfg.batch_size).backward()
             per_rank.append([p.grad for p in model.parameters() if p.requires_grad])
         return [sum(gs) for gs in zip(*per_rank)]
 
     for g1, g2 in zip(summed_grads(1), summed_grads(2)):
         np.testing.assert_allclose(g1.numpy(), g2.numpy(), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("nlist", [16, 0])
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_rq_student_scores_like_the_exported_faiss_index(setup, nlist, metric):
+    """The residual (AQ) student's hard forward is what faiss's IndexIVFResidualQuantizer /
+    IndexResidualQuantizer, built from the exported codebooks, encodes and scores."""
+    xb, xq, _, _ = setup
+    icfg = IndexConfig(nlist=nlist, M=3, nbits=5, opq=False, quantizer="rq", metric=metric)
+    trained = build.train_baseline(xb[:3000], icfg, niter=5)
+    params = build.extract_params(trained)
+    assert params["codebooks"].shape == (3, 32, 32) and "rq_beam" in params
+    model = Student(params, metric)
+    index = build.index_from_params(model.export(), metric)
+    assert type(index).__name__ == ("IndexIVFResidualQuantizer" if nlist
+                                     else "IndexResidualQuantizer")
+    index.add(xb)
+    build.set_nprobe(index, max(nlist, 1))
+    D, I = index.search(xq[:20], 5)
+    with torch.no_grad():
+        c, r, codes = model.quantize(torch.as_tensor(xb))
+        s = model.score(torch.as_tensor(xq[:20]), c + r).numpy()
+    want = D if metric == "ip" else -D  # faiss gives L2 as a distance, the student a score
+    np.testing.assert_allclose(np.take_along_axis(s, I, 1), want, rtol=1e-4, atol=1e-4)
+    # and the faiss baseline encodes exactly as the student does (greedy, beam 1)
+    base = faiss.clone_index(trained)
+    base.add(xb)
+    build.set_nprobe(base, max(nlist, 1))
+    np.testing.assert_array_equal(base.search(xq[:20], 5)[1], I)
+
+
+def test_rq_student_learns_and_exports_the_learned_codebooks(setup):
+    xb, xq, _, V = setup
+    icfg = IndexConfig(nlist=16, M=3, nbits=5, opq=False, quantizer="rq")
+    params = build.extract_params(build.train_baseline(xb[:3000], icfg, niter=5))
+    cfg = TrainConfig(batch_size=50, negatives=64, epochs=2, loss="ranking",
+                      balance_weight=0.1)
+    model = Student(params, "ip")
+    opt = T.make_optimizer(model, cfg)
+    data = T.TrainData(xq, V, xb[:2000])
+    losses = [T.train_epoch(model, opt, data, cfg, e)["loss_pq"] for e in range(2)]
+    assert losses[-1] < losses[0]
+    out = model.export()
+    assert not np.allclose(out["codebooks"], params["codebooks"])
+    index = build.index_from_params(out, "ip")
+    got = faiss.vector_to_array(build.ivfpq_of(index).rq.codebooks)
+    np.testing.assert_array_equal(got, out["codebooks"].ravel())
+
+
+def test_ranking_loss_prefers_the_teacher_order():
+    t = torch.tensor([[4.0, 3.0, 2.0, 1.0, -torch.inf]])
+    tau = torch.ones(1, 1)
+    same = ranking_loss(t, torch.tensor([[4.0, 3.0, 2.0, 1.0, 9.0]]), tau, 3)
+    swapped = ranking_loss(t, torch.tensor([[3.0, 4.0, 2.0, 1.0, 9.0]]), tau, 3)
+    sharper = ranking_loss(t, torch.tensor([[40.0, 30.0, 20.0, 10.0, 9.0]]), tau, 3)
+    assert sharper < same < swapped  # the ignored candidate (9.0) plays no part
+    assert sharper.item() == pytest.approx(0, abs=1e-3)
+    # by hand: position 0: logsumexp(4,3,2,1) - 4, and so on
+    hand = sum(torch.logsumexp(torch.tensor([4.0, 3.0, 2.0, 1.0])[i:], 0) - (4.0 - i)
+               for i in range(3))
+    assert same.item() == pytest.approx(hand.item(), rel=1e-5)
+
+
+def test_sinkhorn_plan_balances_codewords():
+    logits = torch.randn(600, 8) + torch.tensor([5.0, 0, 0, 0, 0, 0, 0, 0])  # codeword 0 wins
+    plan = sinkhorn_plan(logits, 50)
+    np.testing.assert_allclose(plan.sum(1).numpy(), 1, rtol=1e-4)
+    np.testing.assert_allclose(plan.sum(0).numpy(), 600 / 8, rtol=1e-2)
+    assert torch.softmax(logits, 1).sum(0)[0] > 300  # unbalanced before
+    # the balance term pushes mass off the crowded codeword
+    lg = logits.clone().requires_grad_(True)
+    sinkhorn_balance(lg, 10).backward()
+    assert lg.grad[:, 0].sum() > 0
+
+
+def test_contrastive_term_rewards_the_labeled_document():
+    cand = torch.tensor([[1.0, 0.5, 0.0]])
+    tau = torch.ones(1, 1)
+    assert contrastive(torch.tensor([3.0]), cand, tau) < contrastive(torch.tensor([0.0]), cand,
+                                                                      tau)
+    # and through the kernel: labeled vectors add a term only when its weight is > 0
+    rng = np.random.default_rng(0)
+    params = {"centroids": normalized(rng, 4, 8), "codebooks": rng.standard_normal(
+        (2, 16, 4)).astype(np.float32)}
+    q, pos = torch.as_tensor(normalized(rng, 6, 8)), torch.as_tensor(
+        normalized(rng, 18, 8).reshape(6, 3, 8))
+    lab, neg = pos[:, 0].clone(), torch.as_tensor(normalized(rng, 10, 8))
+    off = T.batch_loss(Student(params), q, pos, neg, TrainConfig(), True, lab)
+    on = T.batch_loss(Student(params), q, pos, neg, TrainConfig(contrastive_weight=1.0), True,
+                      lab)
+    assert off["contrastive"].item() == 0 and on["contrastive"].item() > 0
+    assert on["pq"].item() == pytest.approx(off["pq"].item())
+
+
+def test_ivf_negatives_come_from_the_probed_lists(setup):
+    xb, xq, trained, _ = setup
+    model = Student(build.extract_params(trained), "ip")
+    pool = xb[:3000]
+    cfg = TrainConfig(negatives=100, negative_sampler="ivf", ivf_negative_nprobe=1)
+    sampler = T.NegativeSampler(pool, cfg)
+    sampler.start_epoch(model, "cpu")
+    batch = xq[:4]
+    neg = sampler.draw(model, batch, 0, 0, "cpu")
+    again = sampler.draw(model, batch, 0, 0, "cpu")
+    np.testing.assert_array_equal(neg, again)  # every worker draws the same
+    with torch.no_grad():
+        probed = set(model.assign(model.rotate(torch.as_tensor(batch))).tolist())
+        got = model.assign(model.rotate(torch.as_tensor(neg))).tolist()
+    near = int(np.isin(sampler.lists, list(probed)).sum())
+    assert sum(g in probed for g in got) == min(100, near)
+    rand = T.NegativeSampler(pool, TrainConfig(negatives=100)).draw(model, batch, 0, 0, "cpu")
+    with torch.no_grad():
+        got_r = model.assign(model.rotate(torch.as_tensor(rand))).tolist()
+    assert sum(g in probed for g in got_r) < sum(g in probed for g in got)

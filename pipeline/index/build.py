@@ -3,8 +3,10 @@
 Parameters are a dict of numpy arrays:
   rotation  (d, d) float32 or absent: x_rot = x @ rotation.T (faiss OPQMatrix.A)
   centroids (nlist, d) float32, in the rotated space
-  codebooks (M, ksub, dsub) float32: PQ of the residual x_rot - centroid
-  flat      present for a plain PQ/OPQ index (no IVF): one zero centroid stands in for it
+  codebooks (M, ksub, dsub) float32: PQ of the residual x_rot - centroid, or, with rq_beam,
+            (M, ksub, d): a residual quantizer (faiss ResidualQuantizer) of that residual
+  rq_beam   present for RQ: the encoding beam width
+  flat      present for a plain PQ/OPQ/RQ index (no IVF): one zero centroid stands in for it
 
 IndexConfig.nlist == 0 asks for that flat PQ/OPQ structure (benchmarks; the pipeline's on-disk
 index always has IVF).
@@ -23,7 +25,7 @@ def faiss_metric(metric: str) -> int:
 
 def check_shape(cfg: IndexConfig, d: int, n_train: int) -> None:
     """User-facing checks that need the data's dimension and the training sample size."""
-    if d % cfg.M:
+    if cfg.quantizer == "pq" and d % cfg.M:
         divisors = [m for m in range(1, d + 1) if d % m == 0 and m <= 64]
         raise ValueError(
             f"index.M={cfg.M} does not divide the dimension d={d}; choose one of {divisors}"
@@ -36,27 +38,34 @@ def check_shape(cfg: IndexConfig, d: int, n_train: int) -> None:
         )
 
 
-def ivfpq_of(index) -> faiss.IndexIVFPQ:
-    """The IndexIVFPQ inside `index` (which may sit behind a pre-transform)."""
+def ivfpq_of(index):
+    """The IndexIVFPQ or IndexIVFResidualQuantizer inside `index` (which may sit behind a
+    pre-transform)."""
     return faiss.downcast_index(faiss.extract_index_ivf(index))
+
+
+def _codec(cfg: IndexConfig) -> str:
+    return f"{'RQ' if cfg.quantizer == 'rq' else 'PQ'}{cfg.M}x{cfg.nbits}"
 
 
 def train_baseline(xt: np.ndarray, cfg: IndexConfig, niter: int = 20, seed: int = 0):
     """faiss's own k-means IVF + PQ (+ OPQ) trained on xt: the baseline and the warm start."""
     d = xt.shape[1]
-    key = f"PQ{cfg.M}x{cfg.nbits}"
+    key = _codec(cfg)
     if cfg.nlist:
         key = f"IVF{cfg.nlist},{key}"
     if cfg.opq:
         key = f"OPQ{cfg.M},{key}"
     index = faiss.index_factory(d, key, faiss_metric(cfg.metric))
+    codec = ivfpq_of(index) if cfg.nlist else faiss.downcast_index(_inner(index))
     if cfg.nlist:
-        ivf = ivfpq_of(index)
-        ivf.cp.niter = niter
-        ivf.cp.seed = seed
-        ivf.pq.cp.seed = seed
+        codec.cp.niter = niter
+        codec.cp.seed = seed
+    if cfg.quantizer == "rq":
+        codec.rq.max_beam_size = cfg.rq_beam
+        codec.rq.cp.seed = seed
     else:
-        faiss.downcast_index(_inner(index)).pq.cp.seed = seed
+        codec.pq.cp.seed = seed
     index.train(np.ascontiguousarray(xt, dtype=np.float32))
     return index
 
@@ -67,16 +76,23 @@ def _inner(index):
 
 def extract_params(index) -> dict:
     inner = faiss.downcast_index(_inner(index))
-    if isinstance(inner, faiss.IndexPQ):
-        pq = inner.pq
+    if isinstance(inner, (faiss.IndexPQ, faiss.IndexResidualQuantizer)):
+        codec = inner
         params = {"centroids": np.zeros((1, inner.d), np.float32), "flat": np.array(1)}
     else:
-        ivf = ivfpq_of(index)
-        pq = ivf.pq
-        quantizer = faiss.downcast_index(ivf.quantizer)
-        params = {"centroids": quantizer.reconstruct_n(0, ivf.nlist).astype(np.float32)}
-    params["codebooks"] = faiss.vector_to_array(pq.centroids) \
-        .reshape(pq.M, pq.ksub, pq.dsub).astype(np.float32)
+        codec = ivfpq_of(index)
+        quantizer = faiss.downcast_index(codec.quantizer)
+        params = {"centroids": quantizer.reconstruct_n(0, codec.nlist).astype(np.float32)}
+    if hasattr(codec, "rq"):
+        rq = codec.rq
+        ksub = 1 << rq.nbits.at(0)
+        params["codebooks"] = faiss.vector_to_array(rq.codebooks) \
+            .reshape(rq.M, ksub, rq.d).astype(np.float32)
+        params["rq_beam"] = np.array(rq.max_beam_size)
+    else:
+        pq = codec.pq
+        params["codebooks"] = faiss.vector_to_array(pq.centroids) \
+            .reshape(pq.M, pq.ksub, pq.dsub).astype(np.float32)
     if isinstance(index, faiss.IndexPreTransform):
         lt = faiss.downcast_VectorTransform(index.chain.at(0))
         params["rotation"] = faiss.vector_to_array(lt.A).reshape(lt.d_out, lt.d_in)
@@ -84,20 +100,25 @@ def extract_params(index) -> dict:
 
 
 def index_from_params(params: dict, metric: str):
-    """A trained, empty IndexIVFPQ (behind an OPQMatrix if a rotation is given)."""
+    """A trained, empty IndexIVFPQ or IndexIVFResidualQuantizer (or their flat forms) behind
+    an OPQMatrix if a rotation is given."""
     C, B = params["centroids"], params["codebooks"]
     nlist, d = C.shape
     M, ksub, dsub = B.shape
-    assert M * dsub == d, "codebooks must tile the dimension"
     nbits = int(np.log2(ksub))
     codebooks = np.ascontiguousarray(B, dtype=np.float32).ravel()
-    if "flat" in params:
+    if "rq_beam" in params:
+        assert dsub == d, "RQ codebooks span the whole dimension"
+        ivf = _rq_index(C, codebooks, M, nbits, int(params["rq_beam"]), metric,
+                        "flat" in params)
+    elif "flat" in params:
+        assert M * dsub == d, "codebooks must tile the dimension"
         ivf = faiss.IndexPQ(d, M, nbits, faiss_metric(metric))
         faiss.copy_array_to_vector(codebooks, ivf.pq.centroids)
         ivf.is_trained = True
     else:
-        quantizer = faiss.IndexFlatIP(d) if metric == "ip" else faiss.IndexFlatL2(d)
-        quantizer.add(np.ascontiguousarray(C, dtype=np.float32))
+        assert M * dsub == d, "codebooks must tile the dimension"
+        quantizer = _flat_quantizer(C, metric)
         ivf = faiss.IndexIVFPQ(quantizer, d, nlist, M, nbits, faiss_metric(metric))
         faiss.copy_array_to_vector(codebooks, ivf.pq.centroids)
         ivf.is_trained = True
@@ -116,6 +137,36 @@ def index_from_params(params: dict, metric: str):
     return index
 
 
+def _flat_quantizer(C: np.ndarray, metric: str):
+    quantizer = faiss.IndexFlatIP(C.shape[1]) if metric == "ip" else faiss.IndexFlatL2(C.shape[1])
+    quantizer.add(np.ascontiguousarray(C, dtype=np.float32))
+    return quantizer
+
+
+def _rq_index(C: np.ndarray, codebooks: np.ndarray, M: int, nbits: int, beam: int,
+              metric: str, flat: bool):
+    """IndexResidualQuantizer / IndexIVFResidualQuantizer with the given codebooks, searched
+    as faiss's factory sets them up (look-up tables for ip, decoding for l2: no norm bytes)."""
+    d = C.shape[1]
+    search = faiss.AdditiveQuantizer.ST_LUT_nonorm if metric == "ip" \
+        else faiss.AdditiveQuantizer.ST_decompress
+    if flat:
+        index = faiss.IndexResidualQuantizer(d, M, nbits, faiss_metric(metric), search)
+    else:
+        quantizer = _flat_quantizer(C, metric)
+        index = faiss.IndexIVFResidualQuantizer(quantizer, d, C.shape[0], M, nbits,
+                                                faiss_metric(metric), search)
+        index.own_fields = True
+        quantizer.this.disown()
+    rq = index.rq
+    faiss.copy_array_to_vector(codebooks, rq.codebooks)
+    rq.max_beam_size = beam
+    rq.is_trained = True
+    rq.compute_codebook_tables()
+    index.is_trained = True
+    return index
+
+
 def opq_matrix(rotation: np.ndarray, M: int) -> faiss.OPQMatrix:
     """A trained OPQMatrix applying x @ rotation.T."""
     opq = faiss.OPQMatrix(rotation.shape[1], M)
@@ -126,7 +177,8 @@ def opq_matrix(rotation: np.ndarray, M: int) -> faiss.OPQMatrix:
 
 def set_nprobe(index, nprobe: int) -> None:
     """Sets nprobe on an IVF index; a flat PQ index has no lists and ignores it."""
-    if not isinstance(faiss.downcast_index(_inner(index)), faiss.IndexPQ):
+    if not isinstance(faiss.downcast_index(_inner(index)),
+                      (faiss.IndexPQ, faiss.IndexResidualQuantizer)):
         faiss.extract_index_ivf(index).nprobe = nprobe
 
 

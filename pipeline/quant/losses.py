@@ -1,6 +1,7 @@
 """Distillation objectives over a per-query candidate list (teacher scores vs student scores)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -31,3 +32,51 @@ def relative_tau(teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     mean = t.sum(1, keepdim=True) / n
     var = (torch.where(valid, (t - mean) ** 2, torch.zeros_like(t))).sum(1, keepdim=True) / n
     return (temperature * var.sqrt()).clamp_min(1e-6).detach()
+
+
+def ranking_loss(teacher: torch.Tensor, student: torch.Tensor, tau: torch.Tensor,
+                 top: int) -> torch.Tensor:
+    """KDindex's ranking-oriented distillation, summed over queries: the student keeps the
+    teacher's order of its `top` best candidates, each above everything the teacher ranks
+    below it (a Plackett-Luce likelihood of the teacher's top of the list).
+
+    For teacher order pi: sum over i < top of  logsumexp_{j >= i} s_pi(j) / tau - s_pi(i) / tau.
+    teacher, student: (nq, L), -inf marks a candidate to ignore; tau: (nq, 1) > 0.
+    """
+    order = teacher.argsort(1, descending=True)  # -inf (ignored) candidates sort last
+    valid = torch.isfinite(teacher.gather(1, order))
+    s = (student / tau).gather(1, order)
+    s = torch.where(valid, s, torch.full_like(s, -torch.inf))
+    rest = torch.logcumsumexp(s.flip(1), 1).flip(1)  # logsumexp of positions >= i
+    top = min(top, s.shape[1])
+    terms = torch.where(valid[:, :top], rest[:, :top] - s[:, :top],
+                        torch.zeros_like(s[:, :top]))
+    return terms.sum()
+
+
+def contrastive(student_pos: torch.Tensor, student: torch.Tensor,
+                tau: torch.Tensor) -> torch.Tensor:
+    """InfoNCE against labels, summed over queries: -log softmax of each query's labeled
+    document (student_pos (nq,)) among itself and its candidates (student (nq, L), -inf
+    ignored)."""
+    logits = torch.cat([student_pos[:, None], student], 1) / tau
+    return -(torch.log_softmax(logits, 1)[:, 0]).sum()
+
+
+@torch.no_grad()
+def sinkhorn_plan(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """Sinkhorn-Knopp: the soft assignment closest to softmax(logits) (n, K) whose rows sum
+    to 1 and whose columns each sum to n / K, i.e. every codeword gets an equal share."""
+    n, K = logits.shape
+    log_q = logits.float() - logits.float().max()
+    for _ in range(iters):
+        log_q = log_q - torch.logsumexp(log_q, 0, keepdim=True) + float(np.log(n / K))
+        log_q = log_q - torch.logsumexp(log_q, 1, keepdim=True)
+    return log_q.exp()
+
+
+def sinkhorn_balance(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """Mean cross-entropy of softmax(logits) to its balanced Sinkhorn plan: pulls vectors
+    toward codewords that the batch leaves under-used."""
+    plan = sinkhorn_plan(logits, iters)
+    return -(plan * torch.log_softmax(logits, 1)).sum(1).mean()

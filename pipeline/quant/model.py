@@ -1,8 +1,12 @@
-"""The student: a differentiable IVF-PQ (optionally behind a learned orthogonal rotation).
+"""The student: a differentiable IVF + PQ or IVF + RQ (additive) quantizer, optionally behind a
+learned orthogonal rotation.
 
 Knows nothing of distribution or devices: the caller moves it and reduces its gradients.
 
-Shapes: d dimension, nlist coarse centroids, M sub-quantizers of ksub codewords, dsub = d / M.
+Shapes: d dimension, nlist coarse centroids, M sub-quantizers of ksub codewords.
+- PQ: codebooks (M, ksub, d / M); sub-vector m of the residual picks a codeword of book m.
+- RQ: codebooks (M, ksub, d); stage m quantizes what stages < m left over, greedily (faiss's
+  ResidualQuantizer with a beam of 1), and the reconstruction is the sum of the M codewords.
 Rotation convention matches faiss's OPQMatrix: x_rot = x @ R.T.
 """
 from __future__ import annotations
@@ -11,8 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.quant.losses import sinkhorn_balance
 
-class IVFPQStudent(nn.Module):
+
+class Student(nn.Module):
     def __init__(self, params: dict, metric: str = "ip", learn_ivf: bool = True,
                  learn_pq: bool = True, learn_rotation: bool = True,
                  soft_temperature: float = 0.1):
@@ -22,7 +28,9 @@ class IVFPQStudent(nn.Module):
         self.soft_temperature = soft_temperature
         C = torch.as_tensor(np.asarray(params["centroids"], dtype=np.float32))
         B = torch.as_tensor(np.asarray(params["codebooks"], dtype=np.float32))
-        # A flat PQ/OPQ student has one zero centroid that never moves.
+        self.residual = "rq_beam" in params
+        self.rq_beam = int(params["rq_beam"]) if self.residual else 0
+        # A flat PQ/OPQ/RQ student has one zero centroid that never moves.
         self.flat = "flat" in params
         self.centroids = nn.Parameter(C.clone(), requires_grad=learn_ivf and not self.flat)
         self.codebooks = nn.Parameter(B.clone(), requires_grad=learn_pq)
@@ -55,44 +63,87 @@ class IVFPQStudent(nn.Module):
             return x
         return x @ (self.rotation() if R is None else R).T
 
+    def coarse_scores(self, x_rot: torch.Tensor) -> torch.Tensor:
+        """Score of each vector for each list, higher is closer, as faiss's flat quantizer
+        ranks them: (n, nlist)."""
+        C = self.centroids
+        if self.metric == "ip":
+            return x_rot @ C.T
+        return 2 * x_rot @ C.T - (C * C).sum(1)[None]
+
     def assign(self, x_rot: torch.Tensor) -> torch.Tensor:
-        """Coarse list of each vector, as faiss's flat quantizer picks it: (n,) int64."""
+        """Coarse list of each vector: (n,) int64."""
         with torch.no_grad():
-            C = self.centroids
-            if self.metric == "ip":
-                return (x_rot @ C.T).argmax(1)
-            return ((C * C).sum(1)[None] - 2 * x_rot @ C.T).argmin(1)
+            return self.coarse_scores(x_rot).argmax(1)
 
-    def _codeword_distances(self, r: torch.Tensor) -> torch.Tensor:
-        """Squared L2 distances of residual sub-vectors to codewords: (n, M, ksub).
+    def _pick(self, dist: torch.Tensor, book: torch.Tensor):
+        """Hard codewords for squared distances dist (n, ksub) to book (ksub, k): the forward
+        value, with a straight-through soft assignment for the gradient, plus codes and
+        the soft assignment's logits (for balancing)."""
+        codes = dist.argmin(-1)
+        hard = book[codes]
+        scale = dist.detach().mean(-1, keepdim=True).clamp_min(1e-12)
+        logits = -dist / (max(self.soft_temperature, 1e-6) * scale)
+        if self.soft_temperature > 0:
+            soft = torch.softmax(logits, dim=-1) @ book
+            hard = hard + soft - soft.detach()
+        return hard, codes, logits
 
-        The expanded form ||r||^2 - 2 r.c + ||c||^2 avoids an (n, M, ksub, dsub) tensor.
-        """
-        B = self.codebooks
-        rm = r.view(r.shape[0], self.M, -1)
-        cross = torch.einsum("nmd,mkd->nmk", rm, B)
-        return (rm * rm).sum(-1, keepdim=True) - 2 * cross + (B * B).sum(-1)[None]
-
-    def quantize(self, x_rot: torch.Tensor):
-        """(coarse centroid (n, d), quantized residual (n, d), codes (n, M)).
+    def quantize(self, x_rot: torch.Tensor, with_logits: bool = False):
+        """(coarse centroid (n, d), quantized residual (n, d), codes (n, M)) and, with
+        `with_logits`, the soft-assignment logits of every sub-quantizer [(n, ksub)] * M.
 
         Forward values are the hard (faiss) reconstruction. Gradients reach the chosen
         codewords directly and, through a straight-through soft assignment, the residual.
+        Distances to codewords use the expanded form ||r||^2 - 2 r.c + ||c||^2: no
+        (n, ksub, dsub) tensor is built.
         """
         lists = self.assign(x_rot)
         c = self.centroids[lists]
         r = x_rot - c
-        dist = self._codeword_distances(r)
-        codes = dist.argmin(-1)
         B = self.codebooks
-        m_idx = torch.arange(self.M, device=r.device)[None, :]
-        hard = B[m_idx, codes]  # (n, M, dsub)
-        if self.soft_temperature > 0:
+        parts, codes, logits = [], [], []
+        if self.residual:
+            left = r
+            for m in range(self.M):
+                dist = ((left * left).sum(1, keepdim=True) - 2 * left @ B[m].T
+                        + (B[m] * B[m]).sum(1)[None])
+                hard, code, logit = self._pick(dist, B[m])
+                left = left - hard
+                parts.append(hard)
+                codes.append(code)
+                logits.append(logit)
+            r_hat = torch.stack(parts, 0).sum(0)
+        else:  # all sub-quantizers at once: (n, M, ksub) distances
+            rm = r.view(r.shape[0], self.M, -1)
+            dist = ((rm * rm).sum(-1, keepdim=True) - 2 * torch.einsum("nmd,mkd->nmk", rm, B)
+                    + (B * B).sum(-1)[None])
+            code = dist.argmin(-1)
+            hard = B[torch.arange(self.M, device=r.device)[None, :], code]  # (n, M, dsub)
             scale = dist.detach().mean(-1, keepdim=True).clamp_min(1e-12)
-            p = torch.softmax(-dist / (self.soft_temperature * scale), dim=-1)
-            soft = torch.einsum("nmk,mkd->nmd", p, B)
-            hard = hard + soft - soft.detach()
-        return c, hard.reshape(r.shape), codes
+            logit = -dist / (max(self.soft_temperature, 1e-6) * scale)
+            if self.soft_temperature > 0:
+                soft = torch.einsum("nmk,mkd->nmd", torch.softmax(logit, -1), B)
+                hard = hard + soft - soft.detach()
+            r_hat = hard.reshape(r.shape)
+            codes, logits = list(code.unbind(1)), list(logit.unbind(1))
+        out = (c, r_hat, torch.stack(codes, 1))
+        return out + (logits,) if with_logits else out
+
+    def balance_loss(self, x_rot: torch.Tensor, logits: list[torch.Tensor], iters: int,
+                     coarse_temperature: float) -> torch.Tensor:
+        """KDindex's balance term, summed over vectors: cross-entropy of each soft assignment
+        (the coarse lists when they are learned, and every sub-quantizer's codewords) to its
+        Sinkhorn-Knopp balanced transport plan, which uses every list and codeword equally."""
+        terms = [sinkhorn_balance(lg, iters) for lg in logits] if self.codebooks.requires_grad \
+            else []
+        if self.centroids.requires_grad:
+            s = self.coarse_scores(x_rot)
+            spread = s.detach().std(1, keepdim=True).clamp_min(1e-12)
+            terms.append(sinkhorn_balance(s / (coarse_temperature * spread), iters))
+        if not terms:
+            return torch.zeros((), device=x_rot.device)
+        return torch.stack(terms).sum() / len(terms)
 
     def score(self, q_rot: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
         """Similarity (higher is better) of every query to every reconstruction: (nq, n)."""
@@ -110,6 +161,9 @@ class IVFPQStudent(nn.Module):
             }
             if self.flat:
                 out["flat"] = np.array(1)
+            if self.residual:
+                out["rq_beam"] = np.array(self.rq_beam)
             if self.has_rotation:
                 out["rotation"] = self.rotation().detach().cpu().numpy().astype(np.float32)
         return out
+

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.quant.losses import listwise_kl, relative_tau
-from pipeline.quant.model import IVFPQStudent
+from pipeline.quant.losses import contrastive, listwise_kl, ranking_loss, relative_tau
+from pipeline.quant.model import Student
 
 
 @dataclass
@@ -25,16 +25,19 @@ class TrainData:
     xq: np.ndarray  # (n, d) float32 training queries
     pos: np.ndarray  # (n, K, d) float16/32 teacher top-K neighbour vectors
     pool: np.ndarray  # (P, d) float32 random corpus vectors for negatives
+    labeled: np.ndarray | None = None  # (n, d) each query's labeled document (contrastive)
 
     def steps(self, batch_size: int) -> int:
         return len(self.xq) // batch_size  # the ragged tail is dropped
 
     def batches(self, batch_size: int, seed: int, epoch: int):
-        """Global batches (xq (B, d), pos (B, K, d)) in a seeded order, full batches only."""
+        """Global batches (xq (B, d), pos (B, K, d), labeled (B, d) or None) in a seeded
+        order, full batches only."""
         order = np.random.default_rng([seed, epoch]).permutation(len(self.xq))
         for step in range(self.steps(batch_size)):
             idx = np.sort(order[step * batch_size:(step + 1) * batch_size])
-            yield self.xq[idx], self.pos[idx]
+            yield self.xq[idx], self.pos[idx], \
+                None if self.labeled is None else self.labeled[idx]
 
 
 def exact_scores(q: torch.Tensor, x: torch.Tensor, metric: str) -> torch.Tensor:
@@ -46,59 +49,82 @@ def exact_scores(q: torch.Tensor, x: torch.Tensor, metric: str) -> torch.Tensor:
     return s if metric == "ip" else 2 * s - (x * x).sum(1)[None] - (q * q).sum(1)[:, None]
 
 
-def batch_loss(model: IVFPQStudent, q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
-               cfg: TrainConfig, in_batch: bool):
-    """Loss sums (pq part, ivf part, reconstruction part) for a local batch.
+LOSS_TERMS = ("pq", "ivf", "recon", "balance", "contrastive")
 
-    q (b, d); pos (b, K, d) each query's teacher neighbours; neg (N, d) shared negatives.
-    Candidates of query i: its K neighbours, the shared negatives, and (in_batch) the other
-    queries' neighbours.
+
+def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
+               cfg: TrainConfig, in_batch: bool,
+               labeled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Loss sums over a local batch, one per term of LOSS_TERMS.
+
+    q (b, d); pos (b, K, d) each query's teacher neighbours, best first; neg (N, d) shared
+    negatives; labeled (b, d) each query's labeled document, or None. Candidates of query i:
+    its K neighbours, the shared negatives, and (in_batch) the other queries' neighbours.
+    Every document is rotated and quantized once.
     """
     b, K, d = pos.shape
-    shared = neg
-    if in_batch and b > 1:
-        shared = torch.cat([neg, pos.reshape(b * K, d)], 0)
+    N = len(neg)
     R = model.rotation() if model.has_rotation else None
     q_rot = model.rotate(q, R)
-    docs = torch.cat([pos.reshape(b * K, d), shared], 0)
+    docs = torch.cat([pos.reshape(b * K, d), neg] + ([labeled] if labeled is not None else []))
     docs_rot = model.rotate(docs, R)
-    c, r_hat, _ = model.quantize(docs_rot)
+    balance = cfg.balance_weight > 0
+    c, r_hat, _, *rest = model.quantize(docs_rot, with_logits=balance)
     x_hat = c + r_hat
+    zero = torch.zeros((), device=q.device)
+    out = dict.fromkeys(LOSS_TERMS, zero)
     # Squared reconstruction error as a sum over local queries (its neighbours' mean plus the
     # shared negatives' mean), so that, like the KL sums, workers' parts add up exactly.
     err = ((docs_rot - x_hat) ** 2).sum(1)
-    loss_recon = err[:b * K].sum() / K
-    if len(neg):
-        loss_recon = loss_recon + b * err[b * K:b * K + len(neg)].mean()
+    out["recon"] = err[:b * K].sum() / K + (b * err[b * K:b * K + N].mean() if N else zero)
+    if balance:  # on the pool negatives (the corpus's distribution) when there are any
+        rows = slice(b * K, b * K + N) if N else slice(0, b * K)
+        out["balance"] = b * model.balance_loss(
+            docs_rot[rows], [lg[rows] for lg in rest[0]], cfg.sinkhorn_iters,
+            model.soft_temperature)
 
-    def candidate_scores(fn_pos, fn_shared):
-        s = torch.cat([fn_pos, fn_shared], 1)
-        if in_batch and b > 1:  # a query's own neighbours must not reappear as negatives
-            own = torch.zeros(b, s.shape[1], dtype=torch.bool, device=s.device)
-            own[:, K + len(neg):] = torch.eye(b, dtype=torch.bool, device=s.device)\
-                .repeat_interleave(K, dim=1)
-            s = s.masked_fill(own, -torch.inf)
-        return s
+    own = None
+    if in_batch and b > 1:  # a query's own neighbours must not reappear as negatives
+        own = torch.zeros(b, K + N + b * K, dtype=torch.bool, device=q.device)
+        own[:, K + N:] = torch.eye(b, dtype=torch.bool, device=q.device)\
+            .repeat_interleave(K, dim=1)
 
-    t = candidate_scores(exact_scores(q, pos, model.metric), exact_scores(q, shared, model.metric))
+    def candidates(vectors: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Scores (b, L) of each query to its candidates among `vectors`, laid out as docs."""
+        s = [exact_scores(query, vectors[:b * K].view(b, K, d), model.metric),
+             exact_scores(query, vectors[b * K:b * K + N], model.metric)]
+        if own is not None:
+            s.append(exact_scores(query, vectors[:b * K], model.metric))
+        s = torch.cat(s, 1)
+        return s if own is None else s.masked_fill(own, -torch.inf)
+
+    t = candidates(docs, q)
     tau = relative_tau(t, cfg.temperature)
-    n_pos = b * K
-    s_pq = candidate_scores(
-        exact_scores(q_rot, x_hat[:n_pos].view(b, K, d), model.metric),
-        model.score(q_rot, x_hat[n_pos:]),
-    )
-    loss_pq = listwise_kl(t, s_pq, tau)
-    loss_ivf = torch.zeros((), device=q.device)
+
+    def objective(s: torch.Tensor) -> torch.Tensor:
+        if cfg.loss == "ranking":
+            return ranking_loss(t, s, tau, K)
+        return listwise_kl(t, s, tau)
+
+    s_pq = candidates(x_hat, q_rot)
+    out["pq"] = objective(s_pq)
     if cfg.ivf_weight > 0 and model.centroids.requires_grad:
-        s_ivf = candidate_scores(
-            exact_scores(q_rot, c[:n_pos].view(b, K, d), model.metric),
-            model.score(q_rot, c[n_pos:]),
-        )
-        loss_ivf = listwise_kl(t, s_ivf, tau)
-    return loss_pq, loss_ivf, loss_recon
+        out["ivf"] = objective(candidates(c, q_rot))
+    if labeled is not None and cfg.contrastive_weight > 0:
+        lab = exact_scores(q_rot, x_hat[b * K + N:][:, None], model.metric)[:, 0]
+        out["contrastive"] = contrastive(lab, s_pq, tau)
+    return out
 
 
-def make_optimizer(model: IVFPQStudent, cfg: TrainConfig) -> torch.optim.Optimizer:
+def total_loss(parts: dict[str, torch.Tensor], cfg: TrainConfig, recon0: float) -> torch.Tensor:
+    """The weighted sum of batch_loss's terms (still a sum over the local queries)."""
+    return (parts["pq"] + cfg.ivf_weight * parts["ivf"]
+            + cfg.recon_weight * parts["recon"] / recon0
+            + cfg.balance_weight * parts["balance"]
+            + cfg.contrastive_weight * parts["contrastive"])
+
+
+def make_optimizer(model: Student, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = [{"params": [p for p in (model.centroids, model.codebooks) if p.requires_grad],
                "lr": cfg.lr}]
     if model.skew.requires_grad:
@@ -106,13 +132,50 @@ def make_optimizer(model: IVFPQStudent, cfg: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.Adam([g for g in groups if g["params"]])
 
 
-def _negatives(pool: np.ndarray, n: int, seed: int, epoch: int, step: int) -> np.ndarray:
-    # Seeded by (seed, epoch, step) alone, so every worker draws the same negatives.
-    rng = np.random.default_rng([seed, epoch, step])
-    return pool[rng.choice(len(pool), size=min(n, len(pool)), replace=False)]
+class NegativeSampler:
+    """The shared corpus negatives of each step, drawn from the sample pool.
+
+    Draws depend on (seed, epoch, step), the global batch and the model only, which every
+    worker holds identically, so all workers draw the same negatives.
+    - "random": uniform over the pool.
+    - "ivf": Distill-VQ's IVF-aware negatives: pool vectors in the lists that the batch's
+      queries probe (their `ivf_negative_nprobe` best lists under the current centroids),
+      i.e. the documents the index will actually compare against the query's neighbours.
+      The pool's lists are refreshed at every epoch start; too few fill up with random ones.
+    """
+
+    def __init__(self, pool: np.ndarray, cfg: TrainConfig):
+        self.pool, self.cfg = pool, cfg
+        self.lists = None  # (P,) list of every pool vector, for "ivf"
+
+    def start_epoch(self, model: Student, device: str) -> None:
+        if self.cfg.negative_sampler != "ivf" or model.flat or not self.cfg.negatives:
+            return
+        with torch.no_grad():
+            parts = [model.assign(model.rotate(torch.as_tensor(
+                self.pool[i:i + 8192], dtype=torch.float32, device=device))).cpu().numpy()
+                for i in range(0, len(self.pool), 8192)]
+        self.lists = np.concatenate(parts)
+
+    def draw(self, model: Student, xq: np.ndarray, epoch: int, step: int,
+             device: str) -> np.ndarray:
+        n = min(self.cfg.negatives, len(self.pool))
+        rng = np.random.default_rng([self.cfg.seed, epoch, step])
+        if self.lists is None or not n:
+            return self.pool[rng.choice(len(self.pool), size=n, replace=False)]
+        with torch.no_grad():
+            q = model.rotate(torch.as_tensor(xq, dtype=torch.float32, device=device))
+            probe = min(self.cfg.ivf_negative_nprobe, model.centroids.shape[0])
+            probed = model.coarse_scores(q).topk(probe, 1).indices.unique().cpu().numpy()
+        near = np.flatnonzero(np.isin(self.lists, probed))
+        take = near[rng.choice(len(near), size=min(n, len(near)), replace=False)]
+        if len(take) < n:
+            rest = np.setdiff1d(np.arange(len(self.pool)), take)
+            take = np.concatenate([take, rng.choice(rest, size=n - len(take), replace=False)])
+        return self.pool[np.sort(take)]
 
 
-def train_epoch(model: IVFPQStudent, opt: torch.optim.Optimizer, data: TrainData,
+def train_epoch(model: Student, opt: torch.optim.Optimizer, data: TrainData,
                 cfg: TrainConfig, epoch: int, rank: int = 0, world: int = 1,
                 reduce_grads: Callable[[list[torch.Tensor]], None] = lambda grads: None,
                 device: str = "cpu", log: Callable[[int, int, float], None] | None = None,
@@ -120,8 +183,8 @@ def train_epoch(model: IVFPQStudent, opt: torch.optim.Optimizer, data: TrainData
     """One pass over data.batches(...) in global batches of cfg.batch_size; this worker
     trains on its slice [rank * B / world, (rank + 1) * B / world) of each.
 
-    Returns {"loss", "loss_pq", "loss_ivf", "steps", "queries"} averaged over the epoch, and
-    "step_losses", the loss of every step.
+    Returns the per-query average of the loss and of each term ("loss_pq", "loss_ivf", ...)
+    over the epoch, "steps", "queries", and "step_losses", the loss of every step.
     """
     B = cfg.batch_size
     assert B % world == 0, "global batch must split evenly across workers"
@@ -131,40 +194,46 @@ def train_epoch(model: IVFPQStudent, opt: torch.optim.Optimizer, data: TrainData
         steps = min(steps, max_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     recon0 = model.recon_scale
-    totals = np.zeros(2)
+    sampler = NegativeSampler(data.pool, cfg)
+    sampler.start_epoch(model, device)
+    totals = dict.fromkeys(LOSS_TERMS, 0.0)
+    total = 0.0
     step_losses = []
     model.train()
     step = 0
-    for xq_b, pos_b in data.batches(B, cfg.seed, epoch):
+    mine = slice(rank * local, (rank + 1) * local)
+    for xq_b, pos_b, lab_b in data.batches(B, cfg.seed, epoch):
         if step >= steps:
             break
         assert len(xq_b) == B, "every step takes a full global batch"
-        q = torch.as_tensor(xq_b[rank * local:(rank + 1) * local], dtype=torch.float32,
-                            device=device)
-        pos = torch.as_tensor(pos_b[rank * local:(rank + 1) * local].astype(np.float32),
-                              device=device)
-        neg = torch.as_tensor(_negatives(data.pool, cfg.negatives, cfg.seed, epoch, step),
+        q = torch.as_tensor(xq_b[mine], dtype=torch.float32, device=device)
+        pos = torch.as_tensor(pos_b[mine].astype(np.float32), device=device)
+        lab = None if lab_b is None else torch.as_tensor(
+            lab_b[mine].astype(np.float32), device=device)
+        neg = torch.as_tensor(sampler.draw(model, xq_b, epoch, step, device),
                               dtype=torch.float32, device=device)
-        loss_pq, loss_ivf, loss_recon = batch_loss(model, q, pos, neg, cfg, cfg.in_batch)
-        loss = (loss_pq + cfg.ivf_weight * loss_ivf + cfg.recon_weight * loss_recon / recon0) / B
+        parts = batch_loss(model, q, pos, neg, cfg, cfg.in_batch, lab)
+        loss = total_loss(parts, cfg, recon0) / B
         opt.zero_grad(set_to_none=False)
         loss.backward()
         reduce_grads([p.grad for p in params])
         opt.step()
-        totals += [loss_pq.item() / B, loss_ivf.item() / B]
+        for k in LOSS_TERMS:
+            totals[k] += float(parts[k].item()) / B
+        total += float(loss.item())
         step_losses.append(float(loss.item()) * world)  # this worker's share, per query
         step += 1
         if log is not None:
-            log(step, steps, float(loss.item()))
+            log(step, steps, float(loss.item()) * world)
     steps = step
-    totals = totals * world / max(steps, 1)  # per-query averages (this worker's share x world)
-    return {"loss_pq": float(totals[0]), "loss_ivf": float(totals[1]),
-            "loss": float(totals[0] + cfg.ivf_weight * totals[1]), "steps": steps,
-            "queries": steps * B, "step_losses": step_losses}
+    scale = world / max(steps, 1)  # per-query averages (this worker's share x world)
+    out = {f"loss_{k}": v * scale for k, v in totals.items()}
+    return {"loss": total * scale, **out, "steps": steps, "queries": steps * B,
+            "step_losses": step_losses}
 
 
 @torch.no_grad()
-def reconstruction_error(model: IVFPQStudent, x: np.ndarray) -> float:
+def reconstruction_error(model: Student, x: np.ndarray) -> float:
     """Mean squared reconstruction error of x (n, d) under the model."""
     xr = model.rotate(torch.as_tensor(x, dtype=torch.float32))
     c, r_hat, _ = model.quantize(xr)

@@ -32,8 +32,10 @@ METHODS = {
 
 
 def method_names(cfg) -> dict:
-    """Report names: faiss-ivf-opq / distilled-ivf-opq when a rotation is learned."""
-    suffix = "ivf-opq" if cfg.index.opq else "ivfpq"
+    """Report names by structure: faiss-ivf-opq / distilled-ivf-opq when a rotation is
+    learned, -ivf-rq for the residual quantizer, -ivf-pq otherwise."""
+    suffix = "ivf-rq" if cfg.index.quantizer == "rq" else \
+        "ivf-opq" if cfg.index.opq else "ivf-pq"
     return {"faiss-ivfpq": f"faiss-{suffix}", "distilled-ivfpq": f"distilled-{suffix}"}
 
 

@@ -25,7 +25,7 @@ from pipeline.config import PipelineConfig
 from pipeline.index import build
 from pipeline.index.knn import block_topk
 from pipeline.index.metrics import overlap_recall
-from pipeline.quant.model import IVFPQStudent
+from pipeline.quant.model import Student
 from pipeline.quant.train import TrainData, make_optimizer, reconstruction_error, train_epoch
 from pipeline.stages.common import Run
 from pipeline.stages.init import load_index
@@ -51,13 +51,13 @@ class StreamData:
                    "local_shuffle_seed": seed * 1_000_003 + epoch} if self.shuffle_rows else {}
         for t in self.it.iter_batches(batch_size=batch_size, batch_format="pyarrow",
                                       drop_last=True, **shuffle):
-            a = table_arrays(t, ("xq", "S", "V"))
-            yield a["xq"], a["V"]
+            a = table_arrays(t, ("xq", "V"))  # V's width gives k: S need not be read
+            yield a["xq"], a["V"], None
 
 
-def build_student(params: dict, pcfg: PipelineConfig) -> IVFPQStudent:
+def build_student(params: dict, pcfg: PipelineConfig) -> Student:
     t = pcfg.train
-    return IVFPQStudent(params, pcfg.index.metric, t.learn_ivf, t.learn_pq, t.learn_rotation,
+    return Student(params, pcfg.index.metric, t.learn_ivf, t.learn_pq, t.learn_rotation,
                         t.soft_temperature)
 
 
@@ -75,7 +75,7 @@ class IndexValidator:
         self.xq, self.pool, self.metric, self.k = val.xq, val.pool, metric, k
         self.gt = block_topk(val.xq, val.pool, np.arange(len(val.pool)), k, metric)[1]
 
-    def __call__(self, model: IVFPQStudent) -> float:
+    def __call__(self, model: Student) -> float:
         if not len(self.xq):
             return 0.0
         index = build.index_from_params(model.export(), self.metric)
