@@ -1,8 +1,9 @@
 """Quality benchmark: faiss's k-means quantizers against distilled ones at the same code size,
 on the same data, in one run.
 
-  python bench/quality.py                       # shared Debian/MiniLM data, 8 and 16 B
-  python bench/quality.py --full                # every structure, RQ baseline, ablations
+  python bench/quality.py                  # shared Debian/MiniLM data, 8 and 16 B
+  python bench/quality.py --full           # 8/16/32 B, every structure, RQ/LSQ, ablations
+  python bench/quality.py --symmetric      # corpus samples as queries (no query set used)
   python bench/quality.py --set data.corpus=s3://b/corpus --set data.train_queries=... \
                           --set data.eval_queries=... --set data.labels=
 
@@ -30,16 +31,21 @@ sys.path.insert(0, ROOT)
 
 from pipeline.config import IndexConfig, PipelineConfig, load_config  # noqa: E402
 from pipeline.data import readers  # noqa: E402
-from pipeline.index import build, knn, metrics  # noqa: E402
+from pipeline.index import build, knn  # noqa: E402
 from pipeline.quant.train import TrainData  # noqa: E402
-from pipeline.stages.evaluate import format_table  # noqa: E402
+from pipeline.stages.evaluate import format_table, score_rows  # noqa: E402
 from pipeline.stages.train import fit_local  # noqa: E402
 
 log = logging.getLogger("bench.quality")
 
-# structure -> (has IVF, has OPQ rotation)
-STRUCTURES = {"pq": (False, False), "opq": (False, True), "ivf-pq": (True, False),
-              "ivf-opq": (True, True)}
+# structure -> (has IVF, has OPQ rotation, quantizer). "lsq" is a faiss-only baseline.
+STRUCTURES = {"pq": (False, False, "pq"), "opq": (False, True, "pq"),
+              "ivf-pq": (True, False, "pq"), "ivf-opq": (True, True, "pq"),
+              "rq": (False, False, "rq"), "ivf-rq": (True, False, "rq"),
+              "lsq": (False, False, "lsq")}
+DEFAULT_BASELINES = ["pq", "opq", "ivf-pq", "ivf-opq"]
+DEFAULT_DISTILLED = ["ivf-opq"]
+FULL_DISTILLED = ["pq", "opq", "ivf-pq", "ivf-opq", "rq", "ivf-rq"]
 SHARED = os.path.join(ROOT, "..", "shared", "data", "debian-minilm")
 
 
@@ -64,43 +70,74 @@ def default_data(cache: str) -> list[str]:
             f"data.eval_queries={cache}/eval_queries", f"data.labels={cache}/labels"]
 
 
-def load(cfg: PipelineConfig) -> Data:
+def load(cfg: PipelineConfig, symmetric: bool = False,
+         train_labels: str = "") -> tuple[Data, np.ndarray | None]:
+    """The benchmark's data, and each training query's labeled document (or None).
+
+    symmetric: no query set is read. `data.max_eval_queries` (default 2,000) corpus vectors,
+    removed from the corpus, are the eval queries; `data.pseudo_queries` others are the
+    training queries. Ground truth is the exact top-100 in what remains."""
     ids, xb = readers.read_all(cfg.data.corpus, "data.corpus")
-    if cfg.data.train_queries:
-        _, xt = readers.read_all(cfg.data.train_queries, "data.train_queries",
-                                 cfg.data.max_train_queries)
-    else:  # symmetric: corpus samples as pseudo-queries
-        rng = np.random.default_rng(cfg.init.seed)
+    rng = np.random.default_rng(cfg.init.seed)
+    labeled = None
+    if symmetric:
+        n_eval = cfg.data.max_eval_queries or 2000
+        perm = rng.permutation(len(xb))
+        held, keep = np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
+        eval_ids, xq = ids[held], xb[held]
+        ids, xb = ids[keep], xb[keep]
         xt = xb[rng.choice(len(xb), min(cfg.data.pseudo_queries, len(xb)), replace=False)]
-    eval_ids, xq = readers.read_all(cfg.data.eval_queries, "data.eval_queries",
-                                    cfg.data.max_eval_queries)
-    qrels = readers.read_labels(cfg.data.labels) if cfg.data.labels else None
+        qrels = None
+    else:
+        if cfg.data.train_queries:
+            tids, xt = readers.read_all(cfg.data.train_queries, "data.train_queries",
+                                        cfg.data.max_train_queries)
+        else:  # corpus samples as pseudo-queries
+            tids = None
+            xt = xb[rng.choice(len(xb), min(cfg.data.pseudo_queries, len(xb)), replace=False)]
+        eval_ids, xq = readers.read_all(cfg.data.eval_queries, "data.eval_queries",
+                                        cfg.data.max_eval_queries)
+        qrels = readers.read_labels(cfg.data.labels) if cfg.data.labels else None
+        if train_labels:
+            labeled = labeled_vectors(tids, ids, xb, readers.read_labels(train_labels))
     _, gt, _ = knn.block_topk(xq, xb, ids, 100, cfg.index.metric)
-    return Data(ids, xb, xt, eval_ids, xq, qrels, gt)
+    return Data(ids, xb, xt, eval_ids, xq, qrels, gt), labeled
+
+
+def labeled_vectors(tids, ids: np.ndarray, xb: np.ndarray, qrels: dict) -> np.ndarray:
+    """(n, d): the first labeled document of each training query, for the contrastive term."""
+    if tids is None:
+        raise SystemExit("--train-labels needs data.train_queries (ids to match labels to)")
+    row = {int(i): r for r, i in enumerate(ids)}
+    out = np.zeros((len(tids), xb.shape[1]), np.float32)
+    missing = 0
+    for n, q in enumerate(tids):
+        docs = [row[d] for d in qrels.get(int(q), ()) if d in row]
+        if docs:
+            out[n] = xb[docs[0]]
+        else:
+            missing += 1
+    if missing == len(tids):
+        raise SystemExit("--train-labels: no training query has a labeled document in the "
+                         "corpus; check that the file labels *training* query ids")
+    return out
 
 
 def evaluate(trained, data: Data, nprobes, row: dict) -> list[dict]:
     index = faiss.clone_index(trained)
     if row["nlist"]:
         index.add_with_ids(data.xb, data.ids)
-    else:  # flat PQ/OPQ/RQ indexes take no ids: add by position, map the results back
+    else:  # flat PQ/OPQ/RQ/LSQ indexes take no ids: add by position, map the results back
         index.add(data.xb)
-    out = []
+    found = {}
     for nprobe in (nprobes if row["nlist"] else [0]):
         if row["nlist"]:
             build.set_nprobe(index, nprobe)
         I = index.search(data.xq, 100)[1]
         if not row["nlist"]:
             I = np.where(I >= 0, data.ids[np.maximum(I, 0)], -1)
-        out.append({
-            **row, "nprobe": nprobe,
-            "recall_at_10": metrics.overlap_recall(I, data.gt, 10),
-            "recall_at_100": metrics.overlap_recall(I, data.gt, 100),
-            "mrr_at_10": metrics.mrr_at(I, data.eval_ids, data.qrels) if data.qrels else None,
-            "label_recall_at_10":
-                metrics.label_recall_at(I, data.eval_ids, data.qrels) if data.qrels else None,
-        })
-    return out
+        found[nprobe] = I
+    return score_rows(found, data.gt, data.eval_ids, data.qrels, row)
 
 
 def train_faiss(xb: np.ndarray, icfg: IndexConfig, cfg: PipelineConfig, opq_cache: dict):
@@ -110,6 +147,11 @@ def train_faiss(xb: np.ndarray, icfg: IndexConfig, cfg: PipelineConfig, opq_cach
     t0 = time.time()
     rng = np.random.default_rng(cfg.init.seed)
     xt = xb[rng.choice(len(xb), min(cfg.init.train_sample, len(xb)), replace=False)]
+    if icfg.quantizer == "lsq":
+        index = faiss.index_factory(xb.shape[1], f"LSQ{icfg.M}x{icfg.nbits}",
+                                    build.faiss_metric(icfg.metric))
+        index.train(xt)
+        return index, time.time() - t0
     plain = dataclasses.replace(icfg, opq=False)
     if not icfg.opq:
         return build.train_baseline(xt, plain, cfg.init.niter, cfg.init.seed), time.time() - t0
@@ -128,34 +170,52 @@ def train_faiss(xb: np.ndarray, icfg: IndexConfig, cfg: PipelineConfig, opq_cach
     return index, time.time() - t0
 
 
-def distill(trained, data: Data, teacher: tuple, cfg: PipelineConfig):
-    """Distils a faiss-trained index with the pipeline's kernel; returns (index, secs, state)."""
+def distill(trained, data: Data, teacher: tuple, cfg: PipelineConfig,
+            labeled: np.ndarray | None = None):
+    """Distils a faiss-trained index with the pipeline's kernel; returns (index, secs, state).
+    The first queries (train.val_fraction) are held out for validation and early stopping."""
     t0 = time.time()
     V = teacher[2]
     n_val = int(round(len(data.xt) * cfg.train.val_fraction))
     rng = np.random.default_rng(cfg.init.seed)
     pool = data.xb[rng.choice(len(data.xb), min(cfg.init.train_sample, len(data.xb)),
                               replace=False)]
-    tr = TrainData(data.xt[n_val:], V[n_val:], pool)
+    if labeled is not None and cfg.train.contrastive_weight > 0:
+        # a query with no label falls back to its teacher top-1
+        labeled = np.where((labeled != 0).any(1, keepdims=True), labeled, V[:, 0])
+        labeled = labeled[n_val:]
+    else:
+        labeled = None
+    tr = TrainData(data.xt[n_val:], V[n_val:], pool, labeled)
     val = TrainData(data.xt[:n_val], V[:n_val], pool)
     state = fit_local(build.extract_params(trained), tr, val, cfg)
     index = build.index_from_params(state["best"], cfg.index.metric)
     return index, time.time() - t0, state
 
 
-def ablations(cfg: PipelineConfig) -> dict[str, PipelineConfig]:
-    """What each part contributes, for the distilled IVF-OPQ."""
+def ablations(cfg: PipelineConfig, labeled: bool) -> dict[str, PipelineConfig]:
+    """What each part contributes, for the distilled IVF-OPQ: each learned part, each loss
+    term, each negative sampler. The defaults are `distilled-ivf-opq` itself."""
     t = cfg.train
+    other_loss = "ranking" if t.loss == "kl" else "kl"
     variants = {
+        # what is learned
         "ivf-only": dict(learn_pq=False, learn_rotation=False),
         "pq-only": dict(learn_ivf=False, ivf_weight=0.0),
         "no-rotation": dict(learn_rotation=False),
+        # each loss
+        f"loss-{other_loss}": dict(loss=other_loss),
         "no-ivf-loss": dict(ivf_weight=0.0),
+        "plus-recon": dict(recon_weight=1.0),
+        "plus-balance": dict(balance_weight=0.1),
+        # each sampler (candidates besides the teacher top-K)
         "sampler-topk-only": dict(negatives=0, in_batch=False),
-        "sampler-random": dict(in_batch=False),
-        "sampler-in-batch": dict(negatives=0),
-        "recon-term": dict(recon_weight=1.0),
+        "sampler-random": dict(negative_sampler="random", in_batch=False),
+        "sampler-in-batch": dict(negatives=0, in_batch=True),
+        "sampler-ivf": dict(negative_sampler="ivf", in_batch=False),
     }
+    if labeled:
+        variants["plus-contrastive"] = dict(contrastive_weight=1.0)
     return {k: dataclasses.replace(cfg, train=dataclasses.replace(t, **v))
             for k, v in variants.items()}
 
@@ -169,7 +229,8 @@ def plot(rows: list[dict], path: str) -> None:
     sizes = sorted({r["bytes_per_vector"] for r in rows})
     fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4), squeeze=False)
     for ax, size in zip(axes[0], sizes):
-        for method in sorted({r["method"] for r in rows if r["nlist"]}):
+        for method in sorted({r["method"] for r in rows
+                              if r["nlist"] and not r["method"].startswith("ablation-")}):
             pts = sorted((r["nprobe"], r["recall_at_10"]) for r in rows
                          if r["method"] == method and r["bytes_per_vector"] == size)
             if pts:
@@ -183,12 +244,32 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _names(text: str | None, default: list[str]) -> list[str]:
+    names = default if text is None else [n for n in text.split(",") if n]
+    bad = [n for n in names if n not in STRUCTURES]
+    if bad:
+        raise SystemExit(f"unknown structure(s) {bad}; choose from {list(STRUCTURES)}")
+    return names
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--config", default=os.path.join(ROOT, "bench", "quality.yaml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[])
-    ap.add_argument("--sizes", default="8,16", help="bytes per vector, comma-separated")
-    ap.add_argument("--full", action="store_true", help="all structures, RQ, ablations")
+    ap.add_argument("--sizes", default=None,
+                    help="bytes per vector, comma-separated (default 8,16; --full 8,16,32)")
+    ap.add_argument("--full", action="store_true",
+                    help="every structure distilled, RQ/LSQ baselines, 32 B, ablations")
+    ap.add_argument("--symmetric", action="store_true",
+                    help="queries drawn from the corpus (held out of it); no query files")
+    ap.add_argument("--baselines", default=None, help=f"faiss structures, from {list(STRUCTURES)}")
+    ap.add_argument("--distilled", default=None, help="distilled structures (no lsq)")
+    ap.add_argument("--ablations", action="store_true", help="the ablations (--full runs them)")
+    ap.add_argument("--ablation-size", type=int, default=0,
+                    help="bytes per vector of the ablations (default: the smallest size)")
+    ap.add_argument("--train-labels", default="",
+                    help="Parquet (query_id, doc_id) for the *training* queries: adds the "
+                         "contrastive ablation. Never the eval labels.")
     ap.add_argument("--json", default=os.path.join(ROOT, "runs", "bench", "quality.json"))
     ap.add_argument("--png", default=None, help="default: the JSON path with .png")
     args = ap.parse_args(argv)
@@ -199,57 +280,63 @@ def main(argv=None) -> int:
     if not any(o.startswith("data.corpus=") for o in overrides):
         overrides = default_data(os.path.join(ROOT, "runs", "bench", "data")) + overrides
     cfg = load_config(args.config, overrides)
+    sizes = [int(x) for x in (args.sizes or ("8,16,32" if args.full else "8,16")).split(",")]
+    baselines = _names(args.baselines, list(STRUCTURES) if args.full else DEFAULT_BASELINES)
+    distilled = _names(args.distilled, FULL_DISTILLED if args.full else DEFAULT_DISTILLED)
+    if "lsq" in distilled:
+        raise SystemExit("lsq is a faiss baseline only: distil rq or ivf-rq instead")
+    run_ablations = args.full or args.ablations
+    ablation_size = args.ablation_size or min(sizes)
     t0 = time.time()
-    data = load(cfg)
-    log.info("data: %d x %d corpus, %d training queries, %d eval queries (%.0fs)",
-             *data.xb.shape, len(data.xt), len(data.xq), time.time() - t0)
+    data, labeled = load(cfg, args.symmetric, args.train_labels)
+    log.info("data: %d x %d corpus, %d training queries, %d eval queries%s (%.0fs)",
+             *data.xb.shape, len(data.xt), len(data.xq),
+             " (symmetric: corpus samples)" if args.symmetric else "", time.time() - t0)
     t1 = time.time()
     teacher = knn.block_topk(data.xt, data.xb, data.ids, cfg.teacher.k, cfg.index.metric, True)
     teacher_s = time.time() - t1
-    distilled = list(STRUCTURES) if args.full else ["ivf-opq"]
     rows, opq_cache, extra = [], {}, {}
-    for size in [int(s) for s in args.sizes.split(",")]:
+    for size in sizes:
         M = size * 8 // cfg.index.nbits
-        for name in STRUCTURES:
-            has_ivf, has_opq = STRUCTURES[name]
-            icfg = dataclasses.replace(cfg.index, M=M, opq=has_opq,
+        for name in dict.fromkeys(baselines + distilled):
+            has_ivf, has_opq, quantizer = STRUCTURES[name]
+            icfg = dataclasses.replace(cfg.index, M=M, opq=has_opq, quantizer=quantizer,
                                        nlist=cfg.index.nlist if has_ivf else 0)
             base = {"bytes_per_vector": size, "nlist": icfg.nlist}
             trained, secs = train_faiss(data.xb, icfg, cfg, opq_cache)
-            rows += evaluate(trained, data, cfg.eval.nprobe,
-                             {"method": f"faiss-{name}", **base, "train_seconds": secs})
             log.info("faiss-%s %dB trained in %.0fs", name, size, secs)
+            if name in baselines:
+                rows += evaluate(trained, data, cfg.eval.nprobe,
+                                 {"method": f"faiss-{name}", **base, "train_seconds": secs})
             if name not in distilled:
                 continue
             pcfg = dataclasses.replace(cfg, index=icfg)
-            index, dsecs, state = distill(trained, data, teacher, pcfg)
+            index, dsecs, state = distill(trained, data, teacher, pcfg, labeled)
             qps = np.mean([h["queries_per_s_per_worker"] for h in state["history"]])
             rows += evaluate(index, data, cfg.eval.nprobe, {
                 "method": f"distilled-{name}", **base, "train_seconds": dsecs + teacher_s,
                 "train_queries_per_s_per_worker": qps})
+            log.info("distilled-%s %dB: %.0fs, %.0f training queries/s/worker, validation "
+                     "recall %.4f -> %.4f", name, size, dsecs, qps, state["warm_val"],
+                     state["best_val"])
             extra[f"distilled-{name}-{size}B"] = {
                 "history": state["history"], "warm_val": state["warm_val"],
                 "best_val": state["best_val"]}
-            if args.full and name == "ivf-opq":
-                for ab, acfg in ablations(pcfg).items():
-                    ab_index, ab_secs, _ = distill(trained, data, teacher, acfg)
+            if run_ablations and name == "ivf-opq" and size == ablation_size:
+                for ab, acfg in ablations(pcfg, labeled is not None).items():
+                    ab_index, ab_secs, ab_state = distill(trained, data, teacher, acfg, labeled)
                     rows += evaluate(ab_index, data, cfg.eval.nprobe, {
-                        "method": f"ablation-{ab}-ivf-opq", **base, "train_seconds": ab_secs})
-        if args.full:
-            icfg = dataclasses.replace(cfg.index, M=M, nlist=0)
-            t2 = time.time()
-            rq = faiss.index_factory(data.xb.shape[1], f"RQ{M}x{cfg.index.nbits}",
-                                     build.faiss_metric(cfg.index.metric))
-            rq.train(data.xb[:cfg.init.train_sample])
-            rows += evaluate(rq, data, cfg.eval.nprobe, {
-                "method": "faiss-rq", "bytes_per_vector": size, "nlist": 0,
-                "train_seconds": time.time() - t2})
+                        "method": f"ablation-{ab}-ivf-opq", **base,
+                        "train_seconds": ab_secs + teacher_s})
+                    log.info("ablation %s: validation recall %.4f -> %.4f", ab,
+                             ab_state["warm_val"], ab_state["best_val"])
     print("\n" + format_table(rows))
     print_gains(rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"rows": rows, "config": cfg.to_dict(), "training": extra,
-                   "teacher_seconds": teacher_s, "wall_seconds": time.time() - t0}, f, indent=2)
+                   "symmetric": args.symmetric, "teacher_seconds": teacher_s,
+                   "wall_seconds": time.time() - t0, "argv": sys.argv[1:]}, f, indent=2)
     png = args.png or os.path.splitext(args.json)[0] + ".png"
     plot(rows, png)
     print(f"\nwrote {args.json} and {png}; total {time.time() - t0:.0f}s")
@@ -257,18 +344,23 @@ def main(argv=None) -> int:
 
 
 def print_gains(rows: list[dict]) -> None:
-    """Relative recall@10 gain of each distilled row over faiss at the same setting."""
+    """Relative gain of each distilled (and ablation) row over faiss at the same setting; an
+    ablation compares with faiss-ivf-opq."""
     ref = {(r["method"][len("faiss-"):], r["bytes_per_vector"], r["nprobe"]): r for r in rows
            if r["method"].startswith("faiss-")}
     print("\nrelative gain of distilled over faiss (recall@10, recall@100, MRR@10):")
     for r in rows:
-        if not r["method"].startswith("distilled-"):
+        if r["method"].startswith("distilled-"):
+            structure = r["method"][len("distilled-"):]
+        elif r["method"].startswith("ablation-"):
+            structure = "ivf-opq"
+        else:
             continue
-        b = ref.get((r["method"][len("distilled-"):], r["bytes_per_vector"], r["nprobe"]))
+        b = ref.get((structure, r["bytes_per_vector"], r["nprobe"]))
         if b:
             gains = [(r[k] / b[k] - 1) * 100 if r[k] is not None and b[k] else float("nan")
                      for k in ("recall_at_10", "recall_at_100", "mrr_at_10")]
-            print(f"  {r['method']:<20} {r['bytes_per_vector']:>3}B nprobe {r['nprobe']:>4}: "
+            print(f"  {r['method']:<34} {r['bytes_per_vector']:>3}B nprobe {r['nprobe']:>4}: "
                   + "  ".join(f"{g:+.1f}%" for g in gains))
 
 

@@ -76,16 +76,25 @@ def test_rerun_skips_finished_stages(s3_run, caplog):
 
 
 def test_local_output_reads_with_plain_read_index(ray_cluster, smoke_data, tmp_path):
+    """The whole job to a local folder with the KDindex-style student: a residual (AQ)
+    quantizer, the ranking loss, IVF-aware negatives and Sinkhorn balancing, trained by two
+    Ray Train workers; plain faiss opens the IVF-RQ index it publishes."""
     out = str(tmp_path / "run")
-    assert distill.main(job_args(smoke_data, out, "--set", "train.epochs=1")) == 0
+    assert distill.main(job_args(
+        smoke_data, out, "--set", "train.epochs=1", "--set", "index.quantizer=rq",
+        "--set", "index.opq=false", "--set", "index.M=3", "--set", "train.loss=ranking",
+        "--set", "train.negative_sampler=ivf", "--set", "train.balance_weight=0.1")) == 0
     manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
+    report = json.loads(open(os.path.join(out, "report.json")).read())
+    assert {r["method"] for r in report["rows"]} == {"faiss-ivf-rq", "distilled-ivf-rq"}
     code = ("import faiss, numpy as np, sys; ix = faiss.read_index(sys.argv[1]); "
             "faiss.extract_index_ivf(ix).nprobe = 4; "
-            "D, I = ix.search(np.ones((3, 32), 'float32'), 5); print(ix.ntotal, I.min() >= 0)")
+            "D, I = ix.search(np.ones((3, 32), 'float32'), 5); "
+            "print(ix.ntotal, I.min() >= 0, type(ix).__name__)")
     res = subprocess.run([sys.executable, "-c", code, os.path.join(out, manifest["index"])],
                          capture_output=True, text=True, cwd="/")
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == ["4000", "True"]
+    assert res.stdout.split() == ["4000", "True", "IndexIVFResidualQuantizer"]
 
 
 def test_search_cli_answers_from_s3(s3_run, tmp_path):

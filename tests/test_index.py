@@ -69,8 +69,17 @@ def test_params_round_trip(data, trained):
     np.testing.assert_allclose(Da, Db, rtol=1e-5)
 
 
-def test_ondisk_merge_equals_single_index(data, trained, tmp_path):
+@pytest.fixture(scope="module")
+def trained_rq(data):
+    return build.train_baseline(
+        data[0][:4000], IndexConfig(nlist=16, M=3, nbits=6, opq=False, quantizer="rq"), niter=5)
+
+
+@pytest.mark.parametrize("structure", ["trained", "trained_rq"])
+def test_ondisk_merge_equals_single_index(data, structure, tmp_path, request):
+    """IVF-OPQ-PQ and IVF-RQ (the additive student's export) merge on disk alike."""
     xb, xq = data
+    trained = request.getfixturevalue(structure)
     ids = np.arange(len(xb)) + 1000
     single = ondisk.encode_shard(trained, ids, xb)
     paths = []
