@@ -60,8 +60,8 @@ class TrainConfig:
     rotation_lr: float = 1e-4
     # "kl": Distill-VQ's listwise KL over the candidates; "ranking": KDindex's ranking loss
     # (the student keeps the teacher's order of the top-k, each above all ranked below it).
-    loss: str = "kl"
-    temperature: float = 2.0  # relative to each query's teacher-score spread
+    loss: str = "ranking"
+    temperature: float = 0.5  # relative to each query's teacher-score spread
     negatives: int = 256  # corpus negatives shared by a batch (from the sample pool)
     # "random": uniform over the pool; "ivf": pool vectors in the lists the batch's queries
     # probe under the current centroids (Distill-VQ's IVF-aware hard negatives).
@@ -149,6 +149,11 @@ def _coerce(value, typ, where: str):
             raise ValueError(f"{where}: expected an integer, got {value!r}")
         return value
     if typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -6,9 +6,10 @@ from pipeline.config import PipelineConfig, load_config
 def test_yaml_and_overrides(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("data:\n  corpus: /x\nindex:\n  M: 16\n")
-    cfg = load_config(str(p), ["index.nlist=64", "eval.nprobe=[1, 2]", "train.use_gpu=true"])
-    assert (cfg.index.M, cfg.index.nlist, cfg.eval.nprobe, cfg.train.use_gpu) == \
-        (16, 64, (1, 2), True)
+    cfg = load_config(str(p), ["index.nlist=64", "eval.nprobe=[1, 2]", "train.use_gpu=true",
+                               "train.lr=1e-4"])  # YAML 1.1 reads 1e-4 as a string
+    assert (cfg.index.M, cfg.index.nlist, cfg.eval.nprobe, cfg.train.use_gpu, cfg.train.lr) == \
+        (16, 64, (1, 2), True, 1e-4)
     assert cfg.hash() != PipelineConfig().hash()
 
 
@@ -20,6 +21,11 @@ def test_yaml_and_overrides(tmp_path):
     ("train.in_batch=3", "expected true or false"),
     ("index.metric=cosine", "index.metric"),
     ("train.batch_size=255", "divisible"),
+    ("train.loss=listmle", "train.loss"),
+    ("train.negative_sampler=hard", "negative_sampler"),
+    ("index.quantizer=rq", "index.opq=false"),
+    ("index.quantizer=lsq", "index.quantizer"),
+    ("train.balance_weight=-1", "_weight"),
 ])
 def test_bad_config_is_a_clear_error(override, message):
     with pytest.raises(ValueError, match=message):

@@ -43,14 +43,18 @@ def ranking_loss(teacher: torch.Tensor, student: torch.Tensor, tau: torch.Tensor
     For teacher order pi: sum over i < top of  logsumexp_{j >= i} s_pi(j) / tau - s_pi(i) / tau.
     teacher, student: (nq, L), -inf marks a candidate to ignore; tau: (nq, 1) > 0.
     """
-    order = teacher.argsort(1, descending=True)  # -inf (ignored) candidates sort last
-    valid = torch.isfinite(teacher.gather(1, order))
-    s = (student / tau).gather(1, order)
-    s = torch.where(valid, s, torch.full_like(s, -torch.inf))
-    rest = torch.logcumsumexp(s.flip(1), 1).flip(1)  # logsumexp of positions >= i
-    top = min(top, s.shape[1])
-    terms = torch.where(valid[:, :top], rest[:, :top] - s[:, :top],
-                        torch.zeros_like(s[:, :top]))
+    top = min(top, teacher.shape[1])
+    best = teacher.topk(top, 1).indices  # the teacher's order of its `top` best
+    valid_top = torch.isfinite(teacher.gather(1, best))
+    s = student / tau
+    s_top = torch.where(valid_top, s.gather(1, best), torch.full_like(best, -torch.inf,
+                                                                       dtype=s.dtype))
+    # Everything ranked below the top sits in every denominator: one logsumexp, no full sort.
+    below = torch.isfinite(teacher).scatter(1, best, False)
+    tail = torch.logsumexp(torch.where(below, s, torch.full_like(s, -torch.inf)), 1,
+                           keepdim=True)
+    rest = torch.logaddexp(torch.logcumsumexp(s_top.flip(1), 1).flip(1), tail)
+    terms = torch.where(valid_top, rest - s_top, torch.zeros_like(s_top))
     return terms.sum()
 
 
