@@ -2,7 +2,7 @@
 on the same data, in one run.
 
   python bench/quality.py                  # shared Debian/MiniLM data, 8 and 16 B
-  python bench/quality.py --full           # 8/16/32 B, every structure, RQ/LSQ, ablations
+  python bench/quality.py --full           # 8/16/32 B, every structure incl. RQ, ablations
   python bench/quality.py --symmetric      # corpus samples as queries (no query set used)
   python bench/quality.py --set data.corpus=s3://b/corpus --set data.train_queries=... \
                           --set data.eval_queries=... --set data.labels=
@@ -45,7 +45,8 @@ STRUCTURES = {"pq": (False, False, "pq"), "opq": (False, True, "pq"),
               "lsq": (False, False, "lsq")}
 DEFAULT_BASELINES = ["pq", "opq", "ivf-pq", "ivf-opq"]
 DEFAULT_DISTILLED = ["ivf-opq"]
-FULL_DISTILLED = ["pq", "opq", "ivf-pq", "ivf-opq", "rq", "ivf-rq"]
+# LSQ's ICM encoding is slow (minutes per size here): add it with --baselines ...,lsq
+FULL_BASELINES = FULL_DISTILLED = ["pq", "opq", "ivf-pq", "ivf-opq", "rq", "ivf-rq"]
 SHARED = os.path.join(ROOT, "..", "shared", "data", "debian-minilm")
 
 
@@ -259,7 +260,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default=None,
                     help="bytes per vector, comma-separated (default 8,16; --full 8,16,32)")
     ap.add_argument("--full", action="store_true",
-                    help="every structure distilled, RQ/LSQ baselines, 32 B, ablations")
+                    help="every structure distilled, RQ baselines, 32 B, ablations")
     ap.add_argument("--symmetric", action="store_true",
                     help="queries drawn from the corpus (held out of it); no query files")
     ap.add_argument("--baselines", default=None, help=f"faiss structures, from {list(STRUCTURES)}")
@@ -281,7 +282,7 @@ def main(argv=None) -> int:
         overrides = default_data(os.path.join(ROOT, "runs", "bench", "data")) + overrides
     cfg = load_config(args.config, overrides)
     sizes = [int(x) for x in (args.sizes or ("8,16,32" if args.full else "8,16")).split(",")]
-    baselines = _names(args.baselines, list(STRUCTURES) if args.full else DEFAULT_BASELINES)
+    baselines = _names(args.baselines, FULL_BASELINES if args.full else DEFAULT_BASELINES)
     distilled = _names(args.distilled, FULL_DISTILLED if args.full else DEFAULT_DISTILLED)
     if "lsq" in distilled:
         raise SystemExit("lsq is a faiss baseline only: distil rq or ivf-rq instead")

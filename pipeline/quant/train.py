@@ -126,7 +126,7 @@ def total_loss(parts: dict[str, torch.Tensor], cfg: TrainConfig, recon0: float) 
 
 def make_optimizer(model: Student, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = [{"params": [p for p in (model.centroids, model.codebooks) if p.requires_grad],
-               "lr": cfg.lr}]
+               "lr": cfg.rq_lr if model.residual else cfg.lr}]
     if model.skew.requires_grad:
         groups.append({"params": [model.skew], "lr": cfg.rotation_lr})
     return torch.optim.Adam([g for g in groups if g["params"]])
