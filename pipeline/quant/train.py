@@ -100,11 +100,15 @@ def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Te
 
     t = candidates(docs, q)
     tau = relative_tau(t, cfg.temperature)
+    tau_kl = relative_tau(t, cfg.kl_temperature)
 
     def objective(s: torch.Tensor) -> torch.Tensor:
-        if cfg.loss == "ranking":
-            return ranking_loss(t, s, tau, K)
-        return listwise_kl(t, s, tau)
+        total = zero
+        if "ranking" in cfg.loss:
+            total = total + ranking_loss(t, s, tau, K)
+        if "kl" in cfg.loss:
+            total = total + cfg.kl_weight * listwise_kl(t, s, tau_kl)
+        return total
 
     s_pq = candidates(x_hat, q_rot)
     out["pq"] = objective(s_pq)

@@ -69,17 +69,20 @@ def _layout(run: Run, method: str, trained_uri: str) -> str:
 
 
 @ray.remote(max_retries=3)
-def _encode_shard(shard: dict, trained_uri: str, out_dir: str, gpus: float = 0.0) -> int:
+def _encode_shard(shard: dict, trained: np.ndarray, out_dir: str, gpus: float = 0.0) -> int:
     """Encodes one shard into out_dir/<shard key>.lists (ondisk.write_lists), then writes
     out_dir/done/<shard key>.json. A shard whose marker exists is already encoded (a retry,
-    a resumed run, or an unchanged shard in an incremental rebuild)."""
+    a resumed run, or an unchanged shard in an incremental rebuild).
+
+    trained: the serialized trained index (uint8), put in the object store once per method
+    and shared zero-copy by the tasks of a node."""
     s = Shard(**shard)
     marker = storage.join(out_dir, "done", f"{s.key}.json")
     if storage.exists(marker):
         return storage.read_json(marker)["ntotal"]
     pin_threads()
     ids, x = readers.read_rows(s.uri, s.start, s.stop, s.id_offset)
-    index = ondisk.encode_shard(load_index(trained_uri), ids, x, use_gpu=gpus > 0)
+    index = ondisk.encode_shard(faiss.deserialize_index(trained), ids, x, use_gpu=gpus > 0)
     fault_point("encode")
     scratch = storage.local_scratch("encode")
     local = os.path.join(scratch, "shard.lists")
@@ -101,8 +104,9 @@ def run_encode(run: Run) -> dict:
     refs, names, layouts = [], [], {}
     for method, (trained, _) in METHODS.items():
         layouts[method] = _layout(run, method, run.stage_path(*trained))
+        blob = ray.put(np.frombuffer(storage.read_bytes(run.stage_path(*trained)), np.uint8))
         for s in shards:
-            refs.append(encode.remote(s, run.stage_path(*trained), layouts[method], gpus))
+            refs.append(encode.remote(s, blob, layouts[method], gpus))
             names.append(method)
     counts = wait_all(refs, "encode: shards")
     totals = {m: sum(c for c, n in zip(counts, names) if n == m) for m in METHODS}
