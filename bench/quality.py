@@ -360,10 +360,10 @@ def print_gains(rows: list[dict]) -> None:
             continue
         b = ref.get((structure, r["bytes_per_vector"], r["nprobe"]))
         if b:
-            gains = [(r[k] / b[k] - 1) * 100 if r[k] is not None and b[k] else float("nan")
+            gains = [f"{(r[k] / b[k] - 1) * 100:+.1f}%" if r[k] is not None and b[k] else "-"
                      for k in ("recall_at_10", "recall_at_100", "mrr_at_10")]
             print(f"  {r['method']:<34} {r['bytes_per_vector']:>3}B nprobe {r['nprobe']:>4}: "
-                  + "  ".join(f"{g:+.1f}%" for g in gains))
+                  + "  ".join(gains))
 
 
 def print_training(rows: list[dict]) -> None:
