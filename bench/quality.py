@@ -205,7 +205,7 @@ def ablations(cfg: PipelineConfig, labeled: bool) -> dict[str, PipelineConfig]:
         "no-rotation": dict(learn_rotation=False),
         # each loss
         "loss-ranking-only": dict(loss="ranking"),
-        "loss-kl-only": dict(loss="kl", kl_weight=1.0),
+        "loss-kl-only": dict(loss="kl"),
         "no-ivf-loss": dict(ivf_weight=0.0),
         "plus-recon": dict(recon_weight=1.0),
         "plus-balance": dict(balance_weight=0.1),

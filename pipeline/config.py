@@ -71,7 +71,7 @@ class TrainConfig:
     # ranking loss's (and the contrastive term's), and the KL's.
     temperature: float = 0.5
     kl_temperature: float = 2.0
-    kl_weight: float = 100.0  # weight of the KL term (matters in "ranking+kl")
+    kl_weight: float = 100.0  # weight of the KL term in "ranking+kl" (the scales differ)
     negatives: int = 256  # corpus negatives shared by a batch (from the sample pool)
     # "random": uniform over the pool; "ivf": pool vectors in the lists the batch's queries
     # probe under the current centroids (Distill-VQ's IVF-aware hard negatives).

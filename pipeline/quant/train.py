@@ -106,8 +106,9 @@ def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Te
         total = zero
         if "ranking" in cfg.loss:
             total = total + ranking_loss(t, s, tau, K)
-        if "kl" in cfg.loss:
-            total = total + cfg.kl_weight * listwise_kl(t, s, tau_kl)
+        if "kl" in cfg.loss:  # kl_weight balances the two losses' scales when combined
+            w = cfg.kl_weight if "ranking" in cfg.loss else 1.0
+            total = total + w * listwise_kl(t, s, tau_kl)
         return total
 
     s_pq = candidates(x_hat, q_rot)
