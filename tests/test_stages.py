@@ -63,7 +63,8 @@ def test_encode_and_merge_equal_one_index(prepared, tmp_path, ranges):
     shards = prepared.stage_info("ingest")["shards"]
     assert len(shards) == 4
     layout, nlist = str(tmp_path / "enc"), prepared.cfg.index.nlist
-    counts = ray.get([build_stage._encode_shard.remote(s, trained_uri, layout) for s in shards])
+    blob = build_stage.put_index(trained_uri)
+    counts = ray.get([build_stage._encode_shard.remote(s, blob, layout) for s in shards])
     assert sum(counts) == len(xb)
     uris = [f"{layout}/{Shard(**s).key}.lists" for s in shards]
     pieces = ondisk.list_ranges(nlist, ranges)
@@ -101,10 +102,11 @@ def test_encode_is_idempotent_per_shard(prepared, tmp_path):
     trained_uri = prepared.stage_path("init", "baseline.index")
     s = prepared.stage_info("ingest")["shards"][0]
     layout = str(tmp_path / "enc")
-    n = ray.get(build_stage._encode_shard.remote(s, trained_uri, layout))
+    blob = build_stage.put_index(trained_uri)
+    n = ray.get(build_stage._encode_shard.remote(s, blob, layout))
     part = f"{layout}/{Shard(**s).key}.lists"
     before = os.path.getmtime(part)
-    assert ray.get(build_stage._encode_shard.remote(s, trained_uri, layout)) == n
+    assert ray.get(build_stage._encode_shard.remote(s, blob, layout)) == n
     assert os.path.getmtime(part) == before
 
 

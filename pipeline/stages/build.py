@@ -68,6 +68,11 @@ def _layout(run: Run, method: str, trained_uri: str) -> str:
     return run.stage_path("encode", method, digest)
 
 
+def put_index(uri: str) -> ray.ObjectRef:
+    """The index file at `uri`, read once into the object store for _encode_shard tasks."""
+    return ray.put(np.frombuffer(storage.read_bytes(uri), np.uint8))
+
+
 @ray.remote(max_retries=3)
 def _encode_shard(shard: dict, trained: np.ndarray, out_dir: str, gpus: float = 0.0) -> int:
     """Encodes one shard into out_dir/<shard key>.lists (ondisk.write_lists), then writes
@@ -104,7 +109,7 @@ def run_encode(run: Run) -> dict:
     refs, names, layouts = [], [], {}
     for method, (trained, _) in METHODS.items():
         layouts[method] = _layout(run, method, run.stage_path(*trained))
-        blob = ray.put(np.frombuffer(storage.read_bytes(run.stage_path(*trained)), np.uint8))
+        blob = put_index(run.stage_path(*trained))
         for s in shards:
             refs.append(encode.remote(s, blob, layouts[method], gpus))
             names.append(method)
