@@ -253,7 +253,7 @@ def _names(text: str | None, default: list[str]) -> list[str]:
     return names
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--config", default=os.path.join(ROOT, "bench", "quality.yaml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[])
@@ -273,7 +273,11 @@ def main(argv=None) -> int:
                          "contrastive ablation. Never the eval labels.")
     ap.add_argument("--json", default=os.path.join(ROOT, "runs", "bench", "quality.json"))
     ap.add_argument("--png", default=None, help="default: the JSON path with .png")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     torch.set_num_threads(os.cpu_count() or 1)
