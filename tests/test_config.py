@@ -26,6 +26,8 @@ def test_yaml_and_overrides(tmp_path):
     ("index.quantizer=rq", "index.opq=false"),
     ("index.quantizer=lsq", "index.quantizer"),
     ("train.balance_weight=-1", "_weight"),
+    ("train.lr_backoff=0", "lr_backoff"),
+    ("train.val_checks=0", "val_checks"),
 ])
 def test_bad_config_is_a_clear_error(override, message):
     with pytest.raises(ValueError, match=message):

@@ -7,8 +7,14 @@ import torch
 from pipeline.config import IndexConfig, TrainConfig
 from pipeline.index import build, knn, ondisk
 from pipeline.quant import train as T
-from pipeline.quant.losses import (contrastive, listwise_kl, ranking_loss, relative_tau,
-                                    sinkhorn_balance, sinkhorn_plan)
+from pipeline.quant.losses import (
+    contrastive,
+    listwise_kl,
+    ranking_loss,
+    relative_tau,
+    sinkhorn_balance,
+    sinkhorn_plan,
+)
 from pipeline.quant.model import Student
 
 from .conftest import normalized

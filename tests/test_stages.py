@@ -9,14 +9,17 @@ import ray
 import torch
 
 from pipeline import storage
-from pipeline.config import load_config
+from pipeline.config import IndexConfig, load_config
 from pipeline.data import readers
 from pipeline.data.plan import Shard
 from pipeline.index import build, knn, ondisk
+from pipeline.quant.train import TrainData
 from pipeline.stages import build as build_stage
 from pipeline.stages import ingest, init, teacher
 from pipeline.stages import train as train_stage
 from pipeline.stages.common import Run
+
+from .conftest import normalized
 
 
 def smoke_cfg(data, *extra):
@@ -137,6 +140,31 @@ def test_two_train_workers_match_one(prepared, tmp_path):
         build.extract_params(init.load_index(prepared.stage_path("init", "baseline.index")))
         ["codebooks"]))
     assert [h["steps"] for h in info2["history"]] == [h["steps"] for h in info1["history"]]
+
+
+def test_validation_backs_off_and_keeps_the_best():
+    """Steps far too large make validation fall: the trainer goes back to the best student
+    and shrinks the learning rates (train.lr_backoff), or with a backoff of 1 keeps going at
+    the same rates. Either way it keeps the student that validated best."""
+    rng = np.random.default_rng(3)
+    xb, xq = normalized(rng, 4000, 32), normalized(rng, 500, 32)
+    trained = build.train_baseline(xb, IndexConfig(nlist=16, M=4, nbits=6, opq=True), niter=5)
+    V = knn.block_topk(xq, xb, np.arange(len(xb)), 8, "ip", with_vectors=True)[2]
+    data, val = TrainData(xq[50:], V[50:], xb), TrainData(xq[:50], V[:50], xb)
+    check = train_stage.IndexValidator(val, "ip")
+    for backoff in (0.5, 1):
+        cfg = load_config(None, ["data.corpus=/x", "train.lr=0.5", "train.rotation_lr=0.1",
+                                 "train.epochs=2", "train.batch_size=50", "train.val_checks=3",
+                                 f"train.lr_backoff={backoff}"])
+        state = train_stage.fit_local(build.extract_params(trained), data, val, cfg)
+        lrs = [h["lr"] for h in state["history"]]
+        if backoff < 1:
+            assert state["backoffs"] >= 1 and lrs[-1] == 0.5 * 0.5 ** state["backoffs"]
+        else:
+            assert state["backoffs"] == 0 and lrs == [0.5, 0.5]
+        assert state["best_val"] >= state["warm_val"]
+        kept = train_stage.build_student(state["best"], cfg)
+        assert check(kept) == pytest.approx(state["best_val"])
 
 
 def test_teacher_tree_merge_equals_brute_force(prepared, tmp_path, monkeypatch):

@@ -184,9 +184,10 @@ def train_epoch(model: Student, opt: torch.optim.Optimizer, data: TrainData,
                 cfg: TrainConfig, epoch: int, rank: int = 0, world: int = 1,
                 reduce_grads: Callable[[list[torch.Tensor]], None] = lambda grads: None,
                 device: str = "cpu", log: Callable[[int, int, float], None] | None = None,
-                max_steps: int = 0) -> dict:
+                after_step: Callable[[int, int], None] | None = None) -> dict:
     """One pass over data.batches(...) in global batches of cfg.batch_size; this worker
-    trains on its slice [rank * B / world, (rank + 1) * B / world) of each.
+    trains on its slice [rank * B / world, (rank + 1) * B / world) of each. `after_step(step,
+    steps)` runs after every optimizer step (mid-epoch validation).
 
     Returns the per-query average of the loss and of each term ("loss_pq", "loss_ivf", ...)
     over the epoch, "steps", "queries", and "step_losses", the loss of every step.
@@ -195,8 +196,6 @@ def train_epoch(model: Student, opt: torch.optim.Optimizer, data: TrainData,
     assert B % world == 0, "global batch must split evenly across workers"
     local = B // world
     steps = data.steps(B)
-    if max_steps:
-        steps = min(steps, max_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     recon0 = model.recon_scale
     sampler = NegativeSampler(data.pool, cfg)
@@ -230,6 +229,8 @@ def train_epoch(model: Student, opt: torch.optim.Optimizer, data: TrainData,
         step += 1
         if log is not None:
             log(step, steps, float(loss.item()) * world)
+        if after_step is not None:
+            after_step(step, steps)
     steps = step
     scale = world / max(steps, 1)  # per-query averages (this worker's share x world)
     out = {f"loss_{k}": v * scale for k, v in totals.items()}

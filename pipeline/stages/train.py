@@ -84,11 +84,18 @@ class IndexValidator:
         return overlap_recall(index.search(self.xq, self.k)[1], self.gt, self.k)
 
 
+def _clone_state(model: Student) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def fit_local(params: dict, data: TrainData, val: TrainData, pcfg: PipelineConfig,
               rank: int = 0, world: int = 1, reduce_grads=lambda g: None, state: dict | None = None,
               on_epoch=None, device: str = "cpu") -> dict:
-    """The training loop of one worker (or of a single process): epochs, validation, keeping
-    the best student and never one worse than the warm start. Returns the final state."""
+    """The training loop of one worker (or of a single process): epochs, validation
+    (train.val_checks times an epoch), keeping the best student and never one worse than the
+    warm start. A validation below the best restores the best and backs the learning rates
+    off. Every worker validates the same student identically, so all take the same branch.
+    Returns the final state."""
     cfg = pcfg.train
     model = build_student(params, pcfg).to(device)
     model.recon_scale = max(reconstruction_error(model, data.pool[:4096]), 1e-12)
@@ -97,11 +104,29 @@ def fit_local(params: dict, data: TrainData, val: TrainData, pcfg: PipelineConfi
     if state is None:
         warm = validate(model)
         state = {"epoch": 0, "best_val": warm, "warm_val": warm, "best": model.export(),
-                 "history": []}
+                 "best_model": _clone_state(model), "backoffs": 0, "history": []}
         log.info("train: warm start validation recall %.4f", warm)
     else:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        state.setdefault("backoffs", 0)  # a checkpoint from before lr backoff
+        state.setdefault("best_model", _clone_state(model))
+
+    def check() -> float:
+        v = validate(model)
+        if v > state["best_val"]:
+            state.update(best_val=v, best=model.export(), best_model=_clone_state(model))
+        elif v < state["best_val"] and cfg.lr_backoff < 1:
+            model.load_state_dict(state["best_model"])
+            opt.state.clear()  # fresh moments for the smaller steps
+            for group in opt.param_groups:
+                group["lr"] *= cfg.lr_backoff
+            state["backoffs"] += 1
+            if rank == 0:
+                log.info("train: validation recall %.4f < best %.4f: back to the best, "
+                         "learning rates x%g", v, state["best_val"], cfg.lr_backoff)
+        return v
+
     for epoch in range(state["epoch"], cfg.epochs):
         t0 = time.time()
 
@@ -111,19 +136,24 @@ def fit_local(params: dict, data: TrainData, val: TrainData, pcfg: PipelineConfi
                 log.info("train: epoch %d step %d/%d loss %.4f ETA %.0fs", _epoch + 1, step,
                          steps, loss, eta)
 
-        m = train_epoch(model, opt, data, cfg, epoch, rank, world, reduce_grads, device, progress)
-        m["val_recall"] = validate(model)
+        def mid_epoch(step, steps):  # the epoch's last validation comes after it
+            every = max(1, steps // cfg.val_checks)
+            if step % every == 0 and step + every <= steps:
+                check()
+
+        m = train_epoch(model, opt, data, cfg, epoch, rank, world, reduce_grads, device,
+                        progress, mid_epoch)
+        m["val_recall"] = check()
         m["seconds"] = time.time() - t0
         m["queries_per_s_per_worker"] = m["queries"] / world / max(m["seconds"], 1e-9)
         m["epoch"] = epoch + 1
-        if m["val_recall"] > state["best_val"]:
-            state["best_val"], state["best"] = m["val_recall"], model.export()
+        m["lr"] = opt.param_groups[0]["lr"]
         state["history"].append(m)
         state.update(epoch=epoch + 1, model=model.state_dict(), optimizer=opt.state_dict())
         if rank == 0:
-            log.info("train: epoch %d/%d loss %.4f val recall %.4f (warm %.4f) %.1fs",
-                     epoch + 1, cfg.epochs, m["loss"], m["val_recall"], state["warm_val"],
-                     m["seconds"])
+            log.info("train: epoch %d/%d loss %.4f val recall %.4f (best %.4f, warm %.4f) "
+                     "%.1fs", epoch + 1, cfg.epochs, m["loss"], m["val_recall"],
+                     state["best_val"], state["warm_val"], m["seconds"])
         if on_epoch is not None:
             on_epoch(state, m)
     return state
@@ -149,7 +179,8 @@ def _worker_loop(config: dict) -> None:
     ckpt_uri = run.stage_path("train", "checkpoint.pt")
     state = None
     if storage.exists(ckpt_uri):
-        state = torch.load(io.BytesIO(storage.read_bytes(ckpt_uri)), weights_only=False)
+        state = torch.load(io.BytesIO(storage.read_bytes(ckpt_uri)), map_location="cpu",
+                           weights_only=False)
         if rank == 0:
             log.info("train: resuming from %s after epoch %d", ckpt_uri, state["epoch"])
 
@@ -184,7 +215,7 @@ def run(run: Run) -> dict:
     parts = run.stage_info("teacher")["train"]
     pfs, _ = storage.pyarrow_fs(parts[0])
     ds = ray.data.read_parquet([storage.pyarrow_fs(u)[1] for u in parts], filesystem=pfs,
-                               columns=["xq", "S", "V"])
+                               columns=["xq", "V"])
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"run": run},
@@ -198,7 +229,8 @@ def run(run: Run) -> dict:
     ckpt_uri = run.stage_path("train", "checkpoint.pt")
     if not storage.exists(ckpt_uri):
         raise RuntimeError("training finished without writing a checkpoint (0 epochs?)")
-    state = torch.load(io.BytesIO(storage.read_bytes(ckpt_uri)), weights_only=False)
+    state = torch.load(io.BytesIO(storage.read_bytes(ckpt_uri)), map_location="cpu",
+                           weights_only=False)
     storage.save_npz(run.stage_path("train", "params.npz"), **state["best"])
     secs = time.time() - t0
     improved = state["best_val"] > state["warm_val"]
