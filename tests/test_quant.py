@@ -46,6 +46,7 @@ def test_rotation_stays_orthogonal_and_loss_falls(setup):
     xb, xq, trained, V = setup
     cfg = TrainConfig(batch_size=50, negatives=64, rotation_lr=1e-2, epochs=3)
     model = Student(build.extract_params(trained), "ip")
+    T.calibrate(model, xb[:2000])
     opt = T.make_optimizer(model, cfg)
     data = T.TrainData(xq, V, xb[:2000])
     losses = [T.train_epoch(model, opt, data, cfg, e)["loss"] for e in range(cfg.epochs)]
@@ -121,6 +122,7 @@ def test_rq_student_learns_and_exports_the_learned_codebooks(setup):
     cfg = TrainConfig(batch_size=50, negatives=64, epochs=2, loss="ranking",
                       balance_weight=0.1)
     model = Student(params, "ip")
+    T.calibrate(model, xb[:2000])
     opt = T.make_optimizer(model, cfg)
     data = T.TrainData(xq, V, xb[:2000])
     losses = [T.train_epoch(model, opt, data, cfg, e)["loss_pq"] for e in range(2)]

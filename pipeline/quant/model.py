@@ -42,9 +42,11 @@ class Student(nn.Module):
         self.register_buffer("rotation0", R0.clone())
         # R = expm(A - A^T) @ R0 stays orthogonal whatever the optimizer does to A, so the
         # rotation never changes the teacher's geometry (q.d == Rq.Rd).
-        # Reconstruction error per vector at the warm start, set by the caller; it makes the
-        # reconstruction term scale-free.
+        # Set by the caller from a corpus sample (pipeline.quant.train.calibrate): the warm
+        # start's reconstruction error per vector, which makes the reconstruction term
+        # scale-free, and the unit of the codebook/centroid learning rates.
         self.recon_scale = 1.0
+        self.step_unit = 1.0
         learn_rot = learn_rotation and self.has_rotation
         self.skew = nn.Parameter(torch.zeros(d, d), requires_grad=learn_rot)
 

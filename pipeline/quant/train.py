@@ -130,8 +130,11 @@ def total_loss(parts: dict[str, torch.Tensor], cfg: TrainConfig, recon0: float) 
 
 
 def make_optimizer(model: Student, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam over the learned parameters. Codebook and centroid steps are cfg.lr (rq_lr) in
+    units of model.step_unit (see calibrate); the rotation's are in radians."""
+    lr = (cfg.rq_lr if model.residual else cfg.lr) * model.step_unit
     groups = [{"params": [p for p in (model.centroids, model.codebooks) if p.requires_grad],
-               "lr": cfg.rq_lr if model.residual else cfg.lr}]
+               "lr": lr}]
     if model.skew.requires_grad:
         groups.append({"params": [model.skew], "lr": cfg.rotation_lr})
     return torch.optim.Adam([g for g in groups if g["params"]])
@@ -236,6 +239,21 @@ def train_epoch(model: Student, opt: torch.optim.Optimizer, data: TrainData,
     out = {f"loss_{k}": v * scale for k, v in totals.items()}
     return {"loss": total * scale, **out, "steps": steps, "queries": steps * B,
             "step_losses": step_losses}
+
+
+@torch.no_grad()
+def calibrate(model: Student, x: np.ndarray) -> None:
+    """Sets the model's scales from a corpus sample x (n, d) at the warm start.
+
+    recon_scale: the mean squared reconstruction error per vector. step_unit: the RMS size of
+    a coordinate times the relative reconstruction error, so that learning rates mean the
+    same on any data scale (an Adam step moves a codeword coordinate by about lr) and shrink
+    as the code gets finer: the closer the warm start is to the data, the smaller the step
+    that can still improve it.
+    """
+    model.recon_scale = max(reconstruction_error(model, x), 1e-12)
+    sq_norm = max(float((x.astype(np.float64) ** 2).sum(1).mean()), 1e-12)
+    model.step_unit = float(np.sqrt(sq_norm / x.shape[1])) * model.recon_scale / sq_norm
 
 
 @torch.no_grad()

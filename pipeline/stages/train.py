@@ -24,9 +24,9 @@ from pipeline import storage
 from pipeline.config import PipelineConfig
 from pipeline.index import build
 from pipeline.index.knn import block_topk
-from pipeline.index.metrics import overlap_recall
+from pipeline.index.metrics import query_recalls
 from pipeline.quant.model import Student
-from pipeline.quant.train import TrainData, make_optimizer, reconstruction_error, train_epoch
+from pipeline.quant.train import TrainData, calibrate, make_optimizer, train_epoch
 from pipeline.stages.common import Run
 from pipeline.stages.init import load_index
 from pipeline.stages.teacher import load_parts, table_arrays
@@ -69,19 +69,35 @@ def _state_bytes(state: dict) -> bytes:
 
 class IndexValidator:
     """Validation as the product is used: the exported faiss index over the sample pool,
-    searched by held-out queries at nprobe = nlist / 8, against the exact top-k in the pool."""
+    searched by held-out queries at nprobe = nlist / 8, against the exact top-k in the pool.
+    Returns each query's recall, so that two students can be compared query by query."""
 
     def __init__(self, val: TrainData, metric: str, k: int = 10):
         self.xq, self.pool, self.metric, self.k = val.xq, val.pool, metric, k
         self.gt = block_topk(val.xq, val.pool, np.arange(len(val.pool)), k, metric)[1]
 
-    def __call__(self, model: Student) -> float:
+    def __call__(self, model: Student) -> np.ndarray:
         if not len(self.xq):
-            return 0.0
+            return np.zeros(0)
         index = build.index_from_params(model.export(), self.metric)
         index.add(self.pool)
         build.set_nprobe(index, max(1, model.centroids.shape[0] // 8))
-        return overlap_recall(index.search(self.xq, self.k)[1], self.gt, self.k)
+        return query_recalls(index.search(self.xq, self.k)[1], self.gt, self.k)
+
+
+def _mean(recalls: np.ndarray) -> float:
+    return float(recalls.mean()) if len(recalls) else 0.0
+
+
+def significant_fall(best: np.ndarray, now: np.ndarray, z: float) -> bool:
+    """Whether validation recall fell below the best by more than z standard errors of the
+    per-query difference (a paired comparison on the same queries): a fall that noise
+    explains does not count."""
+    diff = best - now
+    if diff.mean() <= 0:
+        return False
+    se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
+    return bool(diff.mean() > z * se)
 
 
 def _clone_state(model: Student) -> dict:
@@ -98,25 +114,34 @@ def fit_local(params: dict, data: TrainData, val: TrainData, pcfg: PipelineConfi
     Returns the final state."""
     cfg = pcfg.train
     model = build_student(params, pcfg).to(device)
-    model.recon_scale = max(reconstruction_error(model, data.pool[:4096]), 1e-12)
+    calibrate(model, data.pool[:4096])
     opt = make_optimizer(model, cfg)
     validate = IndexValidator(val, pcfg.index.metric)
     if state is None:
-        warm = validate(model)
+        warm_q = validate(model)
+        warm = _mean(warm_q)
         state = {"epoch": 0, "best_val": warm, "warm_val": warm, "best": model.export(),
-                 "best_model": _clone_state(model), "backoffs": 0, "history": []}
-        log.info("train: warm start validation recall %.4f", warm)
+                 "best_model": _clone_state(model), "best_q": warm_q, "backoffs": 0,
+                 "history": []}
+        log.info("train: warm start validation recall %.4f; learning rates %s", warm,
+                 ", ".join(f"{g['lr']:.3g}" for g in opt.param_groups))
     else:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         state.setdefault("backoffs", 0)  # a checkpoint from before lr backoff
         state.setdefault("best_model", _clone_state(model))
+        if "best_q" not in state:  # a checkpoint from before per-query validation
+            model.load_state_dict(state["best_model"])
+            state["best_q"] = validate(model)
+            model.load_state_dict(state["model"])
 
     def check() -> float:
-        v = validate(model)
+        v_q = validate(model)
+        v = _mean(v_q)
         if v > state["best_val"]:
-            state.update(best_val=v, best=model.export(), best_model=_clone_state(model))
-        elif v < state["best_val"] and cfg.lr_backoff < 1:
+            state.update(best_val=v, best=model.export(), best_model=_clone_state(model),
+                         best_q=v_q)
+        elif cfg.lr_backoff < 1 and significant_fall(state["best_q"], v_q, cfg.backoff_z):
             model.load_state_dict(state["best_model"])
             opt.state.clear()  # fresh moments for the smaller steps
             for group in opt.param_groups:
