@@ -28,6 +28,9 @@ def test_yaml_and_overrides(tmp_path):
     ("train.balance_weight=-1", "_weight"),
     ("train.lr_backoff=0", "lr_backoff"),
     ("train.val_checks=0", "val_checks"),
+    ("train.backoff_z=-1", "backoff_z"),
+    ("train.lr=0", "train.lr"),
+    ("train.rotation_lr=-1e-4", "rotation_lr"),
 ])
 def test_bad_config_is_a_clear_error(override, message):
     with pytest.raises(ValueError, match=message):

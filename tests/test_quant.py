@@ -199,3 +199,28 @@ def test_ivf_negatives_come_from_the_probed_lists(setup):
     with torch.no_grad():
         got_r = model.assign(model.rotate(torch.as_tensor(rand))).tolist()
     assert sum(g in probed for g in got_r) < sum(g in probed for g in got)
+
+
+@pytest.mark.parametrize("c", [100.0, 0.01])
+def test_training_is_scale_free(setup, c):
+    """Data c times larger or smaller (raw SIFT-like magnitudes instead of unit norms) trains
+    the same student, c times larger: learning rates are in units of the warm start's error,
+    and every temperature is relative to the data."""
+    xb, xq, trained, V = setup
+    cfg = TrainConfig(batch_size=50, negatives=64, epochs=1, balance_weight=0.1,
+                      recon_weight=0.1)
+    params = build.extract_params(trained)
+    out = []
+    for scale in (1.0, c):
+        p = dict(params, centroids=params["centroids"] * scale,
+                 codebooks=params["codebooks"] * scale)
+        model = Student(p, "ip")
+        T.calibrate(model, xb[:2000] * scale)
+        opt = T.make_optimizer(model, cfg)
+        data = T.TrainData(xq * scale, V.astype(np.float32) * scale, xb[:2000] * scale)
+        T.train_epoch(model, opt, data, cfg, 0)
+        out.append(model.export())
+    assert not np.allclose(out[0]["codebooks"], params["codebooks"], atol=1e-3), "it learned"
+    for key in ("centroids", "codebooks"):
+        np.testing.assert_allclose(out[1][key] / c, out[0][key], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(out[1]["rotation"], out[0]["rotation"], rtol=0, atol=1e-4)

@@ -94,7 +94,7 @@ def significant_fall(best: np.ndarray, now: np.ndarray, z: float) -> bool:
     per-query difference (a paired comparison on the same queries): a fall that noise
     explains does not count."""
     diff = best - now
-    if diff.mean() <= 0:
+    if not len(diff) or diff.mean() <= 0:
         return False
     se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
     return bool(diff.mean() > z * se)
