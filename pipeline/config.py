@@ -62,9 +62,9 @@ class TrainConfig:
     # (unit-norm 384-d) 0.05 is an Adam step of 9.7e-4 at 8 B and 4.5e-4 at 32 B.
     lr: float = 0.05
     # The same for an RQ student: its stages are coupled (each quantizes what the earlier ones
-    # left), so it takes smaller steps (7.6e-5 at 8 B on the shared data). Measured there:
-    # ten times more fell below the warm start, a third learned less.
-    rq_lr: float = 0.005
+    # left), so it takes smaller steps (1e-4 for IVF-RQ at 8 B on the shared data). Measured
+    # there: ten times more fell below the warm start, a third learned less.
+    rq_lr: float = 0.0065
     rotation_lr: float = 1e-4  # radians (the rotation is scale-free)
     # "ranking": KDindex's ranking loss (the student keeps the teacher's order of the top-k,
     # each above all ranked below it); "kl": Distill-VQ's listwise KL over the candidates;
