@@ -98,8 +98,9 @@ class TrainConfig:
     val_fraction: float = 0.05  # queries held out (by id) for validation; kept in memory
     # Validations per epoch (the last at its end). One that falls below the best so far
     # restores the best student and multiplies every learning rate by lr_backoff (1: never),
-    # so steps too large for a code size shrink by themselves. Measured on the shared data
-    # at 32 B: lr 1e-3 fell below the warm start from the first epoch, and 3e-4 gained 3%.
+    # so steps still too large shrink by themselves. Measured on the shared data at 32 B,
+    # before lr had its error unit: an absolute 1e-3 fell below the warm start from the
+    # first epoch, and 3e-4 gained 3%.
     val_checks: int = 4
     lr_backoff: float = 0.5
     # A fall counts only when it exceeds backoff_z standard errors of the per-query recall
