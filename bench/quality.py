@@ -32,9 +32,10 @@ sys.path.insert(0, ROOT)
 from pipeline.config import IndexConfig, PipelineConfig, load_config  # noqa: E402
 from pipeline.data import readers  # noqa: E402
 from pipeline.index import build, knn  # noqa: E402
+from pipeline.index.metrics import score_rows  # noqa: E402
+from pipeline.quant.fit import fit  # noqa: E402
 from pipeline.quant.train import TrainData  # noqa: E402
-from pipeline.stages.evaluate import format_table, score_rows  # noqa: E402
-from pipeline.stages.train import fit_local  # noqa: E402
+from pipeline.report import format_table  # noqa: E402
 
 log = logging.getLogger("bench.quality")
 
@@ -189,7 +190,7 @@ def distill(trained, data: Data, teacher: tuple, cfg: PipelineConfig,
         labeled = None
     tr = TrainData(data.xt[n_val:], V[n_val:], pool, labeled)
     val = TrainData(data.xt[:n_val], V[:n_val], pool)
-    state = fit_local(build.extract_params(trained), tr, val, cfg)
+    state = fit(build.extract_params(trained), tr, val, cfg)
     index = build.index_from_params(state["best"], cfg.index.metric)
     return index, time.time() - t0, state
 

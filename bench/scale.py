@@ -111,7 +111,7 @@ def bare_faiss(out: str, corpus: str, k: int) -> dict:
 
     from pipeline import storage
     from pipeline.data import readers
-    from pipeline.stages.init import load_index
+    from pipeline.storage import read_index
 
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     ids, xb = readers.read_all(corpus, "corpus")
@@ -123,7 +123,7 @@ def bare_faiss(out: str, corpus: str, k: int) -> dict:
     flat.search(xq, k)
     knn_s = time.time() - t0
     del flat
-    trained = load_index(os.path.join(out, "stages", "init", "baseline.index"))
+    trained = read_index(os.path.join(out, "stages", "init", "baseline.index"))
     t0 = time.time()
     trained.add_with_ids(xb, ids)
     add_s = time.time() - t0

@@ -1,7 +1,11 @@
-"""Copies a run's published artifacts (manifest, report, config, index/, baseline/) between a
-local path and an s3:// prefix, e.g. to keep a demo's results after the local S3 endpoint stops.
+"""Copies a run's current published version (its index, baseline, report and config, and the
+manifest that points at it) between a local path and an s3:// prefix, e.g. to keep a demo's
+results after the local S3 endpoint stops.
 
   python jobs/copy_run.py s3://demo/runs/demo runs/demo
+
+The source's manifest is read once, so the copy is one whole version even while the source
+is being republished. The destination's manifest is written last.
 """
 from __future__ import annotations
 
@@ -11,11 +15,8 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pipeline import storage  # noqa: E402
-
-PUBLISHED = ["index/index.ivfdata", "index/index.index", "baseline/index.ivfdata",
-             "baseline/index.index", "report.json", "report.html", "report-recall.png",
-             "report-loss.png", "config.json", "manifest.json"]
+from pipeline import publish, storage  # noqa: E402
+from pipeline.index import ondisk  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -23,18 +24,29 @@ def main(argv=None) -> int:
     ap.add_argument("src")
     ap.add_argument("dst")
     args = ap.parse_args(argv)
-    if not storage.exists(storage.join(args.src, "manifest.json")):
-        print(f"{args.src} has no manifest.json: the run is not published", file=sys.stderr)
+    try:
+        manifest = publish.resolve(args.src)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        for name in PUBLISHED:  # manifest.json last: the copy is whole once it appears
-            src = storage.join(args.src, name)
-            if not storage.exists(src):
-                continue
-            local = os.path.join(tmp, name.replace("/", "_"))
-            storage.download_file(src, local)
-            storage.upload_file(local, storage.join(args.dst, name))
-            print(f"copied {name}")
+        for rel in sorted(manifest["files"], key=lambda r: r.endswith(".index")):
+            local = os.path.join(tmp, rel.replace("/", "_"))
+            storage.download_file(storage.join(args.src, rel), local)
+            storage.upload_file(local, storage.join(args.dst, rel))
+            print(f"copied {rel}")
+        if not storage.is_s3(args.dst):  # local copies open with plain faiss.read_index
+            for rel in (manifest["index"], manifest["baseline_index"]):
+                path = storage.get_fs(storage.join(args.dst, rel))[1]
+                ondisk.retarget(path, os.path.join(os.path.dirname(path), "index.ivfdata"),
+                                path)
+                manifest["files"][rel] = {"sha256": storage.sha256_file(path),
+                                          "bytes": os.path.getsize(path)}
+        version = storage.join(args.dst, publish.VERSIONS, manifest["version"],
+                               publish.POINTER)
+        storage.write_json(version, manifest)
+        storage.write_json(storage.join(args.dst, publish.POINTER), manifest)
+    print(f"{args.dst}: version {manifest['version']}")
     return 0
 
 

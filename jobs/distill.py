@@ -2,7 +2,14 @@
 
 Runs ingest -> init -> teacher -> train -> export -> encode -> merge -> evaluate over a local
 Ray cluster (or RAY_ADDRESS / ray.address), writing everything under --output (a local path or
-an s3:// prefix). Finished stages are skipped on a rerun; --from-stage forces a rerun.
+an s3:// prefix), and publishes the result as a new version (URI/versions/<version>/, with
+URI/manifest.json pointing at it). On a rerun, a stage runs only when a setting or input it
+reads changed; --from-stage forces a stage and the later ones.
+
+  python jobs/distill.py --output URI --rollback VERSION   # point back at an earlier version
+
+Exit codes: 0 done; 2 a mistake in the input, the config or the arguments, or another job
+holds the output; 128 + signal number when interrupted (a rerun resumes).
 """
 from __future__ import annotations
 
@@ -15,13 +22,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.runner import STAGES, run_pipeline  # noqa: E402
-from pipeline.stages.evaluate import format_table  # noqa: E402
+from pipeline.lease import LeaseHeld, LeaseLost  # noqa: E402
+from pipeline.report import format_table  # noqa: E402
+from pipeline.runner import STAGES, Interrupted, rollback, run_pipeline  # noqa: E402
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--config", required=True, help="YAML preset, e.g. jobs/configs/demo.yaml")
+    ap.add_argument("--config", help="YAML preset, e.g. jobs/configs/demo.yaml")
     ap.add_argument("--output", required=True, help="run folder: local path or s3://bucket/prefix")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value, e.g. --set index.M=16 (repeatable)")
@@ -29,33 +37,78 @@ def main(argv=None) -> int:
     ap.add_argument("--incremental", action="store_true",
                     help="after corpus files were added, changed or removed: keep the trained "
                          "quantizers, encode only new or changed shards, merge, evaluate")
+    ap.add_argument("--rollback", metavar="VERSION",
+                    help="point URI/manifest.json back at this earlier version and exit")
+    ap.add_argument("--break-lease", action="store_true",
+                    help="take over the output's lease even if another job seems to hold it "
+                         "(only when that job is known to be dead)")
     args = ap.parse_args(argv)
+    if not args.rollback and not args.config:
+        ap.error("--config is required (except with --rollback)")
+    return args
+
+
+def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("aiobotocore", "botocore", "s3fs", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    t0 = time.time()
-    try:
-        result = run_pipeline(cfg, args.output, args.from_stage, args.incremental)
-    except ValueError as e:
-        print(f"input error: {e}", file=sys.stderr)
-        return 2
-    total = time.time() - t0
+
+
+def _summary(output: str, result: dict, total: float) -> None:
     if result["rows"]:
         print("\n" + format_table(result["rows"]))
     m = result["manifest"]
-    size = sum(f.get("bytes", 0) for n, f in m["files"].items() if n.startswith("index/"))
-    print(f"\nindex: {args.output.rstrip('/')}/{m['index']} (+ index.ivfdata), "
+    folder = m["index"].rsplit("/", 1)[0] + "/"
+    size = sum(f["bytes"] for n, f in m["files"].items() if n.startswith(folder))
+    print(f"\nversion: {m['version']}")
+    print(f"index: {output.rstrip('/')}/{m['index']} (+ index.ivfdata), "
           f"{m['counts']['vectors']} vectors, {size / 1e6:.1f} MB")
-    if "report.html" in m["files"]:
-        print(f"report: {args.output.rstrip('/')}/report.html")
+    report = m["index"].rsplit("/", 2)[0] + "/report.html"
+    if report in m["files"]:
+        print(f"report: {output.rstrip('/')}/{report}")
     print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
     print(f"total wall time: {total:.1f}s")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    _setup_logging()
+    try:
+        if args.rollback:
+            lease_s = load_config(args.config, args.overrides).publish.lease_seconds \
+                if args.config else 120.0
+            m = rollback(args.output, args.rollback, lease_s, args.break_lease)
+            print(f"rolled back: {args.output.rstrip('/')}/manifest.json -> {m['version']}")
+            return 0
+        cfg = load_config(args.config, args.overrides)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except LeaseHeld as e:
+        print(f"output busy: {e}", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    try:
+        result = run_pipeline(cfg, args.output, args.from_stage, args.incremental,
+                              break_lease=args.break_lease)
+    except ValueError as e:
+        print(f"input error: {e}", file=sys.stderr)
+        return 2
+    except LeaseHeld as e:
+        print(f"output busy: {e}", file=sys.stderr)
+        return 2
+    except LeaseLost as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:
+        where = f"during stage {e.stage}" if e.stage else "between stages"
+        print(f"interrupted by {e} {where}; nothing new was published. Rerun the same command "
+              "to resume: finished stages are kept" +
+              (", and training continues from its last checkpoint" if e.stage == "train"
+               else ""), file=sys.stderr)
+        return 128 + e.signum
+    _summary(args.output, result, time.time() - t0)
     return 0
 
 

@@ -1,8 +1,9 @@
 """Queries a published index: python jobs/search.py --index URI --queries FILE -k 10 --nprobe 32
 
---index is a run folder (its index/ is used), an index/ folder, or an .index file, on a local
-path or s3://. --queries is any file in the input contract (Parquet id + embedding, .npy,
-.fvecs). Prints the top-k ids and scores per query, or writes them as Parquet with --out.
+--index is a run folder (the version its manifest.json names is used), an index folder
+(index.index + index.ivfdata), or an .index file, on a local path or s3://. --queries is any
+file in the input contract (Parquet id + embedding, .npy, .fvecs). Prints the top-k ids and
+scores per query (stdout holds nothing else), or writes them as Parquet with --out.
 """
 from __future__ import annotations
 
@@ -16,20 +17,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pipeline import storage  # noqa: E402
+from pipeline import publish, storage  # noqa: E402
 from pipeline.data import readers  # noqa: E402
 from pipeline.index import build, ondisk  # noqa: E402
 
 
 def index_folder(uri: str) -> str:
+    """The folder of the index pair to open. A run folder is resolved through its manifest
+    once, so every file read belongs to the version it named at that moment."""
     uri = uri.rstrip("/")
     if uri.endswith(".index"):
         return uri.rsplit("/", 1)[0]
-    if storage.exists(storage.join(uri, "index", "index.index")):
-        return storage.join(uri, "index")
+    if storage.exists(storage.join(uri, publish.POINTER)):
+        manifest = publish.resolve(uri)
+        return storage.join(uri, manifest["index"].rsplit("/", 1)[0])
     if storage.exists(storage.join(uri, "index.index")):
         return uri
-    raise ValueError(f"--index: no index.index under {uri} (give a run folder or its index/)")
+    raise ValueError(f"--index: {uri} holds neither a published run ({publish.POINTER}) nor "
+                     "an index.index")
 
 
 def open_index(uri: str, cache: str):
@@ -37,9 +42,24 @@ def open_index(uri: str, cache: str):
     folder = index_folder(uri)
     if not storage.is_s3(folder):
         return ondisk.read_ondisk(os.path.join(folder, "index.index"))
-    for name in ("index.ivfdata", "index.index"):
+    for name in publish.INDEX_FILES:
         storage.download_file(storage.join(folder, name), os.path.join(cache, name))
     return ondisk.read_ondisk(os.path.join(cache, "index.index"))
+
+
+def check_search_args(index, k: int, nprobe: int) -> int:
+    """Validates k and nprobe against the index; returns the nprobe to use (clamped to
+    nlist, with a note on stderr)."""
+    if nprobe < 1:
+        raise ValueError(f"--nprobe must be >= 1, got {nprobe}")
+    if not 1 <= k <= index.ntotal:
+        raise ValueError(f"-k must be between 1 and the index's {index.ntotal} vectors, got {k}")
+    nlist = build.ivfpq_of(index).nlist
+    if nprobe > nlist:
+        print(f"note: --nprobe {nprobe} is more than the index's {nlist} lists; using {nlist}",
+              file=sys.stderr)
+        return nlist
+    return nprobe
 
 
 def main(argv=None) -> int:
@@ -51,12 +71,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write Parquet (query_id, rank, id, score) here instead")
     args = ap.parse_args(argv)
     try:
+        if args.nprobe < 1 or args.k < 1:  # before any I/O
+            raise ValueError(f"--nprobe and -k must be >= 1, got {args.nprobe} and {args.k}")
         qids, xq = readers.read_all(args.queries, "--queries")
         with tempfile.TemporaryDirectory() as cache:
             index = open_index(args.index, cache)
             if xq.shape[1] != index.d:
                 raise ValueError(f"--queries have d={xq.shape[1]}, the index has d={index.d}")
-            build.set_nprobe(index, args.nprobe)
+            build.set_nprobe(index, check_search_args(index, args.k, args.nprobe))
             D, I = index.search(xq, args.k)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -68,7 +90,7 @@ def main(argv=None) -> int:
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf)
         storage.write_bytes(args.out, buf.getvalue().to_pybytes())
-        print(f"wrote {n} x {k} results to {args.out}")
+        print(f"wrote {n} x {k} results to {args.out}", file=sys.stderr)
         return 0
     try:
         for q, ids, scores in zip(qids, I, D):

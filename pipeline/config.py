@@ -135,6 +135,14 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class PublishConfig:
+    keep_versions: int = 3  # published versions kept (the current one always stays)
+    # A job renews its lease on the output every lease_seconds / 4; a lease not renewed for
+    # lease_seconds is dead, and another job may take it over.
+    lease_seconds: float = 120.0
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
@@ -144,6 +152,7 @@ class PipelineConfig:
     build: BuildConfig = field(default_factory=BuildConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -220,14 +229,25 @@ def _apply_override(raw: dict, override: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {override!r}: {p} is not a section")
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {override!r}: the value is not valid YAML: {e}") from None
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> PipelineConfig:
     raw: dict = {}
     if path:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ValueError(f"--config: {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config: {path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"--config: {path} must be a mapping of sections (data:, index:, "
+                             f"...), not a {type(raw).__name__}")
     for o in overrides:
         _apply_override(raw, o)
     cfg = _build(PipelineConfig, raw, "")
@@ -244,6 +264,10 @@ def validate(cfg: PipelineConfig) -> None:
         raise ValueError("index.M and index.nlist must be >= 1 and index.nbits in 1..16")
     if cfg.teacher.k < 1 or cfg.eval.k < 1:
         raise ValueError("teacher.k and eval.k must be >= 1")
+    if tr.epochs < 1:
+        raise ValueError(f"train.epochs must be >= 1, got {tr.epochs}")
+    if cfg.publish.keep_versions < 1 or cfg.publish.lease_seconds <= 0:
+        raise ValueError("publish.keep_versions must be >= 1 and publish.lease_seconds > 0")
     if tr.num_workers < 1 or tr.batch_size < tr.num_workers:
         raise ValueError("train.num_workers must be >= 1 and train.batch_size >= num_workers")
     if tr.batch_size % tr.num_workers:

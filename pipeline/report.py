@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import html
 import io
+import json
 
 RECALL_PNG = "report-recall.png"
 LOSS_PNG = "report-loss.png"
+# report row field -> its column head in text tables
+TABLE_COLUMNS = {"method": "method", "bytes_per_vector": "B/vec", "nlist": "nlist",
+                 "nprobe": "nprobe", "recall_at_10": "R@10", "recall_at_100": "R@100",
+                 "mrr_at_10": "MRR@10", "label_recall_at_10": "labelR@10"}
 
 
 def _figure(width: float, height: float, ncols: int = 1):
@@ -94,8 +99,7 @@ def render(rows: list[dict], train_info: dict | None, wall_seconds: dict, summar
     summary: {"index": URI, "vectors": n, "bytes_per_vector": b, "config_hash": h}.
     """
     files = {RECALL_PNG: recall_plot(rows)}
-    cols = ["method", "bytes_per_vector", "nlist", "nprobe", "recall_at_10", "recall_at_100",
-            "mrr_at_10", "label_recall_at_10"]
+    cols = list(TABLE_COLUMNS)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>Distilled VQ report</title>",
         "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}"
@@ -129,4 +133,28 @@ def render(rows: list[dict], train_info: dict | None, wall_seconds: dict, summar
               _table(list(wall_seconds), [[float(v) for v in wall_seconds.values()]]),
               "</body></html>"]
     files["report.html"] = "\n".join(parts).encode()
+    return files
+
+
+def format_table(rows: list[dict]) -> str:
+    """The report rows as an aligned text table (None prints as -)."""
+    def fmt(v):
+        if v is None:
+            return "-"
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    table = [list(TABLE_COLUMNS.values())] + [[fmt(r.get(c)) for c in TABLE_COLUMNS]
+                                               for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(TABLE_COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def report_files(rows: list[dict], train_info: dict | None, wall_seconds: dict,
+                 summary: dict) -> dict:
+    """{file name: bytes}: report.json ({"rows", "wall_seconds"}), report.html and its PNGs."""
+    files = {"report.json": json.dumps({"rows": rows, "wall_seconds": wall_seconds},
+                                       indent=2).encode()}
+    files.update(render(rows, train_info, wall_seconds, summary))
     return files

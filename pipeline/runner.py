@@ -1,20 +1,57 @@
-"""Runs the stages in order over one run folder, skipping those already finished."""
+"""Runs the stages over one run folder, each only when what it reads changed, then publishes
+the result as a new version.
+
+A stage is skipped when its recorded key (pipeline.keys) equals the key it would run with now;
+otherwise it runs, and so does every stage below it. The whole job holds the output's lease
+(pipeline.lease), so no two jobs write one output at once.
+"""
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
+from contextlib import contextmanager
 
 import ray
 
-from pipeline import storage
+from pipeline import keys, lease, publish, report, storage
 from pipeline.config import PipelineConfig
+from pipeline.index import build as index_build
 from pipeline.stages import build, evaluate, ingest, init, teacher, train
-from pipeline.stages.common import Run
+from pipeline.stages.common import METHODS, Run
 
 log = logging.getLogger("pipeline.runner")
 
 STAGES = ["ingest", "init", "teacher", "train", "export", "encode", "merge", "evaluate"]
+# The stages whose results an incremental rebuild keeps: the trained quantizers.
+FROZEN = ["init", "teacher", "train", "export"]
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM reached the job; `stage` is the stage it stopped (None: before or
+    after the stages). A BaseException, like KeyboardInterrupt, so no handler swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.stage = signum, None
+
+
+@contextmanager
+def _interruptible():
+    """SIGINT and SIGTERM raise Interrupted in the main thread while the job runs."""
+    def handler(signum, _frame):
+        raise Interrupted(signum)
+
+    try:
+        saved = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: leave signals alone
+        saved = {}
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
 
 
 def init_ray(cfg: PipelineConfig) -> None:
@@ -32,29 +69,59 @@ def init_ray(cfg: PipelineConfig) -> None:
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
-INCREMENTAL = ["ingest", "encode", "merge", "evaluate"]
+def check_output(output: str) -> None:
+    if storage.is_file(output):
+        raise ValueError(f"--output {output} is a file; give a folder or an s3:// prefix "
+                         "(it is created if missing)")
 
 
 def run_pipeline(cfg: PipelineConfig, output: str, from_stage: str | None = None,
-                 incremental: bool = False, on_stage=None) -> dict:
-    """Runs every unfinished stage; `from_stage` forces that stage and the later ones to rerun.
-    `incremental` keeps the trained quantizers and re-encodes only new or changed shards.
-    `on_stage(name)` is called as each stage starts (benchmarks attribute resources by it).
-    Returns {"report": ..., "manifest": ..., "seconds": {stage: s}}."""
+                 incremental: bool = False, on_stage=None, break_lease: bool = False) -> dict:
+    """Runs every stage whose key changed, then publishes a new version if anything did.
+    `from_stage` forces that stage and the later ones to run afresh. `incremental` keeps the
+    trained quantizers and re-encodes only new or changed shards. `on_stage(name)` is called
+    as each stage starts (benchmarks attribute resources by it).
+    Returns {"rows": ..., "manifest": ..., "seconds": {stage: s}}."""
     if from_stage is not None and from_stage not in STAGES:
         raise ValueError(f"--from-stage must be one of {', '.join(STAGES)}")
     if incremental and from_stage:
         raise ValueError("--incremental and --from-stage do not go together; choose one")
-    plan = ingest.preflight(cfg)  # metadata checks before Ray starts or anything is written
-    log.info("corpus: %d vectors, d=%d, %d shards", plan["n"], plan["d"], len(plan["shards"]))
-    if not cfg.data.eval_queries:
-        log.warning("no data.eval_queries: the index is built but not evaluated")
-    init_ray(cfg)
-    run = Run(output, cfg)
-    if incremental and not run.is_done("export"):
-        raise ValueError(f"--incremental needs a finished run under {output} with this config "
-                         "(its quantizers are reused): run once without --incremental first")
-    storage.write_json(run.path("config.json"), {"config": cfg.to_dict(), "hash": cfg.hash()})
+    check_output(output)
+    with _interruptible(), lease.hold(output, cfg.publish.lease_seconds, break_lease) as held:
+        plan = ingest.preflight(cfg)  # metadata checks before Ray starts or anything is written
+        log.info("corpus: %d vectors, d=%d, %d shards", plan["n"], plan["d"],
+                 len(plan["shards"]))
+        if not cfg.data.eval_queries:
+            log.warning("no data.eval_queries: the index is built but not evaluated")
+        run = Run(output, cfg)
+        if incremental:
+            _check_incremental(run, plan)
+        init_ray(cfg)
+        seconds = _run_stages(run, plan, from_stage, incremental, on_stage, held)
+        rows = run.stage_info("evaluate")["rows"] if cfg.data.eval_queries else []
+        manifest = _publish(run, rows, seconds, held)
+    return {"rows": rows, "manifest": manifest, "seconds": seconds}
+
+
+def _check_incremental(run: Run, plan: dict) -> None:
+    """An incremental rebuild keeps the quantizers: they must exist and have been trained
+    with the settings given now."""
+    for name in FROZEN:
+        record = run.record(name)
+        if record is None:
+            raise ValueError(f"--incremental needs a finished run under {run.output} (its "
+                             "quantizers are reused): run once without --incremental first")
+        own = keys.fields(run.cfg, name, plan["inputs"])
+        changed = [k for k in own if own[k] != record["fields"].get(k)]
+        if changed:
+            raise ValueError(f"--incremental keeps the trained quantizers, but "
+                             f"{', '.join(changed)} changed since they were trained; rerun "
+                             "without --incremental to retrain")
+
+
+def _run_stages(run: Run, plan: dict, from_stage, incremental: bool, on_stage,
+                held: lease.Lease) -> dict:
+    run.forced = set(STAGES[STAGES.index(from_stage):]) if from_stage else set()
     steps = {
         "ingest": (lambda: ingest.run_incremental(run, plan)) if incremental else
                   (lambda: ingest.run(run, plan)),
@@ -66,33 +133,73 @@ def run_pipeline(cfg: PipelineConfig, output: str, from_stage: str | None = None
         "merge": lambda: build.run_merge(run),
         "evaluate": lambda: evaluate.run(run),
     }
-    if run.is_done("ingest") and not incremental and from_stage is None:
-        before = {s["uri"]: s.get("fingerprint") for s in run.stage_info("ingest")["shards"]}
-        now = {s["uri"]: s.get("fingerprint") for s in plan["shards"]}
-        if before != now:
-            log.warning("the corpus files changed since this run's ingest; finished stages "
-                        "still describe the old files. Rebuild with --incremental (frozen "
-                        "quantizers) or --from-stage ingest (retrain)")
-    forced = STAGES[STAGES.index(from_stage):] if from_stage else []
-    if incremental:
-        forced = INCREMENTAL
     seconds = {}
     for name in STAGES:
-        if name == "evaluate" and not cfg.data.eval_queries:
+        if name == "evaluate" and not run.cfg.data.eval_queries:
             continue
-        if run.is_done(name) and name not in forced:
-            log.info("stage %s: already finished, skipping", name)
-            seconds[name] = storage.read_json(run.manifest_uri(name))["seconds"]
+        held.check()
+        own = keys.fields(run.cfg, name, plan["inputs"])
+        deps = {d: run.keys[d] for d in keys.DEPS[name]}
+        run.keys[name] = key = keys.stage_key(own, deps)
+        record = run.record(name)
+        if incremental and name in FROZEN:
+            if record["key"] != key:  # the kept quantizers now stand for the new corpus
+                run.finish(name, record["info"], record["seconds"], key, own, deps)
+            log.info("stage %s: kept (--incremental: the quantizers are frozen)", name)
+            seconds[name] = record["seconds"]
             continue
-        log.info("stage %s: starting", name)
+        if name in run.forced:
+            why = f"--from-stage {from_stage}"
+        elif record is not None and record.get("key") == key:
+            log.info("stage %s: skipped (unchanged)", name)
+            seconds[name] = record["seconds"]
+            continue
+        else:
+            why = keys.why_rerun(record, own, deps)
+        log.info("stage %s: runs: %s", name, why)
         if on_stage is not None:
             on_stage(name)
         t0 = time.time()
-        info = steps[name]()
+        try:
+            info = steps[name]()
+        except Interrupted as e:
+            e.stage = name
+            raise
         seconds[name] = round(time.time() - t0, 2)
-        run.finish(name, info, seconds[name])
+        run.finish(name, info, seconds[name], key, own, deps)
         log.info("stage %s: finished in %.1fs", name, seconds[name])
-    rows = run.stage_info("evaluate")["rows"] if cfg.data.eval_queries else []
-    report_files = evaluate.write_report(run, rows, seconds) if rows else {}
-    manifest = build.publish_manifest(run, report_files, seconds)
-    return {"rows": rows, "manifest": manifest, "seconds": seconds}
+    return seconds
+
+
+def _publish(run: Run, rows: list[dict], seconds: dict, held: lease.Lease) -> dict:
+    cfg = run.cfg
+    merged = run.stage_info("merge")
+    n = run.stage_info("ingest")["n"]
+    extra = {"config.json": storage.json_bytes({"config": cfg.to_dict(), "hash": cfg.hash()})}
+    if rows:
+        train_info = run.stage_info("train")
+        summary = {"index": "index/index.index", "vectors": n,
+                   "bytes_per_vector": index_build.bytes_per_vector(cfg.index),
+                   "config_hash": cfg.hash()}
+        extra.update(report.report_files(rows, train_info, seconds, summary))
+    meta = {
+        "counts": {"vectors": n, "shards": len(run.stage_info("ingest")["shards"]),
+                   "d": run.stage_info("ingest")["d"]},
+        "parameters": {**cfg.to_dict()["index"],
+                       "bytes_per_vector": index_build.bytes_per_vector(cfg.index)},
+        "config_hash": cfg.hash(),
+        "stage_seconds": seconds,
+        "open_with": "faiss.read_index(path) for a local output, or "
+                     "faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR) after copying "
+                     "index.index and index.ivfdata into one folder",
+    }
+    indexes = {METHODS[m][1]: (merged[m]["uri"], merged[m]["files"]) for m in METHODS}
+    built_from = {s: run.keys[s] for s in ("merge", "evaluate") if s in run.keys}
+    return publish.publish(run.output, indexes, extra, meta, built_from,
+                           cfg.publish.keep_versions, held.check)
+
+
+def rollback(output: str, version: str, lease_seconds: float, break_lease: bool) -> dict:
+    """Points the output's manifest back at an earlier version, under the output's lease."""
+    with lease.hold(output, lease_seconds, break_lease):
+        return publish.rollback(output, version)

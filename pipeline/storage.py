@@ -7,12 +7,16 @@ whole with its single PUT.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 import uuid
+from contextlib import contextmanager
 
 import fsspec
 import numpy as np
@@ -86,8 +90,12 @@ def read_json(uri: str):
     return json.loads(read_bytes(uri))
 
 
+def json_bytes(obj) -> bytes:
+    return json.dumps(obj, indent=2, sort_keys=True).encode()
+
+
 def write_json(uri: str, obj) -> None:
-    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True).encode())
+    write_bytes(uri, json_bytes(obj))
 
 
 def save_npz(uri: str, **arrays) -> None:
@@ -148,3 +156,140 @@ def pyarrow_fs(uri: str):
         fs, path = get_fs(uri)
         return PyFileSystem(FSSpecHandler(fs)), path
     return LocalFileSystem(), os.path.abspath(uri)
+
+
+# Conditional writes: the lease and the published pointer are only ever changed by a writer
+# that saw their current version. On S3 that is a PUT with If-None-Match: * (create) or
+# If-Match: <ETag> (replace); locally an exclusive create, or a compare under an flock.
+
+
+class Conflict(Exception):
+    """A conditional write lost: the object was created or changed by another writer."""
+
+
+def _s3_put(uri: str, data: bytes, **condition) -> str:
+    fs, path = get_fs(uri)
+    bucket, key = path.split("/", 1)
+    try:
+        return fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
+    except OSError as e:  # s3fs turns 412 PreconditionFailed into FileExistsError / EINVAL
+        if isinstance(e, FileExistsError) or "pre-condition" in str(e):
+            raise Conflict(uri) from None
+        raise
+
+
+@contextmanager
+def _local_lock(path: str):
+    """Serializes compare-and-replace of `path` among processes of this machine."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock"),
+                 os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _tag(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def read_tagged(uri: str) -> tuple[bytes | None, str | None]:
+    """(content, version tag), or (None, None) when there is no such object. The tag is what
+    replace_if takes: the S3 ETag, or a hash of a local file's content."""
+    fs, path = get_fs(uri)
+    if is_s3(uri):
+        try:
+            tag = fs.info(path, refresh=True)["ETag"]
+            return fs.cat_file(path), tag
+        except FileNotFoundError:
+            return None, None
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None, None
+    return data, _tag(data)
+
+
+def create_exclusive(uri: str, data: bytes) -> str:
+    """Writes `uri` only if it does not exist; returns its tag. Raises Conflict otherwise."""
+    if is_s3(uri):
+        return _s3_put(uri, data, IfNoneMatch="*")
+    path = get_fs(uri)[1]
+    with _local_lock(path):
+        if os.path.exists(path):
+            raise Conflict(uri)
+        write_bytes(uri, data)
+    return _tag(data)
+
+
+def replace_if(uri: str, data: bytes, tag: str | None) -> str:
+    """Replaces `uri` only if its current tag is `tag` (None: only if it does not exist).
+    Returns the new tag; raises Conflict when another writer got there first."""
+    if tag is None:
+        return create_exclusive(uri, data)
+    if is_s3(uri):
+        return _s3_put(uri, data, IfMatch=tag)
+    path = get_fs(uri)[1]
+    with _local_lock(path):
+        if read_tagged(uri)[1] != tag:
+            raise Conflict(uri)
+        write_bytes(uri, data)
+    return _tag(data)
+
+
+def copy(src: str, dst: str) -> None:
+    """Copies one file within a store: a server-side copy on S3 (multipart for large objects),
+    a hard link locally (published files are never changed in place), else a copy."""
+    fs, spath = get_fs(src)
+    _, dpath = get_fs(dst)
+    if is_s3(src):
+        fs.copy(spath, dpath)
+        return
+    os.makedirs(os.path.dirname(dpath), exist_ok=True)
+    try:
+        os.link(spath, dpath)
+    except OSError as e:
+        if e.errno == errno.EEXIST:
+            raise
+        _atomic_local(dpath, lambda tmp: shutil.copyfile(spath, tmp))
+
+
+def size(uri: str) -> int:
+    fs, path = get_fs(uri)
+    return int(fs.info(path)["size"])
+
+
+def sha256_uri(uri: str) -> str:
+    """sha256 of a local or S3 object, streamed."""
+    h = hashlib.sha256()
+    fs, path = get_fs(uri)
+    with fs.open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def listdir(uri: str) -> list[str]:
+    """Names directly under a folder or prefix; empty when there is none."""
+    fs, path = get_fs(uri)
+    try:
+        return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    except FileNotFoundError:
+        return []
+
+
+def is_file(uri: str) -> bool:
+    fs, path = get_fs(uri)
+    return fs.isfile(path)
+
+
+def read_index(uri: str):
+    """Reads a faiss index file (not an on-disk one) from a local path or s3:// URI."""
+    import faiss
+
+    if not is_s3(uri):
+        return faiss.read_index(uri)
+    return faiss.deserialize_index(np.frombuffer(read_bytes(uri), np.uint8))

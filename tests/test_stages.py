@@ -138,7 +138,7 @@ def test_two_train_workers_match_one(prepared, tmp_path):
                                    err_msg=key)
     # and training moved the parameters: the comparison is not between two warm starts
     assert not torch.allclose(s1["model"]["codebooks"], torch.as_tensor(
-        build.extract_params(init.load_index(prepared.stage_path("init", "baseline.index")))
+        build.extract_params(storage.read_index(prepared.stage_path("init", "baseline.index")))
         ["codebooks"]))
     assert [h["steps"] for h in info2["history"]] == [h["steps"] for h in info1["history"]]
 

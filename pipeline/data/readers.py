@@ -85,6 +85,10 @@ def probe(uri: str, id_cols=("id", "embedding")) -> tuple[int, int | None]:
                 f"{uri}: missing column(s) {missing}; found {names}. The input contract is "
                 f"Parquet with columns {list(id_cols)}"
             )
+        id_type = pf.schema_arrow.field(id_cols[0]).type
+        if not pa.types.is_integer(id_type):
+            raise ValueError(f"{uri}: column {id_cols[0]!r} is {id_type}; ids must be integers "
+                             "(int64, from 0 to 2**63 - 1)")
         t = pf.schema_arrow.field(id_cols[-1]).type
         d = t.list_size if pa.types.is_fixed_size_list(t) else None
         return pf.metadata.num_rows, d
@@ -144,7 +148,7 @@ def read_rows(uri: str, start: int, stop: int, id_offset: int = 0,
         except (OSError, pa.ArrowException) as e:
             raise ValueError(_unreadable(f"{uri} rows {start}-{stop}", e)) from None
         table = table.slice(start - first, stop - start)
-        ids = table.column(columns[0]).to_numpy().astype(np.int64, copy=False)
+        ids = checked_ids(table.column(columns[0]), uri, columns[0])
         return ids, _embedding_to_numpy(table.column(columns[1]), uri)
     ids = np.arange(id_offset + start, id_offset + stop, dtype=np.int64)
     with fs.open(path, "rb") as f:
@@ -162,6 +166,24 @@ def read_rows(uri: str, start: int, stop: int, id_offset: int = 0,
     body = raw[:, 4:]
     x = body.copy().view(np.float32) if itemsize == 4 else body.astype(np.float32)
     return ids, x
+
+
+def checked_ids(col: pa.ChunkedArray, uri: str, name: str) -> np.ndarray:
+    """An id column as int64, or a ValueError naming the file, the column and the fix: ids
+    are integers in [0, 2**63) (faiss reserves -1 for "no result"), with no nulls."""
+    where = f"{uri}: column {name!r}"
+    if not pa.types.is_integer(col.type):
+        raise ValueError(f"{where} is {col.type}; ids must be integers (int64)")
+    if col.null_count:
+        raise ValueError(f"{where} has {col.null_count} null ids; every row needs an id")
+    raw = col.to_numpy()
+    if raw.dtype == np.uint64 and len(raw) and raw.max() >= 1 << 63:
+        raise ValueError(f"{where} has ids >= 2**63 (max {raw.max()}); faiss ids are int64")
+    ids = raw.astype(np.int64, copy=False)
+    if len(ids) and ids.min() < 0:
+        raise ValueError(f"{where} has negative ids (min {ids.min()}); ids must be >= 0 "
+                         "(faiss uses -1 for no result)")
+    return ids
 
 
 def check_block(ids: np.ndarray, x: np.ndarray, where: str, d: int | None = None) -> None:
@@ -185,6 +207,8 @@ def read_all(uri: str, what: str, limit: int = 0) -> tuple[np.ndarray, np.ndarra
     ids_parts, x_parts, offset, n = [], [], 0, 0
     for f in list_inputs(uri, what):
         rows, _ = probe(f)
+        if not rows:
+            continue
         ids, x = read_rows(f, 0, rows, id_offset=offset)
         offset += rows
         ids_parts.append(ids)
@@ -192,6 +216,8 @@ def read_all(uri: str, what: str, limit: int = 0) -> tuple[np.ndarray, np.ndarra
         n += rows
         if limit and n >= limit:
             break
+    if not n:
+        raise ValueError(f"{what}: {uri} holds no rows; give a non-empty set")
     ids, x = np.concatenate(ids_parts), np.concatenate(x_parts)
     if limit:
         ids, x = ids[:limit], x[:limit]
@@ -209,6 +235,9 @@ def read_labels(uri: str) -> dict[int, set[int]]:
         if not {"query_id", "doc_id"} <= set(t.column_names):
             raise ValueError(
                 f"data.labels: {f} needs columns query_id, doc_id; has {t.column_names}")
-        for q, dd in zip(t.column("query_id").to_numpy(), t.column("doc_id").to_numpy()):
+        for q, dd in zip(checked_ids(t.column("query_id"), f, "query_id"),
+                         checked_ids(t.column("doc_id"), f, "doc_id")):
             qrels.setdefault(int(q), set()).add(int(dd))
+    if not qrels:
+        raise ValueError(f"data.labels: {uri} holds no labels; give some or leave it empty")
     return qrels

@@ -33,3 +33,19 @@ def label_recall_at(I: np.ndarray, qids: np.ndarray, qrels: dict, k: int = 10) -
         if rel:
             total += len(rel.intersection(row.tolist())) / len(rel)
     return total / len(I)
+
+
+def score_rows(I_by_nprobe: dict, gt: np.ndarray, qids: np.ndarray, qrels: dict | None,
+               base_row: dict) -> list[dict]:
+    """One report row per nprobe: base_row plus recall@10/100 against gt and, with labels,
+    MRR@10 and label recall@10."""
+    rows = []
+    for nprobe, I in sorted(I_by_nprobe.items()):
+        rows.append({
+            **base_row, "nprobe": nprobe,
+            "recall_at_10": overlap_recall(I, gt, 10),
+            "recall_at_100": overlap_recall(I, gt, 100) if gt.shape[1] >= 100 else None,
+            "mrr_at_10": mrr_at(I, qids, qrels, 10) if qrels else None,
+            "label_recall_at_10": label_recall_at(I, qids, qrels, 10) if qrels else None,
+        })
+    return rows

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+import threading
+from contextlib import contextmanager
 
 import faiss
 import numpy as np
@@ -219,8 +222,40 @@ def stitch_ranges(trained, slice_paths, sizes: np.ndarray, out_dir: str,
     return out
 
 
+_stdout_lock = threading.Lock()
+
+
+@contextmanager
+def stdout_to_stderr():
+    """Sends what C++ code prints to stdout (faiss's "IO_FLAG_ONDISK_SAME_DIR: updating ondisk
+    filename" line) to stderr instead, so that a program's stdout holds only its results."""
+    with _stdout_lock:  # fd 1 is process-wide: one redirect at a time
+        sys.stdout.flush()
+        saved = os.dup(1)
+        try:
+            os.dup2(2, 1)
+            yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def read_ondisk(index_path: str):
     """Opens a published pair wherever it lies (the .ivfdata beside the .index)."""
     # Not IO_FLAG_MMAP: it carries IO_FLAG_SKIP_IVF_DATA, which leaves an OnDisk index unmapped
     # (search then segfaults, faiss 1.15).
-    return faiss.read_index(index_path, faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+    with stdout_to_stderr():
+        return faiss.read_index(index_path,
+                                faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+
+
+def retarget(index_path: str, ivfdata_path: str, out_path: str) -> None:
+    """Writes to out_path a copy of the on-disk .index at index_path (its .ivfdata beside it)
+    that records `ivfdata_path` as its data file. Only the small header is rewritten."""
+    index = read_ondisk(index_path)
+    invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    assert isinstance(invlists, faiss.OnDiskInvertedLists), f"{index_path} is not on-disk"
+    invlists.filename = ivfdata_path
+    tmp = out_path + ".tmp"
+    faiss.write_index(index, tmp)
+    os.replace(tmp, out_path)

@@ -1,5 +1,6 @@
 """export, encode, merge: learned parameters -> trained faiss index -> per-shard indexes ->
-one on-disk index, published under the output with a manifest.
+one on-disk index per method in the merge stage's folder, which pipeline.publish then
+publishes as a version.
 
 Two indexes go through encode and merge: the faiss baseline ("faiss-ivfpq") and the distilled
 student ("distilled-ivfpq"), so evaluation compares like with like.
@@ -19,24 +20,9 @@ from pipeline import storage
 from pipeline.data import readers
 from pipeline.data.plan import Shard
 from pipeline.index import build, ondisk
-from pipeline.stages.common import Run, fault_point, pin_threads, wait_all
-from pipeline.stages.init import load_index
+from pipeline.stages.common import METHODS, Run, fault_point, pin_threads, wait_all
 
 log = logging.getLogger("pipeline.stages.build")
-
-# method name -> (trained index in the run folder, published folder)
-METHODS = {
-    "faiss-ivfpq": (("init", "baseline.index"), "baseline"),
-    "distilled-ivfpq": (("export", "trained.index"), "index"),
-}
-
-
-def method_names(cfg) -> dict:
-    """Report names by structure: faiss-ivf-opq / distilled-ivf-opq when a rotation is
-    learned, -ivf-rq for the residual quantizer, -ivf-pq otherwise."""
-    suffix = "ivf-rq" if cfg.index.quantizer == "rq" else \
-        "ivf-opq" if cfg.index.opq else "ivf-pq"
-    return {"faiss-ivfpq": f"faiss-{suffix}", "distilled-ivfpq": f"distilled-{suffix}"}
 
 
 def run_export(run: Run) -> dict:
@@ -135,8 +121,10 @@ def _merge_range(shard_uris: list[str], l0: int, l1: int, slice_uri: str) -> np.
 
 
 @ray.remote(max_retries=2)
-def _stitch(trained_uri: str, slice_uris: list[str], sizes: np.ndarray,
-            publish_uri: str) -> dict:
+def _stitch(trained_uri: str, slice_uris: list[str], sizes: np.ndarray, out_uri: str) -> dict:
+    """Concatenates the slices into out_uri/index.ivfdata and writes out_uri/index.index,
+    which records the bare name "index.ivfdata": the pair opens wherever it is copied, with
+    IO_FLAG_ONDISK_SAME_DIR (publishing gives local copies their absolute path)."""
     pin_threads()
     scratch = storage.local_scratch("merge")
 
@@ -148,18 +136,15 @@ def _stitch(trained_uri: str, slice_uris: list[str], sizes: np.ndarray,
 
     out = os.path.join(scratch, "out")
     os.makedirs(out)
-    # Local outputs record the final absolute .ivfdata path, so plain faiss.read_index works;
-    # S3 outputs record the bare name (open with IO_FLAG_ONDISK_SAME_DIR after download).
-    stored = "index.ivfdata" if storage.is_s3(publish_uri) else \
-        os.path.join(os.path.abspath(publish_uri), "index.ivfdata")
     index_path, ivfdata, ntotal = ondisk.stitch_ranges(
-        load_index(trained_uri), fetch(), sizes, out, "index", stored, remove_slices=True)
+        storage.read_index(trained_uri), fetch(), sizes, out, "index", "index.ivfdata",
+        remove_slices=True)
     files = {}
     # The .ivfdata goes first: a reader never finds an .index whose data is missing.
     for p in (ivfdata, index_path):
         name = os.path.basename(p)
         files[name] = {"sha256": storage.sha256_file(p), "bytes": os.path.getsize(p)}
-        storage.upload_file(p, storage.join(publish_uri, name))
+        storage.upload_file(p, storage.join(out_uri, name))
     shutil.rmtree(scratch)
     return {"ntotal": ntotal, "files": files}
 
@@ -167,7 +152,6 @@ def _stitch(trained_uri: str, slice_uris: list[str], sizes: np.ndarray,
 def run_merge(run: Run) -> dict:
     shards = run.stage_info("ingest")["shards"]
     enc = run.stage_info("encode")
-    storage.delete(run.path("manifest.json"))  # nothing is advertised while files change
     keys = [Shard(**s).key for s in shards]
     ranges = ondisk.list_ranges(run.cfg.index.nlist, n_ranges(run))
     refs = []
@@ -180,47 +164,17 @@ def run_merge(run: Run) -> dict:
     sizes = {m: np.concatenate(flat[i * R:(i + 1) * R]) for i, m in enumerate(METHODS)}
     refs = [_stitch.remote(run.stage_path(*trained), [_slice_uri(run, method, r)
                                                       for r in range(R)],
-                           sizes[method], run.path(folder))
-            for method, (trained, folder) in METHODS.items()]
+                           sizes[method], run.stage_path("merge", method))
+            for method, (trained, _) in METHODS.items()]
     results = dict(zip(METHODS, wait_all(refs, "merge: stitch")))
     n = run.stage_info("ingest")["n"]
     for m, r in results.items():
         assert r["ntotal"] == n, f"{m}: merged {r['ntotal']} vectors, the corpus has {n}"
-    for method in METHODS:
-        storage.delete(run.stage_path("merge", method))  # slices are copied into the index
-    log.info("merge: %d vectors per index, %d list ranges, published under %s", n, R,
-             run.output)
-    return {**{m: {"folder": METHODS[m][1], **r} for m, r in results.items()}, "ranges": R}
+    storage.delete(run.stage_path("merge", "slices"))  # copied into the indexes
+    log.info("merge: %d vectors per index, %d list ranges", n, R)
+    return {**{m: {"folder": METHODS[m][1], "uri": run.stage_path("merge", m), **r}
+               for m, r in results.items()}, "ranges": R}
 
 
 def _slice_uri(run: Run, method: str, r: int) -> str:
-    return run.stage_path("merge", method, f"slice-{r:05d}.ivfdata")
-
-
-def publish_manifest(run: Run, report_files: dict, stage_seconds: dict) -> dict:
-    merged = run.stage_info("merge")
-    ingest = run.stage_info("ingest")
-    files = {}
-    for m in METHODS:
-        r = merged[m]
-        for name, meta in r["files"].items():
-            files[f"{r['folder']}/{name}"] = meta
-    files.update(report_files)
-    manifest = {
-        "index": "index/index.index",
-        "ivfdata": "index/index.ivfdata",
-        "baseline_index": "baseline/index.index",
-        "counts": {"vectors": ingest["n"], "shards": len(ingest["shards"]), "d": ingest["d"]},
-        "parameters": {**run.cfg.to_dict()["index"],
-                       "bytes_per_vector": build.bytes_per_vector(run.cfg.index)},
-        "config_hash": run.cfg.hash(),
-        "files": files,
-        "stage_seconds": stage_seconds,
-        "open_with": "faiss.read_index(path) for a local output, or "
-                     "faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR) after copying "
-                     "index.index and index.ivfdata into one folder",
-    }
-    storage.write_json(run.path("manifest.json"), manifest)
-    return manifest
-
-
+    return run.stage_path("merge", "slices", method, f"slice-{r:05d}.ivfdata")

@@ -5,7 +5,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 
@@ -14,12 +14,30 @@ from pipeline.config import PipelineConfig
 
 log = logging.getLogger("pipeline.stages")
 
+# method name -> (its trained index in the run folder, its folder in a published version)
+METHODS = {
+    "faiss-ivfpq": (("init", "baseline.index"), "baseline"),
+    "distilled-ivfpq": (("export", "trained.index"), "index"),
+}
+
+
+def method_names(cfg: PipelineConfig) -> dict:
+    """Report names by structure: faiss-ivf-opq / distilled-ivf-opq when a rotation is
+    learned, -ivf-rq for the residual quantizer, -ivf-pq otherwise."""
+    suffix = "ivf-rq" if cfg.index.quantizer == "rq" else \
+        "ivf-opq" if cfg.index.opq else "ivf-pq"
+    return {"faiss-ivfpq": f"faiss-{suffix}", "distilled-ivfpq": f"distilled-{suffix}"}
+
 
 @dataclass
 class Run:
-    """The run folder (local path or s3:// prefix) and the resolved config."""
+    """The run folder (local path or s3:// prefix) and the resolved config. The runner fills
+    `keys` (each stage's key in this run, see pipeline.keys) and `forced` (stages that run
+    afresh whatever they left behind: --from-stage)."""
     output: str
     cfg: PipelineConfig
+    keys: dict = field(default_factory=dict)
+    forced: set = field(default_factory=set)
 
     def path(self, *parts: str) -> str:
         return storage.join(self.output, *parts)
@@ -30,17 +48,21 @@ class Run:
     def manifest_uri(self, stage: str) -> str:
         return self.stage_path(stage, "_manifest.json")
 
-    def is_done(self, stage: str) -> bool:
+    def record(self, stage: str) -> dict | None:
+        """The stage's manifest ({"key", "fields", "deps", "seconds", "info"}), or None when
+        it never finished here."""
         uri = self.manifest_uri(stage)
-        return storage.exists(uri) and storage.read_json(uri).get("config_hash") == self.cfg.hash()
+        return storage.read_json(uri) if storage.exists(uri) else None
 
     def stage_info(self, stage: str) -> dict:
         return storage.read_json(self.manifest_uri(stage))["info"]
 
-    def finish(self, stage: str, info: dict, seconds: float) -> None:
+    def finish(self, stage: str, info: dict, seconds: float, key: str = "",
+               fields: dict | None = None, deps: dict | None = None) -> None:
         # Written last: a stage without its manifest is unfinished and runs again.
         storage.write_json(self.manifest_uri(stage), {
-            "stage": stage, "config_hash": self.cfg.hash(), "seconds": seconds, "info": info})
+            "stage": stage, "key": key, "fields": fields or {}, "deps": deps or {},
+            "seconds": seconds, "info": info})
 
 
 def pin_threads() -> int:

@@ -1,9 +1,10 @@
-"""evaluate: the published on-disk indexes answer the held-out queries; recall against the
-exact neighbours (computed shard by shard) and, where labels exist, MRR and label recall."""
+"""evaluate: the merged on-disk indexes answer the held-out queries; recall against the exact
+neighbours (computed shard by shard) and, where labels exist, MRR and label recall.
+
+It searches the merge stage's output, the very files that publishing then places in a new
+version, so the report describes the version it ships with."""
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -13,30 +14,16 @@ import ray
 
 from pipeline import storage
 from pipeline.data import readers
+from pipeline.data.teacher_parts import load_parts
+from pipeline.exact_knn import distributed_topk
 from pipeline.index import build, metrics, ondisk
-from pipeline.stages.build import METHODS, method_names
-from pipeline.stages.common import Run, pin_threads, wait_all
-from pipeline.stages.teacher import distributed_topk, load_parts
+from pipeline.stages.common import METHODS, Run, method_names, pin_threads, wait_all
 
 log = logging.getLogger("pipeline.stages.evaluate")
 
 
-def score_rows(I_by_nprobe: dict, gt: np.ndarray, qids: np.ndarray, qrels: dict | None,
-               base_row: dict) -> list[dict]:
-    rows = []
-    for nprobe, I in sorted(I_by_nprobe.items()):
-        rows.append({
-            **base_row, "nprobe": nprobe,
-            "recall_at_10": metrics.overlap_recall(I, gt, 10),
-            "recall_at_100": metrics.overlap_recall(I, gt, 100) if gt.shape[1] >= 100 else None,
-            "mrr_at_10": metrics.mrr_at(I, qids, qrels, 10) if qrels else None,
-            "label_recall_at_10": metrics.label_recall_at(I, qids, qrels, 10) if qrels else None,
-        })
-    return rows
-
-
 @ray.remote
-def _search_published(folder_uri: str, xq: np.ndarray, k: int, nprobes: tuple) -> dict:
+def _search_merged(folder_uri: str, xq: np.ndarray, k: int, nprobes: tuple) -> dict:
     pin_threads()
     scratch = storage.local_scratch("eval")
     for name in ("index.ivfdata", "index.index"):
@@ -51,59 +38,42 @@ def _search_published(folder_uri: str, xq: np.ndarray, k: int, nprobes: tuple) -
     return out
 
 
+def check_labels(qrels: dict, qids: np.ndarray, spans: dict) -> None:
+    """Warns, with counts, about labels that can never be matched: a query id not among the
+    eval queries, or a document id outside every corpus shard's id range."""
+    pairs = [(q, d) for q, docs in qrels.items() for d in docs]
+    known_q = set(qids.tolist())
+    lo_hi = np.array(sorted(spans.values()), dtype=np.int64).reshape(-1, 2)
+    docs = np.array([d for _, d in pairs], dtype=np.int64)
+    inside = ((docs[:, None] >= lo_hi[None, :, 0]) & (docs[:, None] <= lo_hi[None, :, 1])).any(1)
+    bad_q = sum(q not in known_q for q, _ in pairs)
+    bad_d = int((~inside).sum())
+    if bad_q or bad_d:
+        log.warning("data.labels: of %d labels, %d name a query that is not in "
+                    "data.eval_queries and %d a document outside the corpus's ids; they can "
+                    "never be found, and MRR and label recall count them as misses",
+                    len(pairs), bad_q, bad_d)
+
+
 def run(run: Run) -> dict:
     cfg = run.cfg
-    q = storage.load_npz(run.stage_path("ingest", "eval_queries.npz"))
+    qids, xq = readers.read_all(cfg.data.eval_queries, "data.eval_queries",
+                                cfg.data.max_eval_queries)
     plan = run.stage_info("ingest")
     k = max(cfg.eval.k, 10)
-    gt = load_parts(distributed_topk(run, plan["shards"], q["ids"], q["x"], k, False,
+    gt = load_parts(distributed_topk(cfg, plan["shards"], qids, xq, k, False,
                                      run.stage_path("evaluate", "gt"),
                                      "evaluate: exact top-k")["all"])
     qrels = readers.read_labels(cfg.data.labels) if cfg.data.labels else None
+    if qrels:
+        check_labels(qrels, qids, plan["spans"])
     names = method_names(cfg)
-    refs = [_search_published.remote(run.path(folder), q["x"], k, cfg.eval.nprobe)
-            for _, folder in METHODS.values()]
+    merged = run.stage_info("merge")
+    refs = [_search_merged.remote(merged[m]["uri"], xq, k, cfg.eval.nprobe) for m in METHODS]
     results = wait_all(refs, "evaluate: searches")
     rows = []
     for method, res in zip(METHODS, results):
         base = {"method": names[method], "bytes_per_vector": build.bytes_per_vector(cfg.index),
                 "nlist": cfg.index.nlist}
-        rows += score_rows(res, gt["I"], q["ids"], qrels, base)
-    return {"rows": rows, "queries": len(q["ids"])}
-
-
-def format_table(rows: list[dict]) -> str:
-    cols = ["method", "bytes_per_vector", "nlist", "nprobe", "recall_at_10", "recall_at_100",
-            "mrr_at_10", "label_recall_at_10"]
-    heads = ["method", "B/vec", "nlist", "nprobe", "R@10", "R@100", "MRR@10", "labelR@10"]
-
-    def fmt(v):
-        if v is None:
-            return "-"
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-    table = [heads] + [[fmt(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def write_report(run: Run, rows: list[dict], wall_seconds: dict) -> dict:
-    """Writes report.json, report.html and its PNGs; returns {name: {"sha256", "bytes"}}."""
-    from pipeline import report
-
-    files = {"report.json": json.dumps({"rows": rows, "wall_seconds": wall_seconds},
-                                       indent=2).encode()}
-    train_info = run.stage_info("train") if run.is_done("train") else None
-    n = run.stage_info("ingest")["n"]
-    summary = {"index": run.path("index", "index.index"), "vectors": n,
-               "bytes_per_vector": build.bytes_per_vector(run.cfg.index),
-               "config_hash": run.cfg.hash()}
-    files.update(report.render(rows, train_info, wall_seconds, summary))
-    out = {}
-    for name, data in files.items():
-        storage.write_bytes(run.path(name), data)
-        out[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    log.info("report: %s", run.path("report.html"))
-    return out
+        rows += metrics.score_rows(res, gt["I"], qids, qrels, base)
+    return {"rows": rows, "queries": len(qids)}

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import ray
 
-from pipeline import storage
+from pipeline import keys, storage
 from pipeline.config import PipelineConfig
 from pipeline.data import readers
 from pipeline.data.plan import Shard, plan_shards
@@ -42,18 +42,34 @@ def preflight(cfg: PipelineConfig) -> dict:
             "lower them"
         )
     check_shape(cfg.index, d, min(n, cfg.init.train_sample))
-    for what, uri in (("data.train_queries", cfg.data.train_queries),
-                      ("data.eval_queries", cfg.data.eval_queries),
-                      ("data.labels", cfg.data.labels)):
+    fingerprints = {"corpus": [(f, readers.fingerprint(f)) for f, _, _ in probed]}
+    for name in ("train_queries", "eval_queries", "labels"):
+        uri = getattr(cfg.data, name)
         if uri:
-            for f in readers.list_inputs(uri, what):
-                if what != "data.labels":
-                    qd = readers.probe(f)[1]
-                    if qd is not None and qd != d:
-                        raise ValueError(f"{what}: dimension {qd} disagrees with the corpus's {d}")
-    shards = plan_shards([(f, rows, readers.fingerprint(f)) for f, rows, _ in probed],
-                         cfg.data.rows_per_shard)
-    return {"n": n, "d": d, "shards": [s.to_dict() for s in shards]}
+            fingerprints[name] = _check_query_files(f"data.{name}", uri, d)
+    shards = plan_shards([(f, rows, fp) for (f, rows, _), (_, fp) in
+                          zip(probed, fingerprints["corpus"])], cfg.data.rows_per_shard)
+    return {"n": n, "d": d, "shards": [s.to_dict() for s in shards],
+            "inputs": {k: keys.input_digest(v) for k, v in fingerprints.items()}}
+
+
+def _check_query_files(what: str, uri: str, d: int) -> list[tuple[str, str]]:
+    """Metadata checks of a query or label set: rows present, the corpus's dimension.
+    Returns [(file, fingerprint)]."""
+    files = readers.list_inputs(uri, what)
+    cols = ("query_id", "doc_id") if what == "data.labels" else ("id", "embedding")
+    rows = 0
+    for f in files:
+        if what == "data.labels" and not f.endswith(".parquet"):
+            raise ValueError(f"data.labels: {f} must be Parquet with columns query_id, doc_id")
+        n, qd = readers.probe(f, cols)
+        rows += n
+        if what != "data.labels" and qd is not None and qd != d:
+            raise ValueError(f"{what}: dimension {qd} disagrees with the corpus's {d}")
+    if not rows:
+        raise ValueError(f"{what}: {uri} holds no rows; give a non-empty set or leave "
+                         f"{what} empty")
+    return [(f, readers.fingerprint(f)) for f in files]
 
 
 def scan_shard(shard: dict, d: int, sample_p: float, seed: int) -> dict:
@@ -94,23 +110,17 @@ def _check_cross_shard_ids(stats: list[dict], shards: list[dict]) -> None:
                          "ids must be unique")
 
 
-def load_queries(cfg: PipelineConfig, sample: np.ndarray, d: int) -> dict:
-    out = {}
-    if cfg.data.train_queries:
-        ids, x = readers.read_all(cfg.data.train_queries, "data.train_queries",
-                                  cfg.data.max_train_queries)
-    else:  # symmetric case: corpus samples stand in for queries
+def load_train_queries(cfg: PipelineConfig, sample: np.ndarray, d: int) -> tuple:
+    """(ids, x) of the training queries, or corpus samples when there are none."""
+    if not cfg.data.train_queries:  # symmetric case: corpus samples stand in for queries
         n = min(cfg.data.pseudo_queries, len(sample))
-        ids, x = np.arange(n, dtype=np.int64), sample[:n]
         log.info("no data.train_queries: using %d corpus samples as pseudo-queries", n)
-    out["train"] = (ids, x)
-    if cfg.data.eval_queries:
-        out["eval"] = readers.read_all(cfg.data.eval_queries, "data.eval_queries",
-                                       cfg.data.max_eval_queries)
-    for name, (_, x) in out.items():
-        if x.shape[1] != d:
-            raise ValueError(f"data.{name}_queries: dimension {x.shape[1]} != corpus {d}")
-    return out
+        return np.arange(n, dtype=np.int64), sample[:n]
+    ids, x = readers.read_all(cfg.data.train_queries, "data.train_queries",
+                              cfg.data.max_train_queries)
+    if x.shape[1] != d:
+        raise ValueError(f"data.train_queries: dimension {x.shape[1]} != corpus {d}")
+    return ids, x
 
 
 def _scan(shards: list[dict], d: int, sample_p: float, seed: int) -> list[dict]:
@@ -145,8 +155,8 @@ def run_incremental(run: Run, plan: dict) -> dict:
                             for i, (a, b) in enumerate(spans[k] for k in current)], plan["shards"])
     log.info("ingest (incremental): %d of %d shards new or changed, %d vectors (%.1fs)",
              len(fresh), len(current), plan["n"], time.time() - t0)
-    return {**plan, "sample": prev["sample"], "queries": prev["queries"], "spans": spans,
-            "changed_shards": len(fresh)}
+    return {**plan, "sample": prev["sample"], "train_queries": prev["train_queries"],
+            "spans": spans, "changed_shards": len(fresh)}
 
 
 def run(run: Run, plan: dict) -> dict:
@@ -160,11 +170,10 @@ def run(run: Run, plan: dict) -> dict:
     sample = np.concatenate([s["sample"] for s in stats]).astype(np.float32)
     sample = sample[np.random.default_rng(cfg.init.seed).permutation(len(sample))]
     check_shape(cfg.index, plan["d"], len(sample))
-    queries = load_queries(cfg, sample, plan["d"])
+    qids, xq = load_train_queries(cfg, sample, plan["d"])
     storage.save_npz(run.stage_path("ingest", "sample.npz"), x=sample)
-    for name, (ids, x) in queries.items():
-        storage.save_npz(run.stage_path("ingest", f"{name}_queries.npz"), ids=ids, x=x)
+    storage.save_npz(run.stage_path("ingest", "train_queries.npz"), ids=qids, x=xq)
     log.info("ingest: %d vectors of d=%d in %d shards validated, %d sampled (%.1fs)",
              plan["n"], plan["d"], len(plan["shards"]), len(sample), time.time() - t0)
     return {**plan, "sample": len(sample), "spans": _spans(zip(plan["shards"], stats)),
-            "queries": {k: len(v[0]) for k, v in queries.items()}}
+            "train_queries": len(qids)}

@@ -37,13 +37,3 @@ def run(run: Run) -> dict:
     log.info("init: faiss baseline trained on %d vectors in %.1fs", info["n_train"],
              info["train_seconds"])
     return info
-
-
-def load_index(uri: str):
-    """Reads a faiss index file from a local path or s3:// URI."""
-    scratch = storage.local_scratch("idx")
-    local = os.path.join(scratch, os.path.basename(uri))
-    storage.download_file(uri, local)
-    index = faiss.read_index(local)
-    os.remove(local)
-    return index
