@@ -51,3 +51,27 @@ def smoke_data(tmp_path_factory):
 def normalized(rng, n, d):
     x = rng.standard_normal((n, d)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def published(out: str, what: str = "index") -> str:
+    """The URI of a published file the output's manifest names ("index", "baseline_index",
+    or a file name inside the current version, e.g. "report.json")."""
+    from pipeline import publish, storage
+
+    m = publish.resolve(out)
+    rel = m[what] if what in m else m["index"].split("/index/")[0] + "/" + what
+    return storage.join(out, rel)
+
+
+def open_published(out: str, local_dir, what: str = "index"):
+    """The published on-disk index, opened as a reader would (S3: copied beside it first)."""
+    from pipeline import storage
+    from pipeline.index import ondisk
+
+    uri = published(out, what)
+    if not storage.is_s3(uri):
+        return ondisk.read_ondisk(uri)
+    folder = uri.rsplit("/", 1)[0]
+    for name in ("index.index", "index.ivfdata"):
+        storage.download_file(f"{folder}/{name}", str(local_dir / name))
+    return ondisk.read_ondisk(str(local_dir / "index.index"))

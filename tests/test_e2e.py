@@ -11,6 +11,8 @@ import pytest
 from jobs import distill, prepare_data
 from pipeline import storage
 
+from .conftest import open_published, published
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -33,7 +35,7 @@ def s3_run(ray_cluster, s3):
 
 def test_job_publishes_report_and_manifest(s3_run):
     _, out = s3_run
-    report = storage.read_json(storage.join(out, "report.json"))
+    report = storage.read_json(published(out, "report.json"))
     methods = {r["method"] for r in report["rows"]}
     assert methods == {"faiss-ivf-opq", "distilled-ivf-opq"}
     for r in report["rows"]:
@@ -47,7 +49,7 @@ def test_job_publishes_report_and_manifest(s3_run):
         local = os.path.join(os.environ.get("TMPDIR", "/tmp"), "check-" + name.replace("/", "_"))
         storage.download_file(storage.join(out, name), local)
         assert storage.sha256_file(local) == meta["sha256"], name
-    cfg = storage.read_json(storage.join(out, "config.json"))
+    cfg = storage.read_json(published(out, "config.json"))
     assert cfg["hash"] == manifest["config_hash"]
 
 
@@ -67,12 +69,12 @@ def test_published_index_opens_with_plain_faiss(s3_run, tmp_path):
 
 def test_rerun_skips_finished_stages(s3_run, caplog):
     data, out = s3_run
-    before = storage.read_bytes(storage.join(out, "index", "index.index"))
+    before = storage.read_bytes(storage.join(out, "manifest.json"))
     with caplog.at_level("INFO", logger="pipeline"):
         assert distill.main(job_args(data, out)) == 0
-    skipped = [r.message for r in caplog.records if "already finished" in r.message]
+    skipped = [r.message for r in caplog.records if "skipped (unchanged)" in r.message]
     assert len(skipped) == 8
-    assert storage.read_bytes(storage.join(out, "index", "index.index")) == before
+    assert storage.read_bytes(storage.join(out, "manifest.json")) == before  # no new version
 
 
 def test_local_output_reads_with_plain_read_index(ray_cluster, smoke_data, tmp_path):
@@ -85,7 +87,7 @@ def test_local_output_reads_with_plain_read_index(ray_cluster, smoke_data, tmp_p
         "--set", "index.opq=false", "--set", "index.M=3", "--set", "train.loss=ranking",
         "--set", "train.negative_sampler=ivf", "--set", "train.balance_weight=0.1")) == 0
     manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
-    report = json.loads(open(os.path.join(out, "report.json")).read())
+    report = json.loads(open(published(out, "report.json")).read())
     assert {r["method"] for r in report["rows"]} == {"faiss-ivf-rq", "distilled-ivf-rq"}
     code = ("import faiss, numpy as np, sys; ix = faiss.read_index(sys.argv[1]); "
             "faiss.extract_index_ivf(ix).nprobe = 4; "
@@ -100,7 +102,7 @@ def test_local_output_reads_with_plain_read_index(ray_cluster, smoke_data, tmp_p
 def test_search_cli_answers_from_s3(s3_run, tmp_path):
     from jobs import search
     from pipeline.data import readers
-    from pipeline.index import build, ondisk
+    from pipeline.index import build
 
     data, out = s3_run
     res_uri = str(tmp_path / "res.parquet")
@@ -109,14 +111,15 @@ def test_search_cli_answers_from_s3(s3_run, tmp_path):
     got = readers._parquet_file(res_uri).read().to_pydict()
     qids, xq = readers.read_all(f"{data}/eval_queries", "q")
     assert len(got["id"]) == len(qids) * 5
-    index = ondisk.read_ondisk(_download_index(out, tmp_path))
+    index = open_published(out, tmp_path)
     build.set_nprobe(index, 4)
     np.testing.assert_array_equal(np.array(got["id"]).reshape(-1, 5), index.search(xq, 5)[1])
 
 
 def _download_index(out, tmp_path):
+    folder = published(out).rsplit("/", 1)[0]
     for name in ("index.index", "index.ivfdata"):
-        storage.download_file(storage.join(out, "index", name), str(tmp_path / name))
+        storage.download_file(f"{folder}/{name}", str(tmp_path / name))
     return str(tmp_path / "index.index")
 
 

@@ -25,6 +25,7 @@ from pipeline.index import build, ondisk
 from pipeline.stages import train as train_stage
 from pipeline.stages.common import Run
 
+from .conftest import open_published
 from .test_e2e import ROOT, job_args
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
@@ -56,8 +57,8 @@ def kill_when(proc: subprocess.Popen, path: str, timeout: float = 300) -> None:
     proc.wait()
 
 
-def search(out: str, xq: np.ndarray, nprobe: int = 8) -> np.ndarray:
-    index = ondisk.read_ondisk(storage.join(out, "index", "index.index"))
+def search(out: str, xq: np.ndarray, nprobe: int = 8, local_dir=None) -> np.ndarray:
+    index = open_published(out, local_dir)
     build.set_nprobe(index, nprobe)
     return index.search(xq, 20)[1]
 
@@ -120,7 +121,7 @@ def test_job_killed_between_stages_skips_finished_ones(smoke_data, eval_x, tmp_p
     kill_when(proc, os.path.join(out, "stages", "train", "_manifest.json"))
     text = run_job(args, tmp_path / "log2")
     skipped = [s for s in ("ingest", "init", "teacher", "train")
-               if f"stage {s}: already finished, skipping" in text]
+               if f"stage {s}: skipped (unchanged)" in text]
     assert skipped == ["ingest", "init", "teacher", "train"], text[-3000:]
     np.testing.assert_array_equal(search(out, eval_x), expected_index(out, smoke_data, eval_x))
 
@@ -159,9 +160,9 @@ def test_s3_endpoint_restart_mid_run(tmp_path):
         assert proc.returncode == 0, text[-4000:]
         local = tmp_path / "published"
         local.mkdir()
-        for name in ("index/index.index", "index/index.ivfdata", "stages/export/trained.index"):
-            storage.download_file(storage.join(out, name), str(local / os.path.basename(name)))
-        got = ondisk.read_ondisk(str(local / "index.index"))
+        storage.download_file(storage.join(out, "stages/export/trained.index"),
+                              str(local / "trained.index"))
+        got = open_published(out, local)
         build.set_nprobe(got, 8)
         ref = ondisk.encode_shard(faiss.read_index(str(local / "trained.index")),
                                   *readers.read_all(f"{data}/corpus", "corpus"))

@@ -11,6 +11,7 @@ from pipeline import storage
 from pipeline.data import readers
 from pipeline.index import build, ondisk
 
+from .conftest import published
 from .test_e2e import job_args
 
 pytestmark = pytest.mark.slow
@@ -21,8 +22,8 @@ def test_incremental_rebuild(ray_cluster, tmp_path, caplog):
     prepare_data.write_dataset(data, *prepare_data.synthetic(3000, 32), files=3)
     args = job_args(data, out, "--set", "train.epochs=1", "--set", "train.num_workers=1")
     assert distill.main(args) == 0
-    train_manifest = os.path.join(out, "stages", "train", "_manifest.json")
-    trained_at = os.path.getmtime(train_manifest)
+    params = os.path.join(out, "stages", "train", "params.npz")
+    trained_at = os.path.getmtime(params)
     encoded_at = {p: os.path.getmtime(p) for p in
                   storage.get_fs(out)[0].find(os.path.join(out, "stages", "encode"))
                   if "/done/" in p}
@@ -40,7 +41,7 @@ def test_incremental_rebuild(ray_cluster, tmp_path, caplog):
         assert distill.main(args + ["--incremental"]) == 0
     text = caplog.text
     assert "2 of 4 shards new or changed" in text
-    assert os.path.getmtime(train_manifest) == trained_at  # quantizers frozen
+    assert os.path.getmtime(params) == trained_at  # quantizers frozen
     for marker, t in encoded_at.items():  # the untouched shards were not encoded again
         if os.path.exists(marker) and "part-0001" not in open(marker).read():
             assert os.path.getmtime(marker) == t
@@ -50,10 +51,16 @@ def test_incremental_rebuild(ray_cluster, tmp_path, caplog):
     ids, xb = readers.read_all(corpus, "corpus")
     trained = faiss.read_index(os.path.join(out, "stages", "export", "trained.index"))
     single = ondisk.encode_shard(trained, ids, xb)
-    merged = faiss.read_index(os.path.join(out, "index", "index.index"))
+    merged = faiss.read_index(published(out))  # plain faiss, as a user opens a local run
     _, xq = readers.read_all(os.path.join(data, "eval_queries"), "q")
     for index in (single, merged):
         build.set_nprobe(index, 8)
     np.testing.assert_array_equal(merged.search(xq, 20)[1], single.search(xq, 20)[1])
     ids_found = merged.search(changed[:20], 1)[1][:, 0]
     np.testing.assert_array_equal(ids_found, single.search(changed[:20], 1)[1][:, 0])
+
+    # The kept quantizers now stand for the new corpus: a plain rerun has nothing to do.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pipeline"):
+        assert distill.main(args) == 0
+    assert caplog.text.count("skipped (unchanged)") == 8, caplog.text[-3000:]

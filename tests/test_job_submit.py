@@ -12,6 +12,8 @@ import pytest
 
 from infra.local_s3 import free_port
 
+from .conftest import published
+
 pytestmark = pytest.mark.slow
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -99,6 +101,6 @@ def test_submit_smoke_job(head, smoke_data, tmp_path):
     assert "distilled-ivf-opq" in logs and "total wall time" in logs
     manifest = json.load(open(os.path.join(out, "manifest.json")))
     assert manifest["counts"]["vectors"] == 4000
-    assert os.path.getsize(os.path.join(out, "index", "index.ivfdata")) > 0
-    assert os.path.exists(os.path.join(out, "report.html"))
+    assert os.path.getsize(os.path.join(out, manifest["ivfdata"])) > 0
+    assert os.path.exists(published(out, "report.html"))
     shutil.rmtree(out)

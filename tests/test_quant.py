@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import IndexConfig, TrainConfig
+from pipeline.config import IndexConfig, TrainConfig, load_config
 from pipeline.index import build, knn, ondisk
+from pipeline.quant import fit
 from pipeline.quant import train as T
 from pipeline.quant.losses import (
     contrastive,
@@ -224,3 +225,48 @@ def test_training_is_scale_free(setup, c):
     for key in ("centroids", "codebooks"):
         np.testing.assert_allclose(out[1][key] / c, out[0][key], rtol=0, atol=1e-4)
     np.testing.assert_allclose(out[1]["rotation"], out[0]["rotation"], rtol=0, atol=1e-4)
+
+
+def test_validation_backs_off_and_keeps_the_best():
+    """Steps far too large make validation fall: the trainer goes back to the best student
+    and shrinks the learning rates (train.lr_backoff), or with a backoff of 1 keeps going at
+    the same rates. Either way it keeps the student that validated best."""
+    rng = np.random.default_rng(3)
+    xb, xq = normalized(rng, 4000, 32), normalized(rng, 500, 32)
+    trained = build.train_baseline(xb, IndexConfig(nlist=16, M=4, nbits=6, opq=True), niter=5)
+    V = knn.block_topk(xq, xb, np.arange(len(xb)), 8, "ip", with_vectors=True)[2]
+    data, val = T.TrainData(xq[50:], V[50:], xb), T.TrainData(xq[:50], V[:50], xb)
+    check = fit.IndexValidator(val, "ip")
+    model = Student(build.extract_params(trained))
+    T.calibrate(model, xb[:4096])  # as fit does: lr is in units of model.step_unit
+    for backoff in (0.5, 1):
+        cfg = load_config(None, ["data.corpus=/x", "train.lr=6", "train.rotation_lr=0.1",
+                                 "train.epochs=2", "train.batch_size=50", "train.val_checks=3",
+                                 f"train.lr_backoff={backoff}"])
+        state = fit.fit(build.extract_params(trained), data, val, cfg)
+        lrs = [h["lr"] for h in state["history"]]
+        lr = 6 * model.step_unit
+        if backoff < 1:
+            assert state["backoffs"] >= 1
+            assert lrs[-1] == pytest.approx(lr * 0.5 ** state["backoffs"])
+        else:
+            assert state["backoffs"] == 0 and lrs == pytest.approx([lr, lr])
+        assert state["best_val"] >= state["warm_val"]
+        kept = fit.build_student(state["best"], cfg)
+        assert check(kept).mean() == pytest.approx(state["best_val"])
+
+
+def test_only_a_significant_fall_backs_off():
+    """The backoff's test is paired over the same queries: a fall that per-query noise
+    explains does not count, a consistent one does, and with z = 0 any fall does."""
+    rng = np.random.default_rng(0)
+    best = rng.integers(1, 10, 2000) / 10
+    # 1,020 queries lose a tenth, 980 gain one: a mean fall of 0.002, 0.9 standard errors
+    noisy = best + rng.permutation(np.repeat([-0.1, 0.1], [1020, 980]))
+    assert noisy.mean() < best.mean()
+    assert not fit.significant_fall(best, noisy, 2.0)
+    assert fit.significant_fall(best, noisy, 0.0)
+    worse = best - rng.permutation(np.repeat([0.1, 0.0], [300, 1700]))  # 15% lose a tenth
+    assert fit.significant_fall(best, worse, 2.0)
+    assert not fit.significant_fall(best, best.copy(), 0.0)
+    assert not fit.significant_fall(best, best + 0.1, 2.0)

@@ -8,19 +8,16 @@ import pytest
 import ray
 import torch
 
-from pipeline import storage
-from pipeline.config import IndexConfig, load_config
+from pipeline import exact_knn, storage
+from pipeline.config import load_config
 from pipeline.data import readers
 from pipeline.data.plan import Shard
+from pipeline.data.teacher_parts import load_parts
 from pipeline.index import build, knn, ondisk
-from pipeline.quant.model import Student
-from pipeline.quant.train import TrainData, calibrate
 from pipeline.stages import build as build_stage
 from pipeline.stages import ingest, init, teacher
 from pipeline.stages import train as train_stage
 from pipeline.stages.common import Run
-
-from .conftest import normalized
 
 
 def smoke_cfg(data, *extra):
@@ -48,7 +45,7 @@ def corpus(run):
 def test_teacher_equals_brute_force(prepared):
     ids, xb = corpus(prepared)
     info = prepared.stage_info("teacher")
-    parts = teacher.load_parts(info["train"] + info["val"])
+    parts = load_parts(info["train"] + info["val"])
     assert len(parts["qids"]) == info["queries"] and len(info["val"]) == len(info["train"])
     assert 0 < info["rows"]["val"] < info["rows"]["train"]
     S, I, V = knn.block_topk(parts["xq"], xb, ids, prepared.cfg.teacher.k, "ip", True)
@@ -79,9 +76,9 @@ def test_encode_and_merge_equal_one_index(prepared, tmp_path, ranges):
     out = str(tmp_path / "published")
     res = ray.get(build_stage._stitch.remote(trained_uri, slices, np.concatenate(sizes), out))
     assert res["ntotal"] == len(xb)
-    merged = faiss.read_index(os.path.join(out, "index.index"))
+    merged = ondisk.read_ondisk(os.path.join(out, "index.index"))
     single = ondisk.encode_shard(trained, ids, xb)
-    xq = storage.load_npz(prepared.stage_path("ingest", "eval_queries.npz"))["x"]
+    xq = readers.read_all(prepared.cfg.data.eval_queries, "q")[1]
     for index in (merged, single):
         build.set_nprobe(index, 8)
     np.testing.assert_array_equal(merged.search(xq, 50)[1], single.search(xq, 50)[1])
@@ -94,7 +91,7 @@ def test_encode_and_merge_equal_one_index(prepared, tmp_path, ranges):
         shard_files.append(p)
     os.makedirs(tmp_path / "ref")
     ref = ondisk.merge_ondisk(trained, shard_files, str(tmp_path / "ref"), "index",
-                              os.path.join(os.path.abspath(out), "index.ivfdata"))
+                              "index.ivfdata")
     published = (os.path.join(out, "index.index"), os.path.join(out, "index.ivfdata"))
     for a, b in zip(ref[:2], published):
         assert open(a, "rb").read() == open(b, "rb").read(), os.path.basename(a)
@@ -143,61 +140,16 @@ def test_two_train_workers_match_one(prepared, tmp_path):
     assert [h["steps"] for h in info2["history"]] == [h["steps"] for h in info1["history"]]
 
 
-def test_validation_backs_off_and_keeps_the_best():
-    """Steps far too large make validation fall: the trainer goes back to the best student
-    and shrinks the learning rates (train.lr_backoff), or with a backoff of 1 keeps going at
-    the same rates. Either way it keeps the student that validated best."""
-    rng = np.random.default_rng(3)
-    xb, xq = normalized(rng, 4000, 32), normalized(rng, 500, 32)
-    trained = build.train_baseline(xb, IndexConfig(nlist=16, M=4, nbits=6, opq=True), niter=5)
-    V = knn.block_topk(xq, xb, np.arange(len(xb)), 8, "ip", with_vectors=True)[2]
-    data, val = TrainData(xq[50:], V[50:], xb), TrainData(xq[:50], V[:50], xb)
-    check = train_stage.IndexValidator(val, "ip")
-    model = Student(build.extract_params(trained))
-    calibrate(model, xb[:4096])  # as fit_local does: lr is in units of model.step_unit
-    for backoff in (0.5, 1):
-        cfg = load_config(None, ["data.corpus=/x", "train.lr=6", "train.rotation_lr=0.1",
-                                 "train.epochs=2", "train.batch_size=50", "train.val_checks=3",
-                                 f"train.lr_backoff={backoff}"])
-        state = train_stage.fit_local(build.extract_params(trained), data, val, cfg)
-        lrs = [h["lr"] for h in state["history"]]
-        lr = 6 * model.step_unit
-        if backoff < 1:
-            assert state["backoffs"] >= 1
-            assert lrs[-1] == pytest.approx(lr * 0.5 ** state["backoffs"])
-        else:
-            assert state["backoffs"] == 0 and lrs == pytest.approx([lr, lr])
-        assert state["best_val"] >= state["warm_val"]
-        kept = train_stage.build_student(state["best"], cfg)
-        assert check(kept).mean() == pytest.approx(state["best_val"])
-
-
-def test_only_a_significant_fall_backs_off():
-    """The backoff's test is paired over the same queries: a fall that per-query noise
-    explains does not count, a consistent one does, and with z = 0 any fall does."""
-    rng = np.random.default_rng(0)
-    best = rng.integers(1, 10, 2000) / 10
-    # 1,020 queries lose a tenth, 980 gain one: a mean fall of 0.002, 0.9 standard errors
-    noisy = best + rng.permutation(np.repeat([-0.1, 0.1], [1020, 980]))
-    assert noisy.mean() < best.mean()
-    assert not train_stage.significant_fall(best, noisy, 2.0)
-    assert train_stage.significant_fall(best, noisy, 0.0)
-    worse = best - rng.permutation(np.repeat([0.1, 0.0], [300, 1700]))  # 15% lose a tenth
-    assert train_stage.significant_fall(best, worse, 2.0)
-    assert not train_stage.significant_fall(best, best.copy(), 0.0)
-    assert not train_stage.significant_fall(best, best + 0.1, 2.0)
-
-
 def test_teacher_tree_merge_equals_brute_force(prepared, tmp_path, monkeypatch):
     """With a fan-in of 2, the 4 shards' results merge in a two-level tree: same answer."""
-    monkeypatch.setattr(teacher, "MERGE_FANIN", 2)
+    monkeypatch.setattr(exact_knn, "MERGE_FANIN", 2)
     ids, xb = corpus(prepared)
-    q = storage.load_npz(prepared.stage_path("ingest", "eval_queries.npz"))
-    out = teacher.distributed_topk(prepared, prepared.stage_info("ingest")["shards"], q["ids"],
-                                   q["x"], 10, True, str(tmp_path / "t"), "test")
-    got = teacher.load_parts(out["all"])
-    S, I, V = knn.block_topk(q["x"], xb, ids, 10, "ip", True)
+    qids, xq = readers.read_all(prepared.cfg.data.eval_queries, "q")
+    out = exact_knn.distributed_topk(prepared.cfg, prepared.stage_info("ingest")["shards"],
+                                     qids, xq, 10, True, str(tmp_path / "t"), "test")
+    got = load_parts(out["all"])
+    S, I, V = knn.block_topk(xq, xb, ids, 10, "ip", True)
     np.testing.assert_array_equal(got["I"], I)
     np.testing.assert_array_equal(got["V"], V)
-    np.testing.assert_array_equal(got["qids"], q["ids"])
-    assert len(teacher.load_parts(out["all"], limit=7)["qids"]) == 7
+    np.testing.assert_array_equal(got["qids"], qids)
+    assert len(load_parts(out["all"], limit=7)["qids"]) == 7
