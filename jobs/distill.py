@@ -71,7 +71,10 @@ def _summary(output: str, result: dict, total: float) -> None:
     print(f"total wall time: {total:.1f}s")
 
 
-def main(argv=None) -> int:
+def main(argv=None, exit_on_interrupt: bool = False) -> int:
+    """Runs the job; returns its exit code. With exit_on_interrupt (the command line), an
+    interrupted job ends the process at once: its stage is still running in a helper thread
+    inside Ray calls, and a normal interpreter exit would wait on them."""
     args = parse_args(argv)
     _setup_logging()
     try:
@@ -106,11 +109,14 @@ def main(argv=None) -> int:
         print(f"interrupted by {e} {where}; nothing new was published. Rerun the same command "
               "to resume: finished stages are kept" +
               (", and training continues from its last checkpoint" if e.stage == "train"
-               else ""), file=sys.stderr)
+               else ""), file=sys.stderr, flush=True)
+        if exit_on_interrupt:
+            logging.shutdown()
+            os._exit(128 + e.signum)
         return 128 + e.signum
     _summary(args.output, result, time.time() - t0)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(exit_on_interrupt=True))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from contextlib import contextmanager
 
@@ -39,19 +40,46 @@ class Interrupted(BaseException):
 
 @contextmanager
 def _interruptible():
-    """SIGINT and SIGTERM raise Interrupted in the main thread while the job runs."""
+    """SIGINT and SIGTERM raise Interrupted in the main thread while the job runs. Yields a
+    function that arms the handlers again: ray.init installs its own SIGTERM handler, which
+    aborts the process with a core dump."""
     def handler(signum, _frame):
         raise Interrupted(signum)
 
+    def arm() -> dict:
+        try:
+            return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: leave signals alone
+            return {}
+
+    saved = arm()
     try:
-        saved = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread: leave signals alone
-        saved = {}
-    try:
-        yield
+        yield arm
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
+
+
+def _call_interruptibly(fn):
+    """fn() in a helper thread while the main thread waits: signal handlers run only in the
+    main thread, and there they must not interrupt Ray's own calls halfway (an exception
+    raised inside ray.get leaves the job in a broken state). On Interrupted the helper is
+    abandoned; the process is about to exit, which ends a local Ray cluster with it."""
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="stage", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def init_ray(cfg: PipelineConfig) -> None:
@@ -87,7 +115,8 @@ def run_pipeline(cfg: PipelineConfig, output: str, from_stage: str | None = None
     if incremental and from_stage:
         raise ValueError("--incremental and --from-stage do not go together; choose one")
     check_output(output)
-    with _interruptible(), lease.hold(output, cfg.publish.lease_seconds, break_lease) as held:
+    with _interruptible() as arm, \
+            lease.hold(output, cfg.publish.lease_seconds, break_lease) as held:
         plan = ingest.preflight(cfg)  # metadata checks before Ray starts or anything is written
         log.info("corpus: %d vectors, d=%d, %d shards", plan["n"], plan["d"],
                  len(plan["shards"]))
@@ -97,6 +126,7 @@ def run_pipeline(cfg: PipelineConfig, output: str, from_stage: str | None = None
         if incremental:
             _check_incremental(run, plan)
         init_ray(cfg)
+        arm()
         seconds = _run_stages(run, plan, from_stage, incremental, on_stage, held)
         rows = run.stage_info("evaluate")["rows"] if cfg.data.eval_queries else []
         manifest = _publish(run, rows, seconds, held)
@@ -161,7 +191,7 @@ def _run_stages(run: Run, plan: dict, from_stage, incremental: bool, on_stage,
             on_stage(name)
         t0 = time.time()
         try:
-            info = steps[name]()
+            info = _call_interruptibly(steps[name])
         except Interrupted as e:
             e.stage = name
             raise
