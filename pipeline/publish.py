@@ -89,18 +89,18 @@ def verify(output: str, files: dict) -> None:
 
 
 def publish(output: str, indexes: dict, extra: dict, meta: dict, keys: dict, keep: int,
-            check=lambda: None) -> dict:
+            check=lambda: None, fresh: bool = True) -> dict:
     """Publishes a new version and points the manifest at it; returns the manifest.
 
     indexes: {folder in the version: (folder holding a merged index pair, {name: {sha256,
     bytes}} of the pair)}; its "index" entry is the distilled index. extra: {file name:
     bytes} (report, config). meta: more manifest fields. keys: the stage keys the version
-    was built from; when the current version was built from the same keys, nothing is
-    published. check() runs just before the pointer
+    was built from; unless `fresh` (something was rebuilt), nothing is published when the
+    current version was built from the same keys. check() runs just before the pointer
     moves (the lease's check). Keeps the newest `keep` versions and the current one.
     """
     current, tag = read_pointer(output)
-    if current is not None and current.get("stage_keys") == keys:
+    if not fresh and current is not None and current.get("stage_keys") == keys:
         log.info("publish: nothing changed; the current version is %s", current["version"])
         return current
     version = version_name(keys)

@@ -127,9 +127,9 @@ def run_pipeline(cfg: PipelineConfig, output: str, from_stage: str | None = None
             _check_incremental(run, plan)
         init_ray(cfg)
         arm()
-        seconds = _run_stages(run, plan, from_stage, incremental, on_stage, held)
+        seconds, ran = _run_stages(run, plan, from_stage, incremental, on_stage, held)
         rows = run.stage_info("evaluate")["rows"] if cfg.data.eval_queries else []
-        manifest = _publish(run, rows, seconds, held)
+        manifest = _publish(run, rows, seconds, held, fresh=bool(ran))
     return {"rows": rows, "manifest": manifest, "seconds": seconds}
 
 
@@ -150,7 +150,8 @@ def _check_incremental(run: Run, plan: dict) -> None:
 
 
 def _run_stages(run: Run, plan: dict, from_stage, incremental: bool, on_stage,
-                held: lease.Lease) -> dict:
+                held: lease.Lease) -> tuple[dict, list]:
+    """Runs the stages that need it; returns ({stage: seconds}, [stages that ran])."""
     run.forced = set(STAGES[STAGES.index(from_stage):]) if from_stage else set()
     steps = {
         "ingest": (lambda: ingest.run_incremental(run, plan)) if incremental else
@@ -163,7 +164,7 @@ def _run_stages(run: Run, plan: dict, from_stage, incremental: bool, on_stage,
         "merge": lambda: build.run_merge(run),
         "evaluate": lambda: evaluate.run(run),
     }
-    seconds = {}
+    seconds, ran = {}, []
     for name in STAGES:
         if name == "evaluate" and not run.cfg.data.eval_queries:
             continue
@@ -197,11 +198,16 @@ def _run_stages(run: Run, plan: dict, from_stage, incremental: bool, on_stage,
             raise
         seconds[name] = round(time.time() - t0, 2)
         run.finish(name, info, seconds[name], key, own, deps)
+        ran.append(name)
         log.info("stage %s: finished in %.1fs", name, seconds[name])
-    return seconds
+    return seconds, ran
 
 
-def _publish(run: Run, rows: list[dict], seconds: dict, held: lease.Lease) -> dict:
+def _publish(run: Run, rows: list[dict], seconds: dict, held: lease.Lease,
+             fresh: bool) -> dict:
+    """Publishes the merged indexes, the report and the config as a new version. With
+    fresh=False (every stage skipped) nothing is published if the current version was built
+    from these very stage keys."""
     cfg = run.cfg
     merged = run.stage_info("merge")
     n = run.stage_info("ingest")["n"]
@@ -226,7 +232,7 @@ def _publish(run: Run, rows: list[dict], seconds: dict, held: lease.Lease) -> di
     indexes = {METHODS[m][1]: (merged[m]["uri"], merged[m]["files"]) for m in METHODS}
     built_from = {s: run.keys[s] for s in ("merge", "evaluate") if s in run.keys}
     return publish.publish(run.output, indexes, extra, meta, built_from,
-                           cfg.publish.keep_versions, held.check)
+                           cfg.publish.keep_versions, held.check, fresh)
 
 
 def rollback(output: str, version: str, lease_seconds: float, break_lease: bool) -> dict:

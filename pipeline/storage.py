@@ -26,22 +26,33 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+_S3 = {}  # (pid, endpoint) -> S3FileSystem
+
+
 def get_fs(uri: str):
     """Returns (filesystem, path-without-scheme)."""
     if is_s3(uri):
-        import s3fs
-
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        # Cached instances are shared by fsspec; skip_instance_cache avoids stale connections
-        # after a fork (Ray workers) while keeping one client per call site cheap enough.
-        # Standard-mode retries with exponential backoff ride out throttling and an endpoint
-        # that drops away for a few seconds (connection refused, 5xx).
-        fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True,
-                               config_kwargs={"retries": {"max_attempts": 10,
-                                                          "mode": "standard"}})
-        return fs, uri[len("s3://"):]
+        return _s3fs(), uri[len("s3://"):]
     fs = fsspec.filesystem("file")
     return fs, os.path.abspath(uri)
+
+
+def _s3fs():
+    """One S3 client per process and endpoint: a new client costs a connection and a
+    credentials lookup, about 0.25 s a call against a local endpoint. Keyed by pid, so a
+    forked process never shares its parent's connections. Listings are not cached: another
+    process may change the prefix at any time (the lease, the published pointer)."""
+    import s3fs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    key = (os.getpid(), endpoint)
+    if key not in _S3:
+        # Standard-mode retries with exponential backoff ride out throttling and an endpoint
+        # that drops away for a few seconds (connection refused, 5xx).
+        _S3[key] = s3fs.S3FileSystem(
+            endpoint_url=endpoint, skip_instance_cache=True, use_listings_cache=False,
+            config_kwargs={"retries": {"max_attempts": 10, "mode": "standard"}})
+    return _S3[key]
 
 
 def join(uri: str, *parts: str) -> str:

@@ -5,12 +5,15 @@ import os
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from jobs import distill
 from jobs.prepare_data import embedding_table
 from pipeline import storage
 
 from .conftest import normalized
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write(path, ids, x):
@@ -97,3 +100,156 @@ def test_unknown_config_key(tmp_path, capsys):
     corpus, _ = good(tmp_path)
     assert "unknown config key" in run_job(capsys, corpus, str(tmp_path / "o"),
                                            "--set", "index.nlsit=4")
+
+
+# --- ids, config files, query and label sets, the output, search.py: local and S3 ---
+
+@pytest.fixture(params=["local", "s3"])
+def where(request, tmp_path):
+    if request.param == "s3":
+        request.getfixturevalue("s3")
+        return f"s3://test/bad/{tmp_path.name}"
+    return str(tmp_path)
+
+
+def put_table(uri: str, table: pa.Table) -> None:
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    storage.write_bytes(uri, buf.getvalue().to_pybytes())
+
+
+def emb(n: int, d: int = 32) -> pa.Array:
+    x = normalized(np.random.default_rng(0), n, d)
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), d)
+
+
+IDS = {
+    "float": (pa.array(np.arange(2000, dtype=np.float64)), "ids must be integers"),
+    "string": (pa.array([str(i) for i in range(2000)]), "ids must be integers"),
+    "null": (pa.array(list(range(1999)) + [None], pa.int64()), "null ids"),
+    "negative": (pa.array(np.arange(2000) - 5, pa.int64()), "negative ids"),
+    "minus-one": (pa.array(np.r_[np.arange(1999), -1], pa.int64()), "negative ids"),
+    "uint64-2^63": (pa.array(np.r_[np.arange(1999), 1 << 63].astype(np.uint64)), ">= 2**63"),
+}
+
+
+@pytest.mark.parametrize("kind", IDS)
+def test_bad_ids(where, kind, capsys, ray_cluster):
+    ids, message = IDS[kind]
+    put_table(storage.join(where, "c", "a.parquet"), pa.table({"id": ids, "embedding": emb(2000)}))
+    err = run_job(capsys, storage.join(where, "c"), storage.join(where, "o"))
+    assert message in err and "a.parquet" in err and "'id'" in err, err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("data:\n  corpus: [unclosed\n", "not valid YAML"),
+    ("- data\n- index\n", "must be a mapping"),
+])
+def test_bad_yaml(tmp_path, capsys, text, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    assert distill.main(["--config", str(cfg), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(cfg) in err, err
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_epochs_below_one(tmp_path, capsys):
+    corpus, _ = good(tmp_path)
+    assert "train.epochs must be >= 1" in run_job(capsys, corpus, str(tmp_path / "o"),
+                                                  "--set", "train.epochs=0")
+
+
+@pytest.mark.parametrize("which", ["eval_queries", "train_queries", "labels"])
+def test_empty_query_or_label_file(where, which, capsys):
+    corpus = storage.join(where, "c")
+    put_table(storage.join(corpus, "a.parquet"), pa.table({"id": np.arange(2000),
+                                                           "embedding": emb(2000)}))
+    empty = storage.join(where, which, "part.parquet")
+    if which == "labels":
+        put_table(empty, pa.table({"query_id": pa.array([], pa.int64()),
+                                   "doc_id": pa.array([], pa.int64())}))
+    else:
+        put_table(empty, pa.table({"id": pa.array([], pa.int64()), "embedding": emb(0)}))
+    extra = ["--set", f"data.{which}={storage.join(where, which)}"]
+    if which == "labels":
+        put_table(storage.join(where, "q", "a.parquet"), pa.table({"id": np.arange(10),
+                                                                   "embedding": emb(10)}))
+        extra += ["--set", f"data.eval_queries={storage.join(where, 'q')}"]
+    err = run_job(capsys, corpus, storage.join(where, "o"), *extra)
+    assert f"data.{which}" in err and "holds no rows" in err, err
+
+
+def test_output_is_a_file(where, capsys):
+    corpus = storage.join(where, "c")
+    put_table(storage.join(corpus, "a.parquet"), pa.table({"id": np.arange(2000),
+                                                           "embedding": emb(2000)}))
+    out = storage.join(where, "out-file")
+    storage.write_bytes(out, b"not a folder")
+    code = distill.main(["--config", "jobs/configs/smoke.yaml", "--output", out,
+                         "--set", f"data.corpus={corpus}", "--set", "data.train_queries=",
+                         "--set", "data.eval_queries=", "--set", "data.labels="])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a file" in err, err
+    assert storage.read_bytes(out) == b"not a folder"
+
+
+def test_labels_nobody_can_match_are_counted(caplog):
+    from pipeline.stages.evaluate import check_labels
+
+    qrels = {0: {5}, 1: {6, 9999}, 77: {7}}  # query 77 unknown, doc 9999 outside the ids
+    with caplog.at_level("WARNING", logger="pipeline"):
+        check_labels(qrels, np.arange(10), {"a": [0, 499], "b": [500, 999]})
+    assert "of 4 labels, 1 name a query" in caplog.text and "and 1 a document" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline"):
+        check_labels({0: {5}}, np.arange(10), {"a": [0, 999]})
+    assert caplog.text == ""
+
+
+@pytest.fixture(scope="module")
+def small_index(tmp_path_factory):
+    """A published-style on-disk index pair of 300 vectors, nlist 8."""
+    import faiss
+
+    from pipeline.index import ondisk
+
+    root = tmp_path_factory.mktemp("small")
+    x = normalized(np.random.default_rng(1), 300, 32)
+    trained = faiss.index_factory(32, "IVF8,PQ4x4", faiss.METRIC_INNER_PRODUCT)
+    trained.train(x)
+    shard = str(root / "shard.index")
+    faiss.write_index(ondisk.encode_shard(trained, np.arange(300), x), shard)
+    ondisk.merge_ondisk(trained, [shard], str(root), "index", "index.ivfdata")
+    write(str(root / "q" / "q.parquet"), np.arange(3), x[:3])
+    return str(root)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nprobe", "0"], "--nprobe and -k must be >= 1"),
+    (["--nprobe", "-1"], "--nprobe and -k must be >= 1"),
+    (["-k", "0"], "--nprobe and -k must be >= 1"),
+    (["-k", "301"], "-k must be between 1 and the index's 300 vectors"),
+])
+def test_search_refuses_bad_arguments(small_index, capsys, args, message):
+    from jobs import search
+
+    code = search.main(["--index", small_index, "--queries", f"{small_index}/q", *args])
+    out, err = capsys.readouterr()
+    assert code == 2 and message in err and out == "", err
+
+
+def test_search_clamps_nprobe_and_prints_only_results(small_index, tmp_path):
+    """Run as a user runs it: stdout holds one line per query and nothing else (faiss's
+    "IO_FLAG_ONDISK_SAME_DIR: updating ondisk filename" goes to stderr)."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "jobs/search.py", "--index", small_index,
+                          "--queries", f"{small_index}/q", "-k", "5", "--nprobe", "99"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["0", "1", "2"], res.stdout
+    assert all(len(line.split("\t")[1].split()) == 5 for line in lines)
+    assert "using 8" in res.stderr and "IO_FLAG_ONDISK_SAME_DIR" in res.stderr

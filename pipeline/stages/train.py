@@ -79,8 +79,6 @@ def _worker_loop(config: dict) -> None:
     params = build.extract_params(storage.read_index(run.stage_path("init", "baseline.index")))
     ckpt_uri = run.stage_path("train", "checkpoint.pt")
     state = _load_state(ckpt_uri) if config["resume"] else None
-    if state is not None and rank == 0:
-        log.info("train: resuming from %s after epoch %d", ckpt_uri, state["epoch"])
 
     def reduce_grads(grads):
         if world > 1:
@@ -108,8 +106,10 @@ def _resumable(run: Run, ckpt_uri: str) -> bool:
     under this stage key, and training not forced. Any other is moved aside, never resumed."""
     if not storage.exists(ckpt_uri):
         return False
-    key = _load_state(ckpt_uri).get("stage_key")
+    state = _load_state(ckpt_uri)
+    key = state.get("stage_key")
     if key == run.keys.get("train", "") and "train" not in run.forced:
+        log.info("train: resuming from %s after epoch %d", ckpt_uri, state["epoch"])
         return True
     aside = run.stage_path("train", "set-aside", f"checkpoint-{key}-{int(time.time())}.pt")
     storage.copy(ckpt_uri, aside)

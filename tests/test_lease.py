@@ -1,0 +1,114 @@
+"""One writer per output: the lease object, on local paths and through the S3 endpoint, and
+whole jobs that meet a held lease, a killed holder, and an interrupt."""
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from jobs import distill
+from pipeline import lease, publish, storage
+
+from .test_e2e import job_args
+from .test_faults import run_job, start_job
+
+
+@pytest.fixture(params=["local", "s3"])
+def out(request, s3, tmp_path):
+    if request.param == "s3":
+        return f"s3://test/lease/{tmp_path.name}"
+    return str(tmp_path / "run")
+
+
+def die(held: lease.Lease) -> None:
+    """The holder stops renewing without releasing: as a SIGKILLed job leaves it."""
+    held._stop.set()
+    held._thread.join()
+
+
+def test_second_holder_is_refused_until_the_lease_expires(out):
+    a = lease.Lease(out, ttl_s=1.5)
+    a.acquire()
+    b = lease.Lease(out, ttl_s=1.5)
+    with pytest.raises(lease.LeaseHeld) as e:
+        b.acquire()
+    assert f"pid {os.getpid()}" in str(e.value) and "--break-lease" in str(e.value)
+    die(a)
+    time.sleep(2.0)  # not renewed for longer than its ttl: dead
+    b.acquire()
+    body = json.loads(storage.read_bytes(storage.join(out, lease.LEASE)))
+    assert body["token"] == b.body["token"]
+    b.release()
+    assert not storage.exists(storage.join(out, lease.LEASE))
+
+
+def test_break_lease_takes_a_live_lease_and_the_old_holder_notices(out):
+    a = lease.Lease(out, ttl_s=0.8)
+    a.acquire()
+    b = lease.Lease(out, ttl_s=60)
+    b.acquire(break_lease=True)
+    deadline = time.time() + 10
+    while not a.lost.is_set() and time.time() < deadline:
+        time.sleep(0.1)
+    assert a.lost.is_set(), "the broken holder's renewal must find the lease taken"
+    with pytest.raises(lease.LeaseLost):
+        a.check()
+    a.release()  # removes nothing: the lease is b's now
+    assert json.loads(storage.read_bytes(storage.join(out, lease.LEASE)))["token"] == \
+        b.body["token"]
+    b.release()
+
+
+def wait_for(path_or_uri: str, proc, timeout: float = 300) -> None:
+    t0 = time.time()
+    while not storage.exists(path_or_uri):
+        assert proc.poll() is None, "the job ended early"
+        assert time.time() - t0 < timeout, f"{path_or_uri} never appeared"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_concurrent_job_fails_fast_then_break_lease_after_sigkill(ray_cluster, smoke_data,
+                                                                   tmp_path, capsys):
+    out = str(tmp_path / "run")
+    args = job_args(smoke_data, out, "--set", "train.epochs=1", "--set", "train.num_workers=1")
+    first = start_job(args, tmp_path / "log1")
+    wait_for(storage.join(out, "stages", "ingest", "_manifest.json"), first)
+    t0 = time.time()
+    assert distill.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"pid {first.pid}" in err and "--break-lease" in err, err
+    assert time.time() - t0 < 30, "a second job must fail at once, before any work"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert distill.main(args) == 2  # the dead job's lease is still fresh
+    assert "output busy" in capsys.readouterr().err
+    assert distill.main(args + ["--break-lease"]) == 0
+    assert publish.resolve(out)["counts"]["vectors"] == 4000
+    assert not storage.exists(storage.join(out, lease.LEASE))
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_sigterm_names_the_stage_releases_the_lease_and_the_rerun_resumes(s3, smoke_data,
+                                                                          tmp_path):
+    """Through S3: the job, stopped by SIGTERM during training, says where it stopped and
+    that a rerun resumes; its lease is gone, so the rerun needs no --break-lease."""
+    out = f"s3://test/lease-term/{tmp_path.name}"
+    args = job_args(smoke_data, out, "--set", "train.epochs=1", "--set", "train.num_workers=1")
+    first = start_job(args, tmp_path / "log1")
+    wait_for(storage.join(out, "stages", "teacher", "_manifest.json"), first)
+    time.sleep(2)  # into training
+    os.kill(first.pid, signal.SIGTERM)
+    first.wait(timeout=120)
+    text = open(tmp_path / "log1").read()
+    assert first.returncode == 128 + signal.SIGTERM, text[-3000:]
+    assert "interrupted by SIGTERM during stage train" in text and "Rerun" in text
+    assert not storage.exists(storage.join(out, lease.LEASE))
+    assert not storage.exists(storage.join(out, "manifest.json"))  # nothing published
+    text = run_job(args, tmp_path / "log2")
+    for stage in ("ingest", "init", "teacher"):
+        assert f"stage {stage}: skipped (unchanged)" in text, text[-3000:]
+    assert publish.resolve(out)["counts"]["vectors"] == 4000
