@@ -129,7 +129,8 @@ IDS = {
     "null": (pa.array(list(range(1999)) + [None], pa.int64()), "null ids"),
     "negative": (pa.array(np.arange(2000) - 5, pa.int64()), "negative ids"),
     "minus-one": (pa.array(np.r_[np.arange(1999), -1], pa.int64()), "negative ids"),
-    "uint64-2^63": (pa.array(np.r_[np.arange(1999), 1 << 63].astype(np.uint64)), ">= 2**63"),
+    "uint64-2^63": (pa.array(np.r_[np.arange(1999, dtype=np.uint64), np.uint64(1 << 63)]),
+                    ">= 2**63"),
 }
 
 
