@@ -39,6 +39,19 @@ def ray_cluster(s3):
 
 
 @pytest.fixture(scope="session")
+def s3_smoke_run(ray_cluster, s3):
+    """(data, output) of the smoke job run once through S3. test_e2e reads it as published;
+    test_reruns (later in file order) then reruns into it."""
+    from jobs import distill, prepare_data
+    from tests.test_e2e import job_args
+
+    data, out = "s3://test/smoke", "s3://test/runs/e2e"
+    prepare_data.write_dataset(data, *prepare_data.synthetic(4000, 32), files=4)
+    assert distill.main(job_args(data, out)) == 0
+    return data, out
+
+
+@pytest.fixture(scope="session")
 def smoke_data(tmp_path_factory):
     """The smoke preset's synthetic dataset, written locally in the input contract."""
     from jobs.prepare_data import synthetic, write_dataset

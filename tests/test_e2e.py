@@ -1,5 +1,4 @@
 """The whole job as a user runs it (jobs/distill.py), on the smoke preset."""
-import glob
 import json
 import os
 import subprocess
@@ -8,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from jobs import distill, prepare_data
+from jobs import distill
 from pipeline import storage
 
 from .conftest import open_published, published
@@ -25,12 +24,9 @@ def job_args(data, out, *extra):
             *extra]
 
 
-@pytest.fixture(scope="module")
-def s3_run(ray_cluster, s3):
-    data, out = "s3://test/smoke", "s3://test/runs/e2e"
-    prepare_data.write_dataset(data, *prepare_data.synthetic(4000, 32), files=4)
-    assert distill.main(job_args(data, out)) == 0
-    return data, out
+@pytest.fixture
+def s3_run(s3_smoke_run):
+    return s3_smoke_run
 
 
 def test_job_publishes_report_and_manifest(s3_run):
@@ -40,8 +36,12 @@ def test_job_publishes_report_and_manifest(s3_run):
     assert methods == {"faiss-ivf-opq", "distilled-ivf-opq"}
     for r in report["rows"]:
         assert r["bytes_per_vector"] == 3 and r["nlist"] == 16
-        assert 0 < r["recall_at_10"] <= 1 and 0 < r["recall_at_100"] <= 1
         assert r["mrr_at_10"] is not None and r["label_recall_at_10"] is not None
+    # the method still works end to end: distillation beats faiss's k-means at every nprobe
+    by = {(r["method"], r["nprobe"]): r for r in report["rows"]}
+    for nprobe in (1, 4, 16):
+        faiss_row, ours = by["faiss-ivf-opq", nprobe], by["distilled-ivf-opq", nprobe]
+        assert ours["recall_at_10"] > faiss_row["recall_at_10"], (nprobe, faiss_row, ours)
     assert set(report["wall_seconds"]) >= {"ingest", "train", "merge", "evaluate"}
     manifest = storage.read_json(storage.join(out, "manifest.json"))
     assert manifest["counts"]["vectors"] == 4000
@@ -79,8 +79,8 @@ def test_rerun_skips_finished_stages(s3_run, caplog):
 
 def test_local_output_reads_with_plain_read_index(ray_cluster, smoke_data, tmp_path):
     """The whole job to a local folder with the KDindex-style student: a residual (AQ)
-    quantizer, the ranking loss, IVF-aware negatives and Sinkhorn balancing, trained by two
-    Ray Train workers; plain faiss opens the IVF-RQ index it publishes."""
+    quantizer, the ranking loss, IVF-aware negatives and Sinkhorn balancing, trained by one
+    Ray Train worker; plain faiss opens the IVF-RQ index it publishes."""
     out = str(tmp_path / "run")
     assert distill.main(job_args(
         smoke_data, out, "--set", "train.epochs=1", "--set", "index.quantizer=rq",
@@ -121,29 +121,3 @@ def _download_index(out, tmp_path):
     for name in ("index.index", "index.ivfdata"):
         storage.download_file(f"{folder}/{name}", str(tmp_path / name))
     return str(tmp_path / "index.index")
-
-
-def test_credentials_never_written_or_logged(s3, tmp_path):
-    """The job as a user runs it, in its own process and Ray cluster: the S3 credentials of
-    its environment appear in no published file, no stage file, and no log line."""
-    from tests.conftest import CREDENTIALS
-
-    data, out = "s3://test/leak/data", "s3://test/leak/run"
-    prepare_data.write_dataset(data, *prepare_data.synthetic(2000, 32), files=2)
-    res = subprocess.run([sys.executable, "jobs/distill.py",
-                          *job_args(data, out, "--set", "train.epochs=1")],
-                         capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    fs, root = storage.get_fs(out)
-    written = fs.find(root)
-    assert any(p.endswith("manifest.json") for p in written)
-    texts = {"stdout": res.stdout, "stderr": res.stderr}
-    for p in written:
-        texts[p] = fs.cat_file(p).decode("latin-1")
-    for path in glob.glob("/tmp/ray/session_*/logs/**/*", recursive=True):
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                texts[path] = f.read().decode("latin-1")
-    for name, secret in CREDENTIALS.items():
-        leaks = [where for where, text in texts.items() if secret in text]
-        assert not leaks, f"{name} found in {leaks[:5]}"

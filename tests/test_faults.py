@@ -5,7 +5,9 @@ fail loudly with nothing published.
 Each job runs as its own process (`python jobs/distill.py`) with its own local Ray cluster,
 as a user runs it, so that killing it is a real kill.
 """
+import glob
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,8 +19,8 @@ import pytest
 import torch
 
 from infra.local_s3 import free_port
-from jobs import prepare_data
-from pipeline import storage
+from jobs import distill, prepare_data
+from pipeline import publish, storage
 from pipeline.config import load_config
 from pipeline.data import readers
 from pipeline.index import build, ondisk
@@ -77,26 +79,109 @@ def eval_x(smoke_data):
     return readers.read_all(f"{smoke_data}/eval_queries", "q")[1]
 
 
-def test_killed_encode_worker_is_retried(smoke_data, eval_x, tmp_path):
-    out = str(tmp_path / "run")
-    text = run_job(job_args(smoke_data, out, "--set", "train.epochs=1"), tmp_path / "log",
-                   env={"PIPELINE_FAULT_KILL": f"encode:{tmp_path}"})
-    assert os.path.exists(tmp_path / "encode"), "no encode worker was killed"
-    assert "total wall time" in text
-    np.testing.assert_array_equal(search(out, eval_x), expected_index(out, smoke_data, eval_x))
+@pytest.fixture(scope="module")
+def disturbed(tmp_path_factory):
+    """One job through its own S3 endpoint, run as a user runs it (its own process and Ray
+    cluster) and disturbed three ways at once: an encode worker SIGKILLs itself, the endpoint
+    goes away for 4 s mid-run and comes back with the same objects (moto keeps them in this
+    process), and the job's environment holds distinctive credentials."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from tests.conftest import CREDENTIALS
+
+    tmp = tmp_path_factory.mktemp("disturbed")
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, **CREDENTIALS}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="faults")
+        data, out = "s3://faults/data", "s3://faults/run"
+        prepare_data.write_dataset(data, *prepare_data.synthetic(4000, 32), files=4)
+        proc = start_job(job_args(data, out), tmp / "log",
+                         {**env, "PIPELINE_FAULT_KILL": f"encode:{tmp}"})
+        while not storage.exists(storage.join(out, "stages", "ingest", "_manifest.json")):
+            assert proc.poll() is None, open(tmp / "log").read()[-3000:]
+            time.sleep(0.5)
+        server.stop()  # the endpoint is gone...
+        time.sleep(4)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()  # ...and back, with the same objects
+        proc.wait(timeout=600)
+        text = open(tmp / "log").read()
+        assert proc.returncode == 0, text[-4000:]
+        yield {"data": data, "out": out, "log": text, "tmp": tmp}
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_killed_encode_worker_is_retried(disturbed):
+    assert os.path.exists(disturbed["tmp"] / "encode"), "no encode worker was killed"
+    assert publish.resolve(disturbed["out"])["counts"]["vectors"] == 4000
+
+
+def test_s3_endpoint_restart_mid_run(disturbed):
+    """Retries carried the job through the outage and the killed task: the published index
+    answers exactly as one process encoding the whole corpus with its trained index."""
+    data, out, local = disturbed["data"], disturbed["out"], disturbed["tmp"] / "published"
+    local.mkdir()
+    storage.download_file(storage.join(out, "stages/export/trained.index"),
+                          str(local / "trained.index"))
+    got = open_published(out, local)
+    build.set_nprobe(got, 8)
+    ref = ondisk.encode_shard(faiss.read_index(str(local / "trained.index")),
+                              *readers.read_all(f"{data}/corpus", "corpus"))
+    build.set_nprobe(ref, 8)
+    _, xq = readers.read_all(f"{data}/eval_queries", "q")
+    np.testing.assert_array_equal(got.search(xq, 20)[1], ref.search(xq, 20)[1])
+
+
+def test_credentials_never_written_or_logged(disturbed):
+    """The S3 credentials of the job's environment appear in no published file, no stage
+    file, and no log line (the job's output and its Ray cluster's logs)."""
+    from tests.conftest import CREDENTIALS
+
+    fs, root = storage.get_fs(disturbed["out"])
+    written = fs.find(root)
+    assert any(p.endswith("manifest.json") for p in written)
+    texts = {"log": disturbed["log"]}
+    for p in written:
+        texts[p] = fs.cat_file(p).decode("latin-1")
+    for path in glob.glob("/tmp/ray/session_*/logs/**/*", recursive=True):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                texts[path] = f.read().decode("latin-1")
+    for name, secret in CREDENTIALS.items():
+        leaks = [where for where, text in texts.items() if secret in text]
+        assert not leaks, f"{name} found in {leaks[:5]}"
 
 
 def test_job_killed_in_training_resumes_from_checkpoint(smoke_data, eval_x, tmp_path,
                                                         ray_cluster):
+    """Killed (SIGKILL) right after its first epoch's checkpoint; the rerun takes over the
+    dead job's lease, resumes after that epoch (it does not train it again) and ends with
+    the parameters of an undisturbed run."""
     out = str(tmp_path / "run")
-    args = job_args(smoke_data, out, "--set", "train.epochs=12", "--set", "train.num_workers=1")
+    args = job_args(smoke_data, out, "--set", "train.epochs=3")
     proc = start_job(args, tmp_path / "log1")
     kill_when(proc, os.path.join(out, "stages", "train", "checkpoint.pt"))
     assert not os.path.exists(os.path.join(out, "manifest.json"))  # nothing published
-    text = run_job(args, tmp_path / "log2")
-    resumed = [line for line in text.splitlines() if "resuming from" in line]
-    assert resumed and "after epoch 0" not in resumed[0], text[-3000:]
-    # The resumed training ends where an undisturbed one does: same parameters.
+    text = run_job(args + ["--break-lease"], tmp_path / "log2")
+    resumed = re.findall(r"resuming from \S+ after epoch (\d+)", text)
+    assert resumed, text[-3000:]
+    done = int(resumed[0])
+    assert 1 <= done < 3
+    for epoch in range(1, 4):  # only the epochs after the checkpoint are trained again
+        assert (f"train: epoch {epoch}/3 loss" in text) == (epoch > done), epoch
     state = torch.load(os.path.join(out, "stages", "train", "checkpoint.pt"), weights_only=False)
     cfg = load_config("jobs/configs/smoke.yaml", [a for a in args[5::2]])
     ref_run = Run(str(tmp_path / "ref"), cfg)
@@ -107,80 +192,36 @@ def test_job_killed_in_training_resumes_from_checkpoint(smoke_data, eval_x, tmp_
                             storage.read_bytes(os.path.join(out, "stages", stage, name)))
     train_stage.run(ref_run)  # undisturbed, on the same inputs
     ref = torch.load(ref_run.stage_path("train", "checkpoint.pt"), weights_only=False)
-    assert state["epoch"] == ref["epoch"] == 12
+    assert state["epoch"] == ref["epoch"] == 3
     for key in ref["best"]:
         np.testing.assert_allclose(state["best"][key], ref["best"][key], rtol=1e-5, atol=1e-6,
                                    err_msg=key)
     np.testing.assert_array_equal(search(out, eval_x), expected_index(out, smoke_data, eval_x))
 
 
-def test_job_killed_between_stages_skips_finished_ones(smoke_data, eval_x, tmp_path):
+def test_job_killed_between_stages_skips_finished_ones(smoke_data, eval_x, tmp_path, capsys):
+    """SIGKILLed once training finished: its lease outlives it, so a second job fails at once
+    and names it; with --break-lease the rerun skips the finished stages and answers as an
+    undisturbed run."""
     out = str(tmp_path / "run")
-    args = job_args(smoke_data, out, "--set", "train.epochs=1")
+    args = job_args(smoke_data, out)
     proc = start_job(args, tmp_path / "log1")
     kill_when(proc, os.path.join(out, "stages", "train", "_manifest.json"))
-    text = run_job(args, tmp_path / "log2")
+    t0 = time.time()
+    assert distill.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"pid {proc.pid}" in err and "--break-lease" in err, err
+    assert time.time() - t0 < 60, "a second job must fail at once, before any work"
+    text = run_job(args + ["--break-lease"], tmp_path / "log2")
     skipped = [s for s in ("ingest", "init", "teacher", "train")
                if f"stage {s}: skipped (unchanged)" in text]
     assert skipped == ["ingest", "init", "teacher", "train"], text[-3000:]
+    assert "taking over a live lease (--break-lease)" in text
     np.testing.assert_array_equal(search(out, eval_x), expected_index(out, smoke_data, eval_x))
-
-
-def test_s3_endpoint_restart_mid_run(tmp_path):
-    """The endpoint goes away for a few seconds during the job and comes back with the same
-    objects (moto keeps them in this process): retries carry the job through."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ENDPOINT_URL": endpoint}
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="faults")
-    data, out = "s3://faults/data", "s3://faults/run"
-    saved = os.environ.get("AWS_ENDPOINT_URL")
-    os.environ["AWS_ENDPOINT_URL"] = endpoint
-    try:
-        prepare_data.write_dataset(data, *prepare_data.synthetic(4000, 32), files=4)
-        proc = start_job(job_args(data, out, "--set", "train.epochs=2"), tmp_path / "log", env)
-        fs, _ = storage.get_fs(out)
-        t0 = time.time()
-        while not fs.exists("faults/run/stages/ingest/_manifest.json"):
-            assert proc.poll() is None and time.time() - t0 < 300, open(tmp_path / "log").read()
-            time.sleep(0.5)
-            fs.invalidate_cache()
-        server.stop()  # the endpoint is gone...
-        time.sleep(4)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()  # ...and back, with the same objects
-        proc.wait(timeout=600)
-        text = open(tmp_path / "log").read()
-        assert proc.returncode == 0, text[-4000:]
-        local = tmp_path / "published"
-        local.mkdir()
-        storage.download_file(storage.join(out, "stages/export/trained.index"),
-                              str(local / "trained.index"))
-        got = open_published(out, local)
-        build.set_nprobe(got, 8)
-        ref = ondisk.encode_shard(faiss.read_index(str(local / "trained.index")),
-                                  *readers.read_all(f"{data}/corpus", "corpus"))
-        build.set_nprobe(ref, 8)
-        _, xq = readers.read_all(f"{data}/eval_queries", "q")
-        np.testing.assert_array_equal(got.search(xq, 20)[1], ref.search(xq, 20)[1])
-        manifest = storage.read_json(storage.join(out, "manifest.json"))
-        assert manifest["counts"]["vectors"] == 4000
-    finally:
-        server.stop()
-        if saved is not None:
-            os.environ["AWS_ENDPOINT_URL"] = saved
 
 
 @pytest.mark.parametrize("damage", ["truncate-parquet", "corrupt-parquet", "truncate-npy"])
 def test_damaged_shard_is_a_clear_error(tmp_path, damage, capsys):
-    from jobs import distill
-
     data = str(tmp_path / "data")
     prepare_data.write_dataset(data, *prepare_data.synthetic(2000, 32), files=2)
     victim = os.path.join(data, "corpus", "part-0001.parquet")

@@ -61,8 +61,14 @@ def head():
         print(f"head up after {time.time() - t0:.0f}s")
         yield address, env
     finally:
+        # The head's whole process group; a graceful stop takes half a minute, and nothing
+        # of this head outlives the test either way.
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
 
 
 def submit(address: str, env: dict, cmd: list[str]) -> str:

@@ -21,26 +21,24 @@ from .test_e2e import job_args
 
 pytestmark = pytest.mark.slow
 
-BASE = ["--set", "train.epochs=1", "--set", "train.num_workers=1"]
-
-
 @pytest.fixture(scope="module", params=["local", "s3"])
-def output(request, ray_cluster, s3, tmp_path_factory):
-    """(data, output, {name: version}) after a first run."""
+def output(request, ray_cluster, tmp_path_factory):
+    """(data, output, {name: version}) after a first run of the smoke job: through S3 the
+    session's (tests/conftest.py), locally a new one."""
     if request.param == "s3":
-        data, out = "s3://test/reruns/data", "s3://test/reruns/run"
+        data, out = request.getfixturevalue("s3_smoke_run")
     else:
         root = tmp_path_factory.mktemp("reruns")
         data, out = str(root / "data"), str(root / "run")
-    prepare_data.write_dataset(data, *prepare_data.synthetic(3000, 32), files=3)
-    assert distill.main(job_args(data, out, *BASE)) == 0
+        prepare_data.write_dataset(data, *prepare_data.synthetic(3000, 32), files=3)
+        assert distill.main(job_args(data, out)) == 0
     return data, out, {"first": publish.resolve(out)["version"]}
 
 
 def rerun(data, out, caplog, *extra) -> str:
     caplog.clear()
     with caplog.at_level("INFO", logger="pipeline"):
-        assert distill.main(job_args(data, out, *BASE, *extra)) == 0
+        assert distill.main(job_args(data, out, *extra)) == 0
     return caplog.text
 
 
