@@ -61,15 +61,14 @@ class TrainConfig:
     # the same on any data scale and steps shrink as codes get finer. On the shared data
     # (unit-norm 384-d) 0.05 is an Adam step of 9.7e-4 at 8 B and 4.5e-4 at 32 B.
     lr: float = 0.05
-    # The same for an RQ student: its stages are coupled (each quantizes what the earlier ones
-    # left), so it takes smaller steps (1e-4 for IVF-RQ at 8 B on the shared data). Measured
-    # there: ten times more fell below the warm start, a third learned less.
+    # The same for an RQ student. Its stages are coupled (each quantizes what the earlier ones
+    # left), so a step that suits PQ moves every later stage's input: it takes smaller steps.
     rq_lr: float = 0.0065
     rotation_lr: float = 1e-4  # radians (the rotation is scale-free)
     # "ranking": KDindex's ranking loss (the student keeps the teacher's order of the top-k,
     # each above all ranked below it); "kl": Distill-VQ's listwise KL over the candidates;
-    # "ranking+kl": both. Measured on the shared data (8 B, one epoch, 20K queries): ranking
-    # gives the best recall@10 and MRR but loses recall@100, which the KL's softer targets keep.
+    # "ranking+kl": both. The ranking loss aims at the top k only; the KL's softer targets
+    # carry the order of the rest of the list, which recall@100 needs (README: ablations).
     loss: str = "ranking+kl"
     # Softmax temperatures, relative to each query's teacher-score spread (scale-free): the
     # ranking loss's (and the contrastive term's), and the KL's.
@@ -88,8 +87,8 @@ class TrainConfig:
     # to its Sinkhorn-Knopp balanced plan, so that no list or codeword is left unused.
     balance_weight: float = 0.0
     sinkhorn_iters: int = 3
-    # InfoNCE on labeled (query, document) pairs; needs labels for the *training* queries
-    # (bench/quality.py --train-labels). 0: label-free distillation only.
+    # InfoNCE on labeled (query, document) pairs; needs labels for the *training* queries,
+    # which only bench/quality.py --train-labels provides: the pipeline refuses it.
     contrastive_weight: float = 0.0
     soft_temperature: float = 0.1  # soft codeword assignment, relative to mean distance
     learn_ivf: bool = True
@@ -98,14 +97,12 @@ class TrainConfig:
     val_fraction: float = 0.05  # queries held out (by id) for validation; kept in memory
     # Validations per epoch (the last at its end). One that falls below the best so far
     # restores the best student and multiplies every learning rate by lr_backoff (1: never),
-    # so steps still too large shrink by themselves. Measured on the shared data at 32 B,
-    # before lr had its error unit: an absolute 1e-3 fell below the warm start from the
-    # first epoch, and 3e-4 gained 3%.
+    # so steps still too large for the data shrink by themselves instead of undoing training.
     val_checks: int = 4
     lr_backoff: float = 0.5
     # A fall counts only when it exceeds backoff_z standard errors of the per-query recall
-    # difference (paired, on the same held-out queries). With 0, any fall counts; measured at
-    # 32 B, noise falls (0.6811 against 0.6813) then halved the steps three times in an epoch.
+    # difference (paired, on the same held-out queries), so that noise in the validation
+    # recall never shrinks the steps. With 0, any fall counts.
     backoff_z: float = 2.0
     max_val_queries: int = 5000  # cap on the held-out queries each worker keeps in memory
     shuffle_buffer: int = 16384  # rows in Ray Data's local shuffle buffer (0: file order)
@@ -253,6 +250,15 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> PipelineC
     cfg = _build(PipelineConfig, raw, "")
     validate(cfg)
     return cfg
+
+
+def validate_for_pipeline(cfg: PipelineConfig) -> None:
+    """Settings that the benchmark accepts but the pipeline cannot honour."""
+    if cfg.train.contrastive_weight > 0:
+        raise ValueError(
+            "train.contrastive_weight > 0 needs labels for the training queries, which the "
+            "pipeline's teacher stream does not carry (and the shared data's rules forbid); "
+            "compare it with bench/quality.py --train-labels PATH instead")
 
 
 def validate(cfg: PipelineConfig) -> None:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import ray
 
 from pipeline import keys, lease, publish, report, storage
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, validate_for_pipeline
 from pipeline.index import build as index_build
 from pipeline.stages import build, evaluate, ingest, init, teacher, train
 from pipeline.stages.common import METHODS, Run
@@ -114,6 +114,7 @@ def run_pipeline(cfg: PipelineConfig, output: str, from_stage: str | None = None
         raise ValueError(f"--from-stage must be one of {', '.join(STAGES)}")
     if incremental and from_stage:
         raise ValueError("--incremental and --from-stage do not go together; choose one")
+    validate_for_pipeline(cfg)
     check_output(output)
     with _interruptible() as arm, \
             lease.hold(output, cfg.publish.lease_seconds, break_lease) as held:

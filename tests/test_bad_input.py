@@ -155,6 +155,12 @@ def test_bad_yaml(tmp_path, capsys, text, message):
     assert not os.path.exists(tmp_path / "o")
 
 
+def test_contrastive_weight_is_refused_by_the_pipeline(tmp_path, capsys):
+    corpus, _ = good(tmp_path)
+    err = run_job(capsys, corpus, str(tmp_path / "o"), "--set", "train.contrastive_weight=1")
+    assert "bench/quality.py --train-labels" in err
+
+
 def test_epochs_below_one(tmp_path, capsys):
     corpus, _ = good(tmp_path)
     assert "train.epochs must be >= 1" in run_job(capsys, corpus, str(tmp_path / "o"),

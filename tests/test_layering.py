@@ -1,4 +1,5 @@
-"""The math layers (pipeline/quant, pipeline/index) must not import Ray or torch.distributed."""
+"""Layers: the math (pipeline/quant, pipeline/index) imports no Ray or torch.distributed; no
+stage imports another stage; the benchmarks import no stage."""
 import ast
 import pathlib
 
@@ -18,3 +19,39 @@ def test_math_layers_import_no_ray(layer):
                 names = [node.module or ""]
             for n in names:
                 assert not n.startswith(("ray", "torch.distributed")), f"{f} imports {n}"
+
+
+STAGES = {"ingest", "init", "teacher", "train", "build", "evaluate"}
+
+
+def imported_modules(f: pathlib.Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(f.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.append(node.module)
+            if node.module == "pipeline.stages":  # from pipeline.stages import train
+                names += [f"pipeline.stages.{a.name}" for a in node.names]
+    return names
+
+
+def stage_of(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[:2] == ["pipeline", "stages"] and len(parts) > 2 and parts[2] in STAGES:
+        return parts[2]
+    return None
+
+
+def test_no_stage_imports_another_stage():
+    for f in (ROOT / "pipeline" / "stages").glob("*.py"):
+        for n in imported_modules(f):
+            assert stage_of(n) in (None, f.stem), f"{f.name} imports the stage {n}"
+
+
+def test_benchmarks_and_layers_below_import_no_stage():
+    files = [f for d in ("bench", "pipeline/quant", "pipeline/index", "pipeline/data")
+             for f in (ROOT / d).glob("*.py")]
+    for f in files:
+        for n in imported_modules(f):
+            assert stage_of(n) is None, f"{f} imports the stage {n}"
