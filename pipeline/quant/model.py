@@ -18,6 +18,16 @@ from torch import nn
 from pipeline.quant.losses import sinkhorn_balance
 
 
+def similarity(q: torch.Tensor, x: torch.Tensor, metric: str) -> torch.Tensor:
+    """Higher is closer: q.x for "ip", -||q - x||^2 for "l2" (expanded, so no (nq, n, d)
+    tensor is built). q (nq, d); x (n, d) gives (nq, n), x (nq, L, d) gives (nq, L)."""
+    if x.dim() == 3:
+        s, xx = torch.einsum("bd,bld->bl", q, x), (x * x).sum(-1)
+    else:
+        s, xx = q @ x.T, (x * x).sum(1)[None]
+    return s if metric == "ip" else 2 * s - xx - (q * q).sum(1, keepdim=True)
+
+
 class Student(nn.Module):
     def __init__(self, params: dict, metric: str = "ip", learn_ivf: bool = True,
                  learn_pq: bool = True, learn_rotation: bool = True,
@@ -68,10 +78,7 @@ class Student(nn.Module):
     def coarse_scores(self, x_rot: torch.Tensor) -> torch.Tensor:
         """Score of each vector for each list, higher is closer, as faiss's flat quantizer
         ranks them: (n, nlist)."""
-        C = self.centroids
-        if self.metric == "ip":
-            return x_rot @ C.T
-        return 2 * x_rot @ C.T - (C * C).sum(1)[None]
+        return similarity(x_rot, self.centroids, self.metric)
 
     def assign(self, x_rot: torch.Tensor) -> torch.Tensor:
         """Coarse list of each vector: (n,) int64."""
@@ -83,13 +90,19 @@ class Student(nn.Module):
         value, with a straight-through soft assignment for the gradient, plus codes and
         the soft assignment's logits (for balancing)."""
         codes = dist.argmin(-1)
-        hard = book[codes]
+        hard, logits = self._straight_through(dist, book[codes], lambda p: p @ book)
+        return hard, codes, logits
+
+    def _straight_through(self, dist: torch.Tensor, hard: torch.Tensor, mix):
+        """The hard codewords as the forward value, with the gradient of a soft assignment:
+        softmax(-dist) at soft_temperature relative to the mean distance (scale-free), turned
+        into vectors by mix(p). Returns (value, logits)."""
         scale = dist.detach().mean(-1, keepdim=True).clamp_min(1e-12)
         logits = -dist / (max(self.soft_temperature, 1e-6) * scale)
         if self.soft_temperature > 0:
-            soft = torch.softmax(logits, dim=-1) @ book
+            soft = mix(torch.softmax(logits, dim=-1))
             hard = hard + soft - soft.detach()
-        return hard, codes, logits
+        return hard, logits
 
     def quantize(self, x_rot: torch.Tensor, with_logits: bool = False):
         """(coarse centroid (n, d), quantized residual (n, d), codes (n, M)) and, with
@@ -122,11 +135,8 @@ class Student(nn.Module):
                     + (B * B).sum(-1)[None])
             code = dist.argmin(-1)
             hard = B[torch.arange(self.M, device=r.device)[None, :], code]  # (n, M, dsub)
-            scale = dist.detach().mean(-1, keepdim=True).clamp_min(1e-12)
-            logit = -dist / (max(self.soft_temperature, 1e-6) * scale)
-            if self.soft_temperature > 0:
-                soft = torch.einsum("nmk,mkd->nmd", torch.softmax(logit, -1), B)
-                hard = hard + soft - soft.detach()
+            hard, logit = self._straight_through(
+                dist, hard, lambda p: torch.einsum("nmk,mkd->nmd", p, B))
             r_hat = hard.reshape(r.shape)
             codes, logits = list(code.unbind(1)), list(logit.unbind(1))
         out = (c, r_hat, torch.stack(codes, 1))
@@ -149,10 +159,7 @@ class Student(nn.Module):
 
     def score(self, q_rot: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
         """Similarity (higher is better) of every query to every reconstruction: (nq, n)."""
-        s = q_rot @ x_hat.T
-        if self.metric == "ip":
-            return s
-        return 2 * s - (x_hat * x_hat).sum(1)[None] - (q_rot * q_rot).sum(1)[:, None]
+        return similarity(q_rot, x_hat, self.metric)
 
     def export(self) -> dict:
         """Parameters for pipeline.index.build.index_from_params (numpy, float32)."""

@@ -15,7 +15,7 @@ import torch
 
 from pipeline.config import TrainConfig
 from pipeline.quant.losses import contrastive, listwise_kl, ranking_loss, relative_tau
-from pipeline.quant.model import Student
+from pipeline.quant.model import Student, similarity
 
 
 @dataclass
@@ -38,15 +38,6 @@ class TrainData:
             idx = np.sort(order[step * batch_size:(step + 1) * batch_size])
             yield self.xq[idx], self.pos[idx], \
                 None if self.labeled is None else self.labeled[idx]
-
-
-def exact_scores(q: torch.Tensor, x: torch.Tensor, metric: str) -> torch.Tensor:
-    """Exact similarity of queries to docs: x (n, d) -> (nq, n); x (nq, L, d) -> (nq, L)."""
-    if x.dim() == 3:
-        s = torch.einsum("bd,bld->bl", q, x)
-        return s if metric == "ip" else 2 * s - (x * x).sum(-1) - (q * q).sum(1, keepdim=True)
-    s = q @ x.T
-    return s if metric == "ip" else 2 * s - (x * x).sum(1)[None] - (q * q).sum(1)[:, None]
 
 
 LOSS_TERMS = ("pq", "ivf", "recon", "balance", "contrastive")
@@ -91,10 +82,10 @@ def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Te
 
     def candidates(vectors: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """Scores (b, L) of each query to its candidates among `vectors`, laid out as docs."""
-        s = [exact_scores(query, vectors[:b * K].view(b, K, d), model.metric),
-             exact_scores(query, vectors[b * K:b * K + N], model.metric)]
+        s = [similarity(query, vectors[:b * K].view(b, K, d), model.metric),
+             similarity(query, vectors[b * K:b * K + N], model.metric)]
         if own is not None:
-            s.append(exact_scores(query, vectors[:b * K], model.metric))
+            s.append(similarity(query, vectors[:b * K], model.metric))
         s = torch.cat(s, 1)
         return s if own is None else s.masked_fill(own, -torch.inf)
 
@@ -116,7 +107,7 @@ def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Te
     if cfg.ivf_weight > 0 and model.centroids.requires_grad:
         out["ivf"] = objective(candidates(c, q_rot))
     if labeled is not None and cfg.contrastive_weight > 0:
-        lab = exact_scores(q_rot, x_hat[b * K + N:][:, None], model.metric)[:, 0]
+        lab = similarity(q_rot, x_hat[b * K + N:][:, None], model.metric)[:, 0]
         out["contrastive"] = contrastive(lab, s_pq, tau)
     return out
 
