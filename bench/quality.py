@@ -29,7 +29,13 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from pipeline.config import IndexConfig, PipelineConfig, load_config  # noqa: E402
+from pipeline.config import (  # noqa: E402
+    IndexConfig,
+    Loss,
+    NegativeSampler,
+    PipelineConfig,
+    load_config,
+)
 from pipeline.data import readers  # noqa: E402
 from pipeline.index import build, knn  # noqa: E402
 from pipeline.index.metrics import score_rows  # noqa: E402
@@ -205,16 +211,16 @@ def ablations(cfg: PipelineConfig, labeled: bool) -> dict[str, PipelineConfig]:
         "pq-only": dict(learn_ivf=False, ivf_weight=0.0),
         "no-rotation": dict(learn_rotation=False),
         # each loss
-        "loss-ranking-only": dict(loss="ranking"),
-        "loss-kl-only": dict(loss="kl"),
+        "loss-ranking-only": dict(loss=Loss.RANKING),
+        "loss-kl-only": dict(loss=Loss.KL),
         "no-ivf-loss": dict(ivf_weight=0.0),
         "plus-recon": dict(recon_weight=1.0),
         "plus-balance": dict(balance_weight=0.1),
         # each sampler (candidates besides the teacher top-K)
         "sampler-topk-only": dict(negatives=0, in_batch=False),
-        "sampler-random": dict(negative_sampler="random", in_batch=False),
+        "sampler-random": dict(negative_sampler=NegativeSampler.RANDOM, in_batch=False),
         "sampler-in-batch": dict(negatives=0, in_batch=True),
-        "sampler-ivf": dict(negative_sampler="ivf", in_batch=False),
+        "sampler-ivf": dict(negative_sampler=NegativeSampler.IVF, in_batch=False),
     }
     if labeled:
         variants["plus-contrastive"] = dict(contrastive_weight=1.0)

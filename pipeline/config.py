@@ -6,12 +6,62 @@ types raise `ValueError` naming the key and what is accepted, before any work st
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import json
 import typing
 from dataclasses import dataclass, field
 
 import yaml
+
+# Modes are types. Each is a str subclass, so that it reads from YAML, compares with its
+# value and hashes into stage keys as plain text.
+
+
+class _Mode(str, enum.Enum):
+    def __str__(self) -> str:  # the YAML spelling, in messages and f-strings alike
+        return self.value
+
+
+class Metric(_Mode):
+    IP = "ip"  # inner product
+    L2 = "l2"
+
+
+class Quantizer(_Mode):
+    PQ = "pq"  # product quantizer (IndexIVFPQ), behind an OPQ rotation if index.opq
+    RQ = "rq"  # residual (additive) quantizer of M full-width codebooks (IndexIVFResidualQuantizer)
+    LSQ = "lsq"  # faiss's LocalSearchQuantizer: a benchmark baseline only, never distilled
+
+
+class Loss(_Mode):
+    """The distillation loss: which of the two listwise terms it uses."""
+    RANKING = "ranking"  # KDindex: keep the teacher's order of the top-k, each above the rest
+    KL = "kl"  # Distill-VQ: KL between the teacher's and the student's softmax over candidates
+    RANKING_KL = "ranking+kl"
+
+    @property
+    def ranking(self) -> bool:
+        return self in (Loss.RANKING, Loss.RANKING_KL)
+
+    @property
+    def kl(self) -> bool:
+        return self in (Loss.KL, Loss.RANKING_KL)
+
+
+class NegativeSampler(_Mode):
+    RANDOM = "random"  # uniform over the sample pool
+    IVF = "ivf"  # pool vectors in the lists the batch's queries probe (Distill-VQ's hard negatives)
+
+
+def _typed_modes(obj) -> None:
+    """Turns mode fields given as plain strings (Python callers, dataclasses.replace) into
+    their enum, so that code downstream can rely on the type."""
+    for name, typ in typing.get_type_hints(type(obj)).items():
+        if isinstance(typ, type) and issubclass(typ, enum.Enum):
+            value = getattr(obj, name)
+            if not isinstance(value, typ):
+                object.__setattr__(obj, name, _coerce(value, typ, f"{type(obj).__name__}.{name}"))
 
 
 @dataclass(frozen=True)
@@ -32,11 +82,12 @@ class IndexConfig:
     M: int = 8  # sub-quantizers; bytes per vector = M * nbits / 8
     nbits: int = 8
     opq: bool = True  # learn (and distil) an OPQ rotation in front of the PQ
-    metric: str = "ip"  # "ip" (inner product) or "l2"
-    # "pq": product quantizer (IndexIVFPQ). "rq": residual/additive quantizer of M full-width
-    # codebooks (IndexIVFResidualQuantizer, KDindex's AQ student); needs opq: false.
-    quantizer: str = "pq"
+    metric: Metric = Metric.IP
+    quantizer: Quantizer = Quantizer.PQ  # rq is KDindex's AQ student; it takes no OPQ
     rq_beam: int = 1  # RQ only: encoding beam width (1: greedy, as the student trains)
+
+    def __post_init__(self):
+        _typed_modes(self)
 
 
 @dataclass(frozen=True)
@@ -69,16 +120,14 @@ class TrainConfig:
     # each above all ranked below it); "kl": Distill-VQ's listwise KL over the candidates;
     # "ranking+kl": both. The ranking loss aims at the top k only; the KL's softer targets
     # carry the order of the rest of the list, which recall@100 needs (README: ablations).
-    loss: str = "ranking+kl"
+    loss: Loss = Loss.RANKING_KL
     # Softmax temperatures, relative to each query's teacher-score spread (scale-free): the
     # ranking loss's (and the contrastive term's), and the KL's.
     temperature: float = 0.5
     kl_temperature: float = 2.0
     kl_weight: float = 100.0  # weight of the KL term in "ranking+kl" (the scales differ)
     negatives: int = 256  # corpus negatives shared by a batch (from the sample pool)
-    # "random": uniform over the pool; "ivf": pool vectors in the lists the batch's queries
-    # probe under the current centroids (Distill-VQ's IVF-aware hard negatives).
-    negative_sampler: str = "random"
+    negative_sampler: NegativeSampler = NegativeSampler.RANDOM
     ivf_negative_nprobe: int = 8  # lists per query that "ivf" negatives come from
     in_batch: bool = True  # also score the other queries' neighbours
     ivf_weight: float = 1.0  # weight of the Distill-VQ coarse (IVF) distillation term
@@ -109,6 +158,9 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     seed: int = 0
+
+    def __post_init__(self):
+        _typed_modes(self)
 
 
 @dataclass(frozen=True)
@@ -188,6 +240,12 @@ def _coerce(value, typ, where: str):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{where}: expected a number, got {value!r}")
         return float(value)
+    if isinstance(typ, type) and issubclass(typ, enum.Enum):
+        choices = [m.value for m in typ]
+        if value not in choices:
+            raise ValueError(f"{where} must be one of {', '.join(map(repr, choices))}, "
+                             f"got {value!r}")
+        return typ(value)
     if typ is str:
         if not isinstance(value, str):
             raise ValueError(f"{where}: expected a string, got {value!r}")
@@ -264,8 +322,6 @@ def validate_for_pipeline(cfg: PipelineConfig) -> None:
 def validate(cfg: PipelineConfig) -> None:
     """Checks that need no data. Checks against the data's dimension live in ingest."""
     ix, tr = cfg.index, cfg.train
-    if ix.metric not in ("ip", "l2"):
-        raise ValueError(f"index.metric must be 'ip' or 'l2', got {ix.metric!r}")
     if ix.nbits not in range(1, 17) or ix.M < 1 or ix.nlist < 1:
         raise ValueError("index.M and index.nlist must be >= 1 and index.nbits in 1..16")
     if cfg.teacher.k < 1 or cfg.eval.k < 1:
@@ -281,17 +337,13 @@ def validate(cfg: PipelineConfig) -> None:
             f"train.batch_size ({tr.batch_size}) must be divisible by train.num_workers "
             f"({tr.num_workers}) so that every worker gets an equal slice of the global batch"
         )
-    if ix.quantizer not in ("pq", "rq"):
-        raise ValueError(f"index.quantizer must be 'pq' or 'rq', got {ix.quantizer!r}")
+    if ix.quantizer == Quantizer.LSQ:
+        raise ValueError("index.quantizer=lsq is a faiss baseline of the quality benchmark "
+                         "only (bench/quality.py --baselines lsq); distil pq or rq")
     if ix.quantizer == "rq" and ix.opq:
         raise ValueError("index.quantizer=rq takes no OPQ rotation: set index.opq=false")
     if ix.rq_beam < 1:
         raise ValueError("index.rq_beam must be >= 1 (1 encodes greedily)")
-    if tr.loss not in ("kl", "ranking", "ranking+kl"):
-        raise ValueError(f"train.loss must be 'kl', 'ranking' or 'ranking+kl', got {tr.loss!r}")
-    if tr.negative_sampler not in ("random", "ivf"):
-        raise ValueError(
-            f"train.negative_sampler must be 'random' or 'ivf', got {tr.negative_sampler!r}")
     if tr.ivf_negative_nprobe < 1 or tr.sinkhorn_iters < 1:
         raise ValueError("train.ivf_negative_nprobe and train.sinkhorn_iters must be >= 1")
     if min(tr.balance_weight, tr.contrastive_weight, tr.recon_weight, tr.ivf_weight) < 0:

@@ -95,10 +95,10 @@ def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Te
 
     def objective(s: torch.Tensor) -> torch.Tensor:
         total = zero
-        if "ranking" in cfg.loss:
+        if cfg.loss.ranking:
             total = total + ranking_loss(t, s, tau, K)
-        if "kl" in cfg.loss:  # kl_weight balances the two losses' scales when combined
-            w = cfg.kl_weight if "ranking" in cfg.loss else 1.0
+        if cfg.loss.kl:  # kl_weight balances the two losses' scales when combined
+            w = cfg.kl_weight if cfg.loss.ranking else 1.0
             total = total + w * listwise_kl(t, s, tau_kl)
         return total
 
