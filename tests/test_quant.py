@@ -1,11 +1,14 @@
 """The student model and the training kernel, checked against faiss and against themselves."""
+import dataclasses
+
 import faiss
 import numpy as np
 import pytest
 import torch
 
-from pipeline.config import IndexConfig, TrainConfig, load_config
+from pipeline.config import IndexConfig, Quantizer, TrainConfig, load_config
 from pipeline.index import build, knn, ondisk
+from pipeline.index.params import Params, QuantizerSpec
 from pipeline.quant import fit
 from pipeline.quant import train as T
 from pipeline.quant.losses import (
@@ -96,7 +99,7 @@ def test_rq_student_scores_like_the_exported_faiss_index(setup, nlist, metric):
     icfg = IndexConfig(nlist=nlist, M=3, nbits=5, opq=False, quantizer="rq", metric=metric)
     trained = build.train_baseline(xb[:3000], icfg, niter=5)
     params = build.extract_params(trained)
-    assert params["codebooks"].shape == (3, 32, 32) and "rq_beam" in params
+    assert params.codebooks.shape == (3, 32, 32) and params.spec.kind == "rq"
     model = Student(params, metric)
     index = build.index_from_params(model.export(), metric)
     assert type(index).__name__ == ("IndexIVFResidualQuantizer" if nlist
@@ -129,10 +132,10 @@ def test_rq_student_learns_and_exports_the_learned_codebooks(setup):
     losses = [T.train_epoch(model, opt, data, cfg, e)["loss_pq"] for e in range(2)]
     assert losses[-1] < losses[0]
     out = model.export()
-    assert not np.allclose(out["codebooks"], params["codebooks"])
+    assert not np.allclose(out.codebooks, params.codebooks)
     index = build.index_from_params(out, "ip")
     got = faiss.vector_to_array(build.ivfpq_of(index).rq.codebooks)
-    np.testing.assert_array_equal(got, out["codebooks"].ravel())
+    np.testing.assert_array_equal(got, out.codebooks.ravel())
 
 
 def test_ranking_loss_prefers_the_teacher_order():
@@ -168,8 +171,8 @@ def test_contrastive_term_rewards_the_labeled_document():
                                                                       tau)
     # and through the kernel: labeled vectors add a term only when its weight is > 0
     rng = np.random.default_rng(0)
-    params = {"centroids": normalized(rng, 4, 8), "codebooks": rng.standard_normal(
-        (2, 16, 4)).astype(np.float32)}
+    params = Params(QuantizerSpec(Quantizer.PQ, ivf=True, rotation=False, M=2, nbits=4),
+                    normalized(rng, 4, 8), rng.standard_normal((2, 16, 4)).astype(np.float32))
     q, pos = torch.as_tensor(normalized(rng, 6, 8)), torch.as_tensor(
         normalized(rng, 18, 8).reshape(6, 3, 8))
     lab, neg = pos[:, 0].clone(), torch.as_tensor(normalized(rng, 10, 8))
@@ -213,18 +216,19 @@ def test_training_is_scale_free(setup, c):
     params = build.extract_params(trained)
     out = []
     for scale in (1.0, c):
-        p = dict(params, centroids=params["centroids"] * scale,
-                 codebooks=params["codebooks"] * scale)
+        p = dataclasses.replace(params, centroids=params.centroids * scale,
+                                codebooks=params.codebooks * scale)
         model = Student(p, "ip")
         T.calibrate(model, xb[:2000] * scale)
         opt = T.make_optimizer(model, cfg)
         data = T.TrainData(xq * scale, V.astype(np.float32) * scale, xb[:2000] * scale)
         T.train_epoch(model, opt, data, cfg, 0)
         out.append(model.export())
-    assert not np.allclose(out[0]["codebooks"], params["codebooks"], atol=1e-3), "it learned"
+    assert not np.allclose(out[0].codebooks, params.codebooks, atol=1e-3), "it learned"
     for key in ("centroids", "codebooks"):
-        np.testing.assert_allclose(out[1][key] / c, out[0][key], rtol=0, atol=1e-4)
-    np.testing.assert_allclose(out[1]["rotation"], out[0]["rotation"], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(getattr(out[1], key) / c, getattr(out[0], key), rtol=0,
+                                   atol=1e-4)
+    np.testing.assert_allclose(out[1].rotation, out[0].rotation, rtol=0, atol=1e-4)
 
 
 def test_validation_backs_off_and_keeps_the_best():

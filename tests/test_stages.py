@@ -136,7 +136,7 @@ def test_two_train_workers_match_one(prepared, tmp_path):
     # and training moved the parameters: the comparison is not between two warm starts
     assert not torch.allclose(s1["model"]["codebooks"], torch.as_tensor(
         build.extract_params(storage.read_index(prepared.stage_path("init", "baseline.index")))
-        ["codebooks"]))
+        .codebooks))
     assert [h["steps"] for h in info2["history"]] == [h["steps"] for h in info1["history"]]
 
 

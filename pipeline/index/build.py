@@ -1,14 +1,7 @@
-"""faiss index construction: the k-means-trained baseline, and export of learned parameters.
+"""faiss index construction: the k-means-trained baseline, and the round trip between a
+faiss index and its learned parameters (pipeline.index.params.Params).
 
-Parameters are a dict of numpy arrays:
-  rotation  (d, d) float32 or absent: x_rot = x @ rotation.T (faiss OPQMatrix.A)
-  centroids (nlist, d) float32, in the rotated space
-  codebooks (M, ksub, dsub) float32: PQ of the residual x_rot - centroid, or, with rq_beam,
-            (M, ksub, d): a residual quantizer (faiss ResidualQuantizer) of that residual
-  rq_beam   present for RQ: the encoding beam width
-  flat      present for a plain PQ/OPQ/RQ index (no IVF): one zero centroid stands in for it
-
-IndexConfig.nlist == 0 asks for that flat PQ/OPQ structure (benchmarks; the pipeline's on-disk
+IndexConfig.nlist == 0 asks for a flat PQ/OPQ/RQ structure (benchmarks; the pipeline's on-disk
 index always has IVF).
 """
 from __future__ import annotations
@@ -16,7 +9,8 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from pipeline.config import IndexConfig
+from pipeline.config import IndexConfig, Quantizer
+from pipeline.index.params import Params, QuantizerSpec
 
 
 def faiss_metric(metric: str) -> int:
@@ -74,50 +68,47 @@ def _inner(index):
     return index.index if isinstance(index, faiss.IndexPreTransform) else index
 
 
-def extract_params(index) -> dict:
+def extract_params(index) -> Params:
+    """The parameters of a trained faiss index (IVF or flat, PQ or RQ, OPQ or not)."""
     inner = faiss.downcast_index(_inner(index))
-    if isinstance(inner, (faiss.IndexPQ, faiss.IndexResidualQuantizer)):
+    flat = isinstance(inner, (faiss.IndexPQ, faiss.IndexResidualQuantizer))
+    if flat:
         codec = inner
-        params = {"centroids": np.zeros((1, inner.d), np.float32), "flat": np.array(1)}
+        centroids = np.zeros((1, inner.d), np.float32)
     else:
         codec = ivfpq_of(index)
         quantizer = faiss.downcast_index(codec.quantizer)
-        params = {"centroids": quantizer.reconstruct_n(0, codec.nlist).astype(np.float32)}
+        centroids = quantizer.reconstruct_n(0, codec.nlist).astype(np.float32)
     if hasattr(codec, "rq"):
         rq = codec.rq
-        ksub = 1 << rq.nbits.at(0)
-        params["codebooks"] = faiss.vector_to_array(rq.codebooks) \
-            .reshape(rq.M, ksub, rq.d).astype(np.float32)
-        params["rq_beam"] = np.array(rq.max_beam_size)
+        nbits, beam, kind = rq.nbits.at(0), rq.max_beam_size, Quantizer.RQ
+        codebooks = faiss.vector_to_array(rq.codebooks).reshape(rq.M, 1 << nbits, rq.d)
     else:
         pq = codec.pq
-        params["codebooks"] = faiss.vector_to_array(pq.centroids) \
-            .reshape(pq.M, pq.ksub, pq.dsub).astype(np.float32)
+        nbits, beam, kind = pq.nbits, 1, Quantizer.PQ
+        codebooks = faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)
+    rotation = None
     if isinstance(index, faiss.IndexPreTransform):
         lt = faiss.downcast_VectorTransform(index.chain.at(0))
-        params["rotation"] = faiss.vector_to_array(lt.A).reshape(lt.d_out, lt.d_in)
-    return params
+        rotation = faiss.vector_to_array(lt.A).reshape(lt.d_out, lt.d_in)
+    spec = QuantizerSpec(kind, not flat, rotation is not None, len(codebooks), nbits, beam)
+    return Params(spec, centroids, codebooks.astype(np.float32), rotation)
 
 
-def index_from_params(params: dict, metric: str):
+def index_from_params(params: Params, metric: str):
     """A trained, empty IndexIVFPQ or IndexIVFResidualQuantizer (or their flat forms) behind
     an OPQMatrix if a rotation is given."""
-    C, B = params["centroids"], params["codebooks"]
+    spec, C = params.spec, params.centroids
     nlist, d = C.shape
-    M, ksub, dsub = B.shape
-    nbits = int(np.log2(ksub))
-    codebooks = np.ascontiguousarray(B, dtype=np.float32).ravel()
-    if "rq_beam" in params:
-        assert dsub == d, "RQ codebooks span the whole dimension"
-        ivf = _rq_index(C, codebooks, M, nbits, int(params["rq_beam"]), metric,
-                        "flat" in params)
-    elif "flat" in params:
-        assert M * dsub == d, "codebooks must tile the dimension"
+    M, nbits = spec.M, spec.nbits
+    codebooks = np.ascontiguousarray(params.codebooks, dtype=np.float32).ravel()
+    if spec.kind == Quantizer.RQ:
+        ivf = _rq_index(C, codebooks, M, nbits, spec.beam, metric, not spec.ivf)
+    elif not spec.ivf:
         ivf = faiss.IndexPQ(d, M, nbits, faiss_metric(metric))
         faiss.copy_array_to_vector(codebooks, ivf.pq.centroids)
         ivf.is_trained = True
     else:
-        assert M * dsub == d, "codebooks must tile the dimension"
         quantizer = _flat_quantizer(C, metric)
         ivf = faiss.IndexIVFPQ(quantizer, d, nlist, M, nbits, faiss_metric(metric))
         faiss.copy_array_to_vector(codebooks, ivf.pq.centroids)
@@ -126,10 +117,9 @@ def index_from_params(params: dict, metric: str):
         quantizer.this.disown()
         if metric == "l2":
             ivf.precompute_table()
-    rotation = params.get("rotation")
-    if rotation is None:
+    if params.rotation is None:
         return ivf
-    opq = opq_matrix(rotation, M)
+    opq = opq_matrix(params.rotation, M)
     index = faiss.IndexPreTransform(opq, ivf)
     index.own_fields = True
     ivf.this.disown()

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.config import Quantizer
+from pipeline.index.params import Params
 from pipeline.quant.losses import sinkhorn_balance
 
 
@@ -29,22 +31,21 @@ def similarity(q: torch.Tensor, x: torch.Tensor, metric: str) -> torch.Tensor:
 
 
 class Student(nn.Module):
-    def __init__(self, params: dict, metric: str = "ip", learn_ivf: bool = True,
+    def __init__(self, params: Params, metric: str = "ip", learn_ivf: bool = True,
                  learn_pq: bool = True, learn_rotation: bool = True,
                  soft_temperature: float = 0.1):
         super().__init__()
         assert metric in ("ip", "l2"), "metric must be ip or l2"
         self.metric = metric
         self.soft_temperature = soft_temperature
-        C = torch.as_tensor(np.asarray(params["centroids"], dtype=np.float32))
-        B = torch.as_tensor(np.asarray(params["codebooks"], dtype=np.float32))
-        self.residual = "rq_beam" in params
-        self.rq_beam = int(params["rq_beam"]) if self.residual else 0
+        self.spec = params.spec
+        C = torch.as_tensor(np.asarray(params.centroids, dtype=np.float32))
+        B = torch.as_tensor(np.asarray(params.codebooks, dtype=np.float32))
+        self.residual = params.spec.kind == Quantizer.RQ
         # A flat PQ/OPQ/RQ student has one zero centroid that never moves.
-        self.flat = "flat" in params
-        self.centroids = nn.Parameter(C.clone(), requires_grad=learn_ivf and not self.flat)
+        self.centroids = nn.Parameter(C.clone(), requires_grad=learn_ivf and params.spec.ivf)
         self.codebooks = nn.Parameter(B.clone(), requires_grad=learn_pq)
-        rotation = params.get("rotation")
+        rotation = params.rotation
         self.has_rotation = rotation is not None
         d = C.shape[1]
         R0 = torch.as_tensor(np.asarray(rotation, dtype=np.float32)) if self.has_rotation \
@@ -161,18 +162,12 @@ class Student(nn.Module):
         """Similarity (higher is better) of every query to every reconstruction: (nq, n)."""
         return similarity(q_rot, x_hat, self.metric)
 
-    def export(self) -> dict:
+    def export(self) -> Params:
         """Parameters for pipeline.index.build.index_from_params (numpy, float32)."""
+        def numpy(t: torch.Tensor) -> np.ndarray:
+            return t.detach().cpu().numpy().astype(np.float32)
+
         with torch.no_grad():
-            out = {
-                "centroids": self.centroids.detach().cpu().numpy().astype(np.float32),
-                "codebooks": self.codebooks.detach().cpu().numpy().astype(np.float32),
-            }
-            if self.flat:
-                out["flat"] = np.array(1)
-            if self.residual:
-                out["rq_beam"] = np.array(self.rq_beam)
-            if self.has_rotation:
-                out["rotation"] = self.rotation().detach().cpu().numpy().astype(np.float32)
-        return out
+            return Params(self.spec, numpy(self.centroids), numpy(self.codebooks),
+                          numpy(self.rotation()) if self.has_rotation else None)
 

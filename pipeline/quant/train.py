@@ -148,7 +148,7 @@ class NegativeSampler:
         self.lists = None  # (P,) list of every pool vector, for "ivf"
 
     def start_epoch(self, model: Student, device: str) -> None:
-        if self.cfg.negative_sampler != "ivf" or model.flat or not self.cfg.negatives:
+        if self.cfg.negative_sampler != "ivf" or not model.spec.ivf or not self.cfg.negatives:
             return
         with torch.no_grad():
             parts = [model.assign(model.rotate(torch.as_tensor(

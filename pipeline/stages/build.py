@@ -20,13 +20,14 @@ from pipeline import storage
 from pipeline.data import readers
 from pipeline.data.plan import Shard
 from pipeline.index import build, ondisk
+from pipeline.index.params import Params
 from pipeline.stages.common import METHODS, Run, fault_point, pin_threads, wait_all
 
 log = logging.getLogger("pipeline.stages.build")
 
 
 def run_export(run: Run) -> dict:
-    params = storage.load_npz(run.stage_path("train", "params.npz"))
+    params = Params.from_arrays(storage.load_npz(run.stage_path("train", "params.npz")))
     index = build.index_from_params(params, run.cfg.index.metric)
     scratch = storage.local_scratch("export")
     local = os.path.join(scratch, "trained.index")

@@ -144,7 +144,7 @@ def run(run: Run) -> dict:
     trainer.fit()
     assert storage.exists(ckpt_uri), "every epoch writes a checkpoint, and epochs >= 1"
     state = _load_state(ckpt_uri)
-    storage.save_npz(run.stage_path("train", "params.npz"), **state["best"])
+    storage.save_npz(run.stage_path("train", "params.npz"), **state["best"].arrays())
     secs = time.time() - t0
     improved = state["best_val"] > state["warm_val"]
     log.info("train: %d epochs in %.1fs; validation recall %.4f -> %.4f%s", state["epoch"], secs,
