@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config import PublishConfig, load_config  # noqa: E402
 from pipeline.lease import LeaseHeld, LeaseLost  # noqa: E402
 from pipeline.report import format_table  # noqa: E402
 from pipeline.runner import STAGES, Interrupted, rollback, run_pipeline  # noqa: E402
@@ -71,6 +71,20 @@ def _summary(output: str, result: dict, total: float) -> None:
     print(f"total wall time: {total:.1f}s")
 
 
+def _execute(args) -> None:
+    if args.rollback:
+        publish_cfg = load_config(args.config, args.overrides).publish if args.config \
+            else PublishConfig()
+        m = rollback(args.output, args.rollback, publish_cfg.lease_seconds, args.break_lease)
+        print(f"rolled back: {args.output.rstrip('/')}/manifest.json -> {m['version']}")
+        return
+    cfg = load_config(args.config, args.overrides)
+    t0 = time.time()
+    result = run_pipeline(cfg, args.output, args.from_stage, args.incremental,
+                          break_lease=args.break_lease)
+    _summary(args.output, result, time.time() - t0)
+
+
 def main(argv=None, exit_on_interrupt: bool = False) -> int:
     """Runs the job; returns its exit code. With exit_on_interrupt (the command line), an
     interrupted job ends the process at once: its stage is still running in a helper thread
@@ -78,25 +92,9 @@ def main(argv=None, exit_on_interrupt: bool = False) -> int:
     args = parse_args(argv)
     _setup_logging()
     try:
-        if args.rollback:
-            lease_s = load_config(args.config, args.overrides).publish.lease_seconds \
-                if args.config else 120.0
-            m = rollback(args.output, args.rollback, lease_s, args.break_lease)
-            print(f"rolled back: {args.output.rstrip('/')}/manifest.json -> {m['version']}")
-            return 0
-        cfg = load_config(args.config, args.overrides)
-    except ValueError as e:
+        _execute(args)
+    except ValueError as e:  # the input, the config or the arguments: the message says the fix
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except LeaseHeld as e:
-        print(f"output busy: {e}", file=sys.stderr)
-        return 2
-    t0 = time.time()
-    try:
-        result = run_pipeline(cfg, args.output, args.from_stage, args.incremental,
-                              break_lease=args.break_lease)
-    except ValueError as e:
-        print(f"input error: {e}", file=sys.stderr)
         return 2
     except LeaseHeld as e:
         print(f"output busy: {e}", file=sys.stderr)
@@ -114,7 +112,6 @@ def main(argv=None, exit_on_interrupt: bool = False) -> int:
             logging.shutdown()
             os._exit(128 + e.signum)
         return 128 + e.signum
-    _summary(args.output, result, time.time() - t0)
     return 0
 
 
