@@ -80,6 +80,13 @@ def pin_threads() -> int:
     return n
 
 
+def largest_node_cpus() -> int:
+    """The most CPUs one alive node offers. A task asking for more (the cluster's total, on
+    several nodes) could never be placed, and the job would wait forever."""
+    cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    return max(cpus + [1])
+
+
 def wait_all(refs: list, what: str, every: float = 10.0) -> list:
     """ray.get with a progress line (done/total, elapsed, ETA) at most every `every` seconds.
     Results come back in the order of `refs`."""
