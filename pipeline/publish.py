@@ -153,7 +153,11 @@ def rollback(output: str, version: str) -> dict:
                          f"{', '.join(have) or 'none'}")
     data = storage.read_bytes(uri)
     manifest = json.loads(data)
-    verify(output, manifest["files"])
+    try:
+        verify(output, manifest["files"])
+    except RuntimeError as e:
+        raise ValueError(f"--rollback: version {version} is damaged ({e}); the manifest "
+                         "still points where it did") from None
     _, tag = read_pointer(output)
     _swap_pointer(output, data, tag)
     log.info("rollback: %s is the current version again", version)

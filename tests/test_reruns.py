@@ -168,3 +168,10 @@ def test_rollback_restores_an_earlier_version_byte_for_byte(output, capsys):
     assert distill.main(["--output", out, "--rollback", "20200101T000000Z-nope"]) == 2
     err = capsys.readouterr().err
     assert "no complete version" in err and target in err
+    # a damaged version is refused, and the pointer stays where it was
+    before = storage.read_bytes(storage.join(out, "manifest.json"))
+    report = storage.join(out, "versions", target, "report.json")
+    storage.write_bytes(report, storage.read_bytes(report).replace(b"recall", b"rEcall", 1))
+    assert distill.main(["--output", out, "--rollback", target]) == 2
+    assert "is damaged" in capsys.readouterr().err
+    assert storage.read_bytes(storage.join(out, "manifest.json")) == before
