@@ -75,3 +75,13 @@ def why_rerun(record: dict | None, own: dict, deps: dict) -> str:
                      if own.get(k) != record["fields"].get(k))
     changed += [f"upstream {d}" for d in sorted(deps) if deps[d] != record["deps"].get(d)]
     return ", ".join(changed) or "key changed"
+
+
+def stage_keys(cfg: PipelineConfig, inputs: dict) -> dict[str, tuple[str, dict, dict]]:
+    """{stage: (key, its fields, its upstream keys)} for every stage, in run order."""
+    out: dict[str, tuple[str, dict, dict]] = {}
+    for stage in FIELDS:  # FIELDS lists the stages in run order
+        own = fields(cfg, stage, inputs)
+        deps = {d: out[d][0] for d in DEPS[stage]}
+        out[stage] = (stage_key(own, deps), own, deps)
+    return out

@@ -166,13 +166,13 @@ def _run_stages(run: Run, plan: dict, from_stage, incremental: bool, on_stage,
         "evaluate": lambda: evaluate.run(run),
     }
     seconds, ran = {}, []
+    planned = keys.stage_keys(run.cfg, plan["inputs"])
+    run.keys = {name: key for name, (key, _, _) in planned.items()}
     for name in STAGES:
         if name == "evaluate" and not run.cfg.data.eval_queries:
             continue
         held.check()
-        own = keys.fields(run.cfg, name, plan["inputs"])
-        deps = {d: run.keys[d] for d in keys.DEPS[name]}
-        run.keys[name] = key = keys.stage_key(own, deps)
+        key, own, deps = planned[name]
         record = run.record(name)
         if incremental and name in FROZEN:
             if record["key"] != key:  # the kept quantizers now stand for the new corpus
