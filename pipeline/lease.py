@@ -111,7 +111,7 @@ class Lease:
         if self.lost.is_set():
             return
         # Only our own lease is removed: if the tag moved, someone broke it and holds it now.
-        raw, tag = storage.read_tagged(self.uri)
+        raw, _ = storage.read_tagged(self.uri)
         if raw is not None and json.loads(raw).get("token") == self.body["token"]:
             storage.delete(self.uri)
 

@@ -48,7 +48,9 @@ def resolve(output: str) -> dict:
 def version_name(keys: dict) -> str:
     """Sortable: a UTC timestamp, then a short hash of what the version was built from."""
     digest = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + digest
+    now = time.time()  # microseconds: two publishes within one second still sort in order
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+    return f"{stamp}-{digest}"
 
 
 def _put_index(src_folder: str, src_files: dict, dst_folder: str) -> dict:

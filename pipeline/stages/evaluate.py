@@ -43,9 +43,13 @@ def check_labels(qrels: dict, qids: np.ndarray, spans: dict) -> None:
     eval queries, or a document id outside every corpus shard's id range."""
     pairs = [(q, d) for q, docs in qrels.items() for d in docs]
     known_q = set(qids.tolist())
+    # Spans sorted by start; a document is inside one iff it lies at or below the furthest
+    # end among the spans that start at or before it (memory O(labels + shards)).
     lo_hi = np.array(sorted(spans.values()), dtype=np.int64).reshape(-1, 2)
+    reach = np.maximum.accumulate(lo_hi[:, 1])
     docs = np.array([d for _, d in pairs], dtype=np.int64)
-    inside = ((docs[:, None] >= lo_hi[None, :, 0]) & (docs[:, None] <= lo_hi[None, :, 1])).any(1)
+    at = np.searchsorted(lo_hi[:, 0], docs, side="right") - 1
+    inside = (at >= 0) & (docs <= reach[np.maximum(at, 0)])
     bad_q = sum(q not in known_q for q, _ in pairs)
     bad_d = int((~inside).sum())
     if bad_q or bad_d:
