@@ -2,13 +2,17 @@
 
   python bench/scale.py                         # 1M and 4M vectors (about 15 min on 2 cores)
   python bench/scale.py --sizes 200000,800000   # quicker
+  python bench/scale.py --nodes 3               # on a multi-node cluster (infra/local_cluster.py)
 
-Each size runs in its own process with its own local Ray cluster. Per stage it reports the
-throughput, the peak RSS of the driver and of the Ray worker processes (sampled from /proc every
-0.2 s), and, in the same process, bare single-process faiss on the same data: brute-force
-kNN (IndexFlat over the whole corpus) for the teacher, `add` into the same trained index for
-encode. Prints a table and writes JSON (--json) with rows of stage, n, throughput_per_s,
-faiss_throughput_per_s, ratio, peak_rss_driver_mb, peak_rss_worker_mb.
+Each size runs in its own process with its own Ray cluster: one local node, or with --nodes N
+a head with no CPUs (it runs the driver) and N worker nodes in two groups, the stages placed by
+group as on infra/cluster-aws.yaml. Per stage it reports the throughput, the peak RSS of the
+driver and of the Ray worker processes (sampled from /proc every 0.2 s), the corpus bytes read
+(counted by pipeline.data.readers in every process) against one pass over the corpus, and, in
+the same process, bare single-process faiss on the same data: brute-force kNN (IndexFlat over
+the whole corpus) for the teacher, `add` into the same trained index for encode. Prints a table
+and writes JSON (--json) with rows of stage, n, throughput_per_s, faiss_throughput_per_s,
+ratio, peak_rss_driver_mb, peak_rss_worker_mb, corpus_read_passes.
 
 Throughput units: vectors/s for ingest and init (the training sample), query-document pairs/s
 for the teacher, training queries/s for train, vectors/s for encode and merge (both the faiss
@@ -130,7 +134,28 @@ def bare_faiss(out: str, corpus: str, k: int) -> dict:
     return {"teacher": nq * len(xb) / knn_s, "encode": len(xb) / add_s}
 
 
-def run_one(n: int, data_root: str, config: str, overrides: list[str]) -> list[dict]:
+def read_bytes_so_far(stats_dir: str) -> int:
+    """Corpus bytes read so far by every process of the run (pipeline.data.readers writes
+    one running total per process into PIPELINE_READ_STATS)."""
+    total = 0
+    for name in os.listdir(stats_dir):
+        try:
+            with open(os.path.join(stats_dir, name)) as f:
+                total += int(f.read() or 0)
+        except (OSError, ValueError):
+            pass
+    return total
+
+
+def corpus_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
+               if f.endswith(".npy"))
+
+
+def run_one(n: int, data_root: str, config: str, overrides: list[str], nodes: int,
+            cpus_per_node: int) -> list[dict]:
+    import ray
+
     from pipeline.config import load_config
     from pipeline.runner import run_pipeline
 
@@ -138,12 +163,27 @@ def run_one(n: int, data_root: str, config: str, overrides: list[str]) -> list[d
     t0 = time.time()
     make_corpus(corpus, n)
     log.info("corpus of %d vectors ready in %.0fs", n, time.time() - t0)
+    stats_dir = tempfile.mkdtemp(prefix="vq-reads-")
+    os.environ["PIPELINE_READ_STATS"] = stats_dir  # the local cluster's workers inherit it
+    if nodes:
+        from infra import local_cluster
+
+        local_cluster.start(nodes, cpus_per_node, env={"PIPELINE_READ_STATS": stats_dir})
+        overrides = [f"ray.gpu_group={local_cluster.GPU_GROUP}",
+                     f"ray.cpu_group={local_cluster.CPU_GROUP}", *overrides]
     cfg = load_config(config, [f"data.corpus={corpus}", *overrides])
     out = tempfile.mkdtemp(prefix=f"vq-scale-{n}-")
     sampler = Sampler()
+    reads = {}
+
+    def on_stage(name):
+        reads[name] = read_bytes_so_far(stats_dir)
+        sampler.set_stage(name)
+
     sampler.start()
-    result = run_pipeline(cfg, out, on_stage=sampler.set_stage)
+    result = run_pipeline(cfg, out, on_stage=on_stage)
     sampler.running = False
+    reads["end"] = read_bytes_so_far(stats_dir)
     secs = result["seconds"]
     from pipeline.stages.common import Run
 
@@ -152,8 +192,9 @@ def run_one(n: int, data_root: str, config: str, overrides: list[str]) -> list[d
     trained_q = sum(h["queries"] for h in run.stage_info("train")["history"])
     work = {"ingest": n, "init": run.stage_info("init")["n_train"], "teacher": nq * n,
             "train": trained_q, "encode": 2 * n, "merge": 2 * n}
-    import ray
-
+    order = list(reads)
+    read_by_stage = {st: reads[order[i + 1]] - reads[st] for i, st in enumerate(order[:-1])}
+    one_pass = corpus_bytes(corpus)
     ray.shutdown()
     bare = bare_faiss(out, corpus, cfg.teacher.k)
     rows = []
@@ -163,18 +204,20 @@ def run_one(n: int, data_root: str, config: str, overrides: list[str]) -> list[d
         tput = work[stage] / max(s, 1e-9)
         ref = bare.get(stage)
         peak = sampler.peaks.get(stage, [0.0, 0.0])
-        rows.append({"stage": stage, "n": n, "seconds": s, "throughput_per_s": tput,
-                     "faiss_throughput_per_s": ref, "ratio": tput / ref if ref else None,
+        rows.append({"stage": stage, "n": n, "queries": nq, "nodes": nodes, "seconds": s,
+                     "throughput_per_s": tput, "faiss_throughput_per_s": ref,
+                     "ratio": tput / ref if ref else None,
                      "peak_rss_driver_mb": round(peak[0], 1),
-                     "peak_rss_worker_mb": round(peak[1], 1)})
+                     "peak_rss_worker_mb": round(peak[1], 1),
+                     "corpus_read_passes": round(read_by_stage.get(stage, 0) / one_pass, 3)})
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
-    head = ["stage", "n", "seconds", "throughput/s", "faiss/s", "ratio", "driver MB",
-            "worker MB"]
-    keys = ["stage", "n", "seconds", "throughput_per_s", "faiss_throughput_per_s", "ratio",
-            "peak_rss_driver_mb", "peak_rss_worker_mb"]
+    head = ["stage", "n", "queries", "seconds", "throughput/s", "faiss/s", "ratio",
+            "driver MB", "worker MB", "corpus passes read"]
+    keys = ["stage", "n", "queries", "seconds", "throughput_per_s", "faiss_throughput_per_s",
+            "ratio", "peak_rss_driver_mb", "peak_rss_worker_mb", "corpus_read_passes"]
 
     def fmt(v):
         if v is None:
@@ -195,6 +238,9 @@ def main(argv=None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--data", default=os.path.join(ROOT, "runs", "bench", "scale-data"))
     ap.add_argument("--json", default=os.path.join(ROOT, "runs", "bench", "scale.json"))
+    ap.add_argument("--nodes", type=int, default=0,
+                    help="worker nodes of a multi-node cluster (0: one local node)")
+    ap.add_argument("--cpus-per-node", type=int, default=2)
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child: one size, JSON out
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
@@ -202,13 +248,15 @@ def main(argv=None) -> int:
     for noisy in ("aiobotocore", "botocore", "s3fs", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.one:
-        rows = run_one(args.one, args.data, args.config, args.overrides)
+        rows = run_one(args.one, args.data, args.config, args.overrides, args.nodes,
+                       args.cpus_per_node)
         print("ROWS " + json.dumps(rows))
         return 0
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
         cmd = [sys.executable, os.path.abspath(__file__), "--one", str(n), "--data", args.data,
-               "--config", args.config] + [a for o in args.overrides for a in ("--set", o)]
+               "--config", args.config, "--nodes", str(args.nodes), "--cpus-per-node",
+               str(args.cpus_per_node)] + [a for o in args.overrides for a in ("--set", o)]
         res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         if res.returncode:
             print(f"size {n} failed (exit {res.returncode})", file=sys.stderr)

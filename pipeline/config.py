@@ -154,8 +154,16 @@ class TrainConfig:
     # recall never shrinks the steps. With 0, any fall counts.
     backoff_z: float = 2.0
     max_val_queries: int = 5000  # cap on the held-out queries each worker keeps in memory
-    shuffle_buffer: int = 16384  # rows in Ray Data's local shuffle buffer (0: file order)
+    shuffle_buffer: int = 16384  # rows shuffled together, over all streams (0: file order)
+    # The training rows are cut into this many contiguous streams; worker r of W reads the
+    # streams s with s % W == r, and each global batch takes batch_size / streams rows from
+    # every stream (pipeline.data.teacher_stream). A multiple of num_workers that divides
+    # batch_size; results do not depend on num_workers.
+    streams: int = 8
     num_workers: int = 1
+    # Ray Train restarts the workers this many times after one (or its node) is lost; they
+    # resume from the last epoch's checkpoint.
+    max_failures: int = 3
     use_gpu: bool = False
     seed: int = 0
 
@@ -181,6 +189,12 @@ class RayConfig:
     address: str = ""  # empty: attach to RAY_ADDRESS or start a local cluster
     num_cpus: int = 0  # local cluster only; 0: max(4, cores) so Train's controller gets a slot
     gpus_per_task: float = 0.0  # GPUs per teacher/encode task; > 0 runs them on the GPU
+    # Custom resources that tell the node groups of infra/cluster-aws.yaml apart: teacher and
+    # training run only on nodes offering gpu_group, ingest, init, encode, merge and evaluate
+    # only on nodes offering cpu_group. Empty: any node. Not in any stage key (placement
+    # changes no result).
+    gpu_group: str = ""
+    cpu_group: str = ""
 
 
 @dataclass(frozen=True)
@@ -332,11 +346,13 @@ def validate(cfg: PipelineConfig) -> None:
         raise ValueError("publish.keep_versions must be >= 1 and publish.lease_seconds > 0")
     if tr.num_workers < 1 or tr.batch_size < tr.num_workers:
         raise ValueError("train.num_workers must be >= 1 and train.batch_size >= num_workers")
-    if tr.batch_size % tr.num_workers:
+    if tr.streams < 1 or tr.streams % tr.num_workers or tr.batch_size % tr.streams:
         raise ValueError(
-            f"train.batch_size ({tr.batch_size}) must be divisible by train.num_workers "
-            f"({tr.num_workers}) so that every worker gets an equal slice of the global batch"
-        )
+            f"train.streams ({tr.streams}) must be a multiple of train.num_workers "
+            f"({tr.num_workers}) and divide train.batch_size ({tr.batch_size}): every worker "
+            "reads whole streams, and every stream gives each batch the same number of rows")
+    if tr.max_failures < 0:
+        raise ValueError("train.max_failures must be >= 0 (0: a lost worker fails the job)")
     if ix.quantizer == Quantizer.LSQ:
         raise ValueError("index.quantizer=lsq is a faiss baseline of the quality benchmark "
                          "only (bench/quality.py --baselines lsq); distil pq or rq")

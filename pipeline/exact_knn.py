@@ -1,13 +1,20 @@
 """Exact top-k of a query set over every corpus shard, as Ray tasks: the teacher's training
 targets and the evaluation's ground truth.
 
-Per query block: one task per shard finds its top-k (scores and ids only); merge tasks combine
-them in a tree of fan-in MERGE_FANIN; then, for training, one task per shard returns the
-vectors of the winning ids it holds, and a last task writes the block as a Parquet part
-(pipeline.data.teacher_parts). No task holds more than one block's results, and neighbour
-vectors cross the cluster once.
+Shards outer, query blocks inner (as faiss's knn_ground_truth): one task per shard reads it
+once and searches every query block against it, returning one result per block: scores, ids
+and, for training, the vectors of its own top-k (taken from that same read). Per block, merge
+tasks combine the shards' results in a tree of fan-in MERGE_FANIN, keeping the winners'
+vectors, and a last task writes the block as a Parquet part (pipeline.data.teacher_parts)
+with a marker beside it. A rerun under the same stage key finds the markers and searches only
+the blocks still missing (a killed teacher resumes).
+
+Memory: a shard task holds its shard and one result per block (nq * k * (12 + 2d) bytes over
+all blocks); a merge task MERGE_FANIN results of one block.
 """
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import pyarrow as pa
@@ -18,98 +25,106 @@ from pipeline.config import PipelineConfig
 from pipeline.data import readers, teacher_parts
 from pipeline.data.plan import Shard
 from pipeline.index.knn import block_topk, merge_topk, pick_device
-from pipeline.stages.common import pin_threads, wait_all
+from pipeline.stages.common import Group, pin_threads, placement, wait_all
+
+log = logging.getLogger("pipeline.exact_knn")
 
 MERGE_FANIN = 32  # per-shard results merged per task: bounds a merge task's memory
 
 
 @ray.remote
-def _search_shard(shard: dict, xq: np.ndarray, k: int, metric: str, gpus: float = 0.0):
-    """(S, I) of this shard's top-k for a query block: scores and ids only, no vectors."""
+def _search_shard(shard: dict, k: int, metric: str, gpus: float, with_vectors: bool,
+                  *q_blocks: np.ndarray):
+    """(S, I, V or None) of this shard's top-k for each query block, one return value each;
+    the shard is read once."""
     pin_threads()
     s = Shard(**shard)
     ids, x = readers.read_rows(s.uri, s.start, s.stop, s.id_offset)
-    S, I, _ = block_topk(xq, x, ids, k, metric, device=pick_device(gpus))
-    return S, I
+    device = pick_device(gpus)
+    out = [block_topk(q, x, ids, k, metric, with_vectors, device=device) for q in q_blocks]
+    return out[0] if len(out) == 1 else tuple(out)
 
 
 @ray.remote
-def _merge_ids(k: int, *parts) -> tuple:
-    S, I, _ = merge_topk([(S, I, None) for S, I in parts], k)
-    return S, I
+def _merge(k: int, *parts) -> tuple:
+    return merge_topk(list(parts), k)
 
 
-@ray.remote
-def _gather_vectors(shard: dict, merged: tuple) -> tuple:
-    """The vectors of this shard's rows among a block's merged top-k ids: (ids, float16 x)."""
-    pin_threads()
-    s = Shard(**shard)
-    ids, x = readers.read_rows(s.uri, s.start, s.stop, s.id_offset)
-    keep = np.isin(ids, merged[1])
-    return ids[keep], x[keep].astype(np.float16)
-
-
-def assemble_vectors(I: np.ndarray, gathered: list[tuple], d: int) -> np.ndarray:
-    """V (nq, k, d) float16 for the ids I (nq, k) from per-shard (ids, vectors); -1 -> 0."""
-    ids = np.concatenate([g[0] for g in gathered])
-    vecs = np.concatenate([g[1] for g in gathered]) if len(ids) else np.zeros((0, d), np.float16)
-    order = np.argsort(ids)
-    ids, vecs = ids[order], vecs[order]
-    V = np.zeros(I.shape + (d,), np.float16)
-    valid = I >= 0
-    at = np.searchsorted(ids, I[valid])
-    assert (ids[at] == I[valid]).all(), "a top-k id was not found in any shard"
-    V[valid] = vecs[at]
-    return V
-
-
-def _tree_merge(parts: list, k: int):
-    """Merges per-shard (S, I) refs in groups of MERGE_FANIN, in order (ties resolve as in one
-    flat merge: earlier shards first). Returns one ref to the block's (S, I)."""
+def _tree_merge(merge, parts: list, k: int):
+    """Merges per-shard (S, I, V) refs in groups of MERGE_FANIN, in order (ties resolve as in
+    one flat merge: earlier shards first). Returns one ref to the block's (S, I, V)."""
     while len(parts) > 1:
-        parts = [_merge_ids.remote(k, *parts[i:i + MERGE_FANIN])
+        parts = [merge.remote(k, *parts[i:i + MERGE_FANIN])
                  for i in range(0, len(parts), MERGE_FANIN)]
     return parts[0]
 
 
 @ray.remote
 def _write_block(out_dir: str, name: str, qids: np.ndarray, xq: np.ndarray, split: tuple | None,
-                 merged: tuple, *gathered) -> dict:
-    S, I = merged
-    V = assemble_vectors(I, list(gathered), xq.shape[1]) if gathered else None
+                 key: str, merged: tuple) -> dict:
+    S, I, V = merged
     table = teacher_parts.teacher_table(qids, xq, S, I, V)
     if split is None:
         teacher_parts.write_table(table, storage.join(out_dir, name))
-        return {"all": len(qids)}
-    held = teacher_parts.val_mask(qids, *split)
-    teacher_parts.write_table(table.filter(pa.array(~held)), storage.join(out_dir, "train", name))
-    teacher_parts.write_table(table.filter(pa.array(held)), storage.join(out_dir, "val", name))
-    return {"train": int((~held).sum()), "val": int(held.sum())}
+        counts = {"all": len(qids)}
+    else:
+        held = teacher_parts.val_mask(qids, *split)
+        teacher_parts.write_table(table.filter(pa.array(~held)),
+                                  storage.join(out_dir, "train", name))
+        teacher_parts.write_table(table.filter(pa.array(held)),
+                                  storage.join(out_dir, "val", name))
+        counts = {"train": int((~held).sum()), "val": int(held.sum())}
+    storage.write_json(_marker(out_dir, name), {"key": key, "counts": counts})  # written last
+    return counts
+
+
+def _marker(out_dir: str, name: str) -> str:
+    return storage.join(out_dir, "_done", name.replace(".parquet", ".json"))
+
+
+def _finished(out_dir: str, name: str, key: str) -> dict | None:
+    """The counts of a block written under this very key, or None."""
+    if not key or not storage.exists(_marker(out_dir, name)):
+        return None
+    done = storage.read_json(_marker(out_dir, name))
+    return done["counts"] if done.get("key") == key else None
 
 
 def distributed_topk(cfg: PipelineConfig, shards: list[dict], qids: np.ndarray, xq: np.ndarray,
                      k: int, with_vectors: bool, out_dir: str, what: str,
-                     split: tuple | None = None) -> dict:
+                     split: tuple | None = None, key: str = "") -> dict:
     """Exact top-k of xq over every shard, as Parquet parts (teacher_table) per query block.
 
     Returns {"all": [uris]}, or with split=(val_fraction, seed) {"train": [uris], "val":
-    [uris]}; and "rows": the row count of each.
+    [uris]}; and "rows": the row count of each. With a `key` (the stage's), blocks already
+    written under it are kept.
     """
     metric = cfg.index.metric
     block = cfg.teacher.query_block
     gpus = cfg.ray.gpus_per_task
-    search = _search_shard.options(num_gpus=gpus) if gpus else _search_shard
-    names, merges = [], []
-    for b, q0 in enumerate(range(0, len(xq), block)):
-        q_ref = ray.put(np.ascontiguousarray(xq[q0:q0 + block]))
-        merged = _tree_merge([search.remote(s, q_ref, k, metric, gpus) for s in shards], k)
-        # Only the winners' vectors travel: Q·k·d values, however many shards there are.
-        gathered = [_gather_vectors.remote(s, merged) for s in shards] if with_vectors else []
-        name = f"part-{b:05d}.parquet"
-        merges.append(_write_block.remote(out_dir, name, qids[q0:q0 + block], q_ref, split,
-                                          merged, *gathered))
-        names.append(name)
-    counts = wait_all(merges, f"{what}: query blocks")
+    # Exact search is the GPU group's work, like training; the merges and writes go with it,
+    # beside the search results they read.
+    where = placement(cfg, Group.GPU)
+    starts = list(range(0, len(xq), block))
+    names = [f"part-{b:05d}.parquet" for b in range(len(starts))]
+    counts = [_finished(out_dir, name, key) for name in names]
+    todo = [b for b, c in enumerate(counts) if c is None]
+    if len(todo) < len(starts):
+        log.info("%s: resuming: %d of %d query blocks already done", what,
+                 len(starts) - len(todo), len(starts))
+    if todo:
+        q_refs = [ray.put(np.ascontiguousarray(xq[starts[b]:starts[b] + block])) for b in todo]
+        search = _search_shard.options(num_gpus=gpus, resources=where, num_returns=len(todo))
+        per_shard = [search.remote(s, k, metric, gpus, with_vectors, *q_refs) for s in shards]
+        if len(todo) == 1:
+            per_shard = [[r] for r in per_shard]
+        merge = _merge.options(resources=where)
+        write = _write_block.options(resources=where)
+        writes = [write.remote(out_dir, names[b], qids[starts[b]:starts[b] + block], q_refs[j],
+                               split, key, _tree_merge(merge, [r[j] for r in per_shard], k))
+                  for j, b in enumerate(todo)]
+        for b, c in zip(todo, wait_all(writes, f"{what}: query blocks")):
+            counts[b] = c
     groups = ["all"] if split is None else ["train", "val"]
     out = {g: [storage.join(out_dir, name) if g == "all" else storage.join(out_dir, g, name)
                for name in names] for g in groups}

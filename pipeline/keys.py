@@ -16,9 +16,10 @@ import json
 
 from pipeline.config import PipelineConfig
 
-# Every train field but the scaling ones: Ray Train on W workers takes exactly the steps one
-# worker takes (tests/test_stages.py checks it).
-_TRAIN_SCALING = {"num_workers", "use_gpu"}
+# Every train field but the scaling and fault-tolerance ones: Ray Train on W workers takes
+# exactly the steps one worker takes (tests/test_stages.py checks it), and a restarted worker
+# resumes from the last checkpoint.
+_TRAIN_SCALING = {"num_workers", "use_gpu", "max_failures"}
 
 FIELDS: dict[str, list[str]] = {
     "ingest": ["data.corpus", "data.train_queries", "data.rows_per_shard",

@@ -20,7 +20,7 @@ from pipeline import keys, lease, publish, report, storage
 from pipeline.config import PipelineConfig, validate_for_pipeline
 from pipeline.index import build as index_build
 from pipeline.stages import build, evaluate, ingest, init, teacher, train
-from pipeline.stages.common import METHODS, Run
+from pipeline.stages.common import METHODS, Run, check_groups
 
 log = logging.getLogger("pipeline.runner")
 
@@ -127,6 +127,7 @@ def run_pipeline(cfg: PipelineConfig, output: str, from_stage: str | None = None
         if incremental:
             _check_incremental(run, plan)
         init_ray(cfg)
+        check_groups(cfg)
         arm()
         seconds, ran = _run_stages(run, plan, from_stage, incremental, on_stage, held)
         rows = run.stage_info("evaluate")["rows"] if cfg.data.eval_queries else []

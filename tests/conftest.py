@@ -48,16 +48,29 @@ def _quick_train_teardown() -> None:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(s3):
-    """Started after the S3 endpoint: workers inherit its AWS_* environment variables."""
+def cluster(s3):
+    """The session's multi-node Ray cluster (infra/local_cluster.py), shaped like
+    infra/cluster-aws.yaml: a head with no CPUs that runs only drivers, one GPU-group and two
+    CPU-group worker nodes of 2 CPUs, each its own raylet, object store and scratch directory.
+    Started after the S3 endpoint: its workers inherit the AWS_* environment variables. Jobs
+    this session starts as processes join it through RAY_ADDRESS."""
     import ray
 
-    _quick_train_teardown()
+    from infra import local_cluster
 
-    # More logical CPUs than training workers: Ray Train's controller needs a slot too.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
+    _quick_train_teardown()
+    c = local_cluster.start(nodes=3, cpus_per_node=2)
+    os.environ["RAY_ADDRESS"] = c.address
+    yield c
+    os.environ.pop("RAY_ADDRESS", None)
     ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(cluster):
+    """For tests that only need Ray up (this process is connected to `cluster`)."""
+    return cluster
 
 
 @pytest.fixture(scope="session")
@@ -110,3 +123,49 @@ def open_published(out: str, local_dir, what: str = "index"):
     for name in ("index.index", "index.ivfdata"):
         storage.download_file(f"{folder}/{name}", str(local_dir / name))
     return ondisk.read_ondisk(str(local_dir / "index.index"))
+
+
+class NodeLoss:
+    """A worker node doomed to be lost mid-work, on the session's cluster: it alone offers the
+    custom resource `group` (the test points ray.cpu_group or ray.gpu_group at it), and its
+    tasks stop at the fault point `point` (pipeline.stages.common.fault_point, hold mode). As
+    soon as one stops there, a watcher thread removes the node, as a cloud provider takes a
+    machine back, and adds a replacement offering `group` that runs normally."""
+
+    def __init__(self, cluster, group: str, point: str, hold_dir):
+        import threading
+
+        from infra import local_cluster
+
+        self.cluster, self.group, self.hold_dir = cluster, group, str(hold_dir)
+        os.makedirs(self.hold_dir, exist_ok=True)
+        self.doomed = local_cluster.add_worker(
+            cluster, group, env={"PIPELINE_FAULT_HOLD": f"{point}:{self.hold_dir}"})
+        self.replacement = None
+        self.held: list[str] = []
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self, timeout: float = 300) -> None:
+        import time
+
+        from infra import local_cluster
+
+        t0 = time.time()
+        while not os.listdir(self.hold_dir):
+            if time.time() - t0 > timeout:
+                return
+            time.sleep(0.05)
+        self.held = os.listdir(self.hold_dir)
+        self.cluster.remove_node(self.doomed)
+        self.replacement = local_cluster.node_process(self.cluster.address, self.group,
+                                                      scratch=self.cluster.scratch)
+
+    def close(self) -> None:
+        """Checks that a task really was lost with the node; stops the replacement."""
+        from infra import local_cluster
+
+        self._thread.join(timeout=60)
+        if self.replacement is not None:
+            local_cluster.stop_node_process(self.replacement)
+        assert self.held, "no task reached the hold point: nothing was lost with the node"

@@ -15,13 +15,17 @@ from .conftest import open_published, published
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def job_args(data, out, *extra):
+# Tasks placed by node group, as on infra/cluster-aws.yaml (the session's cluster offers both).
+GROUPS = ["--set", "ray.gpu_group=gpu_group", "--set", "ray.cpu_group=cpu_group"]
+
+
+def job_args(data, out, *extra, groups=True):
     return ["--config", "jobs/configs/smoke.yaml", "--output", out,
             "--set", f"data.corpus={data}/corpus",
             "--set", f"data.train_queries={data}/train_queries",
             "--set", f"data.eval_queries={data}/eval_queries",
             "--set", f"data.labels={data}/labels",
-            *extra]
+            *(GROUPS if groups else []), *extra]
 
 
 @pytest.fixture

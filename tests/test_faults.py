@@ -2,8 +2,9 @@
 restarted, a shard file damaged) and must then answer exactly as an undisturbed run would, or
 fail loudly with nothing published.
 
-Each job runs as its own process (`python jobs/distill.py`) with its own local Ray cluster,
-as a user runs it, so that killing it is a real kill.
+Each job runs as its own process (`python jobs/distill.py`), as a user runs it, so that killing
+it is a real kill: on the session's multi-node cluster (RAY_ADDRESS), or with a local cluster of
+its own where its workers need another S3 endpoint.
 """
 import glob
 import os
@@ -21,11 +22,9 @@ import torch
 from infra.local_s3 import free_port
 from jobs import distill, prepare_data
 from pipeline import publish, storage
-from pipeline.config import load_config
 from pipeline.data import readers
+from pipeline.data.teacher_parts import load_parts
 from pipeline.index import build, ondisk
-from pipeline.stages import train as train_stage
-from pipeline.stages.common import Run
 
 from .conftest import open_published
 from .test_e2e import ROOT, job_args
@@ -94,8 +93,9 @@ def disturbed(tmp_path_factory):
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="faults")
         data, out = "s3://faults/data", "s3://faults/run"
         prepare_data.write_dataset(data, *prepare_data.synthetic(4000, 32), files=4)
-        proc = start_job(job_args(data, out), tmp / "log",
-                         {**env, "PIPELINE_FAULT_KILL": f"encode:{tmp}"})
+        # Its own single-node cluster: the session cluster's workers know another endpoint.
+        proc = start_job(job_args(data, out, groups=False), tmp / "log",
+                         {**env, "PIPELINE_FAULT_KILL": f"encode:{tmp}", "RAY_ADDRESS": ""})
         while not storage.exists(storage.join(out, "stages", "ingest", "_manifest.json")):
             assert proc.poll() is None, open(tmp / "log").read()[-3000:]
             time.sleep(0.5)
@@ -157,15 +157,40 @@ def test_credentials_never_written_or_logged(disturbed):
         assert not leaks, f"{name} found in {leaks[:5]}"
 
 
-def test_job_killed_in_training_resumes_from_checkpoint(smoke_data, eval_x, tmp_path,
-                                                        ray_cluster, caplog):
-    """SIGKILLed right after its first epoch's checkpoint; the rerun takes over the dead
-    job's lease, resumes after that epoch (it does not train it again) and ends with the
-    parameters of an undisturbed run."""
+# Two epochs, so that a kill can fall between them; query blocks of 128, so that a kill can
+# fall between the teacher's 6 blocks.
+TWO_EPOCHS = ("--set", "train.epochs=2", "--set", "teacher.query_block=128")
+
+
+@pytest.fixture(scope="module")
+def trained_then_killed(smoke_data, tmp_path_factory, ray_cluster):
+    """A job on the session's multi-node cluster, SIGKILLed as soon as training finished:
+    its training ran undisturbed (the reference of the resume test) and its lease outlives
+    it."""
+    tmp = tmp_path_factory.mktemp("between")
+    out = str(tmp / "run")
+    args = job_args(smoke_data, out, *TWO_EPOCHS)
+    proc = start_job(args, tmp / "log1")
+    kill_when(proc, os.path.join(out, "stages", "train", "_manifest.json"))
+    return {"out": out, "args": args, "pid": proc.pid}
+
+
+def test_job_killed_in_teacher_then_in_training_resumes_each_time(
+        smoke_data, eval_x, tmp_path, trained_then_killed, caplog):
+    """SIGKILLed once its first teacher block is written: the rerun keeps the finished
+    blocks. That rerun is SIGKILLed right after its first epoch's checkpoint: the next rerun
+    takes over the dead job's lease, resumes after that epoch (it does not train it again)
+    and ends with the parameters of an undisturbed run on the same inputs."""
     out = str(tmp_path / "run")
-    args = job_args(smoke_data, out, "--set", "train.epochs=2")
+    args = job_args(smoke_data, out, *TWO_EPOCHS)
+    kill_when(start_job(args, tmp_path / "log0"),
+              os.path.join(out, "stages", "teacher", "_done", "part-00000.json"))
+    assert not os.path.exists(os.path.join(out, "stages", "teacher", "_manifest.json"))
     ckpt = os.path.join(out, "stages", "train", "checkpoint.pt")
-    kill_when(start_job(args, tmp_path / "log1"), ckpt)
+    kill_when(start_job(args + ["--break-lease"], tmp_path / "log1"), ckpt)
+    done = re.findall(r"teacher: resuming: (\d+) of 6 query blocks already done",
+                      open(tmp_path / "log1").read())
+    assert len(done) == 1 and int(done[0]) >= 1, open(tmp_path / "log1").read()[-3000:]
     killed = torch.load(ckpt, weights_only=False)
     assert killed["epoch"] == 1
     assert not os.path.exists(os.path.join(out, "manifest.json"))  # nothing published
@@ -175,15 +200,18 @@ def test_job_killed_in_training_resumes_from_checkpoint(smoke_data, eval_x, tmp_
     state = torch.load(ckpt, weights_only=False)
     # the first epoch's record is the killed run's own, to the second: it was not retrained
     assert len(state["history"]) == 2 and state["history"][0] == killed["history"][0]
-    cfg = load_config("jobs/configs/smoke.yaml", [a for a in args[5::2]])
-    ref_run = Run(str(tmp_path / "ref"), cfg)
-    for stage in ("ingest", "init", "teacher"):
-        ref_run.finish(stage, Run(out, cfg).stage_info(stage), 0.0)
+    ref_out = trained_then_killed["out"]
     for stage, name in (("ingest", "sample.npz"), ("init", "baseline.index")):
-        storage.write_bytes(ref_run.stage_path(stage, name),
-                            storage.read_bytes(os.path.join(out, "stages", stage, name)))
-    train_stage.run(ref_run)  # undisturbed, on the same inputs
-    ref = torch.load(ref_run.stage_path("train", "checkpoint.pt"), weights_only=False)
+        same = [open(os.path.join(o, "stages", stage, name), "rb").read() for o in (out, ref_out)]
+        assert same[0] == same[1], f"{stage}/{name}: the two runs must share their inputs"
+    for split in ("train", "val"):  # the resumed teacher's targets are the undisturbed ones
+        a, b = (load_parts(storage.read_json(os.path.join(o, "stages", "teacher",
+                                                          "_manifest.json"))["info"][split])
+                for o in (out, ref_out))
+        for col in ("qids", "I", "S", "V"):
+            np.testing.assert_array_equal(a[col], b[col], err_msg=f"{split} {col}")
+    ref = torch.load(os.path.join(ref_out, "stages", "train", "checkpoint.pt"),
+                     weights_only=False)
     assert state["epoch"] == ref["epoch"] == 2
     got, want = state["best"].arrays(), ref["best"].arrays()
     assert got.keys() == want.keys() and got["spec"] == want["spec"]
@@ -192,19 +220,16 @@ def test_job_killed_in_training_resumes_from_checkpoint(smoke_data, eval_x, tmp_
     np.testing.assert_array_equal(search(out, eval_x), expected_index(out, smoke_data, eval_x))
 
 
-def test_job_killed_between_stages_skips_finished_ones(smoke_data, eval_x, tmp_path, capsys,
-                                                       ray_cluster, caplog):
+def test_job_killed_between_stages_skips_finished_ones(smoke_data, eval_x, trained_then_killed,
+                                                       capsys, caplog):
     """SIGKILLed once training finished: its lease outlives it, so a second job fails at once
     and names it; with --break-lease the rerun skips the finished stages and answers as an
     undisturbed run."""
-    out = str(tmp_path / "run")
-    args = job_args(smoke_data, out)
-    proc = start_job(args, tmp_path / "log1")
-    kill_when(proc, os.path.join(out, "stages", "train", "_manifest.json"))
+    out, args = trained_then_killed["out"], trained_then_killed["args"]
     t0 = time.time()
     assert distill.main(args) == 2
     err = capsys.readouterr().err
-    assert f"pid {proc.pid}" in err and "--break-lease" in err, err
+    assert f"pid {trained_then_killed['pid']}" in err and "--break-lease" in err, err
     assert time.time() - t0 < 60, "a second job must fail at once, before any work"
     with caplog.at_level("INFO", logger="pipeline"):
         assert distill.main(args + ["--break-lease"]) == 0
@@ -216,7 +241,7 @@ def test_job_killed_between_stages_skips_finished_ones(smoke_data, eval_x, tmp_p
 
 
 @pytest.mark.parametrize("damage", ["truncate-parquet", "corrupt-parquet", "truncate-npy"])
-def test_damaged_shard_is_a_clear_error(tmp_path, damage, capsys):
+def test_damaged_shard_is_a_clear_error(tmp_path, damage, capsys, ray_cluster):
     data = str(tmp_path / "data")
     prepare_data.write_dataset(data, *prepare_data.synthetic(2000, 32), files=2)
     victim = os.path.join(data, "corpus", "part-0001.parquet")

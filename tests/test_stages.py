@@ -17,13 +17,16 @@ from pipeline.index import build, knn, ondisk
 from pipeline.stages import build as build_stage
 from pipeline.stages import ingest, init, teacher
 from pipeline.stages import train as train_stage
-from pipeline.stages.common import Run
+from pipeline.stages.common import METHODS, Run
+
+from .conftest import NodeLoss
 
 
 def smoke_cfg(data, *extra):
     return load_config("jobs/configs/smoke.yaml", [
         f"data.corpus={data}/corpus", f"data.train_queries={data}/train_queries",
-        f"data.eval_queries={data}/eval_queries", f"data.labels={data}/labels", *extra])
+        f"data.eval_queries={data}/eval_queries", f"data.labels={data}/labels",
+        "ray.gpu_group=gpu_group", "ray.cpu_group=cpu_group", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -111,33 +114,92 @@ def test_encode_is_idempotent_per_shard(prepared, tmp_path):
     assert os.path.getmtime(part) == before
 
 
-def _train(prepared, workers, tmp_path):
-    cfg = prepared.cfg
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-        cfg.train, num_workers=workers, in_batch=False, epochs=1, batch_size=64))
-    run = Run(str(tmp_path / f"w{workers}"), cfg)
-    for stage in ("ingest", "init", "teacher"):  # share the prepared inputs
+def _copy_inputs(prepared, run: Run, stages=("ingest", "init", "teacher")) -> None:
+    """Gives `run` the prepared run's finished stages and the files later stages read."""
+    for stage in stages:
         run.finish(stage, prepared.stage_info(stage), 0.0)
     for stage, name in (("ingest", "sample.npz"), ("init", "baseline.index")):
         storage.write_bytes(run.stage_path(stage, name),
                             storage.read_bytes(prepared.stage_path(stage, name)))
+
+
+def _train(prepared, workers, out, **ray_settings):
+    cfg = prepared.cfg
+    cfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, num_workers=workers, in_batch=False,
+                                       epochs=2, batch_size=64),
+        ray=dataclasses.replace(cfg.ray, **ray_settings))
+    run = Run(str(out), cfg)
+    _copy_inputs(prepared, run)  # share the prepared inputs
     info = train_stage.run(run)
     state = torch.load(run.stage_path("train", "checkpoint.pt"), weights_only=False)
     return state, info
 
 
-def test_two_train_workers_match_one(prepared, tmp_path):
-    s1, info1 = _train(prepared, 1, tmp_path)
-    s2, info2 = _train(prepared, 2, tmp_path)
-    assert s1["epoch"] == s2["epoch"] == 1
+@pytest.fixture(scope="module")
+def one_worker(prepared, tmp_path_factory):
+    """Two epochs on one worker, undisturbed: the reference of the training tests."""
+    return _train(prepared, 1, tmp_path_factory.mktemp("w1"))
+
+
+def assert_same_training(s1, s2):
     for key, v1 in s1["model"].items():
         np.testing.assert_allclose(v1.numpy(), s2["model"][key].numpy(), rtol=1e-4, atol=1e-5,
                                    err_msg=key)
+
+
+def test_two_train_workers_match_one(prepared, one_worker, tmp_path):
+    s1, info1 = one_worker
+    s2, info2 = _train(prepared, 2, tmp_path / "w2")
+    assert s1["epoch"] == s2["epoch"] == 2
+    assert_same_training(s1, s2)
     # and training moved the parameters: the comparison is not between two warm starts
     assert not torch.allclose(s1["model"]["codebooks"], torch.as_tensor(
         build.extract_params(storage.read_index(prepared.stage_path("init", "baseline.index")))
         .codebooks))
     assert [h["steps"] for h in info2["history"]] == [h["steps"] for h in info1["history"]]
+
+
+def test_training_survives_losing_its_node(prepared, one_worker, cluster, tmp_path):
+    """The node holding the Ray Train worker is lost right after the first epoch's
+    checkpoint: Ray Train restarts the worker on the replacement node, which resumes from
+    that checkpoint, and the result is the undisturbed run's."""
+    loss = NodeLoss(cluster, "train_loss_group", "train-epoch", tmp_path / "hold")
+    try:
+        state, info = _train(prepared, 1, tmp_path / "run", gpu_group=loss.group)
+    finally:
+        loss.close()
+    s1, info1 = one_worker
+    assert state["epoch"] == 2
+    # the restarted worker resumed: the first epoch's record is the lost worker's own
+    assert len(state["history"]) == 2
+    assert_same_training(s1, state)
+
+
+def test_encode_survives_losing_a_node(prepared, cluster, tmp_path):
+    """A node is lost while it encodes shards: Ray retries its tasks on the replacement, and
+    each merged index answers as one process encoding the whole corpus."""
+    cfg = dataclasses.replace(prepared.cfg, ray=dataclasses.replace(
+        prepared.cfg.ray, cpu_group="encode_loss_group"))
+    run = Run(str(tmp_path / "run"), cfg)
+    _copy_inputs(prepared, run, ("ingest", "init"))
+    trained = {m: run.stage_path(*where) for m, (where, _) in METHODS.items()}
+    storage.write_bytes(trained["distilled-ivfpq"], storage.read_bytes(trained["faiss-ivfpq"]))
+    loss = NodeLoss(cluster, cfg.ray.cpu_group, "encode", tmp_path / "hold")
+    try:
+        run.finish("encode", build_stage.run_encode(run), 0.0)
+        merged = build_stage.run_merge(run)  # on the replacement: the group's only node now
+    finally:
+        loss.close()
+    ids, xb = corpus(prepared)
+    xq = readers.read_all(cfg.data.eval_queries, "q")[1]
+    single = ondisk.encode_shard(faiss.read_index(trained["faiss-ivfpq"]), ids, xb)
+    build.set_nprobe(single, 8)
+    want = single.search(xq, 50)[1]
+    for m in METHODS:
+        got = ondisk.read_ondisk(os.path.join(merged[m]["uri"], "index.index"))
+        build.set_nprobe(got, 8)
+        np.testing.assert_array_equal(got.search(xq, 50)[1], want, err_msg=m)
 
 
 def test_teacher_tree_merge_equals_brute_force(prepared, tmp_path, monkeypatch):

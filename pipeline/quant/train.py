@@ -21,7 +21,8 @@ from pipeline.quant.model import Student, similarity
 @dataclass
 class TrainData:
     """Training queries in memory. Any object with the same `pool`, `steps(B)` and
-    `batches(B, seed, epoch)` can stand in for it (the pipeline streams them from Parquet)."""
+    `batches(B, seed, epoch, rank, world)` can stand in for it (the pipeline streams them from
+    Parquet: pipeline.data.teacher_stream)."""
     xq: np.ndarray  # (n, d) float32 training queries
     pos: np.ndarray  # (n, K, d) float16/32 teacher top-K neighbour vectors
     pool: np.ndarray  # (P, d) float32 random corpus vectors for negatives
@@ -30,14 +31,17 @@ class TrainData:
     def steps(self, batch_size: int) -> int:
         return len(self.xq) // batch_size  # the ragged tail is dropped
 
-    def batches(self, batch_size: int, seed: int, epoch: int):
-        """Global batches (xq (B, d), pos (B, K, d), labeled (B, d) or None) in a seeded
-        order, full batches only."""
+    def batches(self, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1):
+        """Per step, in a seeded order, full batches only: the global batch's queries (B, d),
+        and this worker's slice [rank * B / world, (rank + 1) * B / world) of it: queries,
+        neighbour vectors (b, K, d), labeled documents (b, d) or None."""
         order = np.random.default_rng([seed, epoch]).permutation(len(self.xq))
+        local = batch_size // world
         for step in range(self.steps(batch_size)):
             idx = np.sort(order[step * batch_size:(step + 1) * batch_size])
-            yield self.xq[idx], self.pos[idx], \
-                None if self.labeled is None else self.labeled[idx]
+            mine = idx[rank * local:(rank + 1) * local]
+            yield self.xq[idx], self.xq[mine], self.pos[mine], \
+                None if self.labeled is None else self.labeled[mine]
 
 
 LOSS_TERMS = ("pq", "ivf", "recon", "balance", "contrastive")
@@ -179,9 +183,9 @@ def train_epoch(model: Student, opt: torch.optim.Optimizer, data: TrainData,
                 reduce_grads: Callable[[list[torch.Tensor]], None] = lambda grads: None,
                 device: str = "cpu", log: Callable[[int, int, float], None] | None = None,
                 after_step: Callable[[int, int], None] | None = None) -> dict:
-    """One pass over data.batches(...) in global batches of cfg.batch_size; this worker
-    trains on its slice [rank * B / world, (rank + 1) * B / world) of each. `after_step(step,
-    steps)` runs after every optimizer step (mid-epoch validation).
+    """One pass over data.batches(...) in global batches of cfg.batch_size, of which this
+    worker trains on its own share (B / world queries). `after_step(step, steps)` runs after
+    every optimizer step (mid-epoch validation).
 
     Returns the per-query average of the loss and of each term ("loss_pq", "loss_ivf", ...)
     over the epoch, "steps", "queries", and "step_losses", the loss of every step.
@@ -199,15 +203,14 @@ def train_epoch(model: Student, opt: torch.optim.Optimizer, data: TrainData,
     step_losses = []
     model.train()
     step = 0
-    mine = slice(rank * local, (rank + 1) * local)
-    for xq_b, pos_b, lab_b in data.batches(B, cfg.seed, epoch):
+    for xq_b, q_mine, pos_mine, lab_mine in data.batches(B, cfg.seed, epoch, rank, world):
         if step >= steps:
             break
-        assert len(xq_b) == B, "every step takes a full global batch"
-        q = torch.as_tensor(xq_b[mine], dtype=torch.float32, device=device)
-        pos = torch.as_tensor(pos_b[mine].astype(np.float32), device=device)
-        lab = None if lab_b is None else torch.as_tensor(
-            lab_b[mine].astype(np.float32), device=device)
+        assert len(xq_b) == B and len(q_mine) == local, "every step takes a full global batch"
+        q = torch.as_tensor(q_mine, dtype=torch.float32, device=device)
+        pos = torch.as_tensor(pos_mine.astype(np.float32), device=device)
+        lab = None if lab_mine is None else torch.as_tensor(
+            lab_mine.astype(np.float32), device=device)
         neg = torch.as_tensor(sampler.draw(model, xq_b, epoch, step, device),
                               dtype=torch.float32, device=device)
         parts = batch_loss(model, q, pos, neg, cfg, cfg.in_batch, lab)

@@ -21,7 +21,15 @@ from pipeline.data import readers
 from pipeline.data.plan import Shard
 from pipeline.index import build, ondisk
 from pipeline.index.params import Params
-from pipeline.stages.common import METHODS, Run, fault_point, pin_threads, wait_all
+from pipeline.stages.common import (
+    METHODS,
+    Group,
+    Run,
+    fault_point,
+    pin_threads,
+    placement,
+    wait_all,
+)
 
 log = logging.getLogger("pipeline.stages.build")
 
@@ -89,7 +97,7 @@ def _encode_shard(shard: dict, trained: np.ndarray, out_dir: str, gpus: float = 
 def run_encode(run: Run) -> dict:
     shards = run.stage_info("ingest")["shards"]
     gpus = run.cfg.ray.gpus_per_task
-    encode = _encode_shard.options(num_gpus=gpus) if gpus else _encode_shard
+    encode = _encode_shard.options(num_gpus=gpus, resources=placement(run.cfg, Group.CPU))
     if gpus and not ondisk.gpu_count():
         log.warning("encode: ray.gpus_per_task=%s but this faiss has no GPU support "
                     "(faiss-cpu): encoding on the CPU", gpus)
@@ -155,17 +163,19 @@ def run_merge(run: Run) -> dict:
     enc = run.stage_info("encode")
     keys = [Shard(**s).key for s in shards]
     ranges = ondisk.list_ranges(run.cfg.index.nlist, n_ranges(run))
+    where = placement(run.cfg, Group.CPU)
+    merge_range = _merge_range.options(resources=where)
     refs = []
     for method in METHODS:
         uris = [storage.join(enc["layouts"][method], f"{k}.lists") for k in keys]
-        refs += [_merge_range.remote(uris, l0, l1, _slice_uri(run, method, r))
+        refs += [merge_range.remote(uris, l0, l1, _slice_uri(run, method, r))
                  for r, (l0, l1) in enumerate(ranges)]
     flat = wait_all(refs, "merge: list ranges")
     R = len(ranges)
     sizes = {m: np.concatenate(flat[i * R:(i + 1) * R]) for i, m in enumerate(METHODS)}
-    refs = [_stitch.remote(run.stage_path(*trained), [_slice_uri(run, method, r)
-                                                      for r in range(R)],
-                           sizes[method], run.stage_path("merge", method))
+    stitch = _stitch.options(resources=where)
+    refs = [stitch.remote(run.stage_path(*trained), [_slice_uri(run, method, r) for r in range(R)],
+                          sizes[method], run.stage_path("merge", method))
             for method, (trained, _) in METHODS.items()]
     results = dict(zip(METHODS, wait_all(refs, "merge: stitch")))
     n = run.stage_info("ingest")["n"]

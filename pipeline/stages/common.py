@@ -6,6 +6,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 
 import ray
 
@@ -80,10 +81,52 @@ def pin_threads() -> int:
     return n
 
 
-def largest_node_cpus() -> int:
-    """The most CPUs one alive node offers. A task asking for more (the cluster's total, on
-    several nodes) could never be placed, and the job would wait forever."""
-    cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+class Group(str, Enum):
+    """The node group a task runs in (ray.gpu_group / ray.cpu_group name their resources)."""
+    GPU = "gpu"  # teacher, training
+    CPU = "cpu"  # ingest, init, encode, merge, evaluate
+
+
+# What one task asks of its group's custom resource: enough to be placed only on the group's
+# nodes, too little to limit how many run there (the CPUs do that).
+GROUP_SHARE = 0.001
+
+
+def group_resource(cfg: PipelineConfig, group: Group) -> str:
+    return cfg.ray.gpu_group if group is Group.GPU else cfg.ray.cpu_group
+
+
+def placement(cfg: PipelineConfig, group: Group) -> dict:
+    """The custom resources a task of `group` asks for ({} when no group is configured)."""
+    name = group_resource(cfg, group)
+    return {name: GROUP_SHARE} if name else {}
+
+
+def group_nodes(cfg: PipelineConfig, group: Group) -> list[dict]:
+    """The alive nodes a task of `group` may land on."""
+    name = group_resource(cfg, group)
+    return [n for n in ray.nodes() if n.get("Alive") and (not name or name in n["Resources"])]
+
+
+def check_groups(cfg: PipelineConfig) -> None:
+    """Fails at once, naming the setting, when a configured group has no node with CPUs (its
+    tasks would wait forever)."""
+    for group in Group:
+        name = group_resource(cfg, group)
+        if name and not any(n["Resources"].get("CPU", 0) > 0 for n in group_nodes(cfg, group)):
+            offered = sorted({r for n in ray.nodes() if n.get("Alive") for r in n["Resources"]
+                              if r not in ("CPU", "GPU", "memory", "object_store_memory")
+                              and not r.startswith("node:")})
+            raise ValueError(f"ray.{group.value}_group: no alive node with CPUs offers the "
+                             f"resource {name!r} (custom resources offered: "
+                             f"{', '.join(offered) or 'none'}). Give the nodes it in their "
+                             "`resources` (infra/cluster-aws.yaml), or leave it empty.")
+
+
+def largest_node_cpus(cfg: PipelineConfig, group: Group) -> int:
+    """The most CPUs one alive node of `group` offers. A task asking for more (the cluster's
+    total, on several nodes) could never be placed, and the job would wait forever."""
+    cpus = [int(n["Resources"].get("CPU", 0)) for n in group_nodes(cfg, group)]
     return max(cpus + [1])
 
 
@@ -105,9 +148,17 @@ def wait_all(refs: list, what: str, every: float = 10.0) -> list:
 
 
 def fault_point(name: str) -> None:
-    """Fault injection for the fault tests: with PIPELINE_FAULT_KILL="name:DIR" in the
-    environment, the first process to reach this point SIGKILLs itself (as the OOM killer or a
-    lost node would), leaving DIR/name as the evidence. A no-op otherwise."""
+    """Fault injection for the fault tests, a no-op otherwise.
+
+    PIPELINE_FAULT_KILL="name:DIR": the first process to reach this point SIGKILLs itself (as
+    the OOM killer would), leaving DIR/name as the evidence. PIPELINE_FAULT_HOLD="name:DIR"
+    (set on one node of a test cluster): every process that reaches it writes
+    DIR/name-<pid> and waits there, until the test takes its node away."""
+    hold = os.environ.get("PIPELINE_FAULT_HOLD", "")
+    if hold.startswith(name + ":"):
+        open(os.path.join(hold.split(":", 1)[1], f"{name}-{os.getpid()}"), "w").close()
+        while True:
+            time.sleep(1)
     spec = os.environ.get("PIPELINE_FAULT_KILL", "")
     if not spec.startswith(name + ":"):
         return

@@ -17,7 +17,15 @@ from pipeline.data import readers
 from pipeline.data.teacher_parts import load_parts
 from pipeline.exact_knn import distributed_topk
 from pipeline.index import build, metrics, ondisk
-from pipeline.stages.common import METHODS, Run, method_names, pin_threads, wait_all
+from pipeline.stages.common import (
+    METHODS,
+    Group,
+    Run,
+    method_names,
+    pin_threads,
+    placement,
+    wait_all,
+)
 
 log = logging.getLogger("pipeline.stages.evaluate")
 
@@ -67,13 +75,15 @@ def run(run: Run) -> dict:
     k = max(cfg.eval.k, 10)
     gt = load_parts(distributed_topk(cfg, plan["shards"], qids, xq, k, False,
                                      run.stage_path("evaluate", "gt"),
-                                     "evaluate: exact top-k")["all"])
+                                     "evaluate: exact top-k",
+                                     key=run.keys.get("evaluate", ""))["all"])
     qrels = readers.read_labels(cfg.data.labels) if cfg.data.labels else None
     if qrels:
         check_labels(qrels, qids, plan["spans"])
     names = method_names(cfg)
     merged = run.stage_info("merge")
-    refs = [_search_merged.remote(merged[m]["uri"], xq, k, cfg.eval.nprobe) for m in METHODS]
+    search = _search_merged.options(resources=placement(cfg, Group.CPU))
+    refs = [search.remote(merged[m]["uri"], xq, k, cfg.eval.nprobe) for m in METHODS]
     results = wait_all(refs, "evaluate: searches")
     rows = []
     for method, res in zip(METHODS, results):

@@ -16,7 +16,7 @@ from pipeline.config import PipelineConfig
 from pipeline.data import readers
 from pipeline.data.plan import Shard, plan_shards
 from pipeline.index.build import check_shape
-from pipeline.stages.common import Run
+from pipeline.stages.common import Group, Run, placement
 
 log = logging.getLogger("pipeline.stages.ingest")
 
@@ -93,7 +93,7 @@ def _scan_or_report(shard: dict, d: int, sample_p: float, seed: int) -> dict:
                 "sample": np.zeros((0, d), np.float32), "error": str(e)}
 
 
-def _check_cross_shard_ids(stats: list[dict], shards: list[dict]) -> None:
+def _check_cross_shard_ids(cfg: PipelineConfig, stats: list[dict], shards: list[dict]) -> None:
     spans = sorted((s["id_min"], s["id_max"], s["shard_id"]) for s in stats)
     overlapping = {a[2] for a, b in zip(spans, spans[1:]) if b[0] <= a[1]}
     overlapping |= {b[2] for a, b in zip(spans, spans[1:]) if b[0] <= a[1]}
@@ -102,6 +102,7 @@ def _check_cross_shard_ids(stats: list[dict], shards: list[dict]) -> None:
     # Id ranges overlap: compare the actual ids of those shards only.
     read_ids = ray.remote(lambda sh: readers.read_rows(sh["uri"], sh["start"], sh["stop"],
                                                        sh["id_offset"])[0])
+    read_ids = read_ids.options(resources=placement(cfg, Group.CPU))
     parts = ray.get([read_ids.remote(shards[i]) for i in sorted(overlapping)])
     ids = np.concatenate(parts)
     u, c = np.unique(ids, return_counts=True)
@@ -123,10 +124,12 @@ def load_train_queries(cfg: PipelineConfig, sample: np.ndarray, d: int) -> tuple
     return ids, x
 
 
-def _scan(shards: list[dict], d: int, sample_p: float, seed: int) -> list[dict]:
+def _scan(cfg: PipelineConfig, shards: list[dict], d: int, sample_p: float,
+          seed: int) -> list[dict]:
     """Validates the shards with Ray Data; raises the first bad-input error as a ValueError."""
     ds = ray.data.from_items(shards, override_num_blocks=len(shards))
-    stats = ds.map(lambda row: _scan_or_report(row, d, sample_p, seed)).take_all()
+    stats = ds.map(lambda row: _scan_or_report(row, d, sample_p, seed),
+                   resources=placement(cfg, Group.CPU)).take_all()
     errors = sorted(s["error"] for s in stats if s["error"])
     if errors:
         more = f" (and {len(errors) - 1} more shards)" if errors[1:] else ""
@@ -147,11 +150,11 @@ def run_incremental(run: Run, plan: dict) -> dict:
     spans = dict(prev["spans"])
     fresh = [s for s in plan["shards"] if Shard(**s).key not in spans]
     if fresh:
-        stats = _scan(fresh, plan["d"], 0.0, run.cfg.init.seed)
+        stats = _scan(run.cfg, fresh, plan["d"], 0.0, run.cfg.init.seed)
         spans.update(_spans(zip(fresh, stats)))
     current = [Shard(**s).key for s in plan["shards"]]
     spans = {k: spans[k] for k in current}
-    _check_cross_shard_ids([{"id_min": a, "id_max": b, "shard_id": i}
+    _check_cross_shard_ids(run.cfg, [{"id_min": a, "id_max": b, "shard_id": i}
                             for i, (a, b) in enumerate(spans[k] for k in current)], plan["shards"])
     log.info("ingest (incremental): %d of %d shards new or changed, %d vectors (%.1fs)",
              len(fresh), len(current), plan["n"], time.time() - t0)
@@ -163,10 +166,10 @@ def run(run: Run, plan: dict) -> dict:
     cfg = run.cfg
     t0 = time.time()
     p = min(1.0, cfg.init.train_sample / plan["n"])
-    stats = _scan(plan["shards"], plan["d"], p, cfg.init.seed)
+    stats = _scan(cfg, plan["shards"], plan["d"], p, cfg.init.seed)
     rows = sum(s["rows"] for s in stats)
     assert rows == plan["n"], f"scanned {rows} rows, metadata says {plan['n']}"
-    _check_cross_shard_ids(stats, plan["shards"])
+    _check_cross_shard_ids(cfg, stats, plan["shards"])
     sample = np.concatenate([s["sample"] for s in stats]).astype(np.float32)
     sample = sample[np.random.default_rng(cfg.init.seed).permutation(len(sample))]
     check_shape(cfg.index, plan["d"], len(sample))

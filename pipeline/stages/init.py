@@ -10,7 +10,7 @@ import ray
 
 from pipeline import storage
 from pipeline.index import build
-from pipeline.stages.common import Run, largest_node_cpus, pin_threads
+from pipeline.stages.common import Group, Run, largest_node_cpus, pin_threads, placement
 
 log = logging.getLogger("pipeline.stages.init")
 
@@ -30,8 +30,10 @@ def _train_baseline(sample_uri: str, out_uri: str, index_cfg, niter: int, seed: 
 
 def run(run: Run) -> dict:
     cfg = run.cfg
-    # k-means uses every core it is given: as many as the largest node has.
-    info = ray.get(_train_baseline.options(num_cpus=largest_node_cpus()).remote(
+    # k-means uses every core it is given: as many as the largest node of its group has.
+    task = _train_baseline.options(num_cpus=largest_node_cpus(cfg, Group.CPU),
+                                   resources=placement(cfg, Group.CPU))
+    info = ray.get(task.remote(
         run.stage_path("ingest", "sample.npz"), run.stage_path("init", "baseline.index"),
         cfg.index, cfg.init.niter, cfg.init.seed))
     log.info("init: faiss baseline trained on %d vectors in %.1fs", info["n_train"],

@@ -19,7 +19,8 @@ def run(run: Run) -> dict:
     q = storage.load_npz(run.stage_path("ingest", "train_queries.npz"))
     tr = run.cfg.train
     out = distributed_topk(run.cfg, plan["shards"], q["ids"], q["x"], run.cfg.teacher.k, True,
-                           run.stage_path("teacher"), "teacher", split=(tr.val_fraction, tr.seed))
+                           run.stage_path("teacher"), "teacher", split=(tr.val_fraction, tr.seed),
+                           key=run.keys.get("teacher", ""))
     secs = time.time() - t0
     log.info("teacher: top-%d of %d queries over %d vectors in %.1fs (%.0f queries/s); "
              "%d for training, %d held out", run.cfg.teacher.k, len(q["ids"]), plan["n"], secs,

@@ -1,9 +1,11 @@
 """train: Ray Train data-parallel distillation of the IVF centroids, PQ codebooks and rotation.
 
-The per-worker loop is wiring only: it streams the teacher's Parquet parts through Ray Data
-and runs `pipeline.quant.fit.fit` with an all-reduce passed in. Rank 0 checkpoints every epoch
-to the run folder, tagged with the stage key; a rerun with the same key resumes from it, and a
-checkpoint of another key (or any, when --from-stage forces training) is set aside unread.
+The per-worker loop is wiring only: it streams its own share of the teacher's Parquet parts
+(pipeline.data.teacher_stream) and runs `pipeline.quant.fit.fit` with an all-reduce passed in.
+Rank 0 checkpoints every epoch to the run folder, tagged with the stage key. A worker that
+starts finds the checkpoint of its own key and resumes from it: after a rerun, or after Ray
+Train restarted the workers because one (or its node) was lost. A checkpoint of another key (or
+any, when --from-stage forces training) is set aside unread before training starts.
 """
 from __future__ import annotations
 
@@ -13,42 +15,21 @@ import os
 import tempfile
 import time
 
-import numpy as np
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, DataConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline import storage
-from pipeline.data.teacher_parts import load_parts, table_arrays
+from pipeline.data.teacher_parts import load_parts
+from pipeline.data.teacher_stream import TeacherStream
 from pipeline.index import build
 from pipeline.quant.fit import fit
 from pipeline.quant.train import TrainData
-from pipeline.stages.common import Run, pin_threads
+from pipeline.stages.common import Group, Run, fault_point, pin_threads, placement
 
 log = logging.getLogger("pipeline.stages.train")
-
-
-class StreamData:
-    """The teacher's training parts streamed through Ray Data, in the interface of
-    pipeline.quant.train.TrainData. Every worker iterates the same stream in the same seeded
-    order (a local shuffle buffer, no global gather) and trains on its slice of each global
-    batch, so W workers take exactly the steps one worker would."""
-
-    def __init__(self, it, pool: np.ndarray, rows: int, shuffle_rows: int):
-        self.it, self.pool, self.rows, self.shuffle_rows = it, pool, rows, shuffle_rows
-
-    def steps(self, batch_size: int) -> int:
-        return self.rows // batch_size
-
-    def batches(self, batch_size: int, seed: int, epoch: int):
-        shuffle = {"local_shuffle_buffer_size": self.shuffle_rows,
-                   "local_shuffle_seed": seed * 1_000_003 + epoch} if self.shuffle_rows else {}
-        for t in self.it.iter_batches(batch_size=batch_size, batch_format="pyarrow",
-                                      drop_last=True, **shuffle):
-            a = table_arrays(t, ("xq", "V"))  # V's width gives k: S need not be read
-            yield a["xq"], a["V"], None
 
 
 def _state_bytes(state: dict) -> bytes:
@@ -69,23 +50,38 @@ def _worker_loop(config: dict) -> None:
     run: Run = config["run"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = "cuda" if run.cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
+    cfg = run.cfg.train
+    device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
     teacher = run.stage_info("teacher")
     pool = storage.load_npz(run.stage_path("ingest", "sample.npz"))["x"]
-    data = StreamData(ray.train.get_dataset_shard("teacher"), pool, teacher["rows"]["train"],
-                      run.cfg.train.shuffle_buffer)
-    held = load_parts(teacher["val"], run.cfg.train.max_val_queries)
+
+    def gather(xq):
+        out = [None] * world
+        dist.all_gather_object(out, xq)
+        return out
+
+    data = TeacherStream(teacher["train"], pool, cfg.streams, rank, world, cfg.shuffle_buffer,
+                         gather)
+    held = load_parts(teacher["val"], cfg.max_val_queries)
     val = TrainData(held["xq"], held["V"], pool)
     params = build.extract_params(storage.read_index(run.stage_path("init", "baseline.index")))
     ckpt_uri = run.stage_path("train", "checkpoint.pt")
-    state = _load_state(ckpt_uri) if config["resume"] else None
+    # Any checkpoint of this key continues this training: the driver set other ones aside.
+    state = _load_state(ckpt_uri) if storage.exists(ckpt_uri) else None
+    if state is not None and state.get("stage_key") != config["key"]:
+        state = None
+    if state is not None and rank == 0:
+        print(f"train: worker starts from the checkpoint after epoch {state['epoch']}")
 
     def reduce_grads(grads):
         if world > 1:
             for g in grads:
                 dist.all_reduce(g)  # SUM: losses are already divided by the global batch
 
+    epochs_here = []  # epochs this process trained (a restarted worker trains the rest)
+
     def on_epoch(st, metrics):
+        epochs_here.append(st["epoch"])
         checkpoint = None
         if rank == 0:
             blob = _state_bytes({**st, "stage_key": config["key"]})
@@ -94,11 +90,15 @@ def _worker_loop(config: dict) -> None:
             with open(os.path.join(tmp, "state.pt"), "wb") as f:
                 f.write(blob)
             checkpoint = Checkpoint.from_directory(tmp)
+            fault_point("train-epoch")
         # Scalars only: the per-step curve stays in the checkpoint's history.
         ray.train.report({k: v for k, v in metrics.items() if not isinstance(v, list)},
                          checkpoint=checkpoint)
 
     fit(params, data, val, run.cfg, rank, world, reduce_grads, state, on_epoch, device)
+    storage.write_json(run.stage_path("train", "reads", f"rank-{rank}.json"),
+                       {"bytes": data.bytes_read, "rows": data.rows_read,
+                        "total_rows": data.parts.rows, "epochs": len(epochs_here)})
 
 
 def _resumable(run: Run, ckpt_uri: str) -> bool:
@@ -123,23 +123,17 @@ def run(run: Run) -> dict:
     cfg = run.cfg.train
     t0 = time.time()
     ckpt_uri = run.stage_path("train", "checkpoint.pt")
-    resume = _resumable(run, ckpt_uri)
+    _resumable(run, ckpt_uri)  # sets a checkpoint of other settings aside
+    storage.delete(run.stage_path("train", "reads"))
     fs, path = storage.pyarrow_fs(run.stage_path("train", "ray"))
-    # The training parts stream from object storage; every worker reads the whole stream in
-    # the same order (not split) and takes its slice of each global batch.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    parts = run.stage_info("teacher")["train"]
-    pfs, _ = storage.pyarrow_fs(parts[0])
-    ds = ray.data.read_parquet([storage.pyarrow_fs(u)[1] for u in parts], filesystem=pfs,
-                               columns=["xq", "V"])
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"run": run, "key": run.keys.get("train", ""), "resume": resume},
-        datasets={"teacher": ds},
-        dataset_config=DataConfig(datasets_to_split=[]),
+        train_loop_config={"run": run, "key": run.keys.get("train", "")},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name="distill", storage_path=path, storage_filesystem=fs),
+                                     resources_per_worker={
+                                         "CPU": 1, **placement(run.cfg, Group.GPU)}),
+        run_config=RunConfig(name="distill", storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
     trainer.fit()
     assert storage.exists(ckpt_uri), "every epoch writes a checkpoint, and epochs >= 1"
@@ -150,5 +144,11 @@ def run(run: Run) -> dict:
     log.info("train: %d epochs in %.1fs; validation recall %.4f -> %.4f%s", state["epoch"], secs,
              state["warm_val"], state["best_val"],
              "" if improved else " (no gain: exporting the warm start)")
+    reads = [storage.read_json(run.stage_path("train", "reads", f"rank-{r}.json"))
+             for r in range(cfg.num_workers)]
+    shares = [r["rows"] / max(r["total_rows"] * r["epochs"], 1) for r in reads]
+    log.info("train: each worker read %s of the training rows per epoch",
+             ", ".join(f"{x:.0%}" for x in shares))
     return {"history": state["history"], "warm_val": state["warm_val"],
-            "best_val": state["best_val"], "seconds": secs}
+            "best_val": state["best_val"], "seconds": secs, "worker_read_shares": shares,
+            "worker_read_bytes": [r["bytes"] for r in reads]}
