@@ -331,6 +331,14 @@ def validate_for_pipeline(cfg: PipelineConfig) -> None:
             "train.contrastive_weight > 0 needs labels for the training queries, which the "
             "pipeline's teacher stream does not carry (and the shared data's rules forbid); "
             "compare it with bench/quality.py --train-labels PATH instead")
+    tr = cfg.train
+    # The pipeline's training streams (pipeline.data.teacher_stream); the benchmark trains
+    # in memory and has none.
+    if tr.streams < 1 or tr.streams % tr.num_workers or tr.batch_size % tr.streams:
+        raise ValueError(
+            f"train.streams ({tr.streams}) must be a multiple of train.num_workers "
+            f"({tr.num_workers}) and divide train.batch_size ({tr.batch_size}): every worker "
+            "reads whole streams, and every stream gives each batch the same number of rows")
 
 
 def validate(cfg: PipelineConfig) -> None:
@@ -346,11 +354,10 @@ def validate(cfg: PipelineConfig) -> None:
         raise ValueError("publish.keep_versions must be >= 1 and publish.lease_seconds > 0")
     if tr.num_workers < 1 or tr.batch_size < tr.num_workers:
         raise ValueError("train.num_workers must be >= 1 and train.batch_size >= num_workers")
-    if tr.streams < 1 or tr.streams % tr.num_workers or tr.batch_size % tr.streams:
+    if tr.batch_size % tr.num_workers:
         raise ValueError(
-            f"train.streams ({tr.streams}) must be a multiple of train.num_workers "
-            f"({tr.num_workers}) and divide train.batch_size ({tr.batch_size}): every worker "
-            "reads whole streams, and every stream gives each batch the same number of rows")
+            f"train.batch_size ({tr.batch_size}) must be divisible by train.num_workers "
+            f"({tr.num_workers}) so that every worker gets an equal slice of the global batch")
     if tr.max_failures < 0:
         raise ValueError("train.max_failures must be >= 0 (0: a lost worker fails the job)")
     if ix.quantizer == Quantizer.LSQ:

@@ -27,26 +27,6 @@ def s3():
     server.stop()
 
 
-def _quick_train_teardown() -> None:
-    """Test speed only. At the end of every Ray Train run (2.60), the controller waits up to
-    12 s for its placement-group cleaner actor to stop; the cleaner is blocked in a state-API
-    call of 10 s, so the wait always runs out (Ray logs "Failed to stop PlacementGroupCleaner
-    gracefully") and changes nothing. A 1 s wait ends the same way, 11 s sooner, for the
-    trainings this process starts. Left alone if Ray's signature is not the one known."""
-    import inspect
-
-    try:
-        from ray.train.v2._internal.callbacks.placement_group_callback import (
-            PlacementGroupCleanerCallback as Callback,
-        )
-    except ImportError:
-        return
-    names = list(inspect.signature(Callback.__init__).parameters)
-    if names == ["self", "check_interval_s", "get_actor_timeout_s", "stop_timeout"]:
-        check, get_timeout, _ = Callback.__init__.__defaults__
-        Callback.__init__.__defaults__ = (check, get_timeout, 1.0)
-
-
 @pytest.fixture(scope="session")
 def cluster(s3):
     """The session's multi-node Ray cluster (infra/local_cluster.py), shaped like
@@ -57,8 +37,9 @@ def cluster(s3):
     import ray
 
     from infra import local_cluster
+    from tests.jobsite.sitecustomize import quick_train_teardown
 
-    _quick_train_teardown()
+    quick_train_teardown()
     c = local_cluster.start(nodes=3, cpus_per_node=2)
     os.environ["RAY_ADDRESS"] = c.address
     yield c

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.config import PipelineConfig, load_config
+from pipeline.config import PipelineConfig, load_config, validate_for_pipeline
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -31,10 +31,22 @@ def test_yaml_and_overrides(tmp_path):
     ("train.backoff_z=-1", "backoff_z"),
     ("train.lr=0", "train.lr"),
     ("train.rotation_lr=-1e-4", "rotation_lr"),
+    ("train.max_failures=-1", "max_failures"),
 ])
 def test_bad_config_is_a_clear_error(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, ["data.corpus=/x", "train.num_workers=2", override])
+
+
+@pytest.mark.parametrize("overrides", [["train.streams=3"], ["train.batch_size=36"],
+                                       ["train.num_workers=16"]])
+def test_training_streams_must_split_evenly(overrides):
+    """The pipeline's workers read whole streams: streams is a multiple of the worker count
+    and divides the batch (the benchmark, training in memory, has no streams)."""
+    cfg = load_config(None, ["data.corpus=/x", "train.batch_size=64", *overrides])
+    with pytest.raises(ValueError, match="train.streams"):
+        validate_for_pipeline(cfg)
+    validate_for_pipeline(load_config(None, ["data.corpus=/x", "train.batch_size=64"]))
 
 
 def test_corpus_required():

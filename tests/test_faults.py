@@ -32,11 +32,15 @@ from .test_e2e import ROOT, job_args
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 
+JOBSITE = os.path.join(ROOT, "tests", "jobsite")  # its sitecustomize: see the file
+
+
 def start_job(args: list[str], log_path, env: dict | None = None) -> subprocess.Popen:
     log = open(log_path, "w")
+    path = os.pathsep.join(p for p in (JOBSITE, os.environ.get("PYTHONPATH")) if p)
     return subprocess.Popen([sys.executable, "jobs/distill.py", *args], cwd=ROOT,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, "PYTHONPATH": path, **(env or {})})
 
 
 def kill_when(proc: subprocess.Popen, path: str, timeout: float = 300) -> None:

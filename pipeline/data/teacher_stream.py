@@ -39,22 +39,30 @@ class _Parts:
         self.rows = start
         self.bytes_read = self.rows_read = 0  # what was fetched: whole row groups
 
-    def read(self, a: int, b: int, columns=("xq", "V")) -> dict:
+    def read(self, a: int, b: int, cache: dict, columns=("xq", "V")) -> dict:
+        """Rows [a, b). `cache` (one per reader of a span) keeps the last row group."""
         chunks = []
         for p, g, first, n in self.groups:
             if first + n <= a or first >= b:
                 continue
-            with storage.open_ranged(self.uris[p]) as f:
-                pf = pq.ParquetFile(f)
-                table = pf.read_row_group(g, columns=list(columns))
-                self.bytes_read += sum(pf.metadata.row_group(g).column(c).total_compressed_size
-                                       for c in range(pf.metadata.num_columns)
-                                       if pf.metadata.row_group(g).column(c).path_in_schema
-                                       .split(".")[0] in columns)
-            self.rows_read += n
+            table = self._group(p, g, cache, columns)
             lo, hi = max(a, first) - first, min(b, first + n) - first
             chunks.append(table_arrays(table.slice(lo, hi - lo), columns))
         return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+    def _group(self, p: int, g: int, cache: dict, columns):
+        """One row group, kept until the next is needed: a span is read in order, in chunks
+        smaller than a group, and every group is fetched once."""
+        if cache.get("at") != (p, g):
+            with storage.open_ranged(self.uris[p]) as f:
+                pf = pq.ParquetFile(f)
+                meta = pf.metadata.row_group(g)
+                self.bytes_read += sum(meta.column(c).total_compressed_size
+                                       for c in range(meta.num_columns)
+                                       if meta.column(c).path_in_schema.split(".")[0] in columns)
+                self.rows_read += meta.num_rows
+                cache["at"], cache["table"] = (p, g), pf.read_row_group(g, columns=list(columns))
+        return cache["table"]
 
 
 class TeacherStream:
@@ -95,9 +103,9 @@ class TeacherStream:
         rows (seeded by span and epoch: the same whichever worker reads it)."""
         a, b = self.spans[s]
         buf = max(per, self.shuffle_rows // self.streams)
-        queue = None
+        queue, cache = None, {}
         for i, c0 in enumerate(range(a, b, buf)):
-            chunk = self.parts.read(c0, min(c0 + buf, b))
+            chunk = self.parts.read(c0, min(c0 + buf, b), cache)
             if self.shuffle_rows:
                 order = np.random.default_rng([seed, epoch, s, i]).permutation(len(chunk["xq"]))
                 chunk = {k: v[order] for k, v in chunk.items()}

@@ -55,6 +55,11 @@ class Run:
         uri = self.manifest_uri(stage)
         return storage.read_json(uri) if storage.exists(uri) else None
 
+    def resume_key(self, stage: str) -> str:
+        """The key under which a stage may keep work a killed run left behind: its stage key,
+        or "" (keep nothing) when --from-stage forces it to run afresh."""
+        return "" if stage in self.forced else self.keys.get(stage, "")
+
     def stage_info(self, stage: str) -> dict:
         return storage.read_json(self.manifest_uri(stage))["info"]
 

@@ -76,7 +76,7 @@ def run(run: Run) -> dict:
     gt = load_parts(distributed_topk(cfg, plan["shards"], qids, xq, k, False,
                                      run.stage_path("evaluate", "gt"),
                                      "evaluate: exact top-k",
-                                     key=run.keys.get("evaluate", ""))["all"])
+                                     key=run.resume_key("evaluate"))["all"])
     qrels = readers.read_labels(cfg.data.labels) if cfg.data.labels else None
     if qrels:
         check_labels(qrels, qids, plan["spans"])

@@ -20,7 +20,7 @@ def run(run: Run) -> dict:
     tr = run.cfg.train
     out = distributed_topk(run.cfg, plan["shards"], q["ids"], q["x"], run.cfg.teacher.k, True,
                            run.stage_path("teacher"), "teacher", split=(tr.val_fraction, tr.seed),
-                           key=run.keys.get("teacher", ""))
+                           key=run.resume_key("teacher"))
     secs = time.time() - t0
     log.info("teacher: top-%d of %d queries over %d vectors in %.1fs (%.0f queries/s); "
              "%d for training, %d held out", run.cfg.teacher.k, len(q["ids"]), plan["n"], secs,
