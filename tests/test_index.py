@@ -124,3 +124,13 @@ def test_check_shape_names_the_fix():
         build.check_shape(IndexConfig(M=7), 32, 10000)
     with pytest.raises(ValueError, match="fewer than"):
         build.check_shape(IndexConfig(nlist=256, M=4), 32, 100)
+
+
+def test_gpu_kmeans_request_is_the_cpu_result_without_gpus(data, trained):
+    """use_gpu asks faiss-gpu for the coarse k-means; a faiss without GPUs (this machine's)
+    trains exactly as on the CPU instead of failing."""
+    if ondisk.gpu_count():
+        pytest.skip("this faiss has GPUs: the GPU k-means runs (checked on a GPU machine)")
+    cfg = IndexConfig(nlist=16, M=4, nbits=6, opq=True)
+    got = build.train_baseline(data[0], cfg, niter=5, use_gpu=True)
+    assert faiss.serialize_index(got).tobytes() == faiss.serialize_index(trained).tobytes()

@@ -6,6 +6,7 @@ import re
 import signal
 import time
 
+import numpy as np
 import pytest
 
 from jobs import distill
@@ -73,28 +74,42 @@ def wait_for(path_or_uri: str, proc, timeout: float = 300) -> None:
 @pytest.mark.faults
 def test_sigterm_names_the_stage_releases_the_lease_and_the_rerun_resumes(
         ray_cluster, s3, smoke_data, tmp_path, caplog):
-    """Through S3: the job, stopped by SIGTERM once init finished (in the teacher, or the
-    stage after it), says where it stopped and that a rerun resumes; its lease is gone, so the
-    rerun needs no --break-lease, and it skips the stages that finished."""
+    """Through S3: the job, stopped by SIGTERM once its first teacher block is written, says
+    where it stopped and that a rerun resumes; its lease is gone, so the rerun needs no
+    --break-lease. The rerun skips the finished stages, keeps the teacher blocks written
+    (their targets are exact), and publishes."""
+    from pipeline.data import readers
+    from pipeline.data.teacher_parts import load_parts
+    from pipeline.index import knn
+
     out = f"s3://test/lease-term/{tmp_path.name}"
-    args = job_args(smoke_data, out)
+    args = job_args(smoke_data, out, "--set", "teacher.query_block=128")  # 6 blocks
     first = start_job(args, tmp_path / "log1")
-    wait_for(storage.join(out, "stages", "init", "_manifest.json"), first)
+    wait_for(storage.join(out, "stages", "teacher", "_done", "part-00000.json"), first)
     os.kill(first.pid, signal.SIGTERM)
     first.wait(timeout=120)
     text = open(tmp_path / "log1").read()
     assert first.returncode == 128 + signal.SIGTERM, text[-3000:]
-    # during a stage (almost always the teacher), or in the instant between two
+    # during the teacher (or, if its last blocks were that quick, in the instant after it)
     where = re.search(r"interrupted by SIGTERM (during stage (\w+)|between stages)", text)
     assert where and "Rerun" in text, text[-3000:]
-    stage = where.group(2) or "train"
-    assert stage in ("teacher", "train"), where.group(0)
-    assert not storage.exists(storage.join(out, "stages", stage, "_manifest.json"))
+    stopped = where.group(2) or "train"
+    assert stopped in ("teacher", "train"), where.group(0)
+    assert not storage.exists(storage.join(out, "stages", stopped, "_manifest.json"))
     assert not storage.exists(storage.join(out, lease.LEASE))
     assert not storage.exists(storage.join(out, "manifest.json"))  # nothing published
     with caplog.at_level("INFO", logger="pipeline"):
         assert distill.main(args) == 0
-    for stage in ("ingest", "init"):
-        assert f"stage {stage}: skipped (unchanged)" in caplog.text, caplog.text[-3000:]
-    assert f"stage {stage}: runs" in caplog.text
+    for done in ("ingest", "init"):
+        assert f"stage {done}: skipped (unchanged)" in caplog.text, caplog.text[-3000:]
+    assert f"stage {stopped}: runs" in caplog.text
+    if stopped == "teacher":
+        kept = re.findall(r"teacher: resuming: (\d+) of 6 query blocks already done", caplog.text)
+        assert len(kept) == 1 and int(kept[0]) >= 1, caplog.text[-3000:]
     assert publish.resolve(out)["counts"]["vectors"] == 4000
+    info = storage.read_json(storage.join(out, "stages", "teacher", "_manifest.json"))["info"]
+    got = load_parts(info["train"] + info["val"])
+    ids, xb = readers.read_all(f"{smoke_data}/corpus", "corpus")
+    S, I, V = knn.block_topk(got["xq"], xb, ids, 10, "ip", True)
+    np.testing.assert_array_equal(got["I"], I)
+    np.testing.assert_array_equal(got["V"], V)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import threading
 from contextlib import contextmanager
@@ -180,35 +179,25 @@ def merge_range(open_shards: list, l0: int, l1: int, out_ivfdata: str) -> np.nda
     return cap.astype(np.int64)
 
 
-def stitch_ranges(trained, slice_paths, sizes: np.ndarray, out_dir: str,
-                  name: str = "index", stored_ivfdata: str | None = None,
-                  remove_slices: bool = False):
-    """Concatenates the slice files (in range order) into `{name}.ivfdata` and writes the
-    `{name}.index` that maps it. sizes: (nlist,) list sizes. Same return as merge_ondisk.
-
-    slice_paths may be a generator that fetches each slice when asked; with remove_slices each
-    is deleted once copied, so the local disk holds one slice beside the output at a time.
-    """
+def lists_index(trained, sizes: np.ndarray, out_dir: str, name: str = "index",
+                stored_ivfdata: str | None = None):
+    """Writes `{name}.index`, mapping an `{name}.ivfdata` that holds the inverted lists in list
+    order with exact capacities (the slices of merge_range, concatenated), without reading
+    it: the layout follows from the list sizes alone. Returns (index path, the .ivfdata's
+    size in bytes, ntotal)."""
     index = faiss.clone_index(trained)
     ivf = faiss.extract_index_ivf(index)
     assert ivf.ntotal == 0, "the trained index must be empty"
     assert len(sizes) == ivf.nlist, "one size per inverted list"
-    ivfdata = os.path.join(out_dir, f"{name}.ivfdata")
-    with open(ivfdata, "wb") as out:
-        for p in slice_paths:
-            with open(p, "rb") as f:
-                shutil.copyfileobj(f, out, 16 << 20)
-            if remove_slices:
-                os.remove(p)
     entry = ivf.code_size + 8  # codes plus one int64 id per vector
     offsets = np.concatenate([[0], np.cumsum(sizes * entry)])
-    assert os.path.getsize(ivfdata) == offsets[-1], "slice files do not add up to the lists"
     # update_totsize sets the size and free-slot bookkeeping exactly as a single merge does,
-    # but it starts by truncating its file: point it at a sparse placeholder, then at ivfdata.
-    placeholder = ivfdata + ".placeholder"
+    # but it starts by truncating its file: point it at a sparse placeholder, then at the
+    # data's name.
+    placeholder = os.path.join(out_dir, f"{name}.ivfdata.placeholder")
     ondisk = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, placeholder)
     ondisk.update_totsize(int(offsets[-1]))
-    ondisk.filename = ivfdata
+    ondisk.filename = os.path.join(out_dir, f"{name}.ivfdata")
     lists = faiss.OnDiskOneListVector()
     for j, n in enumerate(sizes.tolist()):
         one = faiss.OnDiskOneList()
@@ -216,10 +205,11 @@ def stitch_ranges(trained, slice_paths, sizes: np.ndarray, out_dir: str,
         one.offset = int(offsets[j])
         lists.push_back(one)
     ondisk.lists = lists
-    out = _write_ondisk_index(index, ondisk, int(sizes.sum()), out_dir, name, stored_ivfdata)
+    index_path, _, ntotal = _write_ondisk_index(index, ondisk, int(sizes.sum()), out_dir, name,
+                                                stored_ivfdata)
     del index  # unmaps the placeholder
     os.remove(placeholder)
-    return out
+    return index_path, int(offsets[-1]), ntotal
 
 
 _stdout_lock = threading.Lock()

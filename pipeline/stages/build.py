@@ -131,31 +131,25 @@ def _merge_range(shard_uris: list[str], l0: int, l1: int, slice_uri: str) -> np.
 
 @ray.remote(max_retries=2)
 def _stitch(trained_uri: str, slice_uris: list[str], sizes: np.ndarray, out_uri: str) -> dict:
-    """Concatenates the slices into out_uri/index.ivfdata and writes out_uri/index.index,
-    which records the bare name "index.ivfdata": the pair opens wherever it is copied, with
-    IO_FLAG_ONDISK_SAME_DIR (publishing gives local copies their absolute path)."""
+    """Joins the slices into out_uri/index.ivfdata where they lie (storage.concat: S3
+    UploadPartCopy, or copy_file_range locally: no node copies the index) and writes
+    out_uri/index.index, which records the bare name "index.ivfdata": the pair opens wherever
+    it is copied, with IO_FLAG_ONDISK_SAME_DIR (publishing gives local copies their absolute
+    path)."""
     pin_threads()
-    scratch = storage.local_scratch("merge")
-
-    def fetch():  # one slice on local disk at a time
-        for i, u in enumerate(slice_uris):
-            p = os.path.join(scratch, f"slice-{i:05d}.ivfdata")
-            storage.download_file(u, p)
-            yield p
-
-    out = os.path.join(scratch, "out")
-    os.makedirs(out)
-    index_path, ivfdata, ntotal = ondisk.stitch_ranges(
-        storage.read_index(trained_uri), fetch(), sizes, out, "index", "index.ivfdata",
-        remove_slices=True)
-    files = {}
+    data_uri = storage.join(out_uri, "index.ivfdata")
     # The .ivfdata goes first: a reader never finds an .index whose data is missing.
-    for p in (ivfdata, index_path):
-        name = os.path.basename(p)
-        files[name] = {"sha256": storage.sha256_file(p), "bytes": os.path.getsize(p)}
-        storage.upload_file(p, storage.join(out_uri, name))
+    moved = storage.concat(slice_uris, data_uri)
+    scratch = storage.local_scratch("merge")
+    index_path, nbytes, ntotal = ondisk.lists_index(
+        storage.read_index(trained_uri), sizes, scratch, "index", "index.ivfdata")
+    assert storage.size(data_uri) == nbytes, "slice files do not add up to the lists"
+    files = {"index.ivfdata": {"sha256": storage.sha256_uri(data_uri), "bytes": nbytes},
+             "index.index": {"sha256": storage.sha256_file(index_path),
+                             "bytes": os.path.getsize(index_path)}}
+    storage.upload_file(index_path, storage.join(out_uri, "index.index"))
     shutil.rmtree(scratch)
-    return {"ntotal": ntotal, "files": files}
+    return {"ntotal": ntotal, "files": files, "bytes_through_task": moved["through_here"]}
 
 
 def run_merge(run: Run) -> dict:
@@ -182,7 +176,9 @@ def run_merge(run: Run) -> dict:
     for m, r in results.items():
         assert r["ntotal"] == n, f"{m}: merged {r['ntotal']} vectors, the corpus has {n}"
     storage.delete(run.stage_path("merge", "slices"))  # copied into the indexes
-    log.info("merge: %d vectors per index, %d list ranges", n, R)
+    log.info("merge: %d vectors per index, %d list ranges; stitched where they lie (%d bytes "
+             "passed through the stitch tasks)", n, R,
+             sum(r["bytes_through_task"] for r in results.values()))
     return {**{m: {"folder": METHODS[m][1], "uri": run.stage_path("merge", m), **r}
                for m, r in results.items()}, "ranges": R}
 

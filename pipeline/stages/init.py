@@ -9,18 +9,19 @@ import faiss
 import ray
 
 from pipeline import storage
-from pipeline.index import build
+from pipeline.index import build, ondisk
 from pipeline.stages.common import Group, Run, largest_node_cpus, pin_threads, placement
 
 log = logging.getLogger("pipeline.stages.init")
 
 
 @ray.remote
-def _train_baseline(sample_uri: str, out_uri: str, index_cfg, niter: int, seed: int) -> dict:
+def _train_baseline(sample_uri: str, out_uri: str, index_cfg, niter: int, seed: int,
+                    use_gpu: bool) -> dict:
     pin_threads()
     xt = storage.load_npz(sample_uri)["x"]
     t0 = time.time()
-    index = build.train_baseline(xt, index_cfg, niter=niter, seed=seed)
+    index = build.train_baseline(xt, index_cfg, niter=niter, seed=seed, use_gpu=use_gpu)
     scratch = storage.local_scratch("init")
     local = os.path.join(scratch, "baseline.index")
     faiss.write_index(index, local)
@@ -30,12 +31,18 @@ def _train_baseline(sample_uri: str, out_uri: str, index_cfg, niter: int, seed: 
 
 def run(run: Run) -> dict:
     cfg = run.cfg
-    # k-means uses every core it is given: as many as the largest node of its group has.
-    task = _train_baseline.options(num_cpus=largest_node_cpus(cfg, Group.CPU),
-                                   resources=placement(cfg, Group.CPU))
+    # With GPUs configured (ray.gpus_per_task > 0), k-means runs in the GPU group on one GPU
+    # (faiss-gpu); otherwise on every core of the largest node of the CPU group.
+    gpus = cfg.ray.gpus_per_task
+    group = Group.GPU if gpus else Group.CPU
+    if gpus and not ondisk.gpu_count():
+        log.warning("init: ray.gpus_per_task=%s but this faiss has no GPU support "
+                    "(faiss-cpu): k-means runs on the CPU", gpus)
+    task = _train_baseline.options(num_cpus=largest_node_cpus(cfg, group),
+                                   num_gpus=1 if gpus else 0, resources=placement(cfg, group))
     info = ray.get(task.remote(
         run.stage_path("ingest", "sample.npz"), run.stage_path("init", "baseline.index"),
-        cfg.index, cfg.init.niter, cfg.init.seed))
+        cfg.index, cfg.init.niter, cfg.init.seed, bool(gpus)))
     log.info("init: faiss baseline trained on %d vectors in %.1fs", info["n_train"],
              info["train_seconds"])
     return info
