@@ -85,12 +85,14 @@ def node_process(address: str, group: str, cpus: int = 2, object_store_mb: int =
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def stop_node_process(proc: subprocess.Popen) -> None:
+def stop_node_process(proc: subprocess.Popen, grace_s: float = 10) -> None:
+    """Stops a `ray start --block` process and everything of its node (its process group): a
+    graceful stop first, then SIGKILL."""
     import signal
 
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=10)
+        proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)

@@ -3,13 +3,13 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
+from infra.local_cluster import stop_node_process
 from infra.local_s3 import free_port
 
 from .conftest import published
@@ -63,12 +63,7 @@ def head():
     finally:
         # The head's whole process group; a graceful stop takes half a minute, and nothing
         # of this head outlives the test either way.
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        stop_node_process(proc, grace_s=5)
 
 
 def submit(address: str, env: dict, cmd: list[str]) -> str:

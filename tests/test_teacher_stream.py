@@ -74,6 +74,11 @@ def test_two_workers_take_the_batches_of_one(parts):
         assert 0.45 * total <= s.rows_read <= 0.5 * total + 4 * teacher_parts.ROW_GROUP
 
 
+def test_one_worker_fetches_every_row_group_once(parts):
+    _, (one,) = run_epoch(parts, 1)
+    assert one.rows_read == one.parts.rows
+
+
 def test_epochs_shuffle_differently_and_seeds_repeat(parts):
     a, _ = run_epoch(parts, 1, epoch=0)
     b, _ = run_epoch(parts, 1, epoch=1)

@@ -39,21 +39,23 @@ class _Parts:
         self.rows = start
         self.bytes_read = self.rows_read = 0  # what was fetched: whole row groups
 
-    def read(self, a: int, b: int, cache: dict, columns=("xq", "V")) -> dict:
-        """Rows [a, b). `cache` (one per reader of a span) keeps the last row group."""
+    def read(self, a: int, b: int, cache: dict, keep: int, columns=("xq", "V")) -> dict:
+        """Rows [a, b). `cache` (one per worker: {(part, group): table}) keeps the `keep`
+        newest row groups."""
         chunks = []
         for p, g, first, n in self.groups:
             if first + n <= a or first >= b:
                 continue
-            table = self._group(p, g, cache, columns)
+            table = self._group(p, g, cache, keep, columns)
             lo, hi = max(a, first) - first, min(b, first + n) - first
             chunks.append(table_arrays(table.slice(lo, hi - lo), columns))
         return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
-    def _group(self, p: int, g: int, cache: dict, columns):
-        """One row group, kept until the next is needed: a span is read in order, in chunks
-        smaller than a group, and every group is fetched once."""
-        if cache.get("at") != (p, g):
+    def _group(self, p: int, g: int, cache: dict, keep: int, columns):
+        """One row group, fetched once: each span reads its rows in order in chunks smaller
+        than a group, and two neighbouring spans of one worker share the group between
+        them. The cache keeps the two newest groups per span."""
+        if (p, g) not in cache:
             with storage.open_ranged(self.uris[p]) as f:
                 pf = pq.ParquetFile(f)
                 meta = pf.metadata.row_group(g)
@@ -61,8 +63,10 @@ class _Parts:
                                        for c in range(meta.num_columns)
                                        if meta.column(c).path_in_schema.split(".")[0] in columns)
                 self.rows_read += meta.num_rows
-                cache["at"], cache["table"] = (p, g), pf.read_row_group(g, columns=list(columns))
-        return cache["table"]
+                cache[(p, g)] = pf.read_row_group(g, columns=list(columns))
+            while len(cache) > keep:
+                del cache[next(iter(cache))]  # the oldest
+        return cache[(p, g)]
 
 
 class TeacherStream:
@@ -85,6 +89,7 @@ class TeacherStream:
         n = self.parts.rows
         self.spans = [(s * n // streams, (s + 1) * n // streams) for s in range(streams)]
         self.mine = [s for s in range(streams) if s % world == rank]
+        self._cache = {}
 
     @property
     def bytes_read(self) -> int:
@@ -103,9 +108,9 @@ class TeacherStream:
         rows (seeded by span and epoch: the same whichever worker reads it)."""
         a, b = self.spans[s]
         buf = max(per, self.shuffle_rows // self.streams)
-        queue, cache = None, {}
+        queue = None
         for i, c0 in enumerate(range(a, b, buf)):
-            chunk = self.parts.read(c0, min(c0 + buf, b), cache)
+            chunk = self.parts.read(c0, min(c0 + buf, b), self._cache, 2 * len(self.mine))
             if self.shuffle_rows:
                 order = np.random.default_rng([seed, epoch, s, i]).permutation(len(chunk["xq"]))
                 chunk = {k: v[order] for k, v in chunk.items()}
