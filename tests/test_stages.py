@@ -68,8 +68,8 @@ def test_encode_and_merge_equal_one_index(prepared, tmp_path, ranges):
     assert len(shards) == 4
     layout, nlist = str(tmp_path / "enc"), prepared.cfg.index.nlist
     blob = build_stage.put_index(trained_uri)
-    counts = ray.get([build_stage._encode_shard.remote(s, blob, layout) for s in shards])
-    assert sum(counts) == len(xb)
+    counts = ray.get([build_stage._encode_shard.remote(s, [layout], 0.0, blob) for s in shards])
+    assert sum(c for (c,) in counts) == len(xb)
     uris = [f"{layout}/{Shard(**s).key}.lists" for s in shards]
     pieces = ondisk.list_ranges(nlist, ranges)
     assert len(pieces) == ranges
@@ -107,10 +107,10 @@ def test_encode_is_idempotent_per_shard(prepared, tmp_path):
     s = prepared.stage_info("ingest")["shards"][0]
     layout = str(tmp_path / "enc")
     blob = build_stage.put_index(trained_uri)
-    n = ray.get(build_stage._encode_shard.remote(s, blob, layout))
+    n = ray.get(build_stage._encode_shard.remote(s, [layout], 0.0, blob))
     part = f"{layout}/{Shard(**s).key}.lists"
     before = os.path.getmtime(part)
-    assert ray.get(build_stage._encode_shard.remote(s, blob, layout)) == n
+    assert ray.get(build_stage._encode_shard.remote(s, [layout], 0.0, blob)) == n
     assert os.path.getmtime(part) == before
 
 

@@ -69,29 +69,34 @@ def put_index(uri: str) -> ray.ObjectRef:
 
 
 @ray.remote(max_retries=3)
-def _encode_shard(shard: dict, trained: np.ndarray, out_dir: str, gpus: float = 0.0) -> int:
-    """Encodes one shard into out_dir/<shard key>.lists (ondisk.write_lists), then writes
-    out_dir/done/<shard key>.json. A shard whose marker exists is already encoded (a retry,
-    a resumed run, or an unchanged shard in an incremental rebuild).
+def _encode_shard(shard: dict, out_dirs: list[str], gpus: float, *trained: np.ndarray) -> list:
+    """Reads one shard once and encodes it with each trained index into its out_dir:
+    <shard key>.lists (ondisk.write_lists), then done/<shard key>.json. A shard whose marker
+    exists in an out_dir is already encoded there (a retry, a resumed run, or an unchanged
+    shard in an incremental rebuild). Returns the vectors encoded per out_dir.
 
-    trained: the serialized trained index (uint8), put in the object store once per method
-    and shared zero-copy by the tasks of a node."""
+    trained: the serialized trained indexes (uint8), put in the object store once each and
+    shared zero-copy by the tasks of a node."""
     s = Shard(**shard)
-    marker = storage.join(out_dir, "done", f"{s.key}.json")
-    if storage.exists(marker):
-        return storage.read_json(marker)["ntotal"]
+    markers = [storage.join(d, "done", f"{s.key}.json") for d in out_dirs]
+    counts = [storage.read_json(m)["ntotal"] if storage.exists(m) else None for m in markers]
+    if all(c is not None for c in counts):
+        return counts
     pin_threads()
     ids, x = readers.read_rows(s.uri, s.start, s.stop, s.id_offset)
-    index = ondisk.encode_shard(faiss.deserialize_index(trained), ids, x, use_gpu=gpus > 0)
-    fault_point("encode")
-    scratch = storage.local_scratch("encode")
-    local = os.path.join(scratch, "shard.lists")
-    with open(local, "wb") as f:
-        ntotal = ondisk.write_lists(index, f)
-    storage.upload_file(local, storage.join(out_dir, f"{s.key}.lists"))
-    shutil.rmtree(scratch)
-    storage.write_json(marker, {"ntotal": ntotal, "shard": shard})
-    return ntotal
+    for i, (out_dir, blob) in enumerate(zip(out_dirs, trained)):
+        if counts[i] is not None:
+            continue
+        index = ondisk.encode_shard(faiss.deserialize_index(blob), ids, x, use_gpu=gpus > 0)
+        fault_point("encode")
+        scratch = storage.local_scratch("encode")
+        local = os.path.join(scratch, "shard.lists")
+        with open(local, "wb") as f:
+            counts[i] = ondisk.write_lists(index, f)
+        storage.upload_file(local, storage.join(out_dir, f"{s.key}.lists"))
+        shutil.rmtree(scratch)
+        storage.write_json(markers[i], {"ntotal": counts[i], "shard": shard})
+    return counts
 
 
 def run_encode(run: Run) -> dict:
@@ -101,15 +106,13 @@ def run_encode(run: Run) -> dict:
     if gpus and not ondisk.gpu_count():
         log.warning("encode: ray.gpus_per_task=%s but this faiss has no GPU support "
                     "(faiss-cpu): encoding on the CPU", gpus)
-    refs, names, layouts = [], [], {}
-    for method, (trained, _) in METHODS.items():
-        layouts[method] = _layout(run, method, run.stage_path(*trained))
-        blob = put_index(run.stage_path(*trained))
-        for s in shards:
-            refs.append(encode.remote(s, blob, layouts[method], gpus))
-            names.append(method)
+    layouts = {m: _layout(run, m, run.stage_path(*trained))
+               for m, (trained, _) in METHODS.items()}
+    blobs = [put_index(run.stage_path(*trained)) for trained, _ in METHODS.values()]
+    # One task per shard encodes it for every method: the corpus is read once.
+    refs = [encode.remote(s, list(layouts.values()), gpus, *blobs) for s in shards]
     counts = wait_all(refs, "encode: shards")
-    totals = {m: sum(c for c, n in zip(counts, names) if n == m) for m in METHODS}
+    totals = {m: sum(c[i] for c in counts) for i, m in enumerate(METHODS)}
     n = run.stage_info("ingest")["n"]
     for m, t in totals.items():
         assert t == n, f"{m}: encoded {t} vectors, the corpus has {n}"

@@ -146,8 +146,8 @@ def wait_all(refs: list, what: str, every: float = 10.0) -> list:
         now = time.time()
         done = total - len(pending)
         if pending and now - last >= every or not pending:
-            eta = (now - t0) / max(done, 1) * len(pending)
-            log.info("%s: %d/%d done, %.0fs elapsed, ETA %.0fs", what, done, total, now - t0, eta)
+            eta = f"{(now - t0) / done * len(pending):.0f}s" if done else "not yet known"
+            log.info("%s: %d/%d done, %.0fs elapsed, ETA %s", what, done, total, now - t0, eta)
             last = now
     return ray.get(refs)
 
