@@ -188,7 +188,8 @@ class EvalConfig:
 class RayConfig:
     address: str = ""  # empty: attach to RAY_ADDRESS or start a local cluster
     num_cpus: int = 0  # local cluster only; 0: max(4, cores) so Train's controller gets a slot
-    gpus_per_task: float = 0.0  # GPUs per teacher/encode task; > 0 runs them on the GPU
+    # GPUs per teacher/encode task; > 0 runs them on the GPU, and init's k-means on one GPU.
+    gpus_per_task: float = 0.0
     # Custom resources that tell the node groups of infra/cluster-aws.yaml apart: teacher and
     # training run only on nodes offering gpu_group, ingest, init, encode, merge and evaluate
     # only on nodes offering cpu_group. Empty: any node. Not in any stage key (placement
