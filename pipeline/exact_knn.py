@@ -84,9 +84,12 @@ def _marker(out_dir: str, name: str) -> str:
 
 def _finished(out_dir: str, name: str, key: str) -> dict | None:
     """The counts of a block written under this very key, or None."""
-    if not key or not storage.exists(_marker(out_dir, name)):
+    if not key:
         return None
-    done = storage.read_json(_marker(out_dir, name))
+    try:
+        done = storage.read_json(_marker(out_dir, name))
+    except FileNotFoundError:
+        return None
     return done["counts"] if done.get("key") == key else None
 
 
