@@ -119,7 +119,9 @@ def bare_faiss(out: str, corpus: str, k: int) -> dict:
 
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     ids, xb = readers.read_all(corpus, "corpus")
-    xq = storage.load_npz(os.path.join(out, "stages", "ingest", "train_queries.npz"))["x"]
+    info = storage.read_json(os.path.join(out, "stages", "ingest", "_manifest.json"))["info"]
+    xq = np.concatenate([readers.read_rows(f, 0, rows)[1]
+                         for f, rows, _ in info["train_query_files"]])
     nq = len(xq)
     t0 = time.time()
     flat = faiss.IndexFlatIP(xb.shape[1])

@@ -1,16 +1,18 @@
 """Exact top-k of a query set over every corpus shard, as Ray tasks: the teacher's training
 targets and the evaluation's ground truth.
 
-Shards outer, query blocks inner (as faiss's knn_ground_truth): one task per shard reads it
-once and searches every query block against it, returning one result per block: scores, ids
-and, for training, the vectors of its own top-k (taken from that same read). Per block, merge
-tasks combine the shards' results in a tree of fan-in MERGE_FANIN, keeping the winners'
-vectors, and a last task writes the block as a Parquet part (pipeline.data.teacher_parts)
-with a marker beside it. A rerun under the same stage key finds the markers and searches only
-the blocks still missing (a killed teacher resumes).
+The query set comes as blocks (pipeline.data.plan.plan_blocks): a task reads each block from
+storage, so the driver never holds the queries. Shards outer, query blocks inner (as faiss's
+knn_ground_truth): one task per shard reads it once and searches every query block against
+it, returning one result per block: scores, ids and, for training, the vectors of its own
+top-k (taken from that same read). Per block, merge tasks combine the shards' results in a
+tree of fan-in MERGE_FANIN, keeping the winners' vectors, and a last task writes the block as
+a Parquet part (pipeline.data.teacher_parts) with a marker beside it. A rerun under the same
+stage key finds the markers and searches only the blocks still missing (a killed teacher
+resumes).
 
-Memory: a shard task holds its shard and one result per block (nq * k * (12 + 2d) bytes over
-all blocks); a merge task MERGE_FANIN results of one block.
+Memory: a shard task holds its shard, the query blocks and one result per block (nq * k *
+(12 + 2d) bytes over all blocks); a merge task MERGE_FANIN results of one block.
 """
 from __future__ import annotations
 
@@ -45,6 +47,15 @@ def _search_shard(shard: dict, k: int, metric: str, gpus: float, with_vectors: b
     return out[0] if len(out) == 1 else tuple(out)
 
 
+@ray.remote(num_returns=2)
+def _read_block(block: dict, d: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, x) of one query block, checked as ingest checks the corpus."""
+    b = Shard(**block)
+    ids, x = readers.read_rows(b.uri, b.start, b.stop, b.id_offset)
+    readers.check_block(ids, x, f"{what}: {b.uri} rows {b.start}-{b.stop}", d)
+    return ids, np.ascontiguousarray(x)
+
+
 @ray.remote
 def _merge(k: int, *parts) -> tuple:
     return merge_topk(list(parts), k)
@@ -74,6 +85,7 @@ def _write_block(out_dir: str, name: str, qids: np.ndarray, xq: np.ndarray, spli
         teacher_parts.write_table(table.filter(pa.array(held)),
                                   storage.join(out_dir, "val", name))
         counts = {"train": int((~held).sum()), "val": int(held.sum())}
+    counts["span"] = [int(qids.min()), int(qids.max())]
     storage.write_json(_marker(out_dir, name), {"key": key, "counts": counts})  # written last
     return counts
 
@@ -83,7 +95,8 @@ def _marker(out_dir: str, name: str) -> str:
 
 
 def _finished(out_dir: str, name: str, key: str) -> dict | None:
-    """The counts of a block written under this very key, or None."""
+    """The counts of a block written under this very key (which names the block's rows),
+    or None."""
     if not key:
         return None
     try:
@@ -93,43 +106,47 @@ def _finished(out_dir: str, name: str, key: str) -> dict | None:
     return done["counts"] if done.get("key") == key else None
 
 
-def distributed_topk(cfg: PipelineConfig, shards: list[dict], qids: np.ndarray, xq: np.ndarray,
+def distributed_topk(cfg: PipelineConfig, shards: list[dict], blocks: list[dict], d: int,
                      k: int, with_vectors: bool, out_dir: str, what: str,
                      split: tuple | None = None, key: str = "") -> dict:
-    """Exact top-k of xq over every shard, as Parquet parts (teacher_table) per query block.
+    """Exact top-k of the query blocks (Shard dicts, `what` names their setting in errors)
+    over every shard, as Parquet parts (teacher_table), one per block.
 
     Returns {"all": [uris]}, or with split=(val_fraction, seed) {"train": [uris], "val":
-    [uris]}; and "rows": the row count of each. With a `key` (the stage's), blocks already
-    written under it are kept.
+    [uris]}; "rows": the row count of each; "spans": each block's (id_min, id_max). With a
+    `key` (the stage's), blocks already written under it are kept.
     """
     metric = cfg.index.metric
-    block = cfg.teacher.query_block
     gpus = cfg.ray.gpus_per_task
-    # Exact search is the GPU group's work, like training; the merges and writes go with it,
-    # beside the search results they read.
+    # Exact search is the GPU group's work, like training; the reads, merges and writes go
+    # with it, beside the search results they read.
     where = placement(cfg, Group.GPU)
-    starts = list(range(0, len(xq), block))
-    names = [f"part-{b:05d}.parquet" for b in range(len(starts))]
-    counts = [_finished(out_dir, name, key) for name in names]
+    names = [f"part-{b:05d}.parquet" for b in range(len(blocks))]
+    # A block's marker counts only for the very rows it was written from.
+    keys = [f"{key}|{Shard(**b).key}" if key else "" for b in blocks]
+    counts = [_finished(out_dir, name, bkey) for name, bkey in zip(names, keys)]
     todo = [b for b, c in enumerate(counts) if c is None]
-    if len(todo) < len(starts):
+    if len(todo) < len(blocks):
         log.info("%s: resuming: %d of %d query blocks already done", what,
-                 len(starts) - len(todo), len(starts))
+                 len(blocks) - len(todo), len(blocks))
     if todo:
-        q_refs = [ray.put(np.ascontiguousarray(xq[starts[b]:starts[b] + block])) for b in todo]
+        read = _read_block.options(resources=where)
+        q_refs = [read.remote(blocks[b], d, what) for b in todo]  # [(ids, x)] refs
         search = _search_shard.options(num_gpus=gpus, resources=where, num_returns=len(todo))
-        per_shard = [search.remote(s, k, metric, gpus, with_vectors, *q_refs) for s in shards]
+        per_shard = [search.remote(s, k, metric, gpus, with_vectors, *(x for _, x in q_refs))
+                     for s in shards]
         if len(todo) == 1:
             per_shard = [[r] for r in per_shard]
         merge = _merge.options(resources=where)
         write = _write_block.options(resources=where)
-        writes = [write.remote(out_dir, names[b], qids[starts[b]:starts[b] + block], q_refs[j],
-                               split, key, _tree_merge(merge, [r[j] for r in per_shard], k))
-                  for j, b in enumerate(todo)]
+        writes = [write.remote(out_dir, names[b], ids, x, split, keys[b],
+                               _tree_merge(merge, [r[j] for r in per_shard], k))
+                  for j, (b, (ids, x)) in enumerate(zip(todo, q_refs))]
         for b, c in zip(todo, wait_all(writes, f"{what}: query blocks")):
             counts[b] = c
     groups = ["all"] if split is None else ["train", "val"]
     out = {g: [storage.join(out_dir, name) if g == "all" else storage.join(out_dir, g, name)
                for name in names] for g in groups}
     out["rows"] = {g: sum(c[g] for c in counts) for g in groups}
+    out["spans"] = [c["span"] for c in counts]
     return out

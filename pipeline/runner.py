@@ -87,7 +87,11 @@ def init_ray(cfg: PipelineConfig) -> None:
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        # Fault injection (pipeline.stages.common.fault_point, for the fault tests) must reach
+        # the job's workers on whichever node they run: their environment is the node's.
+        faults = {k: v for k, v in os.environ.items() if k.startswith("PIPELINE_FAULT_")}
+        ray.init(address=address, log_to_driver=True,
+                 runtime_env={"env_vars": faults} if faults else None)
         return
     # Ray Train's controller needs a CPU slot beside the workers: on a 2-core machine a cluster
     # of exactly 2 CPUs with 2 training workers hangs waiting for it.

@@ -115,6 +115,12 @@ def save_npz(uri: str, **arrays) -> None:
     write_bytes(uri, buf.getvalue())
 
 
+def save_npy(uri: str, x: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, x)
+    write_bytes(uri, buf.getvalue())
+
+
 def load_npz(uri: str) -> dict:
     with np.load(io.BytesIO(read_bytes(uri))) as z:
         return {k: z[k] for k in z.files}

@@ -73,6 +73,27 @@ def test_nan(tmp_path, capsys, ray_cluster):
     assert "NaN or inf" in run_job(capsys, corpus, str(tmp_path / "o"))
 
 
+@pytest.mark.parametrize("damage", ["inf", "duplicate"])
+def test_bad_training_queries_fail_in_ingest(tmp_path, capsys, ray_cluster, damage):
+    """Training queries are read by tasks, never by the driver: their rows are checked there,
+    in ingest, before the warm start."""
+    corpus, _ = good(tmp_path)
+    q = normalized(np.random.default_rng(2), 300, 32)
+    if damage == "inf":
+        q[7, 0] = np.inf
+        write(str(tmp_path / "q" / "a.parquet"), np.arange(300), q)
+    else:
+        write(str(tmp_path / "q" / "a.parquet"), np.arange(300), q)
+        write(str(tmp_path / "q" / "b.parquet"), [299], q[:1])
+    err = run_job(capsys, corpus, str(tmp_path / "o"),
+                  "--set", f"data.train_queries={tmp_path / 'q'}")
+    if damage == "inf":
+        assert "NaN or inf" in err and "q/a.parquet rows 0-300" in err, err
+    else:
+        assert "data.train_queries: duplicate ids across files [299]" in err, err
+    assert "stage init" not in err
+
+
 def test_duplicate_ids_across_files(tmp_path, capsys, ray_cluster):
     corpus, x = good(tmp_path)
     write(os.path.join(corpus, "b.parquet"), [7], x[:1])
@@ -202,15 +223,17 @@ def test_output_is_a_file(where, capsys):
 
 
 def test_labels_nobody_can_match_are_counted(caplog):
-    from pipeline.stages.evaluate import check_labels
+    from pipeline.stages.evaluate import label_misses, warn_label_misses
 
     qrels = {0: {5}, 1: {6, 9999}, 77: {7}}  # query 77 unknown, doc 9999 outside the ids
+    counts = label_misses(qrels, np.arange(10), {"a": [0, 499], "b": [500, 999]})
+    assert counts == (4, 1, 1)
     with caplog.at_level("WARNING", logger="pipeline"):
-        check_labels(qrels, np.arange(10), {"a": [0, 499], "b": [500, 999]})
+        warn_label_misses(*counts)
     assert "of 4 labels, 1 name a query" in caplog.text and "and 1 a document" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="pipeline"):
-        check_labels({0: {5}}, np.arange(10), {"a": [0, 999]})
+        warn_label_misses(*label_misses({0: {5}}, np.arange(10), {"a": [0, 999]}))
     assert caplog.text == ""
 
 

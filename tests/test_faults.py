@@ -43,9 +43,9 @@ def start_job(args: list[str], log_path, env: dict | None = None) -> subprocess.
 
 
 def kill_when(proc: subprocess.Popen, path: str, timeout: float = 300) -> None:
-    """SIGKILLs the job's whole process group as soon as `path` exists."""
+    """SIGKILLs the job's whole process group as soon as `path` (a glob pattern) exists."""
     t0 = time.time()
-    while not os.path.exists(path):
+    while not glob.glob(path):
         assert proc.poll() is None, "the job ended before the point where it was to be killed"
         assert time.time() - t0 < timeout, f"{path} never appeared"
         time.sleep(0.05)
@@ -178,14 +178,18 @@ def trained_then_killed(smoke_data, tmp_path_factory, ray_cluster):
 
 def test_job_killed_in_training_resumes_from_checkpoint(smoke_data, eval_x, tmp_path,
                                                         trained_then_killed, caplog):
-    """SIGKILLed right after its first epoch's checkpoint; the rerun takes over the dead
-    job's lease, resumes after that epoch (it does not train it again) and ends with the
-    parameters of an undisturbed run on the same inputs. (A job stopped in the teacher:
-    tests/test_lease.py.)"""
+    """SIGKILLed right after its first epoch's checkpoint (the training worker holds at the
+    "train-epoch" fault point until the kill, so the second epoch never starts); the rerun
+    takes over the dead job's lease, resumes after that epoch (it does not train it again)
+    and ends with the parameters of an undisturbed run on the same inputs. (A job stopped in
+    the teacher: tests/test_lease.py.)"""
     out = str(tmp_path / "run")
     args = job_args(smoke_data, out, *TWO_EPOCHS)
     ckpt = os.path.join(out, "stages", "train", "checkpoint.pt")
-    kill_when(start_job(args, tmp_path / "log1"), ckpt)
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    job = start_job(args, tmp_path / "log1", {"PIPELINE_FAULT_HOLD": f"train-epoch:{hold}"})
+    kill_when(job, str(hold / "train-epoch-*"))
     killed = torch.load(ckpt, weights_only=False)
     assert killed["epoch"] == 1
     assert not os.path.exists(os.path.join(out, "manifest.json"))  # nothing published

@@ -11,7 +11,7 @@ import torch
 from pipeline import exact_knn, storage
 from pipeline.config import load_config
 from pipeline.data import readers
-from pipeline.data.plan import Shard
+from pipeline.data.plan import Shard, plan_blocks
 from pipeline.data.teacher_parts import load_parts
 from pipeline.index import build, knn, ondisk
 from pipeline.stages import build as build_stage
@@ -19,7 +19,7 @@ from pipeline.stages import ingest, init, teacher
 from pipeline.stages import train as train_stage
 from pipeline.stages.common import METHODS, Run
 
-from .conftest import NodeLoss
+from .conftest import NodeLoss, normalized
 
 
 def smoke_cfg(data, *extra):
@@ -207,11 +207,39 @@ def test_teacher_tree_merge_equals_brute_force(prepared, tmp_path, monkeypatch):
     monkeypatch.setattr(exact_knn, "MERGE_FANIN", 2)
     ids, xb = corpus(prepared)
     qids, xq = readers.read_all(prepared.cfg.data.eval_queries, "q")
+    # blocks of at most 40 queries (the files split evenly), read by tasks
+    files = readers.query_files("q", prepared.cfg.data.eval_queries, xb.shape[1])
+    blocks = [b.to_dict() for b in plan_blocks(files, 40)]
+    assert len(blocks) > 1
     out = exact_knn.distributed_topk(prepared.cfg, prepared.stage_info("ingest")["shards"],
-                                     qids, xq, 10, True, str(tmp_path / "t"), "test")
+                                     blocks, xb.shape[1], 10, True, str(tmp_path / "t"), "test")
+    assert len(out["all"]) == len(blocks) and out["rows"]["all"] == len(qids)
     got = load_parts(out["all"])
     S, I, V = knn.block_topk(xq, xb, ids, 10, "ip", True)
     np.testing.assert_array_equal(got["I"], I)
     np.testing.assert_array_equal(got["V"], V)
     np.testing.assert_array_equal(got["qids"], qids)
     assert len(load_parts(out["all"], limit=7)["qids"]) == 7
+
+
+def test_bad_query_block_is_the_users_error(prepared, tmp_path):
+    """A query block is read and checked by a task; its bad row reaches the user as the
+    ValueError that names the setting and the file, not as a remote traceback."""
+    import pyarrow.parquet as pq
+
+    from jobs.prepare_data import embedding_table
+
+    d = corpus(prepared)[1].shape[1]
+    x = normalized(np.random.default_rng(3), 50, d)
+    x[20, 1] = np.nan
+    (tmp_path / "q").mkdir()
+    pq.write_table(embedding_table(np.arange(50), x), tmp_path / "q" / "a.parquet")
+    files = readers.query_files("data.eval_queries", str(tmp_path / "q"), d)
+    blocks = [b.to_dict() for b in plan_blocks(files, 20)]
+    with pytest.raises(ValueError) as e:
+        exact_knn.distributed_topk(prepared.cfg, prepared.stage_info("ingest")["shards"],
+                                   blocks, d, 10, False, str(tmp_path / "t"), "evaluate")
+    assert not isinstance(e.value, ray.exceptions.RayTaskError)
+    msg = str(e.value)
+    assert msg.startswith("evaluate: ") and "a.parquet rows 16-33: 1 vector(s) contain NaN" \
+        in msg and "Traceback" not in msg, msg

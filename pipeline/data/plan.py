@@ -47,3 +47,22 @@ def plan_shards(files: list[tuple], rows_per_shard: int) -> list[Shard]:
             shards.append(Shard(len(shards), uri, start, stop, offset, *fp))
         offset += rows
     return shards
+
+
+
+def first_rows(files: list[tuple], limit: int) -> list[tuple]:
+    """Files (uri, rows[, fingerprint]) cut to their first `limit` rows in all (0: all)."""
+    kept, left = [], limit or sum(f[1] for f in files)
+    for uri, rows, *fp in files:
+        if left <= 0:
+            break
+        kept.append((uri, min(rows, left), *fp))
+        left -= rows
+    return kept
+
+
+def plan_blocks(files: list[tuple], block: int, limit: int = 0) -> list[Shard]:
+    """Query blocks: the first `limit` rows (all when 0) of files (uri, rows[, fingerprint]),
+    split as plan_shards splits a corpus. Ids of files without an id column continue from
+    file to file, as for the corpus, so a query's id does not depend on the block size."""
+    return plan_shards(first_rows(files, limit), block)

@@ -247,6 +247,25 @@ def read_all(uri: str, what: str, limit: int = 0) -> tuple[np.ndarray, np.ndarra
     return ids, np.ascontiguousarray(x)
 
 
+def query_files(what: str, uri: str, d: int) -> list[tuple[str, int, str]]:
+    """Metadata checks of a query or label set (`what` names its setting): rows present, the
+    corpus's dimension. Returns [(file, rows, fingerprint)] in order."""
+    files = list_inputs(uri, what)
+    cols = ("query_id", "doc_id") if what == "data.labels" else ("id", "embedding")
+    out = []
+    for f in files:
+        if what == "data.labels" and not f.endswith(".parquet"):
+            raise ValueError(f"data.labels: {f} must be Parquet with columns query_id, doc_id")
+        n, qd = probe(f, cols)
+        if what != "data.labels" and qd is not None and qd != d:
+            raise ValueError(f"{what}: dimension {qd} disagrees with the corpus's {d}")
+        out.append((f, n, fingerprint(f)))
+    if not sum(n for _, n, _ in out):
+        raise ValueError(f"{what}: {uri} holds no rows; give a non-empty set or leave "
+                         f"{what} empty")
+    return out
+
+
 def read_labels(uri: str) -> dict[int, set[int]]:
     """query_id -> set of relevant doc ids, from Parquet (query_id, doc_id)."""
     qrels: dict[int, set[int]] = {}

@@ -35,17 +35,45 @@ def label_recall_at(I: np.ndarray, qids: np.ndarray, qrels: dict, k: int = 10) -
     return total / len(I)
 
 
+METRICS = ("recall_at_10", "recall_at_100", "mrr_at_10", "label_recall_at_10")
+
+
+def score_sums(I_by_nprobe: dict, gt: np.ndarray, qids: np.ndarray,
+               qrels: dict | None) -> dict:
+    """{nprobe: {"queries": n, metric: sum over these queries, or None}}: the blocks of a
+    query set are scored apart, added up (add_sums) and divided once (rows_from_sums)."""
+    n = len(qids)
+    return {nprobe: {
+        "queries": n,
+        "recall_at_10": float(query_recalls(I, gt, 10).sum()),
+        "recall_at_100": float(query_recalls(I, gt, 100).sum()) if gt.shape[1] >= 100 else None,
+        "mrr_at_10": mrr_at(I, qids, qrels, 10) * n if qrels else None,
+        "label_recall_at_10": label_recall_at(I, qids, qrels, 10) * n if qrels else None,
+    } for nprobe, I in I_by_nprobe.items()}
+
+
+def add_sums(total: dict, part: dict) -> dict:
+    for nprobe, sums in part.items():
+        if nprobe not in total:
+            total[nprobe] = dict(sums)
+            continue
+        for name, v in sums.items():
+            total[nprobe][name] = None if v is None else total[nprobe][name] + v
+    return total
+
+
+def rows_from_sums(sums: dict, base_row: dict) -> list[dict]:
+    """One report row per nprobe: base_row plus each metric's mean over the queries."""
+    rows = []
+    for nprobe, s in sorted(sums.items()):
+        n = max(s["queries"], 1)
+        rows.append({**base_row, "nprobe": nprobe,
+                     **{m: None if s[m] is None else s[m] / n for m in METRICS}})
+    return rows
+
+
 def score_rows(I_by_nprobe: dict, gt: np.ndarray, qids: np.ndarray, qrels: dict | None,
                base_row: dict) -> list[dict]:
     """One report row per nprobe: base_row plus recall@10/100 against gt and, with labels,
     MRR@10 and label recall@10."""
-    rows = []
-    for nprobe, I in sorted(I_by_nprobe.items()):
-        rows.append({
-            **base_row, "nprobe": nprobe,
-            "recall_at_10": overlap_recall(I, gt, 10),
-            "recall_at_100": overlap_recall(I, gt, 100) if gt.shape[1] >= 100 else None,
-            "mrr_at_10": mrr_at(I, qids, qrels, 10) if qrels else None,
-            "label_recall_at_10": label_recall_at(I, qids, qrels, 10) if qrels else None,
-        })
-    return rows
+    return rows_from_sums(score_sums(I_by_nprobe, gt, qids, qrels), base_row)

@@ -8,10 +8,12 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
+import numpy as np
 import ray
 
 from pipeline import storage
 from pipeline.config import PipelineConfig
+from pipeline.data import readers
 
 log = logging.getLogger("pipeline.stages")
 
@@ -135,6 +137,24 @@ def largest_node_cpus(cfg: PipelineConfig, group: Group) -> int:
     return max(cpus + [1])
 
 
+def check_unique_ids(cfg: PipelineConfig, spans: list, blocks: list[dict], what: str) -> None:
+    """Raises a ValueError naming `what` when two blocks (Shard dicts, with their (id_min,
+    id_max) in `spans`) share an id. Only blocks whose id ranges overlap are read again, by
+    tasks: the driver never holds a whole id set."""
+    order = sorted((lo, hi, i) for i, (lo, hi) in enumerate(spans))
+    overlapping = {i for a, b in zip(order, order[1:]) if b[0] <= a[1] for i in (a[2], b[2])}
+    if not overlapping:
+        return
+    read_ids = ray.remote(lambda sh: readers.read_rows(sh["uri"], sh["start"], sh["stop"],
+                                                       sh["id_offset"])[0])
+    read_ids = read_ids.options(resources=placement(cfg, Group.CPU))
+    ids = np.concatenate(ray.get([read_ids.remote(blocks[i]) for i in sorted(overlapping)]))
+    u, c = np.unique(ids, return_counts=True)
+    if (c > 1).any():
+        raise ValueError(f"{what}: duplicate ids across files {u[c > 1][:5].tolist()}; "
+                         "ids must be unique")
+
+
 def wait_all(refs: list, what: str, every: float = 10.0) -> list:
     """ray.get with a progress line (done/total, elapsed, ETA) at most every `every` seconds.
     Results come back in the order of `refs`."""
@@ -149,7 +169,14 @@ def wait_all(refs: list, what: str, every: float = 10.0) -> list:
             eta = f"{(now - t0) / done * len(pending):.0f}s" if done else "not yet known"
             log.info("%s: %d/%d done, %.0fs elapsed, ETA %s", what, done, total, now - t0, eta)
             last = now
-    return ray.get(refs)
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        # A task that met bad input raises the ValueError the user should read, without the
+        # remote traceback around it.
+        if isinstance(e.cause, ValueError):
+            raise ValueError(str(e.cause.args[0]) if e.cause.args else str(e.cause)) from None
+        raise
 
 
 def fault_point(name: str) -> None:

@@ -14,6 +14,7 @@ import ray
 
 from pipeline import storage
 from pipeline.data import readers
+from pipeline.data.plan import plan_blocks
 from pipeline.data.teacher_parts import load_parts
 from pipeline.exact_knn import distributed_topk
 from pipeline.index import build, metrics, ondisk
@@ -21,6 +22,7 @@ from pipeline.stages.common import (
     METHODS,
     Group,
     Run,
+    check_unique_ids,
     method_names,
     pin_threads,
     placement,
@@ -31,24 +33,36 @@ log = logging.getLogger("pipeline.stages.evaluate")
 
 
 @ray.remote
-def _search_merged(folder_uri: str, xq: np.ndarray, k: int, nprobes: tuple) -> dict:
+def _search_merged(folder_uri: str, gt_uris: list[str], k: int, nprobes: tuple,
+                   labels_uri: str, spans: dict) -> dict:
+    """Searches one merged index with the evaluation queries, block by block (each ground-
+    truth part holds its block's queries and exact neighbours). Returns the metrics' sums
+    ({"sums"}, pipeline.index.metrics.score_sums) and the label check's counts ({"labels"}):
+    no query set or result list travels back to the driver."""
     pin_threads()
     scratch = storage.local_scratch("eval")
     for name in ("index.ivfdata", "index.index"):
         storage.download_file(storage.join(folder_uri, name), os.path.join(scratch, name))
     index = ondisk.read_ondisk(os.path.join(scratch, "index.index"))
-    out = {}
-    for nprobe in nprobes:
-        build.set_nprobe(index, nprobe)
-        out[nprobe] = index.search(xq, k)[1]
+    qrels = readers.read_labels(labels_uri) if labels_uri else None
+    sums, qids = {}, []
+    for uri in gt_uris:
+        part = load_parts([uri])
+        found = {}
+        for nprobe in nprobes:
+            build.set_nprobe(index, nprobe)
+            found[nprobe] = index.search(part["xq"], k)[1]
+        metrics.add_sums(sums, metrics.score_sums(found, part["I"], part["qids"], qrels))
+        qids.append(part["qids"])
     del index
     shutil.rmtree(scratch)
-    return out
+    labels = label_misses(qrels, np.concatenate(qids), spans) if qrels else None
+    return {"sums": sums, "labels": labels}
 
 
-def check_labels(qrels: dict, qids: np.ndarray, spans: dict) -> None:
-    """Warns, with counts, about labels that can never be matched: a query id not among the
-    eval queries, or a document id outside every corpus shard's id range."""
+def label_misses(qrels: dict, qids: np.ndarray, spans: dict) -> tuple[int, int, int]:
+    """(labels, of them naming a query not among `qids`, of them naming a document outside
+    every corpus shard's id range): labels that can never be matched."""
     pairs = [(q, d) for q, docs in qrels.items() for d in docs]
     known_q = set(qids.tolist())
     # Spans sorted by start; a document is inside one iff it lies at or below the furthest
@@ -58,36 +72,42 @@ def check_labels(qrels: dict, qids: np.ndarray, spans: dict) -> None:
     docs = np.array([d for _, d in pairs], dtype=np.int64)
     at = np.searchsorted(lo_hi[:, 0], docs, side="right") - 1
     inside = (at >= 0) & (docs <= reach[np.maximum(at, 0)])
-    bad_q = sum(q not in known_q for q, _ in pairs)
-    bad_d = int((~inside).sum())
+    return len(pairs), sum(q not in known_q for q, _ in pairs), int((~inside).sum())
+
+
+def warn_label_misses(pairs: int, bad_q: int, bad_d: int) -> None:
     if bad_q or bad_d:
         log.warning("data.labels: of %d labels, %d name a query that is not in "
                     "data.eval_queries and %d a document outside the corpus's ids; they can "
                     "never be found, and MRR and label recall count them as misses",
-                    len(pairs), bad_q, bad_d)
+                    pairs, bad_q, bad_d)
 
 
 def run(run: Run) -> dict:
+    """The exact neighbours of the evaluation queries, then one search task per method. The
+    queries are read by tasks, block by block, as the teacher reads the training queries."""
     cfg = run.cfg
-    qids, xq = readers.read_all(cfg.data.eval_queries, "data.eval_queries",
-                                cfg.data.max_eval_queries)
     plan = run.stage_info("ingest")
+    files = readers.query_files("data.eval_queries", cfg.data.eval_queries, plan["d"])
+    blocks = [b.to_dict() for b in plan_blocks(files, cfg.teacher.query_block,
+                                                cfg.data.max_eval_queries)]
     k = max(cfg.eval.k, 10)
-    gt = load_parts(distributed_topk(cfg, plan["shards"], qids, xq, k, False,
-                                     run.stage_path("evaluate", "gt"),
-                                     "evaluate: exact top-k",
-                                     key=run.resume_key("evaluate"))["all"])
-    qrels = readers.read_labels(cfg.data.labels) if cfg.data.labels else None
-    if qrels:
-        check_labels(qrels, qids, plan["spans"])
+    gt = distributed_topk(cfg, plan["shards"], blocks, plan["d"], k, False,
+                          run.stage_path("evaluate", "gt"),
+                          "evaluate: exact top-k of data.eval_queries",
+                          key=run.resume_key("evaluate"))
+    check_unique_ids(cfg, gt["spans"], blocks, "data.eval_queries")
     names = method_names(cfg)
     merged = run.stage_info("merge")
     search = _search_merged.options(resources=placement(cfg, Group.CPU))
-    refs = [search.remote(merged[m]["uri"], xq, k, cfg.eval.nprobe) for m in METHODS]
+    refs = [search.remote(merged[m]["uri"], gt["all"], k, cfg.eval.nprobe, cfg.data.labels,
+                          plan["spans"]) for m in METHODS]
     results = wait_all(refs, "evaluate: searches")
+    if results[0]["labels"]:
+        warn_label_misses(*results[0]["labels"])
     rows = []
     for method, res in zip(METHODS, results):
         base = {"method": names[method], "bytes_per_vector": build.bytes_per_vector(cfg.index),
                 "nlist": cfg.index.nlist}
-        rows += metrics.score_rows(res, gt["I"], qids, qrels, base)
-    return {"rows": rows, "queries": len(qids)}
+        rows += metrics.rows_from_sums(res["sums"], base)
+    return {"rows": rows, "queries": gt["rows"]["all"]}

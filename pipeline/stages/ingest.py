@@ -14,9 +14,9 @@ import ray
 from pipeline import keys, storage
 from pipeline.config import PipelineConfig
 from pipeline.data import readers
-from pipeline.data.plan import Shard, plan_shards
+from pipeline.data.plan import Shard, first_rows, plan_blocks, plan_shards
 from pipeline.index.build import check_shape
-from pipeline.stages.common import Group, Run, placement
+from pipeline.stages.common import Group, Run, check_unique_ids, placement
 
 log = logging.getLogger("pipeline.stages.ingest")
 
@@ -43,33 +43,17 @@ def preflight(cfg: PipelineConfig) -> dict:
         )
     check_shape(cfg.index, d, min(n, cfg.init.train_sample))
     fingerprints = {"corpus": [(f, readers.fingerprint(f)) for f, _, _ in probed]}
+    query_files = {}
     for name in ("train_queries", "eval_queries", "labels"):
         uri = getattr(cfg.data, name)
         if uri:
-            fingerprints[name] = _check_query_files(f"data.{name}", uri, d)
+            query_files[name] = readers.query_files(f"data.{name}", uri, d)
+            fingerprints[name] = [(f, fp) for f, _, fp in query_files[name]]
     shards = plan_shards([(f, rows, fp) for (f, rows, _), (_, fp) in
                           zip(probed, fingerprints["corpus"])], cfg.data.rows_per_shard)
     return {"n": n, "d": d, "shards": [s.to_dict() for s in shards],
+            "train_query_files": query_files.get("train_queries", []),
             "inputs": {k: keys.input_digest(v) for k, v in fingerprints.items()}}
-
-
-def _check_query_files(what: str, uri: str, d: int) -> list[tuple[str, str]]:
-    """Metadata checks of a query or label set: rows present, the corpus's dimension.
-    Returns [(file, fingerprint)]."""
-    files = readers.list_inputs(uri, what)
-    cols = ("query_id", "doc_id") if what == "data.labels" else ("id", "embedding")
-    rows = 0
-    for f in files:
-        if what == "data.labels" and not f.endswith(".parquet"):
-            raise ValueError(f"data.labels: {f} must be Parquet with columns query_id, doc_id")
-        n, qd = readers.probe(f, cols)
-        rows += n
-        if what != "data.labels" and qd is not None and qd != d:
-            raise ValueError(f"{what}: dimension {qd} disagrees with the corpus's {d}")
-    if not rows:
-        raise ValueError(f"{what}: {uri} holds no rows; give a non-empty set or leave "
-                         f"{what} empty")
-    return [(f, readers.fingerprint(f)) for f in files]
 
 
 def scan_shard(shard: dict, d: int, sample_p: float, seed: int) -> dict:
@@ -93,48 +77,30 @@ def _scan_or_report(shard: dict, d: int, sample_p: float, seed: int) -> dict:
                 "sample": np.zeros((0, d), np.float32), "error": str(e)}
 
 
-def _check_cross_shard_ids(cfg: PipelineConfig, stats: list[dict], shards: list[dict]) -> None:
-    spans = sorted((s["id_min"], s["id_max"], s["shard_id"]) for s in stats)
-    overlapping = {a[2] for a, b in zip(spans, spans[1:]) if b[0] <= a[1]}
-    overlapping |= {b[2] for a, b in zip(spans, spans[1:]) if b[0] <= a[1]}
-    if not overlapping:
-        return
-    # Id ranges overlap: compare the actual ids of those shards only.
-    read_ids = ray.remote(lambda sh: readers.read_rows(sh["uri"], sh["start"], sh["stop"],
-                                                       sh["id_offset"])[0])
-    read_ids = read_ids.options(resources=placement(cfg, Group.CPU))
-    parts = ray.get([read_ids.remote(shards[i]) for i in sorted(overlapping)])
-    ids = np.concatenate(parts)
-    u, c = np.unique(ids, return_counts=True)
-    if (c > 1).any():
-        raise ValueError(f"data.corpus: duplicate ids across files {u[c > 1][:5].tolist()}; "
-                         "ids must be unique")
+def pseudo_queries(run: Run, sample: np.ndarray) -> list[tuple]:
+    """The symmetric case (no data.train_queries): corpus samples stand in for queries,
+    written beside the sample as a .npy file that the teacher's tasks read like any query
+    file (ids 0..n-1). Returns its [(file, rows, fingerprint)]."""
+    n = min(run.cfg.data.pseudo_queries, len(sample))
+    log.info("no data.train_queries: using %d corpus samples as pseudo-queries", n)
+    uri = run.stage_path("ingest", "pseudo_queries.npy")
+    storage.save_npy(uri, sample[:n])
+    return [(uri, n, readers.fingerprint(uri))]
 
 
-def load_train_queries(cfg: PipelineConfig, sample: np.ndarray, d: int) -> tuple:
-    """(ids, x) of the training queries, or corpus samples when there are none."""
-    if not cfg.data.train_queries:  # symmetric case: corpus samples stand in for queries
-        n = min(cfg.data.pseudo_queries, len(sample))
-        log.info("no data.train_queries: using %d corpus samples as pseudo-queries", n)
-        return np.arange(n, dtype=np.int64), sample[:n]
-    ids, x = readers.read_all(cfg.data.train_queries, "data.train_queries",
-                              cfg.data.max_train_queries)
-    if x.shape[1] != d:
-        raise ValueError(f"data.train_queries: dimension {x.shape[1]} != corpus {d}")
-    return ids, x
-
-
-def _scan(cfg: PipelineConfig, shards: list[dict], d: int, sample_p: float,
+def _scan(cfg: PipelineConfig, items: list[tuple[dict, float]], d: int,
           seed: int) -> list[dict]:
-    """Validates the shards with Ray Data; raises the first bad-input error as a ValueError."""
-    ds = ray.data.from_items(shards, override_num_blocks=len(shards))
-    stats = ds.map(lambda row: _scan_or_report(row, d, sample_p, seed),
+    """Validates (shard, sample probability) items with Ray Data; raises the first bad-input
+    error as a ValueError. Stats come back in the order of `items`."""
+    rows = [{"at": i, "shard": sh, "p": p} for i, (sh, p) in enumerate(items)]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    stats = ds.map(lambda r: {"at": r["at"], **_scan_or_report(r["shard"], d, r["p"], seed)},
                    resources=placement(cfg, Group.CPU)).take_all()
     errors = sorted(s["error"] for s in stats if s["error"])
     if errors:
         more = f" (and {len(errors) - 1} more shards)" if errors[1:] else ""
         raise ValueError(errors[0] + more)
-    return sorted(stats, key=lambda s: s["shard_id"])
+    return sorted(stats, key=lambda s: s["at"])
 
 
 def _spans(stats: list[dict]) -> dict:
@@ -150,33 +116,45 @@ def run_incremental(run: Run, plan: dict) -> dict:
     spans = dict(prev["spans"])
     fresh = [s for s in plan["shards"] if Shard(**s).key not in spans]
     if fresh:
-        stats = _scan(run.cfg, fresh, plan["d"], 0.0, run.cfg.init.seed)
+        stats = _scan(run.cfg, [(s, 0.0) for s in fresh], plan["d"], run.cfg.init.seed)
         spans.update(_spans(zip(fresh, stats)))
     current = [Shard(**s).key for s in plan["shards"]]
     spans = {k: spans[k] for k in current}
-    _check_cross_shard_ids(run.cfg, [{"id_min": a, "id_max": b, "shard_id": i}
-                            for i, (a, b) in enumerate(spans[k] for k in current)], plan["shards"])
+    check_unique_ids(run.cfg, [spans[k] for k in current], plan["shards"], "data.corpus")
     log.info("ingest (incremental): %d of %d shards new or changed, %d vectors (%.1fs)",
              len(fresh), len(current), plan["n"], time.time() - t0)
     return {**plan, "sample": prev["sample"], "train_queries": prev["train_queries"],
-            "spans": spans, "changed_shards": len(fresh)}
+            "train_query_files": prev["train_query_files"], "spans": spans,
+            "changed_shards": len(fresh)}
 
 
 def run(run: Run, plan: dict) -> dict:
+    """Validates every corpus row and every training query (read by tasks, in blocks: the
+    driver holds neither), and draws the training sample."""
     cfg = run.cfg
     t0 = time.time()
     p = min(1.0, cfg.init.train_sample / plan["n"])
-    stats = _scan(cfg, plan["shards"], plan["d"], p, cfg.init.seed)
+    qfiles = first_rows([tuple(f) for f in plan["train_query_files"]],
+                        cfg.data.max_train_queries)
+    qblocks = [b.to_dict() for b in plan_blocks(qfiles, cfg.data.rows_per_shard)]
+    stats = _scan(cfg, [(s, p) for s in plan["shards"]] + [(b, 0.0) for b in qblocks],
+                  plan["d"], cfg.init.seed)
+    stats, qstats = stats[:len(plan["shards"])], stats[len(plan["shards"]):]
     rows = sum(s["rows"] for s in stats)
     assert rows == plan["n"], f"scanned {rows} rows, metadata says {plan['n']}"
-    _check_cross_shard_ids(cfg, stats, plan["shards"])
+    check_unique_ids(cfg, [(s["id_min"], s["id_max"]) for s in stats], plan["shards"],
+                     "data.corpus")
+    check_unique_ids(cfg, [(s["id_min"], s["id_max"]) for s in qstats], qblocks,
+                     "data.train_queries")
     sample = np.concatenate([s["sample"] for s in stats]).astype(np.float32)
     sample = sample[np.random.default_rng(cfg.init.seed).permutation(len(sample))]
     check_shape(cfg.index, plan["d"], len(sample))
-    qids, xq = load_train_queries(cfg, sample, plan["d"])
+    if not qfiles:
+        qfiles = pseudo_queries(run, sample)
     storage.save_npz(run.stage_path("ingest", "sample.npz"), x=sample)
-    storage.save_npz(run.stage_path("ingest", "train_queries.npz"), ids=qids, x=xq)
-    log.info("ingest: %d vectors of d=%d in %d shards validated, %d sampled (%.1fs)",
-             plan["n"], plan["d"], len(plan["shards"]), len(sample), time.time() - t0)
+    n_queries = sum(rows for _, rows, _ in qfiles)
+    log.info("ingest: %d vectors of d=%d in %d shards validated, %d sampled, %d training "
+             "queries (%.1fs)", plan["n"], plan["d"], len(plan["shards"]), len(sample),
+             n_queries, time.time() - t0)
     return {**plan, "sample": len(sample), "spans": _spans(zip(plan["shards"], stats)),
-            "train_queries": len(qids)}
+            "train_query_files": qfiles, "train_queries": n_queries}
