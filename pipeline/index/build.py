@@ -63,6 +63,12 @@ def train_baseline(xt: np.ndarray, cfg: IndexConfig, niter: int = 20, seed: int 
         if use_gpu and hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0:
             flat = faiss.IndexFlat(d, faiss_metric(cfg.metric))
             codec.clustering_index = faiss.index_cpu_to_all_gpus(flat)
+    if hasattr(codec, "do_polysemous_training"):
+        # Polysemous training only reorders each codebook so that Hamming distances between
+        # codes approximate the true ones, for polysemous search, which nothing here uses; ADC
+        # search is unchanged by it. It was ~95% of the warm start's time (12 s of 13 s for
+        # IVF32,PQ8 on 6,000 384-d vectors).
+        codec.do_polysemous_training = False
     if cfg.quantizer == "rq":
         codec.rq.max_beam_size = cfg.rq_beam
         codec.rq.cp.seed = seed
