@@ -9,8 +9,11 @@ on the same data, in one run.
 
 It reads the pipeline's config (`--config`, `--set`), so any dataset in the input contract runs
 unchanged. Distillation uses the pipeline's own training kernel (single process here).
-Prints a table, writes JSON (--json) in report.json's row schema plus `train_seconds`, and a
-PNG of recall@10 against nprobe (--png).
+Prints a table, writes JSON (--json) in report.json's row schema plus `train_seconds`,
+`codes_scanned_per_query` and `qps_1thread` (the search cost, measured in the same run: one
+thread, the whole evaluation set, top 100), and a PNG of recall@10 against that QPS, one
+panel per code size (--png): compare methods at equal cost, not only at equal nprobe (learned
+centroids make lists of other sizes).
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ from pipeline.index import build, knn  # noqa: E402
 from pipeline.index.metrics import score_rows  # noqa: E402
 from pipeline.quant.fit import fit  # noqa: E402
 from pipeline.quant.train import TrainData  # noqa: E402
-from pipeline.report import format_table  # noqa: E402
+from pipeline.report import TABLE_COLUMNS, format_table  # noqa: E402
 
 log = logging.getLogger("bench.quality")
 
@@ -49,11 +52,18 @@ log = logging.getLogger("bench.quality")
 STRUCTURES = {"pq": (False, False, "pq"), "opq": (False, True, "pq"),
               "ivf-pq": (True, False, "pq"), "ivf-opq": (True, True, "pq"),
               "rq": (False, False, "rq"), "ivf-rq": (True, False, "rq"),
-              "lsq": (False, False, "lsq")}
-DEFAULT_BASELINES = ["pq", "opq", "ivf-pq", "ivf-opq"]
+              "lsq": (False, False, "lsq"),
+              "ivf-pq-fs": (True, False, "pq"), "ivf-opq-fs": (True, True, "pq")}
+# Fast-scan: 4-bit PQ codes (M = 2 x bytes, by residual), trained as IVF-PQ and searched as
+# faiss IndexIVFPQFastScan (pipeline.index.build.to_fastscan).
+FASTSCAN = {"ivf-pq-fs", "ivf-opq-fs"}
+DEFAULT_BASELINES = ["pq", "opq", "ivf-pq", "ivf-opq", "ivf-pq-fs"]
 DEFAULT_DISTILLED = ["ivf-opq"]
 # LSQ's ICM encoding is slow (minutes per size here): add it with --baselines ...,lsq
-FULL_BASELINES = FULL_DISTILLED = ["pq", "opq", "ivf-pq", "ivf-opq", "rq", "ivf-rq"]
+FULL_BASELINES = FULL_DISTILLED = ["pq", "opq", "ivf-pq", "ivf-opq", "rq", "ivf-rq",
+                                   "ivf-pq-fs", "ivf-opq-fs"]
+# The table's columns: the report's, and the search cost of each row, measured in this run.
+COLUMNS = {**TABLE_COLUMNS, "codes_scanned_per_query": "codes/query", "qps_1thread": "QPS(1 thr)"}
 SHARED = os.path.join(ROOT, "..", "shared", "data", "debian-minilm")
 
 
@@ -132,20 +142,38 @@ def labeled_vectors(tids, ids: np.ndarray, xb: np.ndarray, qrels: dict) -> np.nd
 
 
 def evaluate(trained, data: Data, nprobes, row: dict) -> list[dict]:
+    """Report rows per nprobe, each with its search cost: the codes scanned per query
+    (faiss's IVF counters; every code for flat indexes) and the queries per second of one
+    thread searching the whole evaluation set for its top 100."""
     index = faiss.clone_index(trained)
     if row["nlist"]:
         index.add_with_ids(data.xb, data.ids)
     else:  # flat PQ/OPQ/RQ/LSQ indexes take no ids: add by position, map the results back
         index.add(data.xb)
-    found = {}
-    for nprobe in (nprobes if row["nlist"] else [0]):
-        if row["nlist"]:
-            build.set_nprobe(index, nprobe)
-        I = index.search(data.xq, 100)[1]
-        if not row["nlist"]:
-            I = np.where(I >= 0, data.ids[np.maximum(I, 0)], -1)
-        found[nprobe] = I
-    return score_rows(found, data.gt, data.eval_ids, data.qrels, row)
+    found, cost = {}, {}
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        for nprobe in (nprobes if row["nlist"] else [0]):
+            if row["nlist"]:
+                build.set_nprobe(index, nprobe)
+            faiss.cvar.indexIVF_stats.reset()
+            t0 = time.perf_counter()
+            I = index.search(data.xq, 100)[1]
+            secs = time.perf_counter() - t0
+            scanned = faiss.cvar.indexIVF_stats.ndis if row["nlist"] else \
+                index.ntotal * len(data.xq)
+            cost[nprobe] = {"codes_scanned_per_query": round(scanned / len(data.xq), 1),
+                            "qps_1thread": round(len(data.xq) / secs, 1)}
+            if not row["nlist"]:
+                I = np.where(I >= 0, data.ids[np.maximum(I, 0)], -1)
+            found[nprobe] = I
+    finally:
+        faiss.omp_set_num_threads(threads)
+    rows = score_rows(found, data.gt, data.eval_ids, data.qrels, row)
+    for r in rows:
+        r.update(cost[r["nprobe"]])
+    return rows
 
 
 def train_faiss(xb: np.ndarray, icfg: IndexConfig, cfg: PipelineConfig, opq_cache: dict):
@@ -239,13 +267,14 @@ def plot(rows: list[dict], path: str) -> None:
     for ax, size in zip(axes[0], sizes):
         for method in sorted({r["method"] for r in rows
                               if r["nlist"] and not r["method"].startswith("ablation-")}):
-            pts = sorted((r["nprobe"], r["recall_at_10"]) for r in rows
+            pts = sorted((r["qps_1thread"], r["recall_at_10"]) for r in rows
                          if r["method"] == method and r["bytes_per_vector"] == size)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=method,
                         linestyle="-" if method.startswith("distilled") else "--")
-        ax.set_xscale("log", base=2)
-        ax.set(title=f"{size} bytes/vector", xlabel="nprobe", ylabel="recall@10 (10@10)")
+        ax.set_xscale("log")
+        ax.set(title=f"{size} bytes/vector (points: nprobe)", xlabel="queries/s, one thread",
+               ylabel="recall@10 (10@10)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -309,23 +338,25 @@ def main(argv=None) -> int:
     teacher_s = time.time() - t1
     rows, opq_cache, extra = [], {}, {}
     for size in sizes:
-        M = size * 8 // cfg.index.nbits
         for name in dict.fromkeys(baselines + distilled):
             has_ivf, has_opq, quantizer = STRUCTURES[name]
-            icfg = dataclasses.replace(cfg.index, M=M, opq=has_opq, quantizer=quantizer,
+            nbits = 4 if name in FASTSCAN else cfg.index.nbits
+            icfg = dataclasses.replace(cfg.index, M=size * 8 // nbits, nbits=nbits,
+                                       opq=has_opq, quantizer=quantizer,
                                        nlist=cfg.index.nlist if has_ivf else 0)
             base = {"bytes_per_vector": size, "nlist": icfg.nlist}
+            searched = build.to_fastscan if name in FASTSCAN else (lambda index: index)
             trained, secs = train_faiss(data.xb, icfg, cfg, opq_cache)
             log.info("faiss-%s %dB trained in %.0fs", name, size, secs)
             if name in baselines:
-                rows += evaluate(trained, data, cfg.eval.nprobe,
+                rows += evaluate(searched(trained), data, cfg.eval.nprobe,
                                  {"method": f"faiss-{name}", **base, "train_seconds": secs})
             if name not in distilled:
                 continue
             pcfg = dataclasses.replace(cfg, index=icfg)
             index, dsecs, state = distill(trained, data, teacher, pcfg, labeled)
             qps = np.mean([h["queries_per_s_per_worker"] for h in state["history"]])
-            rows += evaluate(index, data, cfg.eval.nprobe, {
+            rows += evaluate(searched(index), data, cfg.eval.nprobe, {
                 "method": f"distilled-{name}", **base, "train_seconds": dsecs + teacher_s,
                 "train_queries_per_s_per_worker": qps})
             log.info("distilled-%s %dB: %.0fs, %.0f training queries/s/worker, validation "
@@ -342,7 +373,7 @@ def main(argv=None) -> int:
                         "train_seconds": ab_secs + teacher_s})
                     log.info("ablation %s: validation recall %.4f -> %.4f", ab,
                              ab_state["warm_val"], ab_state["best_val"])
-    print("\n" + format_table(rows))
+    print("\n" + format_table(rows, COLUMNS))
     print_gains(rows)
     print_training(rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -136,16 +136,19 @@ def render(rows: list[dict], train_info: dict | None, wall_seconds: dict, summar
     return files
 
 
-def format_table(rows: list[dict]) -> str:
-    """The report rows as an aligned text table (None prints as -)."""
+def format_table(rows: list[dict], columns: dict | None = None) -> str:
+    """The report rows as an aligned text table (None prints as -); `columns` maps row keys
+    to headers (default TABLE_COLUMNS)."""
+    columns = columns or TABLE_COLUMNS
+
     def fmt(v):
         if v is None:
             return "-"
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
+        return f"{v:.4f}" if isinstance(v, float) and abs(v) < 10 else \
+            f"{v:.0f}" if isinstance(v, float) else str(v)
 
-    table = [list(TABLE_COLUMNS.values())] + [[fmt(r.get(c)) for c in TABLE_COLUMNS]
-                                               for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(TABLE_COLUMNS))]
+    table = [list(columns.values())] + [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

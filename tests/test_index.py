@@ -134,3 +134,24 @@ def test_gpu_kmeans_request_is_the_cpu_result_without_gpus(data, trained):
     cfg = IndexConfig(nlist=16, M=4, nbits=6, opq=True)
     got = build.train_baseline(data[0], cfg, niter=5, use_gpu=True)
     assert faiss.serialize_index(got).tobytes() == faiss.serialize_index(trained).tobytes()
+
+
+def test_fastscan_export_answers_as_the_float_index(tmp_path):
+    """A 4-bit IVF-OPQ, exported as IndexIVFPQFastScan behind its rotation, keeps its
+    centroids and codebooks: its answers match the float look-up tables' except where the
+    8-bit quantized tables break near-ties, and plain faiss reads it back."""
+    x = normalized(np.random.default_rng(5), 2000, 32)
+    trained = build.train_baseline(x, IndexConfig(nlist=16, M=8, nbits=4, opq=True,
+                                                  metric="ip"), niter=10)
+    fs = build.to_fastscan(trained)
+    for index in (trained, fs):
+        index.add(x)
+        build.set_nprobe(index, 4)
+    want, got = trained.search(x[:300], 10)[1], fs.search(x[:300], 10)[1]
+    assert metrics.overlap_recall(got, want, 10) > 0.95
+    faiss.write_index(fs, str(tmp_path / "fs.index"))
+    back = faiss.read_index(str(tmp_path / "fs.index"))
+    assert isinstance(faiss.downcast_index(build._inner(back)), faiss.IndexIVFPQFastScan)
+    np.testing.assert_array_equal(back.search(x[:300], 10)[1], got)
+    with pytest.raises(ValueError, match="4-bit"):
+        build.to_fastscan(faiss.index_factory(32, "IVF16,PQ8", faiss.METRIC_INNER_PRODUCT))

@@ -141,6 +141,25 @@ def index_from_params(params: Params, metric: str):
     return index
 
 
+def to_fastscan(index, bbs: int = 32):
+    """A trained 4-bit IVF-PQ (behind its OPQ rotation, if any) as faiss
+    IndexIVFPQFastScan: the same centroids and codebooks, codes packed in blocks of `bbs`
+    and searched with 8-bit quantized look-up tables in SIMD registers."""
+    inner = faiss.downcast_index(_inner(index))
+    if not isinstance(inner, faiss.IndexIVFPQ) or inner.pq.nbits != 4:
+        raise ValueError("fast-scan takes a 4-bit IVF-PQ (index.nbits=4)")
+    fs = faiss.clone_index(faiss.IndexIVFPQFastScan(inner, bbs))  # owns its coarse quantizer
+    if not isinstance(index, faiss.IndexPreTransform):
+        return fs
+    vt = faiss.downcast_VectorTransform(index.chain.at(0))
+    opq = opq_matrix(faiss.vector_to_array(vt.A).reshape(vt.d_out, vt.d_in), vt.M)
+    out = faiss.IndexPreTransform(opq, fs)
+    out.own_fields = True
+    fs.this.disown()
+    opq.this.disown()
+    return out
+
+
 def _flat_quantizer(C: np.ndarray, metric: str):
     quantizer = faiss.IndexFlatIP(C.shape[1]) if metric == "ip" else faiss.IndexFlatL2(C.shape[1])
     quantizer.add(np.ascontiguousarray(C, dtype=np.float32))
