@@ -29,15 +29,23 @@ def smoke_cfg(data, *extra):
         "ray.gpu_group=gpu_group", "ray.cpu_group=cpu_group", *extra])
 
 
+def _driver_reads(*args, **kwargs):
+    raise AssertionError("the driver read rows of a corpus or query file: tasks must")
+
+
 @pytest.fixture(scope="module")
 def prepared(ray_cluster, smoke_data, tmp_path_factory):
-    """A run folder with ingest, init and teacher done."""
+    """A run folder with ingest, init and teacher done. The stages run with the driver's
+    row reader disabled: the corpus and the training queries are read by tasks only (the
+    preflight before them reads metadata)."""
     cfg = smoke_cfg(smoke_data, "train.in_batch=false", "train.epochs=1")
     run = Run(str(tmp_path_factory.mktemp("run")), cfg)
     plan = ingest.preflight(cfg)
-    for name, fn in (("ingest", lambda: ingest.run(run, plan)), ("init", lambda: init.run(run)),
-                     ("teacher", lambda: teacher.run(run))):
-        run.finish(name, fn(), 0.0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(readers, "read_rows", _driver_reads)
+        for name, fn in (("ingest", lambda: ingest.run(run, plan)),
+                         ("init", lambda: init.run(run)), ("teacher", lambda: teacher.run(run))):
+            run.finish(name, fn(), 0.0)
     return run
 
 
