@@ -38,6 +38,11 @@ FIELDS: dict[str, list[str]] = {
                  "eval.k", "inputs.eval_queries", "inputs.labels"],
 }
 
+# A stage's record format, bumped when what it records changes shape, so that a record an
+# older version wrote runs again instead of being misread downstream. ingest 2: it records the
+# training query files, which tasks read, instead of the queries themselves.
+FORMATS: dict[str, int] = {"ingest": 2}
+
 DEPS: dict[str, list[str]] = {
     "ingest": [], "init": ["ingest"], "teacher": ["ingest"], "train": ["init", "teacher"],
     "export": ["train"], "encode": ["ingest", "init", "export"], "merge": ["encode"],
@@ -53,6 +58,8 @@ def fields(cfg: PipelineConfig, stage: str, inputs: dict) -> dict:
     for name in FIELDS[stage]:
         section, key = name.split(".", 1)
         out[name] = inputs.get(key, "") if section == "inputs" else conf[section][key]
+    if stage in FORMATS:
+        out["stage format"] = FORMATS[stage]
     return json.loads(json.dumps(out))  # as a record reads back: tuples become lists
 
 

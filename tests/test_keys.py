@@ -51,3 +51,15 @@ def test_why_names_the_changed_fields_and_upstream_stages():
     record = {"fields": old["export"][1], "deps": old["export"][2]}
     assert keys.why_rerun(record, new["export"][1], new["export"][2]) == "upstream train"
     assert keys.why_rerun(None, new["export"][1], new["export"][2]) == "not run before"
+
+
+def test_a_record_of_an_older_format_runs_again(monkeypatch):
+    """A stage whose record format was bumped reruns, naming why, with everything below it:
+    a record an older version wrote is never read by newer stages."""
+    cfg = load_config(None, ["data.corpus=/x"])
+    now = keys.stage_keys(cfg, INPUTS)
+    monkeypatch.setitem(keys.FORMATS, "ingest", keys.FORMATS["ingest"] - 1)
+    older = keys.stage_keys(cfg, INPUTS)
+    assert [s for s in STAGES if now[s][0] != older[s][0]] == STAGES  # all lie below ingest
+    assert keys.why_rerun({"fields": older["ingest"][1], "deps": {}}, now["ingest"][1],
+                          {}) == "stage format"
