@@ -12,7 +12,8 @@ driver and of the Ray worker processes (sampled from /proc every 0.2 s), the cor
 the same process, bare single-process faiss on the same data: brute-force kNN (faiss.knn over
 the whole corpus) for the teacher, `add` into the same trained index for encode. Prints a table
 and writes JSON (--json) with rows of stage, n, throughput_per_s, faiss_throughput_per_s,
-ratio, peak_rss_driver_mb, peak_rss_worker_mb, corpus_read_passes.
+ratio, peak_rss_driver_mb, peak_rss_worker_mb, peak_private_worker_mb (RssAnon: without the
+shared object store's pages), corpus_read_passes.
 
 Throughput units: vectors/s for ingest and init (the training sample), query-document pairs/s
 for the teacher, training queries/s for train, vectors/s for encode and merge (both the faiss
@@ -57,11 +58,13 @@ def make_corpus(folder: str, n: int, seed: int = 0) -> None:
     open(done, "w").close()
 
 
-def rss_mb(pid: int | str) -> float:
+def rss_mb(pid: int | str, field: str = "VmRSS") -> float:
+    """A process's resident memory: VmRSS, or RssAnon, its private part (VmRSS also counts the
+    pages of Ray's shared object store that the process touched)."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -89,7 +92,8 @@ def ray_worker_pids() -> list[str]:
 
 
 class Sampler(threading.Thread):
-    """Peak RSS of the driver and of any Ray worker, per pipeline stage."""
+    """Peak RSS of the driver and of any Ray worker, and the worker's private part
+    (RssAnon), per pipeline stage."""
 
     def __init__(self):
         super().__init__(daemon=True)
@@ -97,14 +101,16 @@ class Sampler(threading.Thread):
 
     def set_stage(self, name: str) -> None:
         self.stage = name
-        self.peaks.setdefault(name, [0.0, 0.0])
+        self.peaks.setdefault(name, [0.0, 0.0, 0.0])
 
     def run(self):
         while self.running:
             if self.stage:
                 peak = self.peaks[self.stage]
+                workers = ray_worker_pids()
                 peak[0] = max(peak[0], rss_mb(os.getpid()))
-                peak[1] = max([peak[1]] + [rss_mb(p) for p in ray_worker_pids()])
+                peak[1] = max([peak[1]] + [rss_mb(p) for p in workers])
+                peak[2] = max([peak[2]] + [rss_mb(p, "RssAnon") for p in workers])
             time.sleep(0.2)
 
 
@@ -204,21 +210,23 @@ def run_one(n: int, data_root: str, config: str, overrides: list[str], nodes: in
             continue
         tput = work[stage] / max(s, 1e-9)
         ref = bare.get(stage)
-        peak = sampler.peaks.get(stage, [0.0, 0.0])
+        peak = sampler.peaks.get(stage, [0.0, 0.0, 0.0])
         rows.append({"stage": stage, "n": n, "queries": nq, "nodes": nodes, "seconds": s,
                      "throughput_per_s": tput, "faiss_throughput_per_s": ref,
                      "ratio": tput / ref if ref else None,
                      "peak_rss_driver_mb": round(peak[0], 1),
                      "peak_rss_worker_mb": round(peak[1], 1),
+                     "peak_private_worker_mb": round(peak[2], 1),
                      "corpus_read_passes": round(read_by_stage.get(stage, 0) / one_pass, 3)})
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
     head = ["stage", "n", "queries", "seconds", "throughput/s", "faiss/s", "ratio",
-            "driver MB", "worker MB", "corpus passes read"]
+            "driver MB", "worker MB", "worker private MB", "corpus passes read"]
     keys = ["stage", "n", "queries", "seconds", "throughput_per_s", "faiss_throughput_per_s",
-            "ratio", "peak_rss_driver_mb", "peak_rss_worker_mb", "corpus_read_passes"]
+            "ratio", "peak_rss_driver_mb", "peak_rss_worker_mb", "peak_private_worker_mb",
+            "corpus_read_passes"]
 
     def fmt(v):
         if v is None:
@@ -272,8 +280,12 @@ def main(argv=None) -> int:
         for stage in dict.fromkeys(r["stage"] for r in rows):
             a = next(r for r in rows if r["stage"] == stage and r["n"] == lo)
             b = next(r for r in rows if r["stage"] == stage and r["n"] == hi)
-            print(f"  {stage:<8} driver {b['peak_rss_driver_mb'] / a['peak_rss_driver_mb']:.2f}x"
-                  f"  workers {b['peak_rss_worker_mb'] / max(a['peak_rss_worker_mb'], 1):.2f}x")
+            def grew(key):
+                return b[key] / max(a[key], 1)
+
+            print(f"  {stage:<8} driver {grew('peak_rss_driver_mb'):.2f}x  workers "
+                  f"{grew('peak_rss_worker_mb'):.2f}x (private "
+                  f"{grew('peak_private_worker_mb'):.2f}x)")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"rows": rows}, f, indent=2)
