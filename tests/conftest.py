@@ -17,6 +17,21 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIALEAKCHECK" + uuid.uuid4().hex[:8].upper
                "AWS_SECRET_ACCESS_KEY": "leakcheck-" + uuid.uuid4().hex}
 
 
+def pytest_collection_finish(session):
+    """Starts the fault tests' disturbed job (tests/test_faults.py) as soon as the suite is
+    collected, when it is among the tests to run: it runs beside the other tests."""
+    if any("disturbed" in getattr(item, "fixturenames", ()) for item in session.items):
+        from tests.test_faults import start_early
+
+        start_early()
+
+
+def pytest_sessionfinish(session):
+    faults = sys.modules.get("tests.test_faults")
+    if faults is not None:
+        faults.abandon_early()
+
+
 @pytest.fixture(scope="session")
 def s3():
     from infra.local_s3 import start

@@ -8,10 +8,13 @@ its own where its workers need another S3 endpoint.
 """
 import glob
 import os
+import pathlib
 import re
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 import faiss
@@ -73,45 +76,98 @@ def eval_x(smoke_data):
     return readers.read_all(f"{smoke_data}/eval_queries", "q")[1]
 
 
+class DisturbedJob:
+    """One job through its own S3 endpoint, run as a user runs it (its own process and Ray
+    cluster: the session cluster's workers know another endpoint) and disturbed three ways at
+    once: an encode worker SIGKILLs itself, the endpoint goes away for 4 s mid-run and comes
+    back with the same objects (moto keeps them in this process), and the job's environment
+    holds distinctive credentials.
+
+    It touches nothing of this process's environment while it runs, so tests/conftest.py
+    starts it as soon as the suite is collected: its minute of work runs beside the other
+    tests, which mostly wait on Ray."""
+
+    def __init__(self, tmp: pathlib.Path):
+        import boto3
+        from moto.server import ThreadedMotoServer
+
+        from tests.conftest import CREDENTIALS
+
+        self.tmp, self.port = tmp, free_port()
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        endpoint = f"http://127.0.0.1:{self.port}"
+        self.env = {"AWS_ENDPOINT_URL": endpoint, **CREDENTIALS}
+        self.s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                               aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                               aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+        self.s3.create_bucket(Bucket="faults")
+        self.data, self.out = "s3://faults/data", "s3://faults/run"
+        subprocess.run([sys.executable, "jobs/prepare_data.py", "--synthetic", "4000", "--dim",
+                        "32", "--files", "4", "--out", self.data], cwd=ROOT, check=True,
+                       env={**os.environ, **self.env}, capture_output=True)
+        self.proc = start_job(job_args(self.data, self.out, groups=False), tmp / "log",
+                              {**self.env, "PIPELINE_FAULT_KILL": f"encode:{tmp}",
+                               "RAY_ADDRESS": ""})
+        self.outage = threading.Thread(target=self._outage, daemon=True)
+        self.outage.start()
+
+    def _outage(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        while self.proc.poll() is None:
+            try:
+                self.s3.head_object(Bucket="faults", Key="run/stages/ingest/_manifest.json")
+                break
+            except Exception:  # noqa: BLE001 - not there yet
+                time.sleep(0.5)
+        self.cut_mid_run = self.proc.poll() is None
+        self.server.stop()  # the endpoint is gone...
+        time.sleep(4)
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()  # ...and back, with the same objects
+
+    def finish(self) -> dict:
+        self.proc.wait(timeout=600)
+        self.outage.join()
+        text = open(self.tmp / "log").read()
+        assert self.proc.returncode == 0, text[-4000:]
+        assert self.cut_mid_run, "the job ended before its endpoint went away"
+        return {"data": self.data, "out": self.out, "log": text, "tmp": self.tmp}
+
+
+    def abandon(self) -> None:
+        """For a session that ends before its tests ran: no job or endpoint outlives it."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.outage.join()
+        self.server.stop()
+
+
+EARLY: dict = {}  # {"disturbed": DisturbedJob} started at collection (tests/conftest.py)
+
+
+def start_early() -> None:
+    EARLY["disturbed"] = DisturbedJob(pathlib.Path(tempfile.mkdtemp(prefix="vq-disturbed-")))
+
+
+def abandon_early() -> None:
+    job = EARLY.pop("disturbed", None)
+    if job is not None:
+        job.abandon()
+
+
 @pytest.fixture(scope="module")
 def disturbed(tmp_path_factory):
-    """One job through its own S3 endpoint, run as a user runs it (its own process and Ray
-    cluster) and disturbed three ways at once: an encode worker SIGKILLs itself, the endpoint
-    goes away for 4 s mid-run and comes back with the same objects (moto keeps them in this
-    process), and the job's environment holds distinctive credentials."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    from tests.conftest import CREDENTIALS
-
-    tmp = tmp_path_factory.mktemp("disturbed")
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ENDPOINT_URL": endpoint, **CREDENTIALS}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    job = EARLY.pop("disturbed", None) or DisturbedJob(tmp_path_factory.mktemp("disturbed"))
+    saved = {k: os.environ.get(k) for k in job.env}
     try:
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="faults")
-        data, out = "s3://faults/data", "s3://faults/run"
-        prepare_data.write_dataset(data, *prepare_data.synthetic(4000, 32), files=4)
-        # Its own single-node cluster: the session cluster's workers know another endpoint.
-        proc = start_job(job_args(data, out, groups=False), tmp / "log",
-                         {**env, "PIPELINE_FAULT_KILL": f"encode:{tmp}", "RAY_ADDRESS": ""})
-        while not storage.exists(storage.join(out, "stages", "ingest", "_manifest.json")):
-            assert proc.poll() is None, open(tmp / "log").read()[-3000:]
-            time.sleep(0.5)
-        server.stop()  # the endpoint is gone...
-        time.sleep(4)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()  # ...and back, with the same objects
-        proc.wait(timeout=600)
-        text = open(tmp / "log").read()
-        assert proc.returncode == 0, text[-4000:]
-        yield {"data": data, "out": out, "log": text, "tmp": tmp}
+        result = job.finish()
+        os.environ.update(job.env)  # the tests read the job's output through its endpoint
+        yield result
     finally:
-        server.stop()
+        job.server.stop()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
