@@ -59,9 +59,9 @@ def _read_block(block: dict, d: int, what: str) -> tuple[np.ndarray, np.ndarray]
 @ray.remote
 def _merge(k: int, parts: list) -> tuple:
     """The top-k of results fetched one at a time: refs inside a list reach a task
-    unresolved, so it holds two results at once whatever the fan-in (at 16M vectors, 32
-    resolved results of 4,096 queries held 1 GB). Merging in order keeps the ties of one
-    flat merge: earlier shards first."""
+    unresolved, so it holds two results at once whatever the fan-in (docs/scale.md measured
+    what holding them all cost). Merging in order keeps the ties of one flat merge: earlier
+    shards first."""
     merged = None
     for ref in parts:
         part = ray.get(ref)
