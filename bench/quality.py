@@ -14,6 +14,10 @@ Prints a table, writes JSON (--json) in report.json's row schema plus `train_sec
 thread, the whole evaluation set, top 100), and a PNG of recall@10 against that QPS, one
 panel per code size (--png): compare methods at equal cost, not only at equal nprobe (learned
 centroids make lists of other sizes).
+
+ScaNN, the peer, adds rows `scann-ah4` and `scann-ah8` at every size when it is installed
+(pip install '.[bench]'; --no-scann leaves it out): a tree of index.nlist leaves, anisotropic
+4-bit and 8-bit codes residual to the leaf, no re-ranking, one search thread.
 """
 from __future__ import annotations
 
@@ -176,6 +180,51 @@ def evaluate(trained, data: Data, nprobes, row: dict) -> list[dict]:
     return rows
 
 
+def scann_rows(data: Data, size: int, nlist: int, nprobes, metric: str) -> list[dict]:
+    """ScaNN, the peer: its partitioning tree of `nlist` leaves and anisotropic (AH) codes of
+    `size` bytes, 4-bit (LUT16, 2 blocks per byte) and 8-bit (LUT256), residual to the leaf
+    as ScaNN sets it up for inner products, and no re-ranking. Rows as evaluate()'s, searched
+    by one thread; ScaNN does not expose the codes it scans (codes/query is left empty).
+    Empty when ScaNN is not installed (pip install .[bench]) or the metric is not ip."""
+    try:
+        import scann
+    except ImportError:
+        log.warning("ScaNN rows skipped: scann is not installed (pip install '.[bench]')")
+        return []
+    if metric != "ip":
+        log.warning("ScaNN rows skipped: they are set up for inner products only")
+        return []
+    rows = []
+    d = data.xb.shape[1]
+    for bits, hash_type in ((4, "lut16"), (8, "lut256")):
+        blocks = size * 8 // bits
+        if d % blocks:
+            log.warning("ScaNN %d-bit %d B skipped: %d blocks do not divide d=%d",
+                        bits, size, blocks, d)
+            continue
+        t0 = time.time()
+        searcher = scann.scann_ops_pybind.builder(data.xb, 100, "dot_product").tree(
+            num_leaves=nlist, num_leaves_to_search=max(nprobes),
+            training_sample_size=len(data.xb)).score_ah(
+            d // blocks, anisotropic_quantization_threshold=0.2, hash_type=hash_type,
+            training_sample_size=len(data.xb)).build()
+        secs = time.time() - t0
+        found, cost = {}, {}
+        for nprobe in nprobes:
+            t1 = time.perf_counter()
+            I = searcher.search_batched(data.xq, final_num_neighbors=100,
+                                        leaves_to_search=nprobe)[0]
+            cost[nprobe] = {"codes_scanned_per_query": None,
+                            "qps_1thread": round(len(data.xq) / (time.perf_counter() - t1), 1)}
+            found[nprobe] = np.where(I >= 0, data.ids[np.maximum(I, 0).astype(np.int64)], -1)
+        base = {"method": f"scann-ah{bits}", "bytes_per_vector": size, "nlist": nlist,
+                "train_seconds": secs}
+        for r in score_rows(found, data.gt, data.eval_ids, data.qrels, base):
+            rows.append({**r, **cost[r["nprobe"]]})
+        log.info("scann-ah%d %dB built in %.0fs", bits, size, secs)
+    return rows
+
+
 def train_faiss(xb: np.ndarray, icfg: IndexConfig, cfg: PipelineConfig, opq_cache: dict):
     """faiss's own training: (trained index, seconds). The OPQ rotation of a code size is
     trained once and shared by the flat and IVF structures (faiss trains a chain in that order
@@ -307,6 +356,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--train-labels", default="",
                     help="Parquet (query_id, doc_id) for the *training* queries: adds the "
                          "contrastive ablation. Never the eval labels.")
+    ap.add_argument("--no-scann", dest="scann", action="store_false",
+                    help="leave out ScaNN, the peer (it runs when installed: pip install "
+                         "'.[bench]')")
     ap.add_argument("--json", default=os.path.join(ROOT, "runs", "bench", "quality.json"))
     ap.add_argument("--png", default=None, help="default: the JSON path with .png")
     return ap.parse_args(argv)
@@ -373,6 +425,8 @@ def main(argv=None) -> int:
                         "train_seconds": ab_secs + teacher_s})
                     log.info("ablation %s: validation recall %.4f -> %.4f", ab,
                              ab_state["warm_val"], ab_state["best_val"])
+        if args.scann:
+            rows += scann_rows(data, size, cfg.index.nlist, cfg.eval.nprobe, cfg.index.metric)
     print("\n" + format_table(rows, COLUMNS))
     print_gains(rows)
     print_training(rows)

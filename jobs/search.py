@@ -4,6 +4,8 @@
 (index.index + index.ivfdata), or an .index file, on a local path or s3://. --queries is any
 file in the input contract (Parquet id + embedding, .npy, .fvecs). Prints the top-k ids and
 scores per query (stdout holds nothing else), or writes them as Parquet with --out.
+--fastscan searches the version's fast-scan export (fastscan.index, published by runs with
+build.fastscan) instead of the on-disk pair: the same codes, faster, held in memory.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import os
 import sys
 import tempfile
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -37,14 +40,18 @@ def index_folder(uri: str) -> str:
                      "an index.index")
 
 
-def open_index(uri: str, cache: str):
-    """Opens the published pair; S3 files are copied to `cache` first."""
+def open_index(uri: str, cache: str, fastscan: bool = False):
+    """Opens the published pair, or its fast-scan export; S3 files are copied to `cache`
+    first."""
     folder = index_folder(uri)
-    if not storage.is_s3(folder):
-        return ondisk.read_ondisk(os.path.join(folder, "index.index"))
-    for name in publish.INDEX_FILES:
-        storage.download_file(storage.join(folder, name), os.path.join(cache, name))
-    return ondisk.read_ondisk(os.path.join(cache, "index.index"))
+    if fastscan:
+        if not storage.exists(storage.join(folder, publish.FASTSCAN)):
+            raise ValueError(f"--fastscan: {folder} has no {publish.FASTSCAN}; publish with "
+                             "--set build.fastscan=true (index.nbits=4)")
+        local = storage.local_folder(folder, (publish.FASTSCAN,), cache)
+        return faiss.read_index(os.path.join(local, publish.FASTSCAN))
+    local = storage.local_folder(folder, publish.INDEX_FILES, cache)
+    return ondisk.read_ondisk(os.path.join(local, "index.index"))
 
 
 def check_search_args(index, k: int, nprobe: int) -> int:
@@ -69,13 +76,15 @@ def main(argv=None) -> int:
     ap.add_argument("-k", type=int, default=10)
     ap.add_argument("--nprobe", type=int, default=16)
     ap.add_argument("--out", help="write Parquet (query_id, rank, id, score) here instead")
+    ap.add_argument("--fastscan", action="store_true",
+                    help="search the version's fast-scan export (build.fastscan)")
     args = ap.parse_args(argv)
     try:
         if args.nprobe < 1 or args.k < 1:  # before any I/O
             raise ValueError(f"--nprobe and -k must be >= 1, got {args.nprobe} and {args.k}")
         qids, xq = readers.read_all(args.queries, "--queries")
         with tempfile.TemporaryDirectory() as cache:
-            index = open_index(args.index, cache)
+            index = open_index(args.index, cache, args.fastscan)
             if xq.shape[1] != index.d:
                 raise ValueError(f"--queries have d={xq.shape[1]}, the index has d={index.d}")
             build.set_nprobe(index, check_search_args(index, args.k, args.nprobe))

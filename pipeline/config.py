@@ -121,6 +121,11 @@ class TrainConfig:
     # "ranking+kl": both. The ranking loss aims at the top k only; the KL's softer targets
     # carry the order of the rest of the list, which recall@100 needs (README: ablations).
     loss: Loss = Loss.RANKING_KL
+    # The ranking loss orders the teacher's best `rank_top` neighbours, each above every
+    # candidate below it; 0: all teacher.k. With a deeper teacher list (teacher.k > rank_top)
+    # the neighbours past rank_top are the hardest negatives of the ranking loss, and the
+    # KL's soft targets order them: what recall@100 needs.
+    rank_top: int = 0
     # Softmax temperatures, relative to each query's teacher-score spread (scale-free): the
     # ranking loss's (and the contrastive term's), and the KL's.
     temperature: float = 0.5
@@ -176,6 +181,13 @@ class BuildConfig:
     # Inverted-list ranges merged in parallel (faiss's hslice pattern); 0: one per GiB of codes
     # and ids, at least one per cluster CPU. The index is byte-identical whatever the value.
     list_ranges: int = 0
+    # Also publish each index as faiss IndexIVFPQFastScan (fastscan.index beside the on-disk
+    # pair): 4-bit codes packed for SIMD search with quantized look-up tables, about 3x the
+    # queries/s of 8-bit PQ. faiss keeps fast-scan lists in memory only (OnDiskInvertedLists
+    # holds no packed blocks), so the merge keeps the on-disk 4-bit IVF-PQ and one task
+    # converts it: that task holds the whole index (codes and ids) in memory. Needs
+    # index.nbits=4 and index.quantizer=pq.
+    fastscan: bool = False
 
 
 @dataclass(frozen=True)
@@ -366,8 +378,15 @@ def validate(cfg: PipelineConfig) -> None:
                          "only (bench/quality.py --baselines lsq); distil pq or rq")
     if ix.quantizer == "rq" and ix.opq:
         raise ValueError("index.quantizer=rq takes no OPQ rotation: set index.opq=false")
+    if cfg.build.fastscan and (ix.nbits != 4 or ix.quantizer != Quantizer.PQ):
+        raise ValueError(
+            f"build.fastscan packs 4-bit PQ codes; this index has index.quantizer="
+            f"{ix.quantizer.value} and index.nbits={ix.nbits}: set index.quantizer=pq and "
+            f"index.nbits=4 (and index.M to twice the bytes per vector)")
     if ix.rq_beam < 1:
         raise ValueError("index.rq_beam must be >= 1 (1 encodes greedily)")
+    if tr.rank_top < 0:
+        raise ValueError(f"train.rank_top must be >= 0 (0: all teacher.k), got {tr.rank_top}")
     if tr.ivf_negative_nprobe < 1 or tr.sinkhorn_iters < 1:
         raise ValueError("train.ivf_negative_nprobe and train.sinkhorn_iters must be >= 1")
     if min(tr.balance_weight, tr.contrastive_weight, tr.recon_weight, tr.ivf_weight) < 0:

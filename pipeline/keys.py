@@ -33,7 +33,7 @@ FIELDS: dict[str, list[str]] = {
               if k not in _TRAIN_SCALING],
     "export": ["index.metric"],
     "encode": [],
-    "merge": [],
+    "merge": ["build.fastscan"],
     "evaluate": ["data.eval_queries", "data.labels", "data.max_eval_queries", "eval.nprobe",
                  "eval.k", "inputs.eval_queries", "inputs.labels"],
 }

@@ -3,6 +3,8 @@
 Layout under the output URI:
   versions/<version>/index/index.{index,ivfdata}     the distilled on-disk index
   versions/<version>/baseline/index.{index,ivfdata}  the faiss k-means baseline
+  versions/<version>/{index,baseline}/fastscan.index with build.fastscan: each as faiss
+                                                     IndexIVFPQFastScan (one plain file)
   versions/<version>/report.*, config.json           the evaluation and the resolved config
   versions/<version>/manifest.json                   written last: the version is complete
   manifest.json                                      the pointer: a copy of the current
@@ -29,6 +31,7 @@ log = logging.getLogger("pipeline.publish")
 POINTER = "manifest.json"
 VERSIONS = "versions"
 INDEX_FILES = ("index.ivfdata", "index.index")  # in this order: data before its header
+FASTSCAN = "fastscan.index"  # with build.fastscan: the same index, in memory, as fast-scan
 
 
 def read_pointer(output: str) -> tuple[dict | None, str | None]:
@@ -60,6 +63,9 @@ def _put_index(src_folder: str, src_files: dict, dst_folder: str) -> dict:
     to record its own version's absolute .ivfdata path, so that plain faiss.read_index(path)
     opens it."""
     want = {name: src_files[name] for name in INDEX_FILES}
+    if FASTSCAN in src_files:  # self-contained: copied as it is
+        storage.copy(storage.join(src_folder, FASTSCAN), storage.join(dst_folder, FASTSCAN))
+        want[FASTSCAN] = src_files[FASTSCAN]
     storage.copy(storage.join(src_folder, INDEX_FILES[0]), storage.join(dst_folder,
                                                                         INDEX_FILES[0]))
     if storage.is_s3(dst_folder):
@@ -122,6 +128,8 @@ def publish(output: str, indexes: dict, extra: dict, meta: dict, keys: dict, kee
                 "index": f"{vrel}/index/index.index", "ivfdata": f"{vrel}/index/index.ivfdata",
                 "baseline_index": f"{vrel}/baseline/index.index", "files": files,
                 "stage_keys": keys}
+    if f"{vrel}/index/{FASTSCAN}" in files:
+        manifest["fastscan_index"] = f"{vrel}/index/{FASTSCAN}"
     data = storage.json_bytes(manifest)
     storage.write_bytes(storage.join(vdir, POINTER), data)  # the version is complete
     check()

@@ -147,6 +147,16 @@ def download_file(uri: str, local: str) -> None:
     fs.get_file(path, local)
 
 
+def local_folder(folder_uri: str, names: tuple[str, ...], scratch: str) -> str:
+    """A local folder holding `names` of folder_uri: the folder itself when it is local (no
+    copy), else `scratch`, where they are downloaded."""
+    if not is_s3(folder_uri):
+        return get_fs(folder_uri)[1]
+    for name in names:
+        download_file(join(folder_uri, name), os.path.join(scratch, name))
+    return scratch
+
+
 def delete(uri: str) -> None:
     fs, path = get_fs(uri)
     if fs.exists(path):

@@ -103,6 +103,56 @@ def test_local_output_reads_with_plain_read_index(ray_cluster, smoke_data, tmp_p
     assert res.stdout.split() == ["4000", "True", "IndexIVFResidualQuantizer"]
 
 
+def test_fastscan_export_is_published_and_searched(ray_cluster, smoke_data, tmp_path):
+    """build.fastscan: a 4-bit IVF-OPQ run publishes each index also as faiss
+    IndexIVFPQFastScan, which plain faiss opens; it answers as the on-disk pair with the same
+    codes does (its look-up tables are quantized to 8 bits), evaluate reports both, and the
+    search CLI reads it with --fastscan."""
+    import faiss
+
+    from jobs import search
+    from pipeline.data import readers
+    from pipeline.index import build, metrics, ondisk
+
+    out = str(tmp_path / "run")
+    assert distill.main(job_args(smoke_data, out, "--set", "index.nbits=4", "--set",
+                                 "index.M=8", "--set", "build.fastscan=true")) == 0
+    manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
+    fs_path = os.path.join(out, manifest["fastscan_index"])
+    assert f"{manifest['fastscan_index']}" in manifest["files"]
+    assert os.path.exists(fs_path.replace("/index/", "/baseline/"))
+    code = ("import faiss, sys; ix = faiss.read_index(sys.argv[1]); "
+            "print(ix.ntotal, type(faiss.downcast_index(ix.index)).__name__)")
+    res = subprocess.run([sys.executable, "-c", code, fs_path], capture_output=True,
+                         text=True, cwd="/")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["4000", "IndexIVFPQFastScan"]
+
+    xq = np.random.default_rng(1).standard_normal((200, 32)).astype(np.float32)
+    fast, pair = faiss.read_index(fs_path), ondisk.read_ondisk(os.path.join(out, manifest["index"]))
+    for index in (fast, pair):
+        build.set_nprobe(index, 4)
+    assert metrics.overlap_recall(fast.search(xq, 10)[1], pair.search(xq, 10)[1], 10) > 0.9
+
+    report = json.loads(open(published(out, "report.json")).read())
+    by = {(r["method"], r["nprobe"]): r for r in report["rows"]}
+    assert {m for m, _ in by} == {"faiss-ivf-opq", "distilled-ivf-opq", "faiss-ivf-opq-fs",
+                                  "distilled-ivf-opq-fs"}
+    for m, nprobe in by:
+        if not m.endswith("-fs"):
+            assert by[m, nprobe]["bytes_per_vector"] == 4
+            # the quantized tables cost little recall against the float ones
+            assert abs(by[m + "-fs", nprobe]["recall_at_10"] - by[m, nprobe]["recall_at_10"]) \
+                < 0.05, (m, nprobe)
+
+    np.save(tmp_path / "xq.npy", xq)
+    res_uri = str(tmp_path / "res.parquet")
+    assert search.main(["--index", out, "--queries", str(tmp_path / "xq.npy"), "-k", "10",
+                        "--nprobe", "4", "--out", res_uri, "--fastscan"]) == 0
+    got = readers._parquet_file(res_uri).read().to_pydict()
+    np.testing.assert_array_equal(np.array(got["id"]).reshape(-1, 10), fast.search(xq, 10)[1])
+
+
 def test_search_cli_answers_from_s3(s3_run, tmp_path):
     from jobs import search
     from pipeline.data import readers

@@ -142,17 +142,26 @@ def index_from_params(params: Params, metric: str):
 
 
 def to_fastscan(index, bbs: int = 32):
-    """A trained 4-bit IVF-PQ (behind its OPQ rotation, if any) as faiss
-    IndexIVFPQFastScan: the same centroids and codebooks, codes packed in blocks of `bbs`
-    and searched with 8-bit quantized look-up tables in SIMD registers."""
+    """A 4-bit IVF-PQ (behind its OPQ rotation, if any) as faiss IndexIVFPQFastScan: the same
+    centroids and codebooks, and the same codes and ids (if it holds any, from any inverted
+    lists, on-disk ones included), packed in blocks of `bbs` and searched with 8-bit
+    quantized look-up tables in SIMD registers. The result owns all it refers to: `index`
+    may be dropped. It holds its codes in memory (faiss has no on-disk fast-scan lists)."""
     inner = faiss.downcast_index(_inner(index))
     if not isinstance(inner, faiss.IndexIVFPQ) or inner.pq.nbits != 4:
         raise ValueError("fast-scan takes a 4-bit IVF-PQ (index.nbits=4)")
-    fs = faiss.clone_index(faiss.IndexIVFPQFastScan(inner, bbs))  # owns its coarse quantizer
+    fs = faiss.IndexIVFPQFastScan(inner, bbs)  # packs the lists; shares the quantizer
+    # Not clone_index: it would copy every packed list once more. The coarse quantizer is
+    # small; own a copy of it, and forget the source lists the constructor remembers.
+    quantizer = faiss.clone_index(inner.quantizer)
+    fs.quantizer = quantizer
+    fs.own_fields = True
+    quantizer.this.disown()
+    fs.orig_invlists = None
     if not isinstance(index, faiss.IndexPreTransform):
         return fs
     vt = faiss.downcast_VectorTransform(index.chain.at(0))
-    opq = opq_matrix(faiss.vector_to_array(vt.A).reshape(vt.d_out, vt.d_in), vt.M)
+    opq = opq_matrix(faiss.vector_to_array(vt.A).reshape(vt.d_out, vt.d_in), inner.pq.M)
     out = faiss.IndexPreTransform(opq, fs)
     out.own_fields = True
     fs.this.disown()

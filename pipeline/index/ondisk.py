@@ -9,6 +9,9 @@ from contextlib import contextmanager
 import faiss
 import numpy as np
 
+# A merged on-disk index: the header faiss reads, and its inverted lists' data file.
+PAIR = ("index.index", "index.ivfdata")
+
 
 def encode_shard(trained, ids: np.ndarray, x: np.ndarray, use_gpu: bool = False):
     """A copy of the trained empty index holding x under its global ids.

@@ -100,7 +100,7 @@ def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Te
     def objective(s: torch.Tensor) -> torch.Tensor:
         total = zero
         if cfg.loss.ranking:
-            total = total + ranking_loss(t, s, tau, K)
+            total = total + ranking_loss(t, s, tau, min(cfg.rank_top or K, K))
         if cfg.loss.kl:  # kl_weight balances the two losses' scales when combined
             w = cfg.kl_weight if cfg.loss.ranking else 1.0
             total = total + w * listwise_kl(t, s, tau_kl)

@@ -155,6 +155,25 @@ def _stitch(trained_uri: str, slice_uris: list[str], sizes: np.ndarray, out_uri:
     return {"ntotal": ntotal, "files": files, "bytes_through_task": moved["through_here"]}
 
 
+@ray.remote(max_retries=2)
+def _export_fastscan(folder_uri: str) -> dict:
+    """folder_uri's merged on-disk 4-bit IVF-PQ, converted to faiss IndexIVFPQFastScan and
+    written beside it as fastscan.index; returns its {sha256, bytes}. The task holds the
+    whole fast-scan index (codes and ids) in memory: faiss keeps fast-scan lists nowhere
+    else."""
+    pin_threads()
+    scratch = storage.local_scratch("fastscan")
+    folder = storage.local_folder(folder_uri, ondisk.PAIR, scratch)
+    index = build.to_fastscan(ondisk.read_ondisk(os.path.join(folder, "index.index")))
+    local = os.path.join(scratch, "fastscan.index")
+    faiss.write_index(index, local)
+    del index
+    meta = {"sha256": storage.sha256_file(local), "bytes": os.path.getsize(local)}
+    storage.upload_file(local, storage.join(folder_uri, "fastscan.index"))
+    shutil.rmtree(scratch)
+    return meta
+
+
 def run_merge(run: Run) -> dict:
     shards = run.stage_info("ingest")["shards"]
     enc = run.stage_info("encode")
@@ -175,6 +194,11 @@ def run_merge(run: Run) -> dict:
                           sizes[method], run.stage_path("merge", method))
             for method, (trained, _) in METHODS.items()]
     results = dict(zip(METHODS, wait_all(refs, "merge: stitch")))
+    if run.cfg.build.fastscan:
+        export = _export_fastscan.options(resources=where)
+        refs = [export.remote(run.stage_path("merge", m)) for m in METHODS]
+        for m, meta in zip(METHODS, wait_all(refs, "merge: fast-scan export")):
+            results[m]["files"]["fastscan.index"] = meta
     n = run.stage_info("ingest")["n"]
     for m, r in results.items():
         assert r["ntotal"] == n, f"{m}: merged {r['ntotal']} vectors, the corpus has {n}"

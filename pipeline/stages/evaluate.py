@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 
+import faiss
 import numpy as np
 import ray
 
@@ -34,16 +35,20 @@ log = logging.getLogger("pipeline.stages.evaluate")
 
 @ray.remote
 def _search_merged(folder_uri: str, gt_uris: list[str], k: int, nprobes: tuple,
-                   labels_uri: str, spans: dict) -> dict:
+                   labels_uri: str, spans: dict, fastscan: bool = False) -> dict:
     """Searches one merged index with the evaluation queries, block by block (each ground-
-    truth part holds its block's queries and exact neighbours). Returns the metrics' sums
-    ({"sums"}, pipeline.index.metrics.score_sums) and the label check's counts ({"labels"}):
-    no query set or result list travels back to the driver."""
+    truth part holds its block's queries and exact neighbours): the on-disk pair, or with
+    `fastscan` the fast-scan export beside it. Returns the metrics' sums ({"sums"},
+    pipeline.index.metrics.score_sums) and the label check's counts ({"labels"}): no query
+    set or result list travels back to the driver."""
     pin_threads()
     scratch = storage.local_scratch("eval")
-    for name in ("index.ivfdata", "index.index"):
-        storage.download_file(storage.join(folder_uri, name), os.path.join(scratch, name))
-    index = ondisk.read_ondisk(os.path.join(scratch, "index.index"))
+    if fastscan:
+        folder = storage.local_folder(folder_uri, ("fastscan.index",), scratch)
+        index = faiss.read_index(os.path.join(folder, "fastscan.index"))
+    else:
+        folder = storage.local_folder(folder_uri, ondisk.PAIR, scratch)
+        index = ondisk.read_ondisk(os.path.join(folder, "index.index"))
     qrels = readers.read_labels(labels_uri) if labels_uri else None
     sums, qids = {}, []
     for uri in gt_uris:
@@ -100,14 +105,18 @@ def run(run: Run) -> dict:
     names = method_names(cfg)
     merged = run.stage_info("merge")
     search = _search_merged.options(resources=placement(cfg, Group.CPU))
+    # (method, searched as fast-scan): the on-disk index; with build.fastscan, its fast-scan
+    # export too (same codes, 8-bit quantized look-up tables: the rows show what that costs).
+    variants = [(m, fs) for m in METHODS for fs in ((False, True) if cfg.build.fastscan
+                                                     else (False,))]
     refs = [search.remote(merged[m]["uri"], gt["all"], k, cfg.eval.nprobe, cfg.data.labels,
-                          plan["spans"]) for m in METHODS]
+                          plan["spans"], fs) for m, fs in variants]
     results = wait_all(refs, "evaluate: searches")
     if results[0]["labels"]:
         warn_label_misses(*results[0]["labels"])
     rows = []
-    for method, res in zip(METHODS, results):
-        base = {"method": names[method], "bytes_per_vector": build.bytes_per_vector(cfg.index),
-                "nlist": cfg.index.nlist}
+    for (method, fs), res in zip(variants, results):
+        base = {"method": names[method] + ("-fs" if fs else ""),
+                "bytes_per_vector": build.bytes_per_vector(cfg.index), "nlist": cfg.index.nlist}
         rows += metrics.rows_from_sums(res["sums"], base)
     return {"rows": rows, "queries": gt["rows"]["all"]}
