@@ -20,7 +20,7 @@ from pipeline import keys, lease, publish, report, storage
 from pipeline.config import PipelineConfig, validate_for_pipeline
 from pipeline.index import build as index_build
 from pipeline.stages import build, evaluate, ingest, init, teacher, train
-from pipeline.stages.common import METHODS, Run, check_groups
+from pipeline.stages.common import METHODS, Run, check_groups, trim_heap
 
 log = logging.getLogger("pipeline.runner")
 
@@ -204,6 +204,7 @@ def _run_stages(run: Run, plan: dict, from_stage, incremental: bool, on_stage,
             raise
         seconds[name] = round(time.time() - t0, 2)
         run.finish(name, info, seconds[name], key, own, deps)
+        trim_heap()  # the driver starts each stage without the last one's freed peak
         ran.append(name)
         log.info("stage %s: finished in %.1fs", name, seconds[name])
     return seconds, ran

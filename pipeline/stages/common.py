@@ -1,6 +1,7 @@
 """What every Ray stage shares: the run folder, stage manifests, thread pinning, progress."""
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -73,11 +74,29 @@ class Run:
             "seconds": seconds, "info": info})
 
 
+def trim_heap() -> None:
+    """Hands the heap that freed arrays left behind back to the OS (glibc malloc_trim;
+    Arrow's pool likewise). glibc keeps freed blocks below its mmap threshold, and that
+    threshold rises with every large array freed, so without this a long-lived process keeps
+    the peak of whatever it did before: the driver after ingest's sample (~4 copies of
+    init.train_sample vectors), a reused Ray worker after its previous task."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim this way
+        pass
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+
+
 def pin_threads() -> int:
     """Limits faiss/torch/BLAS threads to the CPUs Ray gave this task (OpenMP threads spin
-    badly when cores are oversubscribed). Returns that count."""
+    badly when cores are oversubscribed), and trims the heap an earlier task of this worker
+    left (trim_heap). Returns the thread count. Every task calls it first."""
     import faiss
     import torch
+
+    trim_heap()
 
     try:
         n = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1

@@ -146,7 +146,9 @@ def run(run: Run, plan: dict) -> dict:
                      "data.corpus")
     check_unique_ids(cfg, [(s["id_min"], s["id_max"]) for s in qstats], qblocks,
                      "data.train_queries")
-    sample = np.concatenate([s["sample"] for s in stats]).astype(np.float32)
+    # The sample is the driver's largest transient: at most two copies at a time (the
+    # shards' pieces are dropped once joined, and the join is float32 already).
+    sample = np.concatenate([s.pop("sample") for s in stats], dtype=np.float32)
     sample = sample[np.random.default_rng(cfg.init.seed).permutation(len(sample))]
     check_shape(cfg.index, plan["d"], len(sample))
     if not qfiles:
