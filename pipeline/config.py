@@ -137,10 +137,6 @@ class TrainConfig:
     in_batch: bool = True  # also score the other queries' neighbours
     ivf_weight: float = 1.0  # weight of the Distill-VQ coarse (IVF) distillation term
     recon_weight: float = 0.0  # KDindex reconstruction term, relative to the warm-start error
-    # Score fidelity: squared error of the student's scores of the teacher's K neighbours, in
-    # units of each query's teacher-score spread. The ranking and KL terms only order the
-    # candidates; this keeps the scores themselves, which order the ranks past the list.
-    score_weight: float = 0.0
     # KDindex balance: cross-entropy of the soft list/codeword assignment of the pool negatives
     # to its Sinkhorn-Knopp balanced plan, so that no list or codeword is left unused.
     balance_weight: float = 0.0
@@ -393,8 +389,7 @@ def validate(cfg: PipelineConfig) -> None:
         raise ValueError(f"train.rank_top must be >= 0 (0: all teacher.k), got {tr.rank_top}")
     if tr.ivf_negative_nprobe < 1 or tr.sinkhorn_iters < 1:
         raise ValueError("train.ivf_negative_nprobe and train.sinkhorn_iters must be >= 1")
-    if min(tr.balance_weight, tr.contrastive_weight, tr.recon_weight, tr.ivf_weight,
-           tr.score_weight) < 0:
+    if min(tr.balance_weight, tr.contrastive_weight, tr.recon_weight, tr.ivf_weight) < 0:
         raise ValueError("train.*_weight values must be >= 0")
     if tr.val_checks < 1 or not 0 < tr.lr_backoff <= 1:
         raise ValueError("train.val_checks must be >= 1 and train.lr_backoff in (0, 1] "

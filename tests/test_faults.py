@@ -223,10 +223,12 @@ TWO_EPOCHS = ("--set", "train.epochs=2")  # so that a kill can fall between them
 def trained_then_killed(smoke_data, tmp_path_factory, ray_cluster):
     """A job on the session's multi-node cluster, SIGKILLed as soon as training finished:
     its training ran undisturbed (the reference of the resume test) and its lease outlives
-    it."""
+    it: for 15 minutes, so that it is still live however long the tests between the kill and
+    test_job_killed_between_stages_skips_finished_ones take (the default 120 s was not, once,
+    on a busy machine)."""
     tmp = tmp_path_factory.mktemp("between")
     out = str(tmp / "run")
-    args = job_args(smoke_data, out, *TWO_EPOCHS)
+    args = job_args(smoke_data, out, *TWO_EPOCHS, "--set", "publish.lease_seconds=900")
     proc = start_job(args, tmp / "log1")
     kill_when(proc, os.path.join(out, "stages", "train", "_manifest.json"))
     return {"out": out, "args": args, "pid": proc.pid}

@@ -44,7 +44,7 @@ class TrainData:
                 None if self.labeled is None else self.labeled[mine]
 
 
-LOSS_TERMS = ("pq", "ivf", "recon", "balance", "contrastive", "score")
+LOSS_TERMS = ("pq", "ivf", "recon", "balance", "contrastive")
 
 
 def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
@@ -108,11 +108,6 @@ def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Te
 
     s_pq = candidates(x_hat, q_rot)
     out["pq"] = objective(s_pq)
-    if cfg.score_weight > 0:
-        # Score fidelity over the teacher's list: the squared error of the student's scores,
-        # in units of each query's teacher-score spread, averaged over its K neighbours.
-        unit = relative_tau(t, 1.0)
-        out["score"] = (((s_pq[:, :K] - t[:, :K]) / unit) ** 2).mean(1).sum()
     if cfg.ivf_weight > 0 and model.centroids.requires_grad:
         out["ivf"] = objective(candidates(c, q_rot))
     if labeled is not None and cfg.contrastive_weight > 0:
@@ -126,8 +121,7 @@ def total_loss(parts: dict[str, torch.Tensor], cfg: TrainConfig, recon0: float) 
     return (parts["pq"] + cfg.ivf_weight * parts["ivf"]
             + cfg.recon_weight * parts["recon"] / recon0
             + cfg.balance_weight * parts["balance"]
-            + cfg.contrastive_weight * parts["contrastive"]
-            + cfg.score_weight * parts["score"])
+            + cfg.contrastive_weight * parts["contrastive"])
 
 
 def make_optimizer(model: Student, cfg: TrainConfig) -> torch.optim.Optimizer:
