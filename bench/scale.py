@@ -7,7 +7,8 @@
 Each size runs in its own process with its own Ray cluster: one local node, or with --nodes N
 a head with no CPUs (it runs the driver) and N worker nodes in two groups, the stages placed by
 group as on infra/cluster-aws.yaml. Per stage it reports the throughput, the peak RSS of the
-driver and of the Ray worker processes (sampled from /proc every 0.2 s), the corpus bytes read
+driver (the kernel's high-water mark, restarted at each stage) and of the Ray worker processes
+(sampled from /proc every 0.2 s), the corpus bytes read
 (counted by pipeline.data.readers in every process) against one pass over the corpus, and, in
 the same process, bare single-process faiss on the same data: brute-force kNN (faiss.knn over
 the whole corpus) for the teacher, `add` into the same trained index for encode. Prints a table
@@ -92,24 +93,49 @@ def ray_worker_pids() -> list[str]:
     return out
 
 
+def reset_peak_rss() -> bool:
+    """Restarts this process's VmHWM (its peak RSS, kept by the kernel) from its current RSS
+    (Linux: "5" into /proc/self/clear_refs). False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 class Sampler(threading.Thread):
     """Peak RSS of the driver and of any Ray worker, and the private part (RssAnon) of
-    each, per pipeline stage."""
+    each, per pipeline stage. The driver's peak is the kernel's own high-water mark (VmHWM,
+    restarted at each stage), so a brief peak between two samples is not missed; the rest is
+    sampled every 0.2 s."""
 
     def __init__(self):
         super().__init__(daemon=True)
         self.stage, self.peaks, self.running = None, {}, True
+        self.hwm = False
+
+    def _fold_hwm(self) -> None:
+        if self.stage and self.hwm:
+            peak = self.peaks[self.stage]
+            peak[0] = max(peak[0], rss_mb(os.getpid(), "VmHWM"))
 
     def set_stage(self, name: str) -> None:
-        self.stage = name
+        self._fold_hwm()
         self.peaks.setdefault(name, [0.0, 0.0, 0.0, 0.0])
+        self.hwm = reset_peak_rss()
+        self.stage = name
+
+    def stop(self) -> None:
+        self._fold_hwm()
+        self.running = False
 
     def run(self):
         while self.running:
             if self.stage:
                 peak = self.peaks[self.stage]
                 workers = ray_worker_pids()
-                peak[0] = max(peak[0], rss_mb(os.getpid()))
+                peak[0] = max(peak[0], rss_mb(os.getpid(), "VmHWM" if self.hwm else "VmRSS"))
                 peak[3] = max(peak[3], rss_mb(os.getpid(), "RssAnon"))
                 peak[1] = max([peak[1]] + [rss_mb(p) for p in workers])
                 peak[2] = max([peak[2]] + [rss_mb(p, "RssAnon") for p in workers])
@@ -191,7 +217,7 @@ def run_one(n: int, data_root: str, config: str, overrides: list[str], nodes: in
 
     sampler.start()
     result = run_pipeline(cfg, out, on_stage=on_stage)
-    sampler.running = False
+    sampler.stop()
     reads["end"] = read_bytes_so_far(stats_dir)
     secs = result["seconds"]
     from pipeline.stages.common import Run
