@@ -16,7 +16,7 @@ from pipeline.config import PipelineConfig
 from pipeline.data import readers
 from pipeline.data.plan import Shard, first_rows, plan_blocks, plan_shards
 from pipeline.index.build import check_shape
-from pipeline.stages.common import Group, Run, check_unique_ids, placement
+from pipeline.stages.common import Group, Run, check_unique_ids, placement, trim_heap
 
 log = logging.getLogger("pipeline.stages.ingest")
 
@@ -70,6 +70,7 @@ def scan_shard(shard: dict, d: int, sample_p: float, seed: int) -> dict:
 def _scan_or_report(shard: dict, d: int, sample_p: float, seed: int) -> dict:
     # Ray Data keeps only the text of a UDF's exception, so a bad-input error travels back as
     # data and the driver raises it as the ValueError the user should see.
+    trim_heap()  # a Ray Data worker scans many shards: start each without the last one's heap
     try:
         return {**scan_shard(shard, d, sample_p, seed), "error": ""}
     except ValueError as e:
