@@ -78,8 +78,8 @@ def trim_heap() -> None:
     """Hands the heap that freed arrays left behind back to the OS (glibc malloc_trim;
     Arrow's pool likewise). glibc keeps freed blocks below its mmap threshold, and that
     threshold rises with every large array freed, so without this a long-lived process keeps
-    the peak of whatever it did before: the driver after ingest's sample (~4 copies of
-    init.train_sample vectors), a reused Ray worker after its previous task."""
+    the peak of whatever it did before: the driver after ingest's copies of the training
+    sample, a reused Ray worker after its previous task (docs/scale.md has the figures)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim this way
