@@ -1,16 +1,14 @@
-"""Probe: does a deeper teacher list keep recall@100? Distilled IVF-OPQ variants side by side,
-each from the same faiss-trained index, on the shared data (or any data bench/quality.py
-reads).
+"""Probe: what a band of deeper teacher neighbours (teacher.band_*) does to recall@10 and
+recall@100. Distilled IVF-OPQ variants side by side, each from the same faiss-trained index,
+on the shared data (or any data bench/quality.py reads).
 
   python bench/deep_band.py --size 16                      # the variants below, 2 epochs
-  python bench/deep_band.py --size 16 --variants '{"k10": {}}' --set train.epochs=1
+  python bench/deep_band.py --size 8 --variants '{"top10": {}, "band": {"teacher.band_depth": 300, "teacher.band_size": 20}}'
 
-A variant's teacher list is the exact top `top` (10) plus, with "deep": D and "n": N, N
-neighbours drawn per query, uniformly without replacement, from ranks top+1..D (kept in rank
-order); the ranking loss orders the top `top` (train.rank_top) and the KL the whole list.
-Other keys are train.* fields. The pipeline's teacher keeps the contiguous top teacher.k only:
-this probe measures whether the band is worth carrying through the distributed top-k.
-Prints recall@10 and recall@100 of faiss and of each variant, with the relative gains.
+A variant is a set of config overrides (teacher.* and train.* fields) on bench/quality.yaml;
+its teacher lists are drawn exactly as the pipeline's teacher draws them
+(pipeline.index.knn.Band). Prints recall@10 and recall@100 of faiss and of each variant, with
+the relative gains, and each variant's distillation time.
 """
 from __future__ import annotations
 
@@ -29,20 +27,11 @@ sys.path.insert(0, ROOT)
 
 from bench import quality as Q  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.index import knn  # noqa: E402
 
-VARIANTS = {"k10": {}, "deep300x20": {"deep": 300, "n": 20},
-            "deep300x20-kl1": {"deep": 300, "n": 20, "kl_temperature": 1.0}}
-
-
-def band(S, I, top: int, deep: int, n: int, rng: np.random.Generator):
-    """Columns [0, top) of every row plus n of [top, deep), drawn per row, in rank order."""
-    cols = np.tile(np.arange(top), (len(I), 1))
-    if deep:
-        drawn = np.sort(np.stack([rng.choice(np.arange(top, deep), n, replace=False)
-                                  for _ in range(len(I))]), 1)
-        cols = np.concatenate([cols, drawn], 1)
-    return np.take_along_axis(S, cols, 1), np.take_along_axis(I, cols, 1)
+NO_BAND = {"teacher.band_depth": 0, "teacher.band_size": 0}
+VARIANTS = {"top10": {**NO_BAND, "train.kl_temperature": 2.0},
+            "band300x20": {"teacher.band_depth": 300, "teacher.band_size": 20},
+            "band300x40": {"teacher.band_depth": 300, "teacher.band_size": 40}}
 
 
 def main(argv=None) -> int:
@@ -52,35 +41,24 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=os.path.join(ROOT, "bench", "quality.yaml"))
     ap.add_argument("--set", dest="overrides", action="append",
                     default=["data.max_train_queries=20000"])
-    ap.add_argument("--nprobe", default="4,32")
+    ap.add_argument("--nprobe", default="1,4,32")
     args = ap.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
-    cfg = load_config(args.config, Q.default_data(os.path.join(ROOT, "runs", "bench", "data"))
-                      + args.overrides)
+    base_args = Q.default_data(os.path.join(ROOT, "runs", "bench", "data")) + args.overrides
+    cfg = load_config(args.config, base_args)
     nprobes = [int(x) for x in args.nprobe.split(",")]
     data, _ = Q.load(cfg)
     icfg = dataclasses.replace(cfg.index, M=args.size, nbits=8, opq=True)
     trained, _ = Q.train_faiss(data.xb, icfg, cfg, {})
-    variants = json.loads(args.variants)
-    deepest = max([v.get("deep", 0) for v in variants.values()] + [10])
-    S, I, _ = knn.block_topk(data.xt, data.xb, data.ids, deepest, cfg.index.metric)
-    row_of = np.empty(int(data.ids.max()) + 1, np.int64)
-    row_of[data.ids] = np.arange(len(data.ids))
     base = {"bytes_per_vector": args.size, "nlist": icfg.nlist}
     rows = Q.evaluate(trained, data, nprobes, {"method": "faiss", **base})
-    rng = np.random.default_rng(cfg.init.seed)  # one stream, drawn from in variant order
-    for name, v in variants.items():
-        v = dict(v)
-        top, deep, n = v.pop("top", 10), v.pop("deep", 0), v.pop("n", 0)
-        Sv, Iv = band(S, I, top, deep, n, rng)
-        teacher = (Sv, Iv, data.xb[row_of[Iv]])
-        pcfg = dataclasses.replace(
-            cfg, index=icfg, teacher=dataclasses.replace(cfg.teacher, k=Iv.shape[1]),
-            train=dataclasses.replace(cfg.train, rank_top=top, **v))
+    for name, v in json.loads(args.variants).items():
+        vcfg = load_config(args.config, base_args + [f"{k}={x}" for k, x in v.items()])
+        vcfg = dataclasses.replace(vcfg, index=icfg)
         t0 = time.time()
-        index, _, _ = Q.distill(trained, data, teacher, pcfg)
+        index, _, _ = Q.distill(trained, data, Q.teacher_lists(data, vcfg), vcfg)
         rows += Q.evaluate(index, data, nprobes, {"method": name, **base})
-        print(f"{name}: distilled in {time.time() - t0:.0f}s", flush=True)
+        print(f"{name}: teacher and distillation in {time.time() - t0:.0f}s", flush=True)
     ref = {r["nprobe"]: r for r in rows if r["method"] == "faiss"}
     for r in rows:
         b = ref[r["nprobe"]]

@@ -263,6 +263,15 @@ def train_faiss(xb: np.ndarray, icfg: IndexConfig, cfg: PipelineConfig, opq_cach
     return index, time.time() - t0
 
 
+def teacher_lists(data: Data, cfg: PipelineConfig) -> tuple:
+    """(S, I, V) of the training queries, as the pipeline's teacher draws them: the exact top
+    teacher.k and, with teacher.band_*, the band of deeper neighbours."""
+    band = knn.Band.of(cfg.teacher, cfg.train.seed)
+    return knn.finish(knn.block_topk(data.xt, data.xb, data.ids, cfg.teacher.k,
+                                     cfg.index.metric, True, band=band,
+                                     qids=np.arange(len(data.xt))), band)
+
+
 def distill(trained, data: Data, teacher: tuple, cfg: PipelineConfig,
             labeled: np.ndarray | None = None):
     """Distils a faiss-trained index with the pipeline's kernel; returns (index, secs, state).
@@ -394,7 +403,7 @@ def main(argv=None) -> int:
              *data.xb.shape, len(data.xt), len(data.xq),
              " (symmetric: corpus samples)" if args.symmetric else "", time.time() - t0)
     t1 = time.time()
-    teacher = knn.block_topk(data.xt, data.xb, data.ids, cfg.teacher.k, cfg.index.metric, True)
+    teacher = teacher_lists(data, cfg)
     teacher_s = time.time() - t1
     rows, opq_cache, extra = [], {}, {}
     for size in sizes:

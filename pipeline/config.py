@@ -101,6 +101,13 @@ class InitConfig:
 class TeacherConfig:
     k: int = 10  # exact neighbours per training query
     query_block: int = 4096
+    # A sample of deeper neighbours beside the top k: about band_size per query, drawn
+    # uniformly from ranks k+1..band_depth (pipeline.index.knn.Band); 0: none. The ranking
+    # loss keeps ordering the top k (train.rank_top); the band gives the KL the documents
+    # around rank 100 to order, which recall@100 needs, for about band_size more neighbour
+    # vectors per query instead of band_depth (README: recall@100).
+    band_depth: int = 0
+    band_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -122,9 +129,9 @@ class TrainConfig:
     # carry the order of the rest of the list, which recall@100 needs (README: ablations).
     loss: Loss = Loss.RANKING_KL
     # The ranking loss orders the teacher's best `rank_top` neighbours, each above every
-    # candidate below it; 0: all teacher.k. With a deeper teacher list (teacher.k > rank_top)
-    # the neighbours past rank_top are the hardest negatives of the ranking loss, and the
-    # KL's soft targets order them: what recall@100 needs.
+    # candidate below it; 0: teacher.k. The neighbours past rank_top (a deeper teacher.k, the
+    # band) are the hardest negatives of the ranking loss, and the KL's soft targets order
+    # them: what recall@100 needs.
     rank_top: int = 0
     # Softmax temperatures, relative to each query's teacher-score spread (scale-free): the
     # ranking loss's (and the contrastive term's), and the KL's.
@@ -361,6 +368,12 @@ def validate(cfg: PipelineConfig) -> None:
         raise ValueError("index.M and index.nlist must be >= 1 and index.nbits in 1..16")
     if cfg.teacher.k < 1 or cfg.eval.k < 1:
         raise ValueError("teacher.k and eval.k must be >= 1")
+    te = cfg.teacher
+    if (te.band_depth or te.band_size) and not 0 < te.band_size < te.band_depth - te.k:
+        raise ValueError(
+            f"teacher.band_size={te.band_size} drawn from ranks {te.k + 1}..{te.band_depth} "
+            "(teacher.band_depth): needs 0 < band_size < band_depth - teacher.k; set both to 0 "
+            "for no band")
     if tr.epochs < 1:
         raise ValueError(f"train.epochs must be >= 1, got {tr.epochs}")
     if cfg.publish.keep_versions < 1 or cfg.publish.lease_seconds <= 0:

@@ -12,7 +12,9 @@ stage key finds the markers and searches only the blocks still missing (a killed
 resumes).
 
 Memory: a shard task holds its shard, the query blocks and one result per block (nq * k *
-(12 + 2d) bytes over all blocks); a merge task two results of one block.
+(12 + 2d) bytes over all blocks; with a band, k grows by the most drawn of any query, about
+band_size + 3 sqrt(band_size), plus 4 * band_depth bytes of cut-off scores per query); a
+merge task two results of one block.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from pipeline import storage
 from pipeline.config import PipelineConfig
 from pipeline.data import readers, teacher_parts
 from pipeline.data.plan import Shard
-from pipeline.index.knn import block_topk, merge_topk, pick_device
+from pipeline.index.knn import Band, block_topk, finish, merge_topk, pick_device
 from pipeline.stages.common import Group, pin_threads, placement, wait_all
 
 log = logging.getLogger("pipeline.exact_knn")
@@ -36,14 +38,17 @@ MERGE_FANIN = 32  # per-shard results merged per task: bounds a merge task's mem
 
 @ray.remote
 def _search_shard(shard: dict, k: int, metric: str, gpus: float, with_vectors: bool,
-                  *q_blocks: np.ndarray):
-    """(S, I, V or None) of this shard's top-k for each query block, one return value each;
-    the shard is read once."""
+                  band: Band | None, *q_blocks: np.ndarray):
+    """(S, I, V or None) of this shard's top-k for each query block (with a band, the partial
+    (S, I, V, U, T)), one return value each; the shard is read once. q_blocks: each block's
+    ids, then its vectors."""
     pin_threads()
     s = Shard(**shard)
     ids, x = readers.read_rows(s.uri, s.start, s.stop, s.id_offset)
     device = pick_device(gpus)
-    out = [block_topk(q, x, ids, k, metric, with_vectors, device=device) for q in q_blocks]
+    n = len(q_blocks) // 2
+    out = [block_topk(q, x, ids, k, metric, with_vectors, device=device, band=band, qids=qids)
+           for qids, q in zip(q_blocks[:n], q_blocks[n:])]
     return out[0] if len(out) == 1 else tuple(out)
 
 
@@ -57,7 +62,7 @@ def _read_block(block: dict, d: int, what: str) -> tuple[np.ndarray, np.ndarray]
 
 
 @ray.remote
-def _merge(k: int, parts: list) -> tuple:
+def _merge(k: int, band: Band | None, parts: list) -> tuple:
     """The top-k of results fetched one at a time: refs inside a list reach a task
     unresolved, so it holds two results at once whatever the fan-in (docs/scale.md measured
     what holding them all cost). Merging in order keeps the ties of one flat merge: earlier
@@ -65,23 +70,23 @@ def _merge(k: int, parts: list) -> tuple:
     merged = None
     for ref in parts:
         part = ray.get(ref)
-        merged = part if merged is None else merge_topk([merged, part], k)
+        merged = part if merged is None else merge_topk([merged, part], k, band)
     return merged
 
 
-def _tree_merge(merge, parts: list, k: int):
-    """Merges per-shard (S, I, V) refs in groups of MERGE_FANIN, in order. Returns one ref to
-    the block's (S, I, V)."""
+def _tree_merge(merge, parts: list, k: int, band: Band | None):
+    """Merges per-shard result refs in groups of MERGE_FANIN, in order. Returns one ref to
+    the block's merged result."""
     while len(parts) > 1:
-        parts = [merge.remote(k, parts[i:i + MERGE_FANIN])
+        parts = [merge.remote(k, band, parts[i:i + MERGE_FANIN])
                  for i in range(0, len(parts), MERGE_FANIN)]
     return parts[0]
 
 
 @ray.remote
 def _write_block(out_dir: str, name: str, qids: np.ndarray, xq: np.ndarray, split: tuple | None,
-                 key: str, merged: tuple) -> dict:
-    S, I, V = merged
+                 key: str, band: Band | None, merged: tuple) -> dict:
+    S, I, V = finish(merged, band)
     table = teacher_parts.teacher_table(qids, xq, S, I, V)
     if split is None:
         teacher_parts.write_table(table, storage.join(out_dir, name))
@@ -116,9 +121,10 @@ def _finished(out_dir: str, name: str, key: str) -> dict | None:
 
 def distributed_topk(cfg: PipelineConfig, shards: list[dict], blocks: list[dict], d: int,
                      k: int, with_vectors: bool, out_dir: str, what: str,
-                     split: tuple | None = None, key: str = "") -> dict:
+                     split: tuple | None = None, key: str = "", band: Band | None = None) -> dict:
     """Exact top-k of the query blocks (Shard dicts, `what` names their setting in errors)
-    over every shard, as Parquet parts (teacher_table), one per block.
+    over every shard, as Parquet parts (teacher_table), one per block; with a `band`, each
+    query's drawn deeper neighbours follow its top k (pipeline.index.knn.Band).
 
     Returns {"all": [uris]}, or with split=(val_fraction, seed) {"train": [uris], "val":
     [uris]}; "rows": the row count of each; "spans": each block's (id_min, id_max). With a
@@ -141,14 +147,15 @@ def distributed_topk(cfg: PipelineConfig, shards: list[dict], blocks: list[dict]
         read = _read_block.options(resources=where)
         q_refs = [read.remote(blocks[b], d, what) for b in todo]  # [(ids, x)] refs
         search = _search_shard.options(num_gpus=gpus, resources=where, num_returns=len(todo))
-        per_shard = [search.remote(s, k, metric, gpus, with_vectors, *(x for _, x in q_refs))
+        q_args = [i for i, _ in q_refs] + [x for _, x in q_refs]
+        per_shard = [search.remote(s, k, metric, gpus, with_vectors, band, *q_args)
                      for s in shards]
         if len(todo) == 1:
             per_shard = [[r] for r in per_shard]
         merge = _merge.options(resources=where)
         write = _write_block.options(resources=where)
-        writes = [write.remote(out_dir, names[b], ids, x, split, keys[b],
-                               _tree_merge(merge, [r[j] for r in per_shard], k))
+        writes = [write.remote(out_dir, names[b], ids, x, split, keys[b], band,
+                               _tree_merge(merge, [r[j] for r in per_shard], k, band))
                   for j, (b, (ids, x)) in enumerate(zip(todo, q_refs))]
         for b, c in zip(todo, wait_all(writes, f"{what}: query blocks")):
             counts[b] = c

@@ -27,8 +27,8 @@ FIELDS: dict[str, list[str]] = {
                "init.seed", "inputs.corpus", "inputs.train_queries"],
     "init": ["index.nlist", "index.M", "index.nbits", "index.opq", "index.metric",
              "index.quantizer", "index.rq_beam", "init.niter", "init.seed"],
-    "teacher": ["teacher.k", "teacher.query_block", "index.metric", "train.val_fraction",
-                "train.seed"],
+    "teacher": ["teacher.k", "teacher.band_depth", "teacher.band_size", "teacher.query_block",
+                "index.metric", "train.val_fraction", "train.seed"],
     "train": [f"train.{k}" for k in PipelineConfig().to_dict()["train"]
               if k not in _TRAIN_SCALING],
     "export": ["index.metric"],

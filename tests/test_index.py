@@ -49,10 +49,54 @@ def test_torch_gemm_search_equals_faiss(data, metric):
     np.testing.assert_allclose(D, D_ref, atol=1e-4)
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_band_draws_the_same_over_shards_as_over_the_corpus(data, metric):
+    """The top k, then the neighbours of ranks k+1..depth whose (query, document) key falls
+    below the rate, in rank order: per shard and merged in a tree, exactly what one search
+    over the whole corpus draws, and that draw is the definition's, vectors included."""
+    xb, xq = data
+    ids = np.arange(len(xb)) * 7 + 3
+    qids = np.arange(len(xq)) + 500
+    band = knn.Band(10, 300, 20, seed=4)
+    whole = knn.finish(knn.block_topk(xq, xb, ids, 10, metric, True, band=band, qids=qids), band)
+    parts = [knn.block_topk(xq, xb[a:a + 2500], ids[a:a + 2500], 10, metric, True, band=band,
+                            qids=qids) for a in range(0, len(xb), 2500)]
+    tree = knn.merge_topk([knn.merge_topk(parts[:2], 10, band)] + parts[2:], 10, band)
+    S, I, V = knn.finish(tree, band)
+    assert I.shape == (len(xq), 10 + band.width) and V.shape == I.shape + (32,)
+    for a, b in zip(whole, (S, I, V)):
+        np.testing.assert_array_equal(a, b)
+
+    Sf, If, _ = knn.block_topk(xq, xb, ids, 300, metric)
+    keys = band.keys(qids, If)
+    drawn = []
+    for r in range(len(xq)):
+        want = [i for j, i in enumerate(If[r]) if j >= 10 and keys[r, j] < band.rate]
+        got = [i for i in I[r, 10:] if i >= 0]
+        if len(want) <= band.width:
+            assert got == want
+        else:  # overflow keeps the smallest keys, in rank order
+            rank = {i: j for j, i in enumerate(If[r])}
+            assert got == sorted(sorted(want, key=lambda i: keys[r, rank[i]])[:band.width],
+                                 key=rank.get)
+        drawn.append(len(got))
+        np.testing.assert_array_equal(I[r, :10], If[r, :10])
+    assert 15 < np.mean(drawn) < 25  # about band.size per query
+    row = (I[I >= 0] - 3) // 7
+    np.testing.assert_allclose(V[I >= 0].astype(np.float32), xb[row], atol=1e-3)
+    assert np.isnan(V[I < 0]).all() and np.isneginf(S[I < 0]).all()
+
+
+def test_band_is_refused_where_it_cannot_draw():
+    with pytest.raises(ValueError, match="needs 0 < size < depth - k"):
+        knn.Band(10, 25, 20)
+
+
 def test_topk_pads_small_shards(data):
     xb, xq = data
-    S, I, _ = knn.block_topk(xq, xb[:3], np.arange(3), 5, "ip")
+    S, I, V = knn.block_topk(xq, xb[:3], np.arange(3), 5, "ip", True)
     assert (I[:, 3:] == -1).all() and np.isneginf(S[:, 3:]).all()
+    assert np.isnan(V[:, 3:]).all() and np.isfinite(V[:, :3]).all()
 
 
 def test_params_round_trip(data, trained):

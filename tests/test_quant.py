@@ -90,6 +90,28 @@ def test_data_parallel_gradients_sum_to_the_global_batch(setup):
         np.testing.assert_allclose(g1.numpy(), g2.numpy(), rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("in_batch", [False, True])
+def test_empty_teacher_slots_are_no_candidates(setup, in_batch):
+    """NaN neighbour vectors (a band's empty slots) score as no candidate at all: the
+    distillation terms equal those of the lists without the slot, and no NaN reaches a
+    gradient."""
+    xb, xq, trained, V = setup
+    cfg = TrainConfig(batch_size=32, negatives=16, rank_top=4)
+    neg = torch.as_tensor(xb[:16])
+    q = torch.as_tensor(xq[:32])
+    pos = torch.as_tensor(V[:32].astype(np.float32))
+    holed = pos.clone()
+    holed[:, -1] = torch.nan
+    model = Student(build.extract_params(trained), "ip")
+    want = T.batch_loss(model, q, pos[:, :-1], neg, cfg, in_batch)
+    got = T.batch_loss(model, q, holed, neg, cfg, in_batch)
+    for term in ("pq", "ivf"):
+        assert torch.isfinite(got[term])
+        np.testing.assert_allclose(got[term].item(), want[term].item(), rtol=1e-5)
+    (got["pq"] + got["ivf"] + got["recon"]).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
 @pytest.mark.parametrize("nlist", [16, 0])
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 def test_rq_student_scores_like_the_exported_faiss_index(setup, nlist, metric):

@@ -210,8 +210,10 @@ def test_encode_survives_losing_a_node(prepared, cluster, tmp_path):
         np.testing.assert_array_equal(got.search(xq, 50)[1], want, err_msg=m)
 
 
-def test_teacher_tree_merge_equals_brute_force(prepared, tmp_path, monkeypatch):
-    """With a fan-in of 2, the 4 shards' results merge in a two-level tree: same answer."""
+@pytest.mark.parametrize("band", [None, knn.Band(10, 80, 12, seed=5)], ids=["top", "band"])
+def test_teacher_tree_merge_equals_brute_force(prepared, tmp_path, monkeypatch, band):
+    """With a fan-in of 2, the 4 shards' results merge in a two-level tree: same answer, and
+    with a band the same draw of deeper neighbours as one search over the whole corpus."""
     monkeypatch.setattr(exact_knn, "MERGE_FANIN", 2)
     ids, xb = corpus(prepared)
     qids, xq = readers.read_all(prepared.cfg.data.eval_queries, "q")
@@ -220,10 +222,13 @@ def test_teacher_tree_merge_equals_brute_force(prepared, tmp_path, monkeypatch):
     blocks = [b.to_dict() for b in plan_blocks(files, 40)]
     assert len(blocks) > 1
     out = exact_knn.distributed_topk(prepared.cfg, prepared.stage_info("ingest")["shards"],
-                                     blocks, xb.shape[1], 10, True, str(tmp_path / "t"), "test")
+                                     blocks, xb.shape[1], 10, True, str(tmp_path / "t"), "test",
+                                     band=band)
     assert len(out["all"]) == len(blocks) and out["rows"]["all"] == len(qids)
     got = load_parts(out["all"])
-    S, I, V = knn.block_topk(xq, xb, ids, 10, "ip", True)
+    S, I, V = knn.finish(knn.block_topk(xq, xb, ids, 10, "ip", True, band=band, qids=qids), band)
+    if band:
+        assert I.shape[1] == 10 + band.width and (I[:, 10:] >= 0).sum(1).mean() > 6
     np.testing.assert_array_equal(got["I"], I)
     np.testing.assert_array_equal(got["V"], V)
     np.testing.assert_array_equal(got["qids"], qids)

@@ -5,6 +5,7 @@ bench/quality.py runs it in one process.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -71,7 +72,9 @@ def fit(params: dict, data: TrainData, val: TrainData, pcfg: PipelineConfig,
     warm start. A validation below the best restores the best and backs the learning rates
     off. Every worker validates the same student identically, so all take the same branch.
     Returns the final state."""
-    cfg = pcfg.train
+    # rank_top 0 means the teacher's contiguous top k, not its whole list: a band of deeper
+    # neighbours (teacher.band_*) follows the top k in each list.
+    cfg = dataclasses.replace(pcfg.train, rank_top=pcfg.train.rank_top or pcfg.teacher.k)
     model = build_student(params, pcfg).to(device)
     calibrate(model, data.pool[:4096])
     opt = make_optimizer(model, cfg)

@@ -59,6 +59,10 @@ def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Te
     """
     b, K, d = pos.shape
     N = len(neg)
+    # Empty slots of a teacher list are NaN vectors (a band with fewer drawn neighbours than
+    # slots, a corpus smaller than k): zeroed for the arithmetic, masked out of every score.
+    filled = torch.isfinite(pos).all(-1)  # (b, K)
+    pos = torch.where(filled[..., None], pos, torch.zeros((), dtype=pos.dtype, device=pos.device))
     R = model.rotation() if model.has_rotation else None
     q_rot = model.rotate(q, R)
     docs = torch.cat([pos.reshape(b * K, d), neg] + ([labeled] if labeled is not None else []))
@@ -71,27 +75,34 @@ def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Te
     # Squared reconstruction error as a sum over local queries (its neighbours' mean plus the
     # shared negatives' mean), so that, like the KL sums, workers' parts add up exactly.
     err = ((docs_rot - x_hat) ** 2).sum(1)
-    out["recon"] = err[:b * K].sum() / K + (b * err[b * K:b * K + N].mean() if N else zero)
+    out["recon"] = (err[:b * K] * filled.reshape(-1)).sum() / K \
+        + (b * err[b * K:b * K + N].mean() if N else zero)
     if balance:  # on the pool negatives (the corpus's distribution) when there are any
-        rows = slice(b * K, b * K + N) if N else slice(0, b * K)
+        rows = slice(b * K, b * K + N) if N else filled.reshape(-1).nonzero()[:, 0]
         out["balance"] = b * model.balance_loss(
             docs_rot[rows], [lg[rows] for lg in rest[0]], cfg.sinkhorn_iters,
             model.soft_temperature)
 
-    own = None
-    if in_batch and b > 1:  # a query's own neighbours must not reappear as negatives
-        own = torch.zeros(b, K + N + b * K, dtype=torch.bool, device=q.device)
-        own[:, K + N:] = torch.eye(b, dtype=torch.bool, device=q.device)\
-            .repeat_interleave(K, dim=1)
+    # Candidates a query must not score: its empty slots, everyone's empty slots among the
+    # in-batch candidates, and its own neighbours there (they must not reappear as negatives).
+    in_batch = in_batch and b > 1
+    drop = None
+    if in_batch or not filled.all():
+        drop = torch.zeros(b, K + N + (b * K if in_batch else 0), dtype=torch.bool,
+                           device=q.device)
+        drop[:, :K] = ~filled
+        if in_batch:
+            drop[:, K + N:] = torch.eye(b, dtype=torch.bool, device=q.device)\
+                .repeat_interleave(K, dim=1) | ~filled.reshape(1, b * K)
 
     def candidates(vectors: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """Scores (b, L) of each query to its candidates among `vectors`, laid out as docs."""
         s = [similarity(query, vectors[:b * K].view(b, K, d), model.metric),
              similarity(query, vectors[b * K:b * K + N], model.metric)]
-        if own is not None:
+        if in_batch:
             s.append(similarity(query, vectors[:b * K], model.metric))
         s = torch.cat(s, 1)
-        return s if own is None else s.masked_fill(own, -torch.inf)
+        return s if drop is None else s.masked_fill(drop, -torch.inf)
 
     t = candidates(docs, q)
     tau = relative_tau(t, cfg.temperature)

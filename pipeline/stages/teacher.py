@@ -9,6 +9,7 @@ import time
 
 from pipeline.data.plan import plan_blocks
 from pipeline.exact_knn import distributed_topk
+from pipeline.index.knn import Band
 from pipeline.stages.common import Run
 
 log = logging.getLogger("pipeline.stages.teacher")
@@ -19,14 +20,17 @@ def run(run: Run) -> dict:
     plan = run.stage_info("ingest")
     blocks = [b.to_dict() for b in plan_blocks([tuple(f) for f in plan["train_query_files"]],
                                                 run.cfg.teacher.query_block)]
-    tr = run.cfg.train
-    out = distributed_topk(run.cfg, plan["shards"], blocks, plan["d"], run.cfg.teacher.k, True,
+    tr, te = run.cfg.train, run.cfg.teacher
+    band = Band.of(te, tr.seed)
+    out = distributed_topk(run.cfg, plan["shards"], blocks, plan["d"], te.k, True,
                            run.stage_path("teacher"), "teacher", split=(tr.val_fraction, tr.seed),
-                           key=run.resume_key("teacher"))
+                           key=run.resume_key("teacher"), band=band)
     out.pop("spans")  # ingest checked the ids
     n = plan["train_queries"]
     secs = time.time() - t0
-    log.info("teacher: top-%d of %d queries over %d vectors in %.1fs (%.0f queries/s); "
-             "%d for training, %d held out", run.cfg.teacher.k, n, plan["n"], secs,
+    log.info("teacher: top-%d%s of %d queries over %d vectors in %.1fs (%.0f queries/s); "
+             "%d for training, %d held out", te.k,
+             f" and about {te.band_size} of ranks {te.k + 1}-{te.band_depth}" if band else "",
+             n, plan["n"], secs,
              n / secs, out["rows"]["train"], out["rows"]["val"])
     return {**out, "queries": n}
