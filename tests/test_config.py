@@ -32,8 +32,9 @@ def test_yaml_and_overrides(tmp_path):
     ("train.lr=0", "train.lr"),
     ("train.rotation_lr=-1e-4", "rotation_lr"),
     ("train.max_failures=-1", "max_failures"),
-    ("teacher.band_size=20", "band_size=20 drawn from ranks 11..0"),
+    ("teacher.band_depth=0", "band_size=20 drawn from ranks 11..0"),
     ("teacher.band_depth=25", "needs 0 < band_size < band_depth - teacher.k"),
+    ("teacher.band_size=290", "set both to 0 for no band"),
 ])
 def test_bad_config_is_a_clear_error(override, message):
     with pytest.raises(ValueError, match=message):

@@ -55,7 +55,7 @@ def test_distillation_beats_faiss_at_8_bytes(data):
     trained, _ = quality.train_faiss(data.xb, cfg.index, cfg, {})
     base = {"bytes_per_vector": 8, "nlist": 32}
     faiss_rows = quality.evaluate(trained, data, cfg.eval.nprobe, {"method": "faiss", **base})
-    teacher = knn.block_topk(data.xt, data.xb, data.ids, cfg.teacher.k, "ip", True)
+    teacher = quality.teacher_lists(data, cfg)  # the default band included
     index, _, state = quality.distill(trained, data, teacher, cfg)
     ours = quality.evaluate(index, data, cfg.eval.nprobe, {"method": "distilled", **base})
     assert state["best_val"] > state["warm_val"], "training must improve on the warm start"

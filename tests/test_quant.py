@@ -87,7 +87,8 @@ def test_data_parallel_gradients_sum_to_the_global_batch(setup):
         return [sum(gs) for gs in zip(*per_rank)]
 
     for g1, g2 in zip(summed_grads(1), summed_grads(2)):
-        np.testing.assert_allclose(g1.numpy(), g2.numpy(), rtol=1e-4, atol=1e-7)
+        # float32 sums over 64 queries in two orders: ~1e-7 apart in absolute terms
+        np.testing.assert_allclose(g1.numpy(), g2.numpy(), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("in_batch", [False, True])
@@ -247,9 +248,13 @@ def test_training_is_scale_free(setup, c):
         T.train_epoch(model, opt, data, cfg, 0)
         out.append(model.export())
     assert not np.allclose(out[0].codebooks, params.codebooks, atol=1e-3), "it learned"
+    # Float rounding differs between the scales, so a near-tie in a hard assignment can go
+    # the other way and move one codeword by part of a step (~1e-3 here): nearly every
+    # parameter agrees to 1e-4, and none is off by a step. A learning rate or temperature
+    # that did not scale would move them all by up to `c` times a step.
     for key in ("centroids", "codebooks"):
-        np.testing.assert_allclose(getattr(out[1], key) / c, getattr(out[0], key), rtol=0,
-                                   atol=1e-4)
+        diff = np.abs(getattr(out[1], key) / c - getattr(out[0], key))
+        assert (diff < 1e-4).mean() > 0.995 and diff.max() < 1e-3, (key, diff.max())
     np.testing.assert_allclose(out[1].rotation, out[0].rotation, rtol=0, atol=1e-4)
 
 
