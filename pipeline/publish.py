@@ -31,7 +31,7 @@ log = logging.getLogger("pipeline.publish")
 POINTER = "manifest.json"
 VERSIONS = "versions"
 INDEX_FILES = ("index.ivfdata", "index.index")  # in this order: data before its header
-FASTSCAN = "fastscan.index"  # with build.fastscan: the same index, in memory, as fast-scan
+FASTSCAN = ondisk.FASTSCAN
 
 
 def read_pointer(output: str) -> tuple[dict | None, str | None]:

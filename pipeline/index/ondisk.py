@@ -11,6 +11,9 @@ import numpy as np
 
 # A merged on-disk index: the header faiss reads, and its inverted lists' data file.
 PAIR = ("index.index", "index.ivfdata")
+# With build.fastscan, beside the pair: the same index as IndexIVFPQFastScan, self-contained
+# (faiss holds fast-scan lists in memory only).
+FASTSCAN = "fastscan.index"
 
 
 def encode_shard(trained, ids: np.ndarray, x: np.ndarray, use_gpu: bool = False):

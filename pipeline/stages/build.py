@@ -165,11 +165,11 @@ def _export_fastscan(folder_uri: str) -> dict:
     scratch = storage.local_scratch("fastscan")
     folder = storage.local_folder(folder_uri, ondisk.PAIR, scratch)
     index = build.to_fastscan(ondisk.read_ondisk(os.path.join(folder, "index.index")))
-    local = os.path.join(scratch, "fastscan.index")
+    local = os.path.join(scratch, ondisk.FASTSCAN)
     faiss.write_index(index, local)
     del index
     meta = {"sha256": storage.sha256_file(local), "bytes": os.path.getsize(local)}
-    storage.upload_file(local, storage.join(folder_uri, "fastscan.index"))
+    storage.upload_file(local, storage.join(folder_uri, ondisk.FASTSCAN))
     shutil.rmtree(scratch)
     return meta
 

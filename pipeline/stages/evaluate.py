@@ -44,8 +44,8 @@ def _search_merged(folder_uri: str, gt_uris: list[str], k: int, nprobes: tuple,
     pin_threads()
     scratch = storage.local_scratch("eval")
     if fastscan:
-        folder = storage.local_folder(folder_uri, ("fastscan.index",), scratch)
-        index = faiss.read_index(os.path.join(folder, "fastscan.index"))
+        folder = storage.local_folder(folder_uri, (ondisk.FASTSCAN,), scratch)
+        index = faiss.read_index(os.path.join(folder, ondisk.FASTSCAN))
     else:
         folder = storage.local_folder(folder_uri, ondisk.PAIR, scratch)
         index = ondisk.read_ondisk(os.path.join(folder, "index.index"))
