@@ -231,7 +231,8 @@ def run_one(n: int, data_root: str, config: str, overrides: list[str], nodes: in
     read_by_stage = {st: reads[order[i + 1]] - reads[st] for i, st in enumerate(order[:-1])}
     one_pass = corpus_bytes(corpus)
     ray.shutdown()
-    bare = bare_faiss(out, corpus, cfg.teacher.k)
+    # the search the teacher runs per shard: the top k, or the top band_depth with a band
+    bare = bare_faiss(out, corpus, max(cfg.teacher.k, cfg.teacher.band_depth))
     rows = []
     for stage, s in secs.items():
         if stage not in work:
