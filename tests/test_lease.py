@@ -11,6 +11,7 @@ import pytest
 
 from jobs import distill
 from pipeline import lease, publish, storage
+from pipeline.config import load_config
 
 from .test_e2e import job_args
 from .test_faults import start_job
@@ -110,6 +111,9 @@ def test_sigterm_names_the_stage_releases_the_lease_and_the_rerun_resumes(
     info = storage.read_json(storage.join(out, "stages", "teacher", "_manifest.json"))["info"]
     got = load_parts(info["train"] + info["val"])
     ids, xb = readers.read_all(f"{smoke_data}/corpus", "corpus")
-    S, I, V = knn.block_topk(got["xq"], xb, ids, 10, "ip", True)
+    cfg = load_config("jobs/configs/smoke.yaml", [])
+    band = knn.Band.of(cfg.teacher, cfg.train.seed)
+    S, I, V = knn.finish(knn.block_topk(got["xq"], xb, ids, 10, "ip", True, band=band,
+                                        qids=got["qids"]), band)
     np.testing.assert_array_equal(got["I"], I)
     np.testing.assert_array_equal(got["V"], V)

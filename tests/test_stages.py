@@ -59,7 +59,10 @@ def test_teacher_equals_brute_force(prepared):
     parts = load_parts(info["train"] + info["val"])
     assert len(parts["qids"]) == info["queries"] and len(info["val"]) == len(info["train"])
     assert 0 < info["rows"]["val"] < info["rows"]["train"]
-    S, I, V = knn.block_topk(parts["xq"], xb, ids, prepared.cfg.teacher.k, "ip", True)
+    band = knn.Band.of(prepared.cfg.teacher, prepared.cfg.train.seed)  # the default band
+    assert band is not None
+    S, I, V = knn.finish(knn.block_topk(parts["xq"], xb, ids, prepared.cfg.teacher.k, "ip", True,
+                                        band=band, qids=parts["qids"]), band)
     np.testing.assert_array_equal(parts["I"], I)
     np.testing.assert_allclose(parts["S"], S, rtol=1e-5)
     np.testing.assert_array_equal(parts["V"], V)
