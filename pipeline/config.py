@@ -54,6 +54,12 @@ class NegativeSampler(_Mode):
     IVF = "ivf"  # pool vectors in the lists the batch's queries probe (Distill-VQ's hard negatives)
 
 
+class LRSchedule(_Mode):
+    """How the learning rates move over the whole training (on top of the backoff)."""
+    CONSTANT = "constant"
+    COSINE = "cosine"  # half a cosine from the full rate down to zero at the last step
+
+
 def _typed_modes(obj) -> None:
     """Turns mode fields given as plain strings (Python callers, dataclasses.replace) into
     their enum, so that code downstream can rely on the type."""
@@ -124,6 +130,7 @@ class TrainConfig:
     # left), so a step that suits PQ moves every later stage's input: it takes smaller steps.
     rq_lr: float = 0.0065
     rotation_lr: float = 1e-4  # radians (the rotation is scale-free)
+    lr_schedule: LRSchedule = LRSchedule.CONSTANT
     # "ranking": KDindex's ranking loss (the student keeps the teacher's order of the top-k,
     # each above all ranked below it); "kl": Distill-VQ's listwise KL over the candidates;
     # "ranking+kl": both. The ranking loss aims at the top k only; the KL's softer targets

@@ -46,6 +46,36 @@ def test_student_reconstructs_like_faiss(setup):
     np.testing.assert_allclose(np.take_along_axis(s, I, 1), D, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("M", [4, 8])
+def test_fused_pq_assignment_equals_autograd(setup, M):
+    """The hand-fused straight-through PQ assignment (_PQStraightThrough) gives the codes,
+    values and gradients of the autograd chain it replaces (still used when the balance term
+    needs the logits)."""
+    xb, _, _, _ = setup
+    rng = np.random.default_rng(2)
+    d = xb.shape[1]
+    params = Params(QuantizerSpec(Quantizer.PQ, True, True, M, 5), xb[:16].copy(),
+                    rng.standard_normal((M, 32, d // M)).astype(np.float32) * 0.1,
+                    np.linalg.qr(rng.standard_normal((d, d)))[0].astype(np.float32))
+    x = torch.as_tensor(xb[:500])
+    weights = torch.as_tensor(rng.standard_normal((500, d)).astype(np.float32))
+    got = []
+    for with_logits in (False, True):
+        model = Student(params, "ip")
+        with torch.no_grad():
+            model.skew.normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
+        xr = x.clone().requires_grad_(True)
+        c, r, codes = model.quantize(model.rotate(xr), with_logits=with_logits)[:3]
+        ((c + r) * weights).sum().add((r * r).sum()).backward()
+        got.append([r.detach(), codes, xr.grad, model.codebooks.grad, model.centroids.grad,
+                    model.skew.grad])
+    fused, chain = got
+    assert torch.equal(fused[1], chain[1])
+    for a, b in zip(fused[:1] + fused[2:], chain[:1] + chain[2:]):
+        assert b.abs().sum() > 0
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5 * b.abs().max())
+
+
 def test_rotation_stays_orthogonal_and_loss_falls(setup):
     xb, xq, trained, V = setup
     cfg = TrainConfig(batch_size=50, negatives=64, rotation_lr=1e-2, epochs=3)

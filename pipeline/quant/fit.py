@@ -16,7 +16,7 @@ from pipeline.index import build
 from pipeline.index.knn import block_topk
 from pipeline.index.metrics import query_recalls
 from pipeline.quant.model import Student
-from pipeline.quant.train import TrainData, calibrate, make_optimizer, train_epoch
+from pipeline.quant.train import TrainData, calibrate, make_optimizer, schedule, train_epoch
 
 log = logging.getLogger("pipeline.quant.fit")
 
@@ -90,6 +90,8 @@ def fit(params: dict, data: TrainData, val: TrainData, pcfg: PipelineConfig,
     else:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        for group in opt.param_groups:  # a checkpoint from before the schedule
+            group.setdefault("base_lr", group["lr"])
 
     def check() -> float:
         v_q = validate(model)
@@ -101,7 +103,7 @@ def fit(params: dict, data: TrainData, val: TrainData, pcfg: PipelineConfig,
             model.load_state_dict(state["best_model"])
             opt.state.clear()  # fresh moments for the smaller steps
             for group in opt.param_groups:
-                group["lr"] *= cfg.lr_backoff
+                group["base_lr"] *= cfg.lr_backoff
             state["backoffs"] += 1
             if rank == 0:
                 log.info("train: validation recall %.4f < best %.4f: back to the best, "
@@ -110,6 +112,7 @@ def fit(params: dict, data: TrainData, val: TrainData, pcfg: PipelineConfig,
 
     for epoch in range(state["epoch"], cfg.epochs):
         t0 = time.time()
+        schedule(opt, cfg.lr_schedule, epoch / cfg.epochs)
 
         def progress(step, steps, loss, _t0=t0, _epoch=epoch):
             if rank == 0 and (step % 50 == 0 or step == steps):
@@ -117,13 +120,14 @@ def fit(params: dict, data: TrainData, val: TrainData, pcfg: PipelineConfig,
                 log.info("train: epoch %d step %d/%d loss %.4f ETA %.0fs", _epoch + 1, step,
                          steps, loss, eta)
 
-        def mid_epoch(step, steps):  # the epoch's last validation comes after it
+        def after_step(step, steps, _epoch=epoch):  # the epoch's last validation follows it
             every = max(1, steps // cfg.val_checks)
             if step % every == 0 and step + every <= steps:
                 check()
+            schedule(opt, cfg.lr_schedule, (_epoch * steps + step) / (cfg.epochs * steps))
 
         m = train_epoch(model, opt, data, cfg, epoch, rank, world, reduce_grads, device,
-                        progress, mid_epoch)
+                        progress, after_step)
         m["val_recall"] = check()
         m["seconds"] = time.time() - t0
         m["queries_per_s_per_worker"] = m["queries"] / world / max(m["seconds"], 1e-9)

@@ -30,6 +30,61 @@ def similarity(q: torch.Tensor, x: torch.Tensor, metric: str) -> torch.Tensor:
     return s if metric == "ip" else 2 * s - xx - (q * q).sum(1, keepdim=True)
 
 
+class _PQStraightThrough(torch.autograd.Function):
+    """Every sub-quantizer's hard codeword, with the gradient of a soft assignment: the same
+    values and gradients as Student._straight_through on PQ distances, fused by hand.
+
+    Autograd's version of that chain keeps about twenty (n, M, ksub) temporaries and passes
+    over them (distance terms, scale, logits, softmax, their backward), and it builds the soft
+    mixture in the forward pass only to subtract it again; on CPUs those passes, not the
+    matrix products, took most of a training step. Here the forward pass is one batched
+    product, two in-place passes and a softmax, and the backward pass four batched products.
+
+    r (M, n, dsub) residual sub-vectors, B (M, ksub, dsub) codebooks, temperature > 0 (relative
+    to each sub-vector's mean squared distance to the codewords). Returns hard (M, n, dsub) and
+    codes (M, n).
+
+    With p = softmax(-dist / (temperature * mean dist)) the straight-through output is
+    B[code] + p @ B - stop_gradient(p @ B), so for the output's gradient g:
+      dB[code] += g,  dB += p^T g,  and through the logits (w = 2 d logits / (T s)):
+      dr = w @ B,  dB += w^T r - colsum(w) * B
+    (the ||r||^2 term of the distance drops out: a softmax's logit gradients sum to zero).
+    """
+
+    @staticmethod
+    def forward(ctx, r: torch.Tensor, B: torch.Tensor, temperature: float):
+        half_norms = 0.5 * (B * B).sum(-1)  # (M, ksub)
+        r_norms = (r * r).sum(-1, keepdim=True)  # (M, n, 1)
+        # mean distance to the codewords, without the (M, n, ksub) distances themselves
+        mean_dist = r_norms - 2 * torch.bmm(r, B.mean(1, keepdim=True).transpose(1, 2)) \
+            + 2 * half_norms.mean(-1)[:, None, None]
+        inv = 2.0 / (temperature * mean_dist.clamp_min(1e-12))  # (M, n, 1)
+        # logits up to a per-row constant (-||r||^2 / (T s)), which the softmax ignores
+        logits = torch.bmm(r, B.transpose(1, 2)).sub_(half_norms[:, None, :]).mul_(inv)
+        codes = logits.argmax(-1)
+        p = torch.softmax(logits, -1)
+        del logits
+        hard = torch.gather(B, 1, codes[..., None].expand(-1, -1, B.shape[2]))
+        ctx.save_for_backward(r, B, p, codes, inv)
+        ctx.mark_non_differentiable(codes)
+        return hard, codes
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor, _codes_grad):
+        r, B, p, codes, inv = ctx.saved_tensors
+        g = g.contiguous()
+        # d loss / d logits of a softmax: p * (dp - <p, dp>), then times d logits / d r.B
+        w = torch.bmm(g, B.transpose(1, 2))
+        w.sub_((w * p).sum(-1, keepdim=True)).mul_(p).mul_(inv)
+        grad_r = torch.bmm(w, B) if ctx.needs_input_grad[0] else None
+        grad_B = None
+        if ctx.needs_input_grad[1]:
+            grad_B = torch.bmm(p.transpose(1, 2), g)  # the soft mixture's codeword weights
+            grad_B.scatter_add_(1, codes[..., None].expand(-1, -1, B.shape[2]), g)  # hard pick
+            grad_B += torch.bmm(w.transpose(1, 2), r) - w.sum(1)[..., None] * B
+        return grad_r, grad_B, None
+
+
 class Student(nn.Module):
     def __init__(self, params: Params, metric: str = "ip", learn_ivf: bool = True,
                  learn_pq: bool = True, learn_rotation: bool = True,
@@ -130,7 +185,13 @@ class Student(nn.Module):
                 codes.append(code)
                 logits.append(logit)
             r_hat = torch.stack(parts, 0).sum(0)
-        else:  # all sub-quantizers at once: (n, M, ksub) distances
+        elif not with_logits and self.soft_temperature > 0:
+            # every sub-quantizer at once, fused (_PQStraightThrough); r_m (M, n, dsub)
+            rm = r.view(r.shape[0], self.M, -1).transpose(0, 1).contiguous()
+            hard, code = _PQStraightThrough.apply(rm, B, self.soft_temperature)
+            r_hat = hard.transpose(0, 1).reshape(r.shape)
+            codes = list(code.unbind(0))
+        else:  # all sub-quantizers at once: (n, M, ksub) distances, by autograd
             rm = r.view(r.shape[0], self.M, -1)
             dist = ((rm * rm).sum(-1, keepdim=True) - 2 * torch.einsum("nmd,mkd->nmk", rm, B)
                     + (B * B).sum(-1)[None])

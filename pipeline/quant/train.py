@@ -7,13 +7,14 @@ and every worker applies the same update.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
-from pipeline.config import TrainConfig
+from pipeline.config import LRSchedule, TrainConfig
 from pipeline.quant.losses import contrastive, listwise_kl, ranking_loss, relative_tau
 from pipeline.quant.model import Student, similarity
 
@@ -55,7 +56,7 @@ def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Te
     q (b, d); pos (b, K, d) each query's teacher neighbours, best first; neg (N, d) shared
     negatives; labeled (b, d) each query's labeled document, or None. Candidates of query i:
     its K neighbours, the shared negatives, and (in_batch) the other queries' neighbours.
-    Every document is rotated and quantized once.
+    Every document is rotated and quantized once, empty slots never.
     """
     b, K, d = pos.shape
     N = len(neg)
@@ -65,22 +66,32 @@ def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Te
     pos = torch.where(filled[..., None], pos, torch.zeros((), dtype=pos.dtype, device=pos.device))
     R = model.rotation() if model.has_rotation else None
     q_rot = model.rotate(q, R)
-    docs = torch.cat([pos.reshape(b * K, d), neg] + ([labeled] if labeled is not None else []))
-    docs_rot = model.rotate(docs, R)
+    extra = [neg] + ([labeled] if labeled is not None else [])
+    docs = torch.cat([pos.reshape(b * K, d)] + extra)
+    # Only the filled slots are rotated and quantized (with the default band about a quarter
+    # of the slots are empty); spread() lays the results out as docs, empty slots zero.
+    slots = filled.reshape(-1).nonzero()[:, 0]
+    nf = len(slots)
+    kept_rot = model.rotate(torch.cat([pos.reshape(b * K, d)[slots]] + extra), R)
     balance = cfg.balance_weight > 0
-    c, r_hat, _, *rest = model.quantize(docs_rot, with_logits=balance)
-    x_hat = c + r_hat
+    c_kept, r_kept, _, *rest = model.quantize(kept_rot, with_logits=balance)
+
+    def spread(t: torch.Tensor) -> torch.Tensor:
+        if nf == b * K:
+            return t
+        return torch.cat([t.new_zeros(b * K, d).index_copy(0, slots, t[:nf]), t[nf:]])
+
+    c, x_hat = spread(c_kept), spread(c_kept + r_kept)
     zero = torch.zeros((), device=q.device)
     out = dict.fromkeys(LOSS_TERMS, zero)
     # Squared reconstruction error as a sum over local queries (its neighbours' mean plus the
     # shared negatives' mean), so that, like the KL sums, workers' parts add up exactly.
-    err = ((docs_rot - x_hat) ** 2).sum(1)
-    out["recon"] = (err[:b * K] * filled.reshape(-1)).sum() / K \
-        + (b * err[b * K:b * K + N].mean() if N else zero)
+    err = ((kept_rot - c_kept - r_kept) ** 2).sum(1)
+    out["recon"] = err[:nf].sum() / K + (b * err[nf:nf + N].mean() if N else zero)
     if balance:  # on the pool negatives (the corpus's distribution) when there are any
-        rows = slice(b * K, b * K + N) if N else filled.reshape(-1).nonzero()[:, 0]
+        rows = slice(nf, nf + N) if N else slice(0, nf)
         out["balance"] = b * model.balance_loss(
-            docs_rot[rows], [lg[rows] for lg in rest[0]], cfg.sinkhorn_iters,
+            kept_rot[rows], [lg[rows] for lg in rest[0]], cfg.sinkhorn_iters,
             model.soft_temperature)
 
     # Candidates a query must not score: its empty slots, everyone's empty slots among the
@@ -143,7 +154,19 @@ def make_optimizer(model: Student, cfg: TrainConfig) -> torch.optim.Optimizer:
                "lr": lr}]
     if model.skew.requires_grad:
         groups.append({"params": [model.skew], "lr": cfg.rotation_lr})
-    return torch.optim.Adam([g for g in groups if g["params"]])
+    opt = torch.optim.Adam([g for g in groups if g["params"]])
+    for group in opt.param_groups:  # what the schedule scales; the backoff shrinks it
+        group["base_lr"] = group["lr"]
+    return opt
+
+
+def schedule(opt: torch.optim.Optimizer, kind: LRSchedule, progress: float) -> None:
+    """Sets every group's learning rate for the point `progress` in [0, 1] of the training:
+    its base rate (the backoff's, once it backed off) times the schedule's factor."""
+    factor = 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0))) \
+        if kind == LRSchedule.COSINE else 1.0
+    for group in opt.param_groups:
+        group["lr"] = group["base_lr"] * factor
 
 
 class NegativeSampler:
