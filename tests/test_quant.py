@@ -90,6 +90,22 @@ def test_rotation_stays_orthogonal_and_loss_falls(setup):
     assert not torch.allclose(R, model.rotation0), "the rotation was learned"
 
 
+def test_cosine_schedule_scales_the_backed_off_rates(setup):
+    """train.lr_schedule=cosine: the full rates at the start, half at mid-training, zero at the
+    end, always of the base rate, which the backoff shrinks; constant leaves the base rate."""
+    _, _, trained, _ = setup
+    model = Student(build.extract_params(trained), "ip")
+    opt = T.make_optimizer(model, TrainConfig(lr=0.05, rotation_lr=1e-4))
+    base = [g["lr"] for g in opt.param_groups]
+    for progress, factor in ((0.0, 1.0), (0.5, 0.5), (1.0, 0.0)):
+        T.schedule(opt, "cosine", progress)
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([b * factor for b in base])
+    for g in opt.param_groups:
+        g["base_lr"] *= 0.5
+    T.schedule(opt, "constant", 0.7)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([b * 0.5 for b in base])
+
+
 def test_kl_is_zero_when_student_matches_teacher():
     t = torch.tensor([[3.0, 1.0, -torch.inf, 0.5]])
     tau = relative_tau(t, 0.5)
