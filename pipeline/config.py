@@ -111,8 +111,8 @@ class TeacherConfig:
     # uniformly from ranks k+1..band_depth (pipeline.index.knn.Band); 0: none. The ranking
     # loss keeps ordering the top k (train.rank_top); the band gives the KL the documents
     # around rank 100 to order, which recall@100 needs, for about band_size more neighbour
-    # vectors per query instead of band_depth (README: recall@100). Distillation takes
-    # 2.5-4x as long with the default band (each query scores 10 + ~20 neighbours).
+    # vectors per query instead of band_depth (README: recall@100). Training's cost grows
+    # with k + band_size: each drawn neighbour is rotated, quantized and scored.
     band_depth: int = 300
     band_size: int = 20
 
