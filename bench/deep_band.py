@@ -3,7 +3,8 @@ recall@100. Distilled IVF-OPQ variants side by side, each from the same faiss-tr
 on the shared data (or any data bench/quality.py reads).
 
   python bench/deep_band.py --size 16                      # the variants below, 2 epochs
-  python bench/deep_band.py --size 8 --variants '{"top10": {}, "band": {"teacher.band_depth": 300, "teacher.band_size": 20}}'
+  python bench/deep_band.py --size 8 --variants \
+      '{"top10": {}, "band": {"teacher.band_depth": 300, "teacher.band_size": 20}}'
 
 A variant is a set of config overrides (teacher.* and train.* fields) on bench/quality.yaml;
 its teacher lists are drawn exactly as the pipeline's teacher draws them
@@ -19,7 +20,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -48,6 +48,31 @@ class TrainData:
 LOSS_TERMS = ("pq", "ivf", "recon", "balance", "contrastive")
 
 
+def _spread(t: torch.Tensor, slots: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows computed for the filled slots `slots` of n, then the rest, laid out as all n slots
+    (empty ones zero) then the rest."""
+    if len(slots) == n:
+        return t
+    return torch.cat([t.new_zeros(n, t.shape[1]).index_copy(0, slots, t[:len(slots)]),
+                      t[len(slots):]])
+
+
+def _dropped(filled: torch.Tensor, N: int, in_batch: bool) -> torch.Tensor | None:
+    """Candidates a query must not score, (b, K + N [+ b * K]), or None: its empty slots,
+    everyone's empty slots among the in-batch candidates, and its own neighbours there (they
+    must not reappear as negatives)."""
+    if not in_batch and filled.all():
+        return None
+    b, K = filled.shape
+    drop = torch.zeros(b, K + N + (b * K if in_batch else 0), dtype=torch.bool,
+                       device=filled.device)
+    drop[:, :K] = ~filled
+    if in_batch:
+        drop[:, K + N:] = torch.eye(b, dtype=torch.bool, device=filled.device)\
+            .repeat_interleave(K, dim=1) | ~filled.reshape(1, b * K)
+    return drop
+
+
 def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
                cfg: TrainConfig, in_batch: bool,
                labeled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -69,19 +94,13 @@ def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Te
     extra = [neg] + ([labeled] if labeled is not None else [])
     docs = torch.cat([pos.reshape(b * K, d)] + extra)
     # Only the filled slots are rotated and quantized (with the default band about a quarter
-    # of the slots are empty); spread() lays the results out as docs, empty slots zero.
+    # of the slots are empty); _spread lays the results out as docs.
     slots = filled.reshape(-1).nonzero()[:, 0]
     nf = len(slots)
     kept_rot = model.rotate(torch.cat([pos.reshape(b * K, d)[slots]] + extra), R)
     balance = cfg.balance_weight > 0
     c_kept, r_kept, _, *rest = model.quantize(kept_rot, with_logits=balance)
-
-    def spread(t: torch.Tensor) -> torch.Tensor:
-        if nf == b * K:
-            return t
-        return torch.cat([t.new_zeros(b * K, d).index_copy(0, slots, t[:nf]), t[nf:]])
-
-    c, x_hat = spread(c_kept), spread(c_kept + r_kept)
+    c, x_hat = _spread(c_kept, slots, b * K), _spread(c_kept + r_kept, slots, b * K)
     zero = torch.zeros((), device=q.device)
     out = dict.fromkeys(LOSS_TERMS, zero)
     # Squared reconstruction error as a sum over local queries (its neighbours' mean plus the
@@ -94,17 +113,8 @@ def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Te
             kept_rot[rows], [lg[rows] for lg in rest[0]], cfg.sinkhorn_iters,
             model.soft_temperature)
 
-    # Candidates a query must not score: its empty slots, everyone's empty slots among the
-    # in-batch candidates, and its own neighbours there (they must not reappear as negatives).
     in_batch = in_batch and b > 1
-    drop = None
-    if in_batch or not filled.all():
-        drop = torch.zeros(b, K + N + (b * K if in_batch else 0), dtype=torch.bool,
-                           device=q.device)
-        drop[:, :K] = ~filled
-        if in_batch:
-            drop[:, K + N:] = torch.eye(b, dtype=torch.bool, device=q.device)\
-                .repeat_interleave(K, dim=1) | ~filled.reshape(1, b * K)
+    drop = _dropped(filled, N, in_batch)
 
     def candidates(vectors: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """Scores (b, L) of each query to its candidates among `vectors`, laid out as docs."""
