@@ -90,8 +90,6 @@ def fit(params: dict, data: TrainData, val: TrainData, pcfg: PipelineConfig,
     else:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        for group in opt.param_groups:  # a checkpoint from before the schedule
-            group.setdefault("base_lr", group["lr"])
 
     def check() -> float:
         v_q = validate(model)

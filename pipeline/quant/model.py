@@ -34,10 +34,10 @@ class _PQStraightThrough(torch.autograd.Function):
     """Every sub-quantizer's hard codeword, with the gradient of a soft assignment: the same
     values and gradients as Student._straight_through on PQ distances, fused by hand.
 
-    Autograd's version of that chain keeps about twenty (n, M, ksub) temporaries and passes
-    over them (distance terms, scale, logits, softmax, their backward), and it builds the soft
+    Autograd's version of that chain keeps many (n, M, ksub) temporaries and passes over
+    them (distance terms, scale, logits, softmax, their backward), and it builds the soft
     mixture in the forward pass only to subtract it again; on CPUs those passes, not the
-    matrix products, took most of a training step. Here the forward pass is one batched
+    matrix products, took most of the quantization's time. Here the forward pass is one batched
     product, two in-place passes and a softmax, and the backward pass four batched products.
 
     r (M, n, dsub) residual sub-vectors, B (M, ksub, dsub) codebooks, temperature > 0 (relative
