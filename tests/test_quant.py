@@ -11,14 +11,7 @@ from pipeline.index import build, knn, ondisk
 from pipeline.index.params import Params, QuantizerSpec
 from pipeline.quant import fit
 from pipeline.quant import train as T
-from pipeline.quant.losses import (
-    contrastive,
-    listwise_kl,
-    ranking_loss,
-    relative_tau,
-    sinkhorn_balance,
-    sinkhorn_plan,
-)
+from pipeline.quant.losses import ListLosses, sinkhorn_balance, sinkhorn_plan
 from pipeline.quant.model import Student
 
 from .conftest import normalized
@@ -108,9 +101,39 @@ def test_cosine_schedule_scales_the_backed_off_rates(setup):
 
 def test_kl_is_zero_when_student_matches_teacher():
     t = torch.tensor([[3.0, 1.0, -torch.inf, 0.5]])
-    tau = relative_tau(t, 0.5)
-    assert listwise_kl(t, t.clone(), tau).item() == pytest.approx(0, abs=1e-6)
-    assert listwise_kl(t, torch.tensor([[0.0, 3.0, 9.0, 0.5]]), tau).item() > 0.1
+    lists = ListLosses(t, 0.5, 0.5, 2)
+    assert lists.kl(torch.tensor([[3.0, 1.0, 7.0, 0.5]])).item() == pytest.approx(0, abs=1e-6)
+    assert lists.kl(torch.tensor([[0.0, 3.0, 9.0, 0.5]])).item() > 0.1
+
+
+def test_list_losses_match_their_definitions():
+    """ListLosses (teacher side computed once, KL by its decomposition) against the losses
+    written out query by query: values and gradients, with ignored candidates, a query with
+    nothing below its top and one with fewer candidates than the top."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(5, 12, generator=g)
+    t[t < -0.8] = -torch.inf
+    t[3, 4:] = -torch.inf  # a top of 4 and nothing below it
+    t[4, 2:] = -torch.inf  # two candidates for a top of 4
+    s = torch.randn(5, 12, generator=g, requires_grad=True)
+    lists = ListLosses(t, 0.5, 1.3, 4)
+    kl_ref, rank_ref = torch.zeros(()), torch.zeros(())
+    for i in range(5):
+        keep = torch.isfinite(t[i])
+        ti, si = t[i][keep], s[i][keep]
+        spread = ti.std(unbiased=False)
+        log_pt = torch.log_softmax(ti / (1.3 * spread), 0)
+        log_ps = torch.log_softmax(si / (1.3 * spread), 0)
+        kl_ref = kl_ref + (log_pt.exp() * (log_pt - log_ps)).sum()
+        order = si[ti.argsort(descending=True)] / (0.5 * spread)
+        rank_ref = rank_ref + sum(torch.logsumexp(order[j:], 0) - order[j]
+                                  for j in range(min(4, len(order))))
+    for got, want in ((lists.kl(s), kl_ref), (lists.ranking(s), rank_ref)):
+        grad = torch.autograd.grad(got, s)[0]
+        grad_ref = torch.autograd.grad(want, s, retain_graph=True)[0]
+        assert got.item() == pytest.approx(want.item(), rel=1e-5)
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-6)
+        assert grad[~torch.isfinite(t)].abs().max() == 0  # ignored candidates get nothing
 
 
 def test_data_parallel_gradients_sum_to_the_global_batch(setup):
@@ -209,10 +232,11 @@ def test_rq_student_learns_and_exports_the_learned_codebooks(setup):
 
 def test_ranking_loss_prefers_the_teacher_order():
     t = torch.tensor([[4.0, 3.0, 2.0, 1.0, -torch.inf]])
-    tau = torch.ones(1, 1)
-    same = ranking_loss(t, torch.tensor([[4.0, 3.0, 2.0, 1.0, 9.0]]), tau, 3)
-    swapped = ranking_loss(t, torch.tensor([[3.0, 4.0, 2.0, 1.0, 9.0]]), tau, 3)
-    sharper = ranking_loss(t, torch.tensor([[40.0, 30.0, 20.0, 10.0, 9.0]]), tau, 3)
+    lists = ListLosses(t, 1.0, 1.0, 3)
+    lists.tau = torch.ones(1, 1)  # scores as they are, for the hand computation
+    same = lists.ranking(torch.tensor([[4.0, 3.0, 2.0, 1.0, 9.0]]))
+    swapped = lists.ranking(torch.tensor([[3.0, 4.0, 2.0, 1.0, 9.0]]))
+    sharper = lists.ranking(torch.tensor([[40.0, 30.0, 20.0, 10.0, 9.0]]))
     assert sharper < same < swapped  # the ignored candidate (9.0) plays no part
     assert sharper.item() == pytest.approx(0, abs=1e-3)
     # by hand: position 0: logsumexp(4,3,2,1) - 4, and so on
@@ -235,9 +259,9 @@ def test_sinkhorn_plan_balances_codewords():
 
 def test_contrastive_term_rewards_the_labeled_document():
     cand = torch.tensor([[1.0, 0.5, 0.0]])
-    tau = torch.ones(1, 1)
-    assert contrastive(torch.tensor([3.0]), cand, tau) < contrastive(torch.tensor([0.0]), cand,
-                                                                      tau)
+    lists = ListLosses(cand, 1.0, 1.0, 1)
+    assert lists.contrastive(torch.tensor([3.0]), cand) < lists.contrastive(torch.tensor([0.0]),
+                                                                           cand)
     # and through the kernel: labeled vectors add a term only when its weight is > 0
     rng = np.random.default_rng(0)
     params = Params(QuantizerSpec(Quantizer.PQ, ivf=True, rotation=False, M=2, nbits=4),

@@ -5,66 +5,78 @@ import numpy as np
 import torch
 
 
-def listwise_kl(teacher: torch.Tensor, student: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """Distill-VQ listwise loss, summed over queries: KL(softmax(t/tau) || softmax(s/tau)).
+class ListLosses:
+    """The listwise distillation losses over one batch's candidate lists.
 
-    teacher, student: (nq, L) scores, -inf marks a candidate to ignore; tau: (nq, 1) > 0.
-    The sum (not the mean) lets data-parallel workers add their parts exactly.
+    teacher (nq, L) scores, -inf marks a candidate to ignore. Everything that depends on the
+    teacher alone is computed here, once per batch: which candidates count, each query's
+    temperatures, the KL's soft targets and the teacher's order of its `top` best. The PQ
+    term and the IVF term then pay only for their own side: a few passes over their (nq, L)
+    scores, which on CPUs is most of a training step's loss time.
+
+    Temperatures are relative to each query's spread (standard deviation) of teacher scores,
+    so scale-free: the same setting serves cosine scores in [-1, 1] and raw L2 distances.
+    Student scores given to the methods are (nq, L) and finite; the candidates the teacher
+    ignores are ignored. Every loss is a sum over queries, not a mean, so that
+    data-parallel workers add their parts exactly.
     """
-    valid = torch.isfinite(teacher)
-    t = teacher / tau
-    s = torch.where(valid, student / tau, torch.full_like(student, -torch.inf))
-    log_pt = torch.log_softmax(t, dim=1)
-    log_ps = torch.log_softmax(s, dim=1)
-    pt = log_pt.exp()
-    terms = torch.where(valid, pt * (log_pt - log_ps), torch.zeros_like(pt))
-    return terms.sum()
+
+    def __init__(self, teacher: torch.Tensor, temperature: float, kl_temperature: float,
+                 top: int):
+        teacher = teacher.detach()
+        valid = torch.isfinite(teacher)
+        # Added to a student's scores, a bias takes the ignored candidates out of a softmax. A
+        # row it would empty (a query with no candidate, or none below its top) keeps all of
+        # them and its result is masked instead: an all -inf logsumexp has a NaN gradient.
+        self.valid_rows = valid.any(1, keepdim=True)
+        self.bias = _bias(valid)
+        n = valid.sum(1, keepdim=True).clamp_min(1)
+        t = teacher.masked_fill(~valid, 0)
+        mean = t.sum(1, keepdim=True) / n
+        spread = ((t - mean).square_().masked_fill_(~valid, 0).sum(1, keepdim=True) / n).sqrt_()
+        self.tau = (temperature * spread).clamp_min(1e-6)
+        self.tau_kl = (kl_temperature * spread).clamp_min(1e-6)
+        log_pt = torch.log_softmax(teacher / self.tau_kl, 1)
+        self.pt = log_pt.exp().masked_fill_(~valid, 0)  # a row with no candidate: all 0
+        self.neg_entropy = (self.pt * log_pt.masked_fill_(~valid, 0)).sum()
+        self.best = teacher.topk(min(top, teacher.shape[1]), 1).indices  # its order of the top
+        self.valid_top = valid.gather(1, self.best)
+        below = valid.scatter(1, self.best, False)  # the rest of each list
+        self.below_rows = below.any(1, keepdim=True)
+        self.below = _bias(below)
+
+    def kl(self, student: torch.Tensor) -> torch.Tensor:
+        """Distill-VQ's listwise loss: KL(softmax(t / tau_kl) || softmax(s / tau_kl)), as
+        sum(pt log pt) - sum(pt z) + logsumexp(z) with z = s / tau_kl (the targets sum to 1
+        over a query's candidates), so that no (nq, L) log-ratio is built."""
+        z = student / self.tau_kl
+        lse = torch.logsumexp(z + self.bias, 1, keepdim=True).masked_fill(~self.valid_rows, 0)
+        return self.neg_entropy - (self.pt * z).sum() + lse.sum()
+
+    def ranking(self, student: torch.Tensor) -> torch.Tensor:
+        """KDindex's ranking-oriented distillation: the student keeps the teacher's order of
+        its `top` best candidates, each above everything the teacher ranks below it (a
+        Plackett-Luce likelihood of the teacher's top of the list). For teacher order pi:
+        sum over i < top of  logsumexp_{j >= i} s_pi(j) / tau - s_pi(i) / tau."""
+        s = student / self.tau
+        s_top = s.gather(1, self.best).masked_fill(~self.valid_top, -torch.inf)
+        # everything ranked below the top sits in every denominator: one logsumexp, no sort
+        tail = torch.logsumexp(s + self.below, 1, keepdim=True).masked_fill(~self.below_rows,
+                                                                             -torch.inf)
+        rest = torch.logaddexp(torch.logcumsumexp(s_top.flip(1), 1).flip(1), tail)
+        return torch.where(self.valid_top, rest - s_top, torch.zeros_like(s_top)).sum()
+
+    def contrastive(self, student_pos: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+        """InfoNCE against labels: -log softmax of each query's labeled document
+        (student_pos (nq,)) among itself and its candidates, at the ranking temperature."""
+        logits = torch.cat([student_pos[:, None], student + self.bias], 1) / self.tau
+        return -(torch.log_softmax(logits, 1)[:, 0]).sum()
 
 
-def relative_tau(teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-query temperature: `temperature` times the spread of its teacher scores.
-
-    Scale-free, so the same setting serves cosine scores in [-1, 1] and raw L2 distances.
-    """
-    valid = torch.isfinite(teacher)
-    t = torch.where(valid, teacher, torch.zeros_like(teacher))
-    n = valid.sum(1, keepdim=True).clamp_min(1)
-    mean = t.sum(1, keepdim=True) / n
-    var = (torch.where(valid, (t - mean) ** 2, torch.zeros_like(t))).sum(1, keepdim=True) / n
-    return (temperature * var.sqrt()).clamp_min(1e-6).detach()
-
-
-def ranking_loss(teacher: torch.Tensor, student: torch.Tensor, tau: torch.Tensor,
-                 top: int) -> torch.Tensor:
-    """KDindex's ranking-oriented distillation, summed over queries: the student keeps the
-    teacher's order of its `top` best candidates, each above everything the teacher ranks
-    below it (a Plackett-Luce likelihood of the teacher's top of the list).
-
-    For teacher order pi: sum over i < top of  logsumexp_{j >= i} s_pi(j) / tau - s_pi(i) / tau.
-    teacher, student: (nq, L), -inf marks a candidate to ignore; tau: (nq, 1) > 0.
-    """
-    top = min(top, teacher.shape[1])
-    best = teacher.topk(top, 1).indices  # the teacher's order of its `top` best
-    valid_top = torch.isfinite(teacher.gather(1, best))
-    s = student / tau
-    s_top = torch.where(valid_top, s.gather(1, best), torch.full_like(best, -torch.inf,
-                                                                       dtype=s.dtype))
-    # Everything ranked below the top sits in every denominator: one logsumexp, no full sort.
-    below = torch.isfinite(teacher).scatter(1, best, False)
-    tail = torch.logsumexp(torch.where(below, s, torch.full_like(s, -torch.inf)), 1,
-                           keepdim=True)
-    rest = torch.logaddexp(torch.logcumsumexp(s_top.flip(1), 1).flip(1), tail)
-    terms = torch.where(valid_top, rest - s_top, torch.zeros_like(s_top))
-    return terms.sum()
-
-
-def contrastive(student_pos: torch.Tensor, student: torch.Tensor,
-                tau: torch.Tensor) -> torch.Tensor:
-    """InfoNCE against labels, summed over queries: -log softmax of each query's labeled
-    document (student_pos (nq,)) among itself and its candidates (student (nq, L), -inf
-    ignored)."""
-    logits = torch.cat([student_pos[:, None], student], 1) / tau
-    return -(torch.log_softmax(logits, 1)[:, 0]).sum()
+def _bias(keep: torch.Tensor) -> torch.Tensor:
+    """0 where `keep`, -inf elsewhere; 0 throughout the rows that keep nothing."""
+    return torch.zeros(keep.shape, device=keep.device).masked_fill_(
+        ~keep & keep.any(1, keepdim=True), -torch.inf)
 
 
 @torch.no_grad()

@@ -160,16 +160,18 @@ class Student(nn.Module):
             hard = hard + soft - soft.detach()
         return hard, logits
 
-    def quantize(self, x_rot: torch.Tensor, with_logits: bool = False):
+    def quantize(self, x_rot: torch.Tensor, with_logits: bool = False,
+                 lists: torch.Tensor | None = None):
         """(coarse centroid (n, d), quantized residual (n, d), codes (n, M)) and, with
         `with_logits`, the soft-assignment logits of every sub-quantizer [(n, ksub)] * M.
+        `lists`: the vectors' coarse lists when the caller has them (self.assign(x_rot)).
 
         Forward values are the hard (faiss) reconstruction. Gradients reach the chosen
         codewords directly and, through a straight-through soft assignment, the residual.
         Distances to codewords use the expanded form ||r||^2 - 2 r.c + ||c||^2: no
         (n, ksub, dsub) tensor is built.
         """
-        lists = self.assign(x_rot)
+        lists = self.assign(x_rot) if lists is None else lists
         c = self.centroids[lists]
         r = x_rot - c
         B = self.codebooks

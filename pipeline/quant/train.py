@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.config import LRSchedule, TrainConfig
-from pipeline.quant.losses import contrastive, listwise_kl, ranking_loss, relative_tau
+from pipeline.quant.losses import ListLosses
 from pipeline.quant.model import Student, similarity
 
 
@@ -99,8 +99,9 @@ def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Te
     nf = len(slots)
     kept_rot = model.rotate(torch.cat([pos.reshape(b * K, d)[slots]] + extra), R)
     balance = cfg.balance_weight > 0
-    c_kept, r_kept, _, *rest = model.quantize(kept_rot, with_logits=balance)
-    c, x_hat = _spread(c_kept, slots, b * K), _spread(c_kept + r_kept, slots, b * K)
+    lists_kept = model.assign(kept_rot)
+    c_kept, r_kept, _, *rest = model.quantize(kept_rot, balance, lists_kept)
+    x_hat = _spread(c_kept + r_kept, slots, b * K)
     zero = torch.zeros((), device=q.device)
     out = dict.fromkeys(LOSS_TERMS, zero)
     # Squared reconstruction error as a sum over local queries (its neighbours' mean plus the
@@ -117,34 +118,38 @@ def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Te
     drop = _dropped(filled, N, in_batch)
 
     def candidates(vectors: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """Scores (b, L) of each query to its candidates among `vectors`, laid out as docs."""
+        """Scores (b, L) of each query to its candidates among `vectors`, laid out as docs
+        (the dropped ones included: the losses leave out what the teacher's list drops)."""
         s = [similarity(query, vectors[:b * K].view(b, K, d), model.metric),
              similarity(query, vectors[b * K:b * K + N], model.metric)]
         if in_batch:
             s.append(similarity(query, vectors[:b * K], model.metric))
-        s = torch.cat(s, 1)
-        return s if drop is None else s.masked_fill(drop, -torch.inf)
+        return torch.cat(s, 1)
 
     t = candidates(docs, q)
-    tau = relative_tau(t, cfg.temperature)
-    tau_kl = relative_tau(t, cfg.kl_temperature)
+    lists = ListLosses(t if drop is None else t.masked_fill(drop, -torch.inf), cfg.temperature,
+                       cfg.kl_temperature, min(cfg.rank_top or K, K))
 
     def objective(s: torch.Tensor) -> torch.Tensor:
         total = zero
         if cfg.loss.ranking:
-            total = total + ranking_loss(t, s, tau, min(cfg.rank_top or K, K))
+            total = total + lists.ranking(s)
         if cfg.loss.kl:  # kl_weight balances the two losses' scales when combined
-            w = cfg.kl_weight if cfg.loss.ranking else 1.0
-            total = total + w * listwise_kl(t, s, tau_kl)
+            total = total + (cfg.kl_weight if cfg.loss.ranking else 1.0) * lists.kl(s)
         return total
 
     s_pq = candidates(x_hat, q_rot)
     out["pq"] = objective(s_pq)
     if cfg.ivf_weight > 0 and model.centroids.requires_grad:
-        out["ivf"] = objective(candidates(c, q_rot))
+        # A candidate's coarse score is its list's: gathered from the (b, nlist) query-to-
+        # centroid scores rather than scored vector by vector (one product of b x nlist).
+        coarse = model.coarse_scores(q_rot)
+        own = _spread(lists_kept[:, None], slots, b * K)[:b * K, 0]
+        s_ivf = [coarse.gather(1, own.view(b, K)), coarse[:, lists_kept[nf:nf + N]]]
+        out["ivf"] = objective(torch.cat(s_ivf + ([coarse[:, own]] if in_batch else []), 1))
     if labeled is not None and cfg.contrastive_weight > 0:
         lab = similarity(q_rot, x_hat[b * K + N:][:, None], model.metric)[:, 0]
-        out["contrastive"] = contrastive(lab, s_pq, tau)
+        out["contrastive"] = lists.contrastive(lab, s_pq)
     return out
 
 

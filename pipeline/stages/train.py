@@ -133,7 +133,10 @@ def run(run: Run) -> dict:
                                      resources_per_worker={
                                          "CPU": 1, **placement(run.cfg, Group.GPU)}),
         run_config=RunConfig(name="distill", storage_path=path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             # Ray Train runs the loop in a thread of its own: with one
+                             # arena it allocates where fit's keep_freed_memory applies
+                             worker_runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "1"}}),
     )
     trainer.fit()
     assert storage.exists(ckpt_uri), "every epoch writes a checkpoint, and epochs >= 1"
