@@ -136,6 +136,35 @@ def test_list_losses_match_their_definitions():
         assert grad[~torch.isfinite(t)].abs().max() == 0  # ignored candidates get nothing
 
 
+def test_weighted_candidates_count_as_repeated_ones():
+    """A candidate of weight w (log_weight = log w) counts as w copies of itself: ListLosses
+    on a weighted list equals ListLosses on the list with every candidate repeated, values and
+    gradients (the copies' gradients summed), with ignored candidates among the weighted."""
+    g = torch.Generator().manual_seed(1)
+    t = torch.randn(4, 10, generator=g)
+    t[t < -1.0] = -torch.inf
+    w = torch.randint(1, 4, (4, 10), generator=g)
+    w.scatter_(1, t.topk(3, 1).indices, 1)  # the teacher's top stands for itself
+    s = torch.randn(4, 10, generator=g, requires_grad=True)
+    weighted = ListLosses(t, 0.5, 1.3, 3, w.float().log())
+    # the repeated lists, padded with ignored candidates to a common length
+    width = int(w.sum(1).max())
+    cols = torch.zeros(4, width, dtype=torch.long)
+    t_rep = torch.full((4, width), -torch.inf)
+    for i in range(4):
+        idx = torch.arange(10).repeat_interleave(w[i])
+        cols[i, :len(idx)], t_rep[i, :len(idx)] = idx, t[i, idx]
+    repeated = ListLosses(t_rep, 0.5, 1.3, 3)
+    s_rep = s.gather(1, cols)
+    for got, want in ((weighted.kl(s), repeated.kl(s_rep)),
+                      (weighted.ranking(s), repeated.ranking(s_rep))):
+        grad = torch.autograd.grad(got, s)[0]
+        grad_ref = torch.autograd.grad(want, s, retain_graph=True)[0]
+        assert got.item() == pytest.approx(want.item(), rel=1e-5)
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(weighted.kl(s), ListLosses(t, 0.5, 1.3, 3).kl(s))
+
+
 def test_data_parallel_gradients_sum_to_the_global_batch(setup):
     """Gradients of two equal slices, summed (the all-reduce), equal the one-process gradient
     of the whole global batch: the kernel side of the 2-worker equivalence."""
@@ -347,7 +376,8 @@ def test_validation_backs_off_and_keeps_the_best():
     for backoff in (0.5, 1):
         cfg = load_config(None, ["data.corpus=/x", "train.lr=6", "train.rotation_lr=0.1",
                                  "train.epochs=2", "train.batch_size=50", "train.val_checks=3",
-                                 f"train.lr_backoff={backoff}"])
+                                 f"train.lr_backoff={backoff}", "teacher.k=8",
+                                 "teacher.band_depth=0", "teacher.band_size=0"])
         state = fit.fit(build.extract_params(trained), data, val, cfg)
         lrs = [h["lr"] for h in state["history"]]
         lr = 6 * model.step_unit

@@ -43,6 +43,13 @@ class Band:
     def rate(self) -> float:
         return self.size / (self.depth - self.k)
 
+    def slot_weights(self) -> np.ndarray:
+        """(k + width,): how many of the query's top `depth` documents each slot of a finished
+        list stands for. The top k stand for themselves; a drawn neighbour, drawn with
+        probability `rate`, for 1 / rate of its ranks (a Horvitz-Thompson weight), so that
+        weighted sums over a list estimate sums over the whole top `depth`."""
+        return np.concatenate([np.ones(self.k), np.full(self.width, 1 / self.rate)])
+
     @property
     def width(self) -> int:
         """Slots for drawn neighbours in a finished result: the count is binomial with mean

@@ -14,7 +14,7 @@ import numpy as np
 
 from pipeline.config import PipelineConfig
 from pipeline.index import build
-from pipeline.index.knn import block_topk
+from pipeline.index.knn import Band, block_topk
 from pipeline.index.metrics import query_recalls
 from pipeline.quant.model import Student
 from pipeline.quant.train import TrainData, calibrate, make_optimizer, schedule, train_epoch
@@ -97,6 +97,8 @@ def fit(params: dict, data: TrainData, val: TrainData, pcfg: PipelineConfig,
     # rank_top 0 means the teacher's contiguous top k, not its whole list: a band of deeper
     # neighbours (teacher.band_*) follows the top k in each list.
     cfg = dataclasses.replace(pcfg.train, rank_top=pcfg.train.rank_top or pcfg.teacher.k)
+    band = Band.of(pcfg.teacher, cfg.seed)
+    slot_weights = band.slot_weights() if band is not None and cfg.band_weighting else None
     keep_freed_memory()
     model = build_student(params, pcfg).to(device)
     calibrate(model, data.pool[:4096])
@@ -148,7 +150,7 @@ def fit(params: dict, data: TrainData, val: TrainData, pcfg: PipelineConfig,
             schedule(opt, cfg.lr_schedule, (_epoch * steps + step) / (cfg.epochs * steps))
 
         m = train_epoch(model, opt, data, cfg, epoch, rank, world, reduce_grads, device,
-                        progress, after_step)
+                        progress, after_step, slot_weights)
         m["val_recall"] = check()
         m["seconds"] = time.time() - t0
         m["queries_per_s_per_worker"] = m["queries"] / world / max(m["seconds"], 1e-9)

@@ -22,28 +22,36 @@ class ListLosses:
     """
 
     def __init__(self, teacher: torch.Tensor, temperature: float, kl_temperature: float,
-                 top: int):
+                 top: int, log_weight: torch.Tensor | None = None):
         teacher = teacher.detach()
         valid = torch.isfinite(teacher)
         # Added to a student's scores, a bias takes the ignored candidates out of a softmax. A
         # row it would empty (a query with no candidate, or none below its top) keeps all of
         # them and its result is masked instead: an all -inf logsumexp has a NaN gradient.
+        # log_weight (nq, L), optional: the log of how many documents each candidate stands
+        # for (a sampled list standing for a longer one). Every loss then equals the loss of
+        # the list with each candidate repeated that many times: in the temperatures' spread
+        # and in every softmax, the teacher's and the student's alike.
         self.valid_rows = valid.any(1, keepdim=True)
-        self.bias = _bias(valid)
-        n = valid.sum(1, keepdim=True).clamp_min(1)
+        log_w = torch.zeros_like(teacher) if log_weight is None \
+            else log_weight.masked_fill(~valid, 0)
+        self.bias = _bias(valid) + log_w
+        w = log_w.exp().masked_fill_(~valid, 0)
+        n = w.sum(1, keepdim=True).clamp_min(1e-12)
         t = teacher.masked_fill(~valid, 0)
-        mean = t.sum(1, keepdim=True) / n
-        spread = ((t - mean).square_().masked_fill_(~valid, 0).sum(1, keepdim=True) / n).sqrt_()
+        mean = (w * t).sum(1, keepdim=True) / n
+        spread = ((t - mean).square_().mul_(w).sum(1, keepdim=True) / n).sqrt_()
         self.tau = (temperature * spread).clamp_min(1e-6)
         self.tau_kl = (kl_temperature * spread).clamp_min(1e-6)
-        log_pt = torch.log_softmax(teacher / self.tau_kl, 1)
+        log_pt = torch.log_softmax(teacher / self.tau_kl + log_w, 1)
         self.pt = log_pt.exp().masked_fill_(~valid, 0)  # a row with no candidate: all 0
-        self.neg_entropy = (self.pt * log_pt.masked_fill_(~valid, 0)).sum()
+        # sum(pt log pt) less the weights' part of the student's log-probabilities (constant)
+        self.neg_entropy = (self.pt * (log_pt.masked_fill_(~valid, 0) - log_w)).sum()
         self.best = teacher.topk(min(top, teacher.shape[1]), 1).indices  # its order of the top
         self.valid_top = valid.gather(1, self.best)
         below = valid.scatter(1, self.best, False)  # the rest of each list
         self.below_rows = below.any(1, keepdim=True)
-        self.below = _bias(below)
+        self.below = _bias(below) + log_w
 
     def kl(self, student: torch.Tensor) -> torch.Tensor:
         """Distill-VQ's listwise loss: KL(softmax(t / tau_kl) || softmax(s / tau_kl)), as

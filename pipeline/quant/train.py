@@ -57,31 +57,35 @@ def _spread(t: torch.Tensor, slots: torch.Tensor, n: int) -> torch.Tensor:
                       t[len(slots):]])
 
 
-def _dropped(filled: torch.Tensor, N: int, in_batch: bool) -> torch.Tensor | None:
-    """Candidates a query must not score, (b, K + N [+ b * K]), or None: its empty slots,
-    everyone's empty slots among the in-batch candidates, and its own neighbours there (they
-    must not reappear as negatives)."""
+def _dropped(filled: torch.Tensor, slots: torch.Tensor, N: int,
+             in_batch: bool) -> torch.Tensor | None:
+    """Candidates a query must not score, (b, K + N [+ len(slots)]), or None: its empty slots
+    and, among the in-batch candidates (the filled slots `slots` of every list, flattened),
+    its own neighbours (they must not reappear as negatives)."""
     if not in_batch and filled.all():
         return None
     b, K = filled.shape
-    drop = torch.zeros(b, K + N + (b * K if in_batch else 0), dtype=torch.bool,
+    drop = torch.zeros(b, K + N + (len(slots) if in_batch else 0), dtype=torch.bool,
                        device=filled.device)
     drop[:, :K] = ~filled
     if in_batch:
-        drop[:, K + N:] = torch.eye(b, dtype=torch.bool, device=filled.device)\
-            .repeat_interleave(K, dim=1) | ~filled.reshape(1, b * K)
+        owner = torch.div(slots, K, rounding_mode="floor")
+        drop[:, K + N:] = owner[None] == torch.arange(b, device=filled.device)[:, None]
     return drop
 
 
 def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
                cfg: TrainConfig, in_batch: bool,
-               labeled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               labeled: torch.Tensor | None = None,
+               slot_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Loss sums over a local batch, one per term of LOSS_TERMS.
 
     q (b, d); pos (b, K, d) each query's teacher neighbours, best first; neg (N, d) shared
-    negatives; labeled (b, d) each query's labeled document, or None. Candidates of query i:
-    its K neighbours, the shared negatives, and (in_batch) the other queries' neighbours.
-    Every document is rotated and quantized once, empty slots never.
+    negatives; labeled (b, d) each query's labeled document, or None; slot_weights (K,) how
+    many documents each neighbour slot stands for (knn.Band.slot_weights), or None: all 1.
+    Candidates of query i: its K neighbours, the shared negatives, and (in_batch) the other
+    queries' neighbours (as negatives: each stands for itself). Every document is rotated and
+    quantized once, empty slots never.
     """
     b, K, d = pos.shape
     N = len(neg)
@@ -101,12 +105,13 @@ def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Te
     balance = cfg.balance_weight > 0
     lists_kept = model.assign(kept_rot)
     c_kept, r_kept, _, *rest = model.quantize(kept_rot, balance, lists_kept)
-    x_hat = _spread(c_kept + r_kept, slots, b * K)
+    x_kept = c_kept + r_kept
+    x_hat = _spread(x_kept, slots, b * K)
     zero = torch.zeros((), device=q.device)
     out = dict.fromkeys(LOSS_TERMS, zero)
     # Squared reconstruction error as a sum over local queries (its neighbours' mean plus the
     # shared negatives' mean), so that, like the KL sums, workers' parts add up exactly.
-    err = ((kept_rot - c_kept - r_kept) ** 2).sum(1)
+    err = ((kept_rot - x_kept) ** 2).sum(1)
     out["recon"] = err[:nf].sum() / K + (b * err[nf:nf + N].mean() if N else zero)
     if balance:  # on the pool negatives (the corpus's distribution) when there are any
         rows = slice(nf, nf + N) if N else slice(0, nf)
@@ -115,20 +120,31 @@ def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Te
             model.soft_temperature)
 
     in_batch = in_batch and b > 1
-    drop = _dropped(filled, N, in_batch)
+    drop = _dropped(filled, slots, N, in_batch)
 
-    def candidates(vectors: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """Scores (b, L) of each query to its candidates among `vectors`, laid out as docs
-        (the dropped ones included: the losses leave out what the teacher's list drops)."""
+    def candidates(vectors: torch.Tensor, filled_slots: torch.Tensor,
+                   query: torch.Tensor) -> torch.Tensor:
+        """Scores (b, L) of each query to its candidates: its own list's slots, the shared
+        negatives (both among `vectors`, laid out as docs; the dropped ones included, the
+        losses leave out what the teacher's list drops) and, in_batch, every list's filled
+        slots (`filled_slots`, (nf, d)): empty ones would be dropped anyway."""
         s = [similarity(query, vectors[:b * K].view(b, K, d), model.metric),
              similarity(query, vectors[b * K:b * K + N], model.metric)]
         if in_batch:
-            s.append(similarity(query, vectors[:b * K], model.metric))
+            s.append(similarity(query, filled_slots, model.metric))
         return torch.cat(s, 1)
 
-    t = candidates(docs, q)
+    t = candidates(docs, docs[slots], q)
+    log_w = None
+    if slot_weights is not None:
+        if slot_weights.shape != (K,):
+            raise ValueError(f"teacher lists of {K} neighbours, but the teacher config makes "
+                             f"lists of {len(slot_weights)} (teacher.k + the band's slots): "
+                             "train with the teacher.* the lists were drawn with")
+        log_w = torch.zeros_like(t)
+        log_w[:, :K] = slot_weights.log()
     lists = ListLosses(t if drop is None else t.masked_fill(drop, -torch.inf), cfg.temperature,
-                       cfg.kl_temperature, min(cfg.rank_top or K, K))
+                       cfg.kl_temperature, min(cfg.rank_top or K, K), log_w)
 
     def objective(s: torch.Tensor) -> torch.Tensor:
         total = zero
@@ -138,15 +154,17 @@ def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Te
             total = total + (cfg.kl_weight if cfg.loss.ranking else 1.0) * lists.kl(s)
         return total
 
-    s_pq = candidates(x_hat, q_rot)
+    s_pq = candidates(x_hat, x_kept[:nf], q_rot)
     out["pq"] = objective(s_pq)
     if cfg.ivf_weight > 0 and model.centroids.requires_grad:
         # A candidate's coarse score is its list's: gathered from the (b, nlist) query-to-
         # centroid scores rather than scored vector by vector (one product of b x nlist).
         coarse = model.coarse_scores(q_rot)
         own = _spread(lists_kept[:, None], slots, b * K)[:b * K, 0]
-        s_ivf = [coarse.gather(1, own.view(b, K)), coarse[:, lists_kept[nf:nf + N]]]
-        out["ivf"] = objective(torch.cat(s_ivf + ([coarse[:, own]] if in_batch else []), 1))
+        # index_select, not coarse[:, idx]: its backward is an index_add, not a sorted put
+        s_ivf = [coarse.gather(1, own.view(b, K)), coarse.index_select(1, lists_kept[nf:nf + N])]
+        batch = [coarse.index_select(1, lists_kept[:nf])] if in_batch else []
+        out["ivf"] = objective(torch.cat(s_ivf + batch, 1))
     if labeled is not None and cfg.contrastive_weight > 0:
         lab = similarity(q_rot, x_hat[b * K + N:][:, None], model.metric)[:, 0]
         out["contrastive"] = lists.contrastive(lab, s_pq)
@@ -231,10 +249,11 @@ def train_epoch(model: Student, opt: torch.optim.Optimizer, data: TrainData,
                 cfg: TrainConfig, epoch: int, rank: int = 0, world: int = 1,
                 reduce_grads: Callable[[list[torch.Tensor]], None] = lambda grads: None,
                 device: str = "cpu", log: Callable[[int, int, float], None] | None = None,
-                after_step: Callable[[int, int], None] | None = None) -> dict:
+                after_step: Callable[[int, int], None] | None = None,
+                slot_weights: np.ndarray | None = None) -> dict:
     """One pass over data.batches(...) in global batches of cfg.batch_size, of which this
     worker trains on its own share (B / world queries). `after_step(step, steps)` runs after
-    every optimizer step (mid-epoch validation).
+    every optimizer step (mid-epoch validation). slot_weights: batch_loss's.
 
     Returns the per-query average of the loss and of each term ("loss_pq", "loss_ivf", ...)
     over the epoch, "steps", "queries", and "step_losses", the loss of every step.
@@ -247,6 +266,8 @@ def train_epoch(model: Student, opt: torch.optim.Optimizer, data: TrainData,
     recon0 = model.recon_scale
     sampler = NegativeSampler(data.pool, cfg)
     sampler.start_epoch(model, device)
+    if slot_weights is not None:
+        slot_weights = torch.as_tensor(slot_weights, dtype=torch.float32, device=device)
     totals = dict.fromkeys(LOSS_TERMS, 0.0)
     total = 0.0
     step_losses = []
@@ -262,7 +283,7 @@ def train_epoch(model: Student, opt: torch.optim.Optimizer, data: TrainData,
             lab_mine.astype(np.float32), device=device)
         neg = torch.as_tensor(sampler.draw(model, xq_b, epoch, step, device),
                               dtype=torch.float32, device=device)
-        parts = batch_loss(model, q, pos, neg, cfg, cfg.in_batch, lab)
+        parts = batch_loss(model, q, pos, neg, cfg, cfg.in_batch, lab, slot_weights)
         loss = total_loss(parts, cfg, recon0) / B
         opt.zero_grad(set_to_none=False)
         loss.backward()
