@@ -165,6 +165,29 @@ def test_weighted_candidates_count_as_repeated_ones():
     assert not torch.allclose(weighted.kl(s), ListLosses(t, 0.5, 1.3, 3).kl(s))
 
 
+def test_band_weights_reach_both_distillation_terms(setup):
+    """batch_loss's slot weights: a neighbour slot of weight 3 scores as the same neighbour in
+    three slots, in the PQ and the IVF term alike; lists of another width are refused."""
+    xb, xq, trained, _ = setup
+    cfg = TrainConfig(batch_size=16, negatives=8, rank_top=4, in_batch=False)
+    q, neg = torch.as_tensor(xq[:16]), torch.as_tensor(xb[:8])
+    # float32 neighbours: the float16 ones can swap ranks 4 and 5 when rescored, and a weighted
+    # slot in the top is not a repeated one (the top orders single documents)
+    I = knn.block_topk(xq[:16], xb, np.arange(len(xb)), 6, "ip")[1]
+    pos = torch.as_tensor(xb[I])
+    weights = torch.tensor([1.0, 1, 1, 1, 3, 3])
+    repeated = pos[:, torch.arange(6).repeat_interleave(weights.long())]
+    model = Student(build.extract_params(trained), "ip")
+    got = T.batch_loss(model, q, pos, neg, cfg, False, None, weights)
+    want = T.batch_loss(model, q, repeated, neg, cfg, False)
+    plain = T.batch_loss(model, q, pos, neg, cfg, False)
+    for term in ("pq", "ivf"):
+        np.testing.assert_allclose(got[term].item(), want[term].item(), rtol=1e-5)
+        assert abs(got[term].item() - plain[term].item()) > 1e-3 * abs(plain[term].item())
+    with pytest.raises(ValueError, match="teacher"):
+        T.batch_loss(model, q, pos, neg, cfg, False, None, weights[:5])
+
+
 def test_data_parallel_gradients_sum_to_the_global_batch(setup):
     """Gradients of two equal slices, summed (the all-reduce), equal the one-process gradient
     of the whole global batch: the kernel side of the 2-worker equivalence."""
