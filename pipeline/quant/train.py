@@ -74,6 +74,39 @@ def _dropped(filled: torch.Tensor, slots: torch.Tensor, N: int,
     return drop
 
 
+def _log_weights(slot_weights: torch.Tensor | None, t: torch.Tensor,
+                 K: int) -> torch.Tensor | None:
+    """Log of how many documents each of the candidates t (b, L) stands for: slot_weights
+    (K,) for a query's own K slots, 1 for everything else (negatives stand for themselves)."""
+    if slot_weights is None:
+        return None
+    if slot_weights.shape != (K,):
+        raise ValueError(f"teacher lists of {K} neighbours, but the teacher config makes lists "
+                         f"of {len(slot_weights)} (teacher.k + the band's slots): train with "
+                         "the teacher.* the lists were drawn with")
+    log_w = torch.zeros_like(t)
+    log_w[:, :K] = slot_weights.log()
+    return log_w
+
+
+def _regularizers(model: Student, kept_rot: torch.Tensor, x_kept: torch.Tensor,
+                  logits: list[torch.Tensor] | None, b: int, K: int, nf: int, N: int,
+                  cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """KDindex's reconstruction and balance terms over the quantized documents (the nf
+    filled neighbour slots, then the N negatives, then any labeled ones): kept_rot rotated,
+    x_kept reconstructed; logits the soft assignments (None: no balance term). Sums over the
+    local queries, so that, like the KL sums, workers' parts add up exactly: the squared
+    error of a query's neighbours (their mean) plus the negatives' mean."""
+    zero = torch.zeros((), device=kept_rot.device)
+    err = ((kept_rot - x_kept) ** 2).sum(1)
+    recon = err[:nf].sum() / K + (b * err[nf:nf + N].mean() if N else zero)
+    if logits is None:
+        return recon, zero
+    rows = slice(nf, nf + N) if N else slice(0, nf)  # the pool negatives: the corpus's spread
+    return recon, b * model.balance_loss(kept_rot[rows], [lg[rows] for lg in logits],
+                                         cfg.sinkhorn_iters, model.soft_temperature)
+
+
 def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
                cfg: TrainConfig, in_batch: bool,
                labeled: torch.Tensor | None = None,
@@ -109,25 +142,17 @@ def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Te
     x_hat = _spread(x_kept, slots, b * K)
     zero = torch.zeros((), device=q.device)
     out = dict.fromkeys(LOSS_TERMS, zero)
-    # Squared reconstruction error as a sum over local queries (its neighbours' mean plus the
-    # shared negatives' mean), so that, like the KL sums, workers' parts add up exactly.
-    err = ((kept_rot - x_kept) ** 2).sum(1)
-    out["recon"] = err[:nf].sum() / K + (b * err[nf:nf + N].mean() if N else zero)
-    if balance:  # on the pool negatives (the corpus's distribution) when there are any
-        rows = slice(nf, nf + N) if N else slice(0, nf)
-        out["balance"] = b * model.balance_loss(
-            kept_rot[rows], [lg[rows] for lg in rest[0]], cfg.sinkhorn_iters,
-            model.soft_temperature)
+    out["recon"], out["balance"] = _regularizers(
+        model, kept_rot, x_kept, rest[0] if balance else None, b, K, nf, N, cfg)
 
     in_batch = in_batch and b > 1
     drop = _dropped(filled, slots, N, in_batch)
 
     def candidates(vectors: torch.Tensor, filled_slots: torch.Tensor,
                    query: torch.Tensor) -> torch.Tensor:
-        """Scores (b, L) of each query to its candidates: its own list's slots, the shared
-        negatives (both among `vectors`, laid out as docs; the dropped ones included, the
-        losses leave out what the teacher's list drops) and, in_batch, every list's filled
-        slots (`filled_slots`, (nf, d)): empty ones would be dropped anyway."""
+        """Scores (b, L) of each query to its own list's slots and the negatives (among
+        `vectors`, laid out as docs; the losses leave out what the teacher's list drops) and,
+        in_batch, to every list's filled slots (`filled_slots` (nf, d))."""
         s = [similarity(query, vectors[:b * K].view(b, K, d), model.metric),
              similarity(query, vectors[b * K:b * K + N], model.metric)]
         if in_batch:
@@ -135,16 +160,9 @@ def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Te
         return torch.cat(s, 1)
 
     t = candidates(docs, docs[slots], q)
-    log_w = None
-    if slot_weights is not None:
-        if slot_weights.shape != (K,):
-            raise ValueError(f"teacher lists of {K} neighbours, but the teacher config makes "
-                             f"lists of {len(slot_weights)} (teacher.k + the band's slots): "
-                             "train with the teacher.* the lists were drawn with")
-        log_w = torch.zeros_like(t)
-        log_w[:, :K] = slot_weights.log()
     lists = ListLosses(t if drop is None else t.masked_fill(drop, -torch.inf), cfg.temperature,
-                       cfg.kl_temperature, min(cfg.rank_top or K, K), log_w)
+                       cfg.kl_temperature, min(cfg.rank_top or K, K),
+                       _log_weights(slot_weights, t, K))
 
     def objective(s: torch.Tensor) -> torch.Tensor:
         total = zero
