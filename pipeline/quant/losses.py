@@ -33,25 +33,30 @@ class ListLosses:
         # the list with each candidate repeated that many times: in the temperatures' spread
         # and in every softmax, the teacher's and the student's alike.
         self.valid_rows = valid.any(1, keepdim=True)
-        log_w = torch.zeros_like(teacher) if log_weight is None \
-            else log_weight.masked_fill(~valid, 0)
-        self.bias = _bias(valid) + log_w
-        w = log_w.exp().masked_fill_(~valid, 0)
+        self.bias = _bias(valid)
+        if log_weight is None:  # the usual case: no pass over the lists for weights of 1
+            log_w, w = None, valid.to(teacher.dtype)
+        else:
+            log_w = log_weight.masked_fill(~valid, 0)
+            self.bias += log_w
+            w = log_w.exp().masked_fill_(~valid, 0)
         n = w.sum(1, keepdim=True).clamp_min(1e-12)
         t = teacher.masked_fill(~valid, 0)
         mean = (w * t).sum(1, keepdim=True) / n
         spread = ((t - mean).square_().mul_(w).sum(1, keepdim=True) / n).sqrt_()
         self.tau = (temperature * spread).clamp_min(1e-6)
         self.tau_kl = (kl_temperature * spread).clamp_min(1e-6)
-        log_pt = torch.log_softmax(teacher / self.tau_kl + log_w, 1)
+        z = teacher / self.tau_kl
+        log_pt = torch.log_softmax(z if log_w is None else z + log_w, 1)
         self.pt = log_pt.exp().masked_fill_(~valid, 0)  # a row with no candidate: all 0
+        log_pt.masked_fill_(~valid, 0)
         # sum(pt log pt) less the weights' part of the student's log-probabilities (constant)
-        self.neg_entropy = (self.pt * (log_pt.masked_fill_(~valid, 0) - log_w)).sum()
+        self.neg_entropy = (self.pt * (log_pt if log_w is None else log_pt - log_w)).sum()
         self.best = teacher.topk(min(top, teacher.shape[1]), 1).indices  # its order of the top
         self.valid_top = valid.gather(1, self.best)
         below = valid.scatter(1, self.best, False)  # the rest of each list
         self.below_rows = below.any(1, keepdim=True)
-        self.below = _bias(below) + log_w
+        self.below = _bias(below) if log_w is None else _bias(below) + log_w
 
     def kl(self, student: torch.Tensor) -> torch.Tensor:
         """Distill-VQ's listwise loss: KL(softmax(t / tau_kl) || softmax(s / tau_kl)), as
