@@ -188,6 +188,23 @@ def test_band_weights_reach_both_distillation_terms(setup):
         T.batch_loss(model, q, pos, neg, cfg, False, None, weights[:5])
 
 
+def test_copies_of_a_top_neighbour_are_no_candidates(setup):
+    """A document of a query's top `rank_top` that reappears among its other candidates (a
+    negative here; another query's neighbour in-batch) is left out: the terms equal those
+    without the copy. A copy of a neighbour below the top stays a candidate."""
+    xb, xq, trained, V = setup
+    cfg = TrainConfig(batch_size=1, negatives=8, rank_top=4)
+    model = Student(build.extract_params(trained), "ip")
+    q, neg = torch.as_tensor(xq[:1]), torch.as_tensor(xb[:8])
+    pos = torch.as_tensor(V[:1].astype(np.float32))
+    plain = T.batch_loss(model, q, pos, neg, cfg, False)
+    top_copy = T.batch_loss(model, q, pos, torch.cat([neg, pos[0, 2:3]]), cfg, False)
+    deep_copy = T.batch_loss(model, q, pos, torch.cat([neg, pos[0, 6:7]]), cfg, False)
+    for term in ("pq", "ivf"):
+        np.testing.assert_allclose(top_copy[term].item(), plain[term].item(), rtol=1e-6)
+        assert abs(deep_copy[term].item() - plain[term].item()) > 1e-3 * abs(plain[term].item())
+
+
 def test_data_parallel_gradients_sum_to_the_global_batch(setup):
     """Gradients of two equal slices, summed (the all-reduce), equal the one-process gradient
     of the whole global batch: the kernel side of the 2-worker equivalence."""

@@ -74,6 +74,26 @@ def _dropped(filled: torch.Tensor, slots: torch.Tensor, N: int,
     return drop
 
 
+def _top_copies(t: torch.Tensor, drop: torch.Tensor | None, K: int,
+                top: int) -> torch.Tensor:
+    """The candidates of t (b, L) a query must not score: `drop` (None: nothing) and, past
+    its own K slots, every candidate that scores at or above its own `top`-th best neighbour:
+    a copy of one of its top neighbours (another query's neighbour, or a negative that
+    happens to be one), since the exact top has no other document that scores so high. Kept,
+    a copy would sit below the neighbour in the teacher's order, and the ranking loss would
+    push the same document under itself. Copies are scored by another kernel (a matrix
+    product, not the lists' batched one): a relative 1e-5 leaves room for the rounding."""
+    own = t[:, :K].masked_fill(~torch.isfinite(t[:, :K]), -torch.inf)
+    if drop is not None:
+        own = own.masked_fill(drop[:, :K], -torch.inf)
+    thr = own.topk(top, 1).values[:, -1:]
+    # a query with fewer than `top` neighbours has nothing to copy: no threshold
+    thr = torch.where(torch.isfinite(thr), thr - 1e-5 * thr.abs(), torch.inf)
+    copies = torch.zeros_like(t, dtype=torch.bool)
+    copies[:, K:] = t[:, K:] >= thr
+    return copies if drop is None else drop | copies
+
+
 def _log_weights(slot_weights: torch.Tensor | None, t: torch.Tensor,
                  K: int) -> torch.Tensor | None:
     """Log of how many documents each of the candidates t (b, L) stands for: slot_weights
@@ -146,7 +166,6 @@ def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Te
         model, kept_rot, x_kept, rest[0] if balance else None, b, K, nf, N, cfg)
 
     in_batch = in_batch and b > 1
-    drop = _dropped(filled, slots, N, in_batch)
 
     def candidates(vectors: torch.Tensor, filled_slots: torch.Tensor,
                    query: torch.Tensor) -> torch.Tensor:
@@ -160,9 +179,10 @@ def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Te
         return torch.cat(s, 1)
 
     t = candidates(docs, docs[slots], q)
-    lists = ListLosses(t if drop is None else t.masked_fill(drop, -torch.inf), cfg.temperature,
-                       cfg.kl_temperature, min(cfg.rank_top or K, K),
-                       _log_weights(slot_weights, t, K))
+    top = min(cfg.rank_top or K, K)
+    drop = _top_copies(t, _dropped(filled, slots, N, in_batch), K, top)
+    lists = ListLosses(t.masked_fill(drop, -torch.inf), cfg.temperature, cfg.kl_temperature,
+                       top, _log_weights(slot_weights, t, K))
 
     def objective(s: torch.Tensor) -> torch.Tensor:
         total = zero
