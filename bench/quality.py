@@ -84,6 +84,7 @@ class Data:
     xq: np.ndarray
     qrels: dict | None
     gt: np.ndarray  # (nq, 100) exact neighbours of xq
+    pseudo: bool = False  # the training queries are corpus samples (their own row is no neighbour)
 
 
 def default_data(cache: str) -> list[str]:
@@ -127,7 +128,8 @@ def load(cfg: PipelineConfig, symmetric: bool = False,
         if train_labels:
             labeled = labeled_vectors(tids, ids, xb, readers.read_labels(train_labels))
     _, gt, _ = knn.block_topk(xq, xb, ids, 100, cfg.index.metric)
-    return Data(ids, xb, xt, eval_ids, xq, qrels, gt), labeled
+    return Data(ids, xb, xt, eval_ids, xq, qrels, gt, symmetric or not cfg.data.train_queries), \
+        labeled
 
 
 def labeled_vectors(tids, ids: np.ndarray, xb: np.ndarray, qrels: dict) -> np.ndarray:
@@ -269,7 +271,8 @@ def teacher_lists(data: Data, cfg: PipelineConfig) -> tuple:
     band = knn.Band.of(cfg.teacher, cfg.train.seed)
     return knn.finish(knn.block_topk(data.xt, data.xb, data.ids, cfg.teacher.k,
                                      cfg.index.metric, True, band=band,
-                                     qids=np.arange(len(data.xt))), band)
+                                     qids=np.arange(len(data.xt)),
+                                     exclude_self=data.pseudo), band)
 
 
 def distill(trained, data: Data, teacher: tuple, cfg: PipelineConfig,

@@ -38,16 +38,17 @@ MERGE_FANIN = 32  # per-shard results merged per task: bounds a merge task's mem
 
 @ray.remote
 def _search_shard(shard: dict, k: int, metric: str, gpus: float, with_vectors: bool,
-                  band: Band | None, *q_blocks: np.ndarray):
+                  band: Band | None, exclude_self: bool, *q_blocks: np.ndarray):
     """(S, I, V or None) of this shard's top-k for each query block (with a band, the partial
     (S, I, V, U, T)), one return value each; the shard is read once. q_blocks: each block's
-    ids, then its vectors."""
+    ids, then its vectors. exclude_self: block_topk's (the queries are corpus samples)."""
     pin_threads()
     s = Shard(**shard)
     ids, x = readers.read_rows(s.uri, s.start, s.stop, s.id_offset)
     device = pick_device(gpus)
     n = len(q_blocks) // 2
-    out = [block_topk(q, x, ids, k, metric, with_vectors, device=device, band=band, qids=qids)
+    out = [block_topk(q, x, ids, k, metric, with_vectors, device=device, band=band, qids=qids,
+                      exclude_self=exclude_self)
            for qids, q in zip(q_blocks[:n], q_blocks[n:])]
     return out[0] if len(out) == 1 else tuple(out)
 
@@ -121,14 +122,16 @@ def _finished(out_dir: str, name: str, key: str) -> dict | None:
 
 def distributed_topk(cfg: PipelineConfig, shards: list[dict], blocks: list[dict], d: int,
                      k: int, with_vectors: bool, out_dir: str, what: str,
-                     split: tuple | None = None, key: str = "", band: Band | None = None) -> dict:
+                     split: tuple | None = None, key: str = "", band: Band | None = None,
+                     exclude_self: bool = False) -> dict:
     """Exact top-k of the query blocks (Shard dicts, `what` names their setting in errors)
     over every shard, as Parquet parts (teacher_table), one per block; with a `band`, each
     query's drawn deeper neighbours follow its top k (pipeline.index.knn.Band).
 
     Returns {"all": [uris]}, or with split=(val_fraction, seed) {"train": [uris], "val":
     [uris]}; "rows": the row count of each; "spans": each block's (id_min, id_max). With a
-    `key` (the stage's), blocks already written under it are kept.
+    `key` (the stage's), blocks already written under it are kept. exclude_self: the
+    queries are corpus samples, and a query's own row is no neighbour (knn.without_self).
     """
     metric = cfg.index.metric
     gpus = cfg.ray.gpus_per_task
@@ -148,7 +151,7 @@ def distributed_topk(cfg: PipelineConfig, shards: list[dict], blocks: list[dict]
         q_refs = [read.remote(blocks[b], d, what) for b in todo]  # [(ids, x)] refs
         search = _search_shard.options(num_gpus=gpus, resources=where, num_returns=len(todo))
         q_args = [i for i, _ in q_refs] + [x for _, x in q_refs]
-        per_shard = [search.remote(s, k, metric, gpus, with_vectors, band, *q_args)
+        per_shard = [search.remote(s, k, metric, gpus, with_vectors, band, exclude_self, *q_args)
                      for s in shards]
         if len(todo) == 1:
             per_shard = [[r] for r in per_shard]

@@ -87,6 +87,34 @@ def test_band_draws_the_same_over_shards_as_over_the_corpus(data, metric):
     assert np.isnan(V[I < 0]).all() and np.isneginf(S[I < 0]).all()
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_pseudo_queries_do_not_find_themselves(data, metric):
+    """exclude_self: corpus samples as queries get what a search over the corpus with the
+    sample taken out gets, over shards (the row lies in one of them) and with a band alike.
+    Of two rows with the query's vector only one goes: the other is a neighbour like any."""
+    xb, _ = data
+    xb = xb.copy()
+    ids = np.arange(len(xb)) * 7 + 3
+    rows = np.array([5, 700, 4000, 9000, 11999])
+    xb[1234] = xb[700]
+    band = knn.Band(10, 300, 20, seed=4)
+    for b in (None, band):
+        S, I, V = knn.finish(knn.merge_topk(
+            [knn.block_topk(xb[rows], xb[a:a + 3000], ids[a:a + 3000], 10, metric, True,
+                            band=b, qids=rows, exclude_self=True)
+             for a in range(0, len(xb), 3000)], 10, b), b)
+        for r, row in enumerate(rows):
+            keep = np.delete(np.arange(len(xb)), row)
+            want = knn.finish(knn.block_topk(xb[row:row + 1], xb[keep], ids[keep], 10, metric,
+                                             True, band=b, qids=rows[r:r + 1]), b)
+            got = np.where(I[r] == ids[700], ids[1234], I[r])  # the copies are one document
+            np.testing.assert_array_equal(got, want[1][0])
+            np.testing.assert_allclose(S[r], want[0][0], rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(V[r], want[2][0])
+            assert (row == 700) or ids[row] not in I[r]
+        assert (ids[700] in I[1]) != (ids[1234] in I[1])  # one copy of query 700 is left
+
+
 def test_band_is_refused_where_it_cannot_draw():
     with pytest.raises(ValueError, match="needs 0 < size < depth - k"):
         knn.Band(10, 25, 20)

@@ -213,6 +213,26 @@ def test_encode_survives_losing_a_node(prepared, cluster, tmp_path):
         np.testing.assert_array_equal(got.search(xq, 50)[1], want, err_msg=m)
 
 
+def test_pseudo_queries_do_not_find_themselves(prepared, tmp_path):
+    """With no data.train_queries, ingest's corpus samples are the training queries and the
+    teacher leaves each one's own row out of its list: the lists are the corpus search with
+    exclude_self, and no query's row is among its neighbours."""
+    cfg = dataclasses.replace(prepared.cfg, data=dataclasses.replace(
+        prepared.cfg.data, train_queries="", pseudo_queries=300))
+    run = Run(str(tmp_path / "run"), cfg)
+    run.finish("ingest", ingest.run(run, ingest.preflight(cfg)), 0.0)
+    info = teacher.run(run)
+    parts = load_parts(info["train"] + info["val"])
+    ids, xb = corpus(prepared)
+    band = knn.Band.of(cfg.teacher, cfg.train.seed)
+    S, I, V = knn.finish(knn.block_topk(parts["xq"], xb, ids, cfg.teacher.k, "ip", True,
+                                        band=band, qids=parts["qids"], exclude_self=True), band)
+    np.testing.assert_array_equal(parts["I"], I)
+    own = {tuple(x): i for i, x in zip(ids, xb)}
+    rows = [own[tuple(q)] for q in parts["xq"]]  # every pseudo-query is a corpus row
+    assert len(rows) == 300 and not any(r in I[n] for n, r in enumerate(rows))
+
+
 @pytest.mark.parametrize("band", [None, knn.Band(10, 80, 12, seed=5)], ids=["top", "band"])
 def test_teacher_tree_merge_equals_brute_force(prepared, tmp_path, monkeypatch, band):
     """With a fan-in of 2, the 4 shards' results merge in a two-level tree: same answer, and

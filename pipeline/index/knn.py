@@ -72,8 +72,10 @@ class Band:
 
 def block_topk(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int, metric: str,
                with_vectors: bool = False, query_block: int = 4096, device: str = "cpu",
-               band: Band | None = None, qids: np.ndarray | None = None):
+               band: Band | None = None, qids: np.ndarray | None = None,
+               exclude_self: bool = False):
     """Exact top-k of xq (nq, d) over xb (n, d) whose global ids are `ids` (n,).
+    exclude_self: the queries are samples of the corpus; a query's own row is no neighbour.
 
     device "cpu" searches with faiss; "cuda" with a torch GEMM + top-k on the GPU.
     Returns S (nq, k) float32 scores, I (nq, k) int64 global ids (-1 where xb has fewer than k
@@ -85,7 +87,8 @@ def block_topk(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int, metric: 
     the most), empty slots as above; U their draw keys and T (nq, depth) the top-depth
     scores, which merge_topk needs. `finish` makes it the final (S, I, V).
     """
-    S, L = _search(xq, xb, band.depth if band else k, metric, query_block, device)
+    S, L = _search(xq, xb, band.depth if band else k, metric, query_block, device,
+                   exclude_self)
     I = np.where(L >= 0, ids[np.maximum(L, 0)], -1)
     U = T = None
     if band is not None:
@@ -100,8 +103,10 @@ def block_topk(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int, metric: 
 
 
 def _search(xq: np.ndarray, xb: np.ndarray, k: int, metric: str, query_block: int,
-            device: str) -> tuple[np.ndarray, np.ndarray]:
-    """(S, L): the top-k scores (higher is better) and rows of xb, -inf and -1 past its end."""
+            device: str, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(S, L): the top-k scores (higher is better) and rows of xb, -inf and -1 past its end.
+    exclude_self: the queries are corpus samples (pseudo-queries), and each one's own row,
+    the first row of xb equal to it, is no neighbour (see without_self)."""
     nq, d = xq.shape
     if device == "cpu":
         index = faiss.IndexFlatIP(d) if metric == "ip" else faiss.IndexFlatL2(d)
@@ -109,15 +114,41 @@ def _search(xq: np.ndarray, xb: np.ndarray, k: int, metric: str, query_block: in
         search = index.search
     else:
         search = _torch_search(xb, metric, device)
-    kk = min(k, len(xb))
+    kk = min(k + exclude_self, len(xb))
     S = np.full((nq, k), -np.inf, dtype=np.float32)
     L = np.full((nq, k), -1, dtype=np.int64)
     for i0 in range(0, nq, query_block):
         q = np.ascontiguousarray(xq[i0:i0 + query_block], dtype=np.float32)
         D, rows = search(q, kk)
-        S[i0:i0 + len(q), :kk] = D if metric == "ip" else -D
-        L[i0:i0 + len(q), :kk] = rows
+        D = D if metric == "ip" else -D
+        if exclude_self:
+            D, rows = without_self(q, xb, D, rows)
+        n = min(k, D.shape[1])
+        S[i0:i0 + len(q), :n] = D[:, :n]
+        L[i0:i0 + len(q), :n] = rows[:, :n]
     return S, L
+
+
+def without_self(q: np.ndarray, xb: np.ndarray, D: np.ndarray,
+                 rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The hits (D, rows) (nq, k) with each query's own row taken out, the rest moved up and
+    the last slot emptied: its own row is the first hit bit-equal to the query (of two rows
+    with one vector either may go; they are the same document to the teacher).
+
+    A corpus sample used as a training query finds itself first, with a score no held-out
+    query ever has (1 for unit vectors, against about 0.7 for the next), and the distillation
+    learns that outlier instead of the neighbourhood: the temperatures are relative to the
+    list's spread, and a KL sharp enough for real queries put almost all of its mass on the
+    copy (README: symmetric data). One copy goes, as if the sample had been taken out of the
+    corpus: another document with the same vector is a neighbour like any other."""
+    hits = np.maximum(rows, 0)
+    same = (rows >= 0) & (xb[hits] == q[:, None]).all(-1)
+    own = same & (np.cumsum(same, 1) == 1)
+    order = np.argsort(own, 1, kind="stable")  # the own row last, the others in their order
+    D, rows = np.take_along_axis(D, order, 1), np.take_along_axis(rows, order, 1)
+    last = own.any(1)
+    D[last, -1], rows[last, -1] = -np.inf, -1
+    return D, rows
 
 
 def _torch_search(xb: np.ndarray, metric: str, device: str):

@@ -24,7 +24,9 @@ def run(run: Run) -> dict:
     band = Band.of(te, tr.seed)
     out = distributed_topk(run.cfg, plan["shards"], blocks, plan["d"], te.k, True,
                            run.stage_path("teacher"), "teacher", split=(tr.val_fraction, tr.seed),
-                           key=run.resume_key("teacher"), band=band)
+                           key=run.resume_key("teacher"), band=band,
+                           # pseudo-queries (ingest's corpus samples) do not find themselves
+                           exclude_self=not run.cfg.data.train_queries)
     out.pop("spans")  # ingest checked the ids
     n = plan["train_queries"]
     secs = time.time() - t0
