@@ -83,9 +83,7 @@ def _top_copies(t: torch.Tensor, drop: torch.Tensor | None, K: int,
     a copy would sit below the neighbour in the teacher's order, and the ranking loss would
     push the same document under itself. Copies are scored by another kernel (a matrix
     product, not the lists' batched one): a relative 1e-5 leaves room for the rounding."""
-    own = t[:, :K].masked_fill(~torch.isfinite(t[:, :K]), -torch.inf)
-    if drop is not None:
-        own = own.masked_fill(drop[:, :K], -torch.inf)
+    own = t[:, :K] if drop is None else t[:, :K].masked_fill(drop[:, :K], -torch.inf)
     thr = own.topk(top, 1).values[:, -1:]
     # a query with fewer than `top` neighbours has nothing to copy: no threshold
     thr = torch.where(torch.isfinite(thr), thr - 1e-5 * thr.abs(), torch.inf)
