@@ -91,7 +91,7 @@ class _PQStraightThrough(torch.autograd.Function):
 class Student(nn.Module):
     def __init__(self, params: Params, metric: str = "ip", learn_ivf: bool = True,
                  learn_pq: bool = True, learn_rotation: bool = True,
-                 soft_temperature: float = 0.1):
+                 soft_temperature: float = 0.05):
         super().__init__()
         assert metric in ("ip", "l2"), "metric must be ip or l2"
         self.metric = metric
