@@ -391,9 +391,9 @@ def test_training_is_scale_free(setup, c):
         T.train_epoch(model, opt, data, cfg, 0)
         out.append(model.export())
     assert not np.allclose(out[0].codebooks, params.codebooks, atol=1e-3), "it learned"
-    # Adam's epsilon and a few clamps are not scaled, so the runs differ by ~1e-5, which now
-    # and then tips a near-tie codeword assignment and lets that codeword drift a step: 99% of
-    # the parameters must agree to 1e-4. A learning rate or temperature that did not scale
+    # A few clamps are not scaled, so the runs differ by ~1e-5, which now and then tips a
+    # near-tie codeword assignment and lets that codeword drift a step: 99% of the parameters
+    # must agree to 1e-4. A learning rate or temperature that did not scale
     # would move nearly all of them, by up to `c` times a step.
     for key in ("centroids", "codebooks"):
         diff = np.abs(getattr(out[1], key) / c - getattr(out[0], key))

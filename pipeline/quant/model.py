@@ -116,6 +116,7 @@ class Student(nn.Module):
         # scale-free, and the unit of the codebook/centroid learning rates.
         self.recon_scale = 1.0
         self.step_unit = 1.0
+        self.data_norm = 1.0  # the sample's RMS vector norm: Adam's epsilon is in its units
         learn_rot = learn_rotation and self.has_rotation
         self.skew = nn.Parameter(torch.zeros(d, d), requires_grad=learn_rot)
 

@@ -219,8 +219,11 @@ def make_optimizer(model: Student, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Adam over the learned parameters. Codebook and centroid steps are cfg.lr (rq_lr) in
     units of model.step_unit (see calibrate); the rotation's are in radians."""
     lr = (cfg.rq_lr if model.residual else cfg.lr) * model.step_unit
+    # Adam's epsilon scales as 1 / the data's scale, like the gradients it is added to. A
+    # fixed 1e-8 trained data 128 times larger differently (test_training_is_scale_free, once
+    # soft_temperature was 0.05). It is 1e-8 for unit-norm vectors.
     groups = [{"params": [p for p in (model.centroids, model.codebooks) if p.requires_grad],
-               "lr": lr}]
+               "lr": lr, "eps": 1e-8 / model.data_norm}]
     if model.skew.requires_grad:
         groups.append({"params": [model.skew], "lr": cfg.rotation_lr})
     opt = torch.optim.Adam([g for g in groups if g["params"]])
@@ -345,7 +348,8 @@ def train_epoch(model: Student, opt: torch.optim.Optimizer, data: TrainData,
 def calibrate(model: Student, x: np.ndarray) -> None:
     """Sets the model's scales from a corpus sample x (n, d) at the warm start.
 
-    recon_scale: the mean squared reconstruction error per vector. step_unit: the RMS size of
+    recon_scale: the mean squared reconstruction error per vector. data_norm: the RMS vector
+    norm (the unit of Adam's epsilon). step_unit: the RMS size of
     a coordinate times the relative reconstruction error, so that learning rates mean the
     same on any data scale (an Adam step moves a codeword coordinate by about lr) and shrink
     as the code gets finer: the closer the warm start is to the data, the smaller the step
@@ -353,6 +357,7 @@ def calibrate(model: Student, x: np.ndarray) -> None:
     """
     model.recon_scale = max(reconstruction_error(model, x), 1e-12)
     sq_norm = max(float((x.astype(np.float64) ** 2).sum(1).mean()), 1e-12)
+    model.data_norm = float(np.sqrt(sq_norm))
     model.step_unit = float(np.sqrt(sq_norm / x.shape[1])) * model.recon_scale / sq_norm
 
 
