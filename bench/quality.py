@@ -313,11 +313,15 @@ def ablations(cfg: PipelineConfig, labeled: bool) -> dict[str, PipelineConfig]:
         "no-ivf-loss": dict(ivf_weight=0.0),
         "plus-recon": dict(recon_weight=1.0),
         "plus-balance": dict(balance_weight=0.1),
-        # each sampler (candidates besides the teacher top-K)
-        "sampler-topk-only": dict(negatives=0, in_batch=False),
-        "sampler-random": dict(negative_sampler=NegativeSampler.RANDOM, in_batch=False),
-        "sampler-in-batch": dict(negatives=0, in_batch=True),
-        "sampler-ivf": dict(negative_sampler=NegativeSampler.IVF, in_batch=False),
+        # each sampler (candidates besides the teacher top-K), alone
+        "sampler-topk-only": dict(negatives=0, in_batch=False, list_negatives=0),
+        "sampler-random": dict(negative_sampler=NegativeSampler.RANDOM, in_batch=False,
+                               list_negatives=0),
+        "sampler-in-batch": dict(negatives=0, in_batch=True, list_negatives=0),
+        "sampler-ivf": dict(negative_sampler=NegativeSampler.IVF, in_batch=False,
+                            list_negatives=0),
+        "sampler-list": dict(negatives=0, in_batch=False),
+        "no-list-negatives": dict(list_negatives=0),
     }
     if labeled:
         variants["plus-contrastive"] = dict(contrastive_weight=1.0)

@@ -156,6 +156,12 @@ class TrainConfig:
     # (README: recall@100).
     band_weighting: bool = False
     negatives: int = 256  # corpus negatives shared by a batch (from the sample pool)
+    # Per query, this many pool vectors drawn from its own list (the one it probes first
+    # under the current student): the documents that compete with its neighbours when one
+    # list is probed. The teacher list reaches rank band_depth and the other candidates lie
+    # mostly in other lists, so without them nothing orders a list's deeper documents below
+    # the query's top 100 (README: list negatives). Each costs what a band neighbour does.
+    list_negatives: int = 16
     negative_sampler: NegativeSampler = NegativeSampler.RANDOM
     ivf_negative_nprobe: int = 8  # lists per query that "ivf" negatives come from
     in_batch: bool = True  # also score the other queries' neighbours
@@ -423,6 +429,8 @@ def validate(cfg: PipelineConfig) -> None:
         raise ValueError("index.rq_beam must be >= 1 (1 encodes greedily)")
     if tr.rank_top < 0:
         raise ValueError(f"train.rank_top must be >= 0 (0: all teacher.k), got {tr.rank_top}")
+    if tr.list_negatives < 0:
+        raise ValueError(f"train.list_negatives must be >= 0 (0: none), got {tr.list_negatives}")
     if tr.ivf_negative_nprobe < 1 or tr.sinkhorn_iters < 1:
         raise ValueError("train.ivf_negative_nprobe and train.sinkhorn_iters must be >= 1")
     if min(tr.balance_weight, tr.contrastive_weight, tr.recon_weight, tr.ivf_weight) < 0:

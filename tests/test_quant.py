@@ -367,6 +367,38 @@ def test_ivf_negatives_come_from_the_probed_lists(setup):
     assert sum(g in probed for g in got_r) < sum(g in probed for g in got)
 
 
+def test_list_negatives_come_from_each_querys_own_list(setup):
+    """Each query's list negatives lie in the list it probes first; copies of its top
+    neighbours (and the query itself, were it a pool vector) are left out as empty slots; a
+    worker's slice draws what the same queries draw in the whole batch."""
+    xb, xq, trained, V = setup
+    model = Student(build.extract_params(trained), "ip")
+    # the last query is a pool vector, which the pool holds 200 times over
+    pool = np.concatenate([xb[:3000], np.repeat(xb[:1], 200, 0)])
+    cfg = TrainConfig(list_negatives=40, seed=3)
+    near = T.ListNegatives(pool, cfg)
+    q = torch.as_tensor(np.concatenate([xq[:7], xb[:1]]))
+    I = knn.block_topk(q.numpy(), pool, np.arange(len(pool)), 4, "ip")[1]
+    pos = torch.as_tensor(pool[I])
+    got = near.draw(model, q, pos, 4, 0, 0, 0, 8)
+    assert got.shape == (8, 40, 32)
+    with torch.no_grad():
+        own = model.assign(model.rotate(q))
+        filled = torch.isfinite(got).all(-1)
+        lists = model.assign(model.rotate(got[filled]))
+    assert (lists == own[:, None].expand(-1, 40)[filled]).all()
+    # what is left out is exactly what scores at or above the 4th neighbour
+    s = torch.einsum("bd,bnd->bn", q, torch.nan_to_num(got))
+    assert (s[filled] < (q * pos[:, 3]).sum(1)[:, None].expand(-1, 40)[filled]).all()
+    assert filled[:-1].sum() > 0.9 * 7 * 40
+    assert 0 < filled[-1].sum() < 30  # about half its list is copies of it
+    again = T.ListNegatives(pool, cfg)
+    halves = [again.draw(model, q[i:i + 4], pos[i:i + 4], 4, 0, 0, i, 8) for i in (0, 4)]
+    torch.testing.assert_close(torch.cat(halves), got, equal_nan=True)
+    other = T.ListNegatives(pool, cfg).draw(model, q, pos, 4, 0, 1, 0, 8)
+    assert not torch.equal(torch.nan_to_num(other), torch.nan_to_num(got))  # a new step
+
+
 @pytest.mark.parametrize("c", [128.0, 1 / 128])  # powers of two: exact scalings
 def test_training_is_scale_free(setup, c):
     """Data c times larger or smaller (raw SIFT-like magnitudes instead of unit norms) trains

@@ -260,11 +260,7 @@ class NegativeSampler:
     def start_epoch(self, model: Student, device: str) -> None:
         if self.cfg.negative_sampler != "ivf" or not model.spec.ivf or not self.cfg.negatives:
             return
-        with torch.no_grad():
-            parts = [model.assign(model.rotate(torch.as_tensor(
-                self.pool[i:i + 8192], dtype=torch.float32, device=device))).cpu().numpy()
-                for i in range(0, len(self.pool), 8192)]
-        self.lists = np.concatenate(parts)
+        self.lists = _pool_lists(model, self.pool, device)
 
     def draw(self, model: Student, xq: np.ndarray, epoch: int, step: int,
              device: str) -> np.ndarray:
@@ -282,6 +278,69 @@ class NegativeSampler:
             rest = np.setdiff1d(np.arange(len(self.pool)), take)
             take = np.concatenate([take, rng.choice(rest, size=n - len(take), replace=False)])
         return self.pool[np.sort(take)]
+
+
+@torch.no_grad()
+def _pool_lists(model: Student, pool: np.ndarray, device: str) -> np.ndarray:
+    """(P,) the coarse list of every pool vector under the current student."""
+    R = model.rotation() if model.has_rotation else None
+    return np.concatenate([model.assign(model.rotate(torch.as_tensor(
+        pool[i:i + 8192], dtype=torch.float32, device=device), R)).cpu().numpy()
+        for i in range(0, len(pool), 8192)])
+
+
+class ListNegatives:
+    """Each query's list negatives: cfg.list_negatives pool vectors drawn uniformly from the
+    list it probes first under the current student.
+
+    With one list probed, a query's top 100 is decided among that list's documents alone,
+    and all but its teacher neighbours there lie past the teacher list's depth; the shared
+    and in-batch candidates lie mostly in other lists. These are the documents the codes
+    must rank below the neighbours at that point. Appended to a query's own slots, after
+    its teacher neighbours, they are scored exactly like them (their teacher scores are the
+    exact ones), so the KL orders them and the ranking loss keeps them below the top.
+
+    A draw at or above the query's `top`-th neighbour is a copy of one of its top documents
+    (or, for a corpus pseudo-query, itself) and is left out (an empty, NaN slot). The pool's
+    lists are re-assigned every REFRESH steps, as the centroids move. Draws depend on
+    (seed, epoch, step), the query's place in the global batch and the model, which every
+    worker holds identically: the same queries draw the same vectors on any number of
+    workers."""
+
+    REFRESH = 50  # steps; a re-assignment of a 100K pool takes about as long as one step
+
+    def __init__(self, pool: np.ndarray, cfg: TrainConfig):
+        self.pool, self.n, self.seed = pool, cfg.list_negatives, cfg.seed
+        self.order = self.starts = self.counts = None
+
+    def refresh(self, model: Student, device: str) -> None:
+        lists = _pool_lists(model, self.pool, device)
+        self.order = np.argsort(lists, kind="stable")
+        self.counts = np.bincount(lists, minlength=model.centroids.shape[0])
+        self.starts = np.cumsum(self.counts) - self.counts
+
+    def draw(self, model: Student, q: torch.Tensor, pos: torch.Tensor, top: int, epoch: int,
+             step: int, offset: int, batch_size: int) -> torch.Tensor:
+        """(b, n, d) list negatives of the local queries q (b, d), whose rows start at
+        `offset` in the global batch of batch_size; pos (b, K, d) their teacher lists."""
+        if self.order is None or step % self.REFRESH == 0:
+            self.refresh(model, q.device.type)
+        with torch.no_grad():
+            qr = model.rotate(q)
+            lists = model.assign(qr).cpu().numpy()
+            u = np.random.default_rng([self.seed, epoch, step, 1]).random(
+                (batch_size, self.n))[offset:offset + len(q)]
+            counts = self.counts[lists]
+            pick = self.starts[lists][:, None] + (u * counts[:, None]).astype(np.int64)
+            rows = self.order[np.minimum(pick, len(self.order) - 1)]
+            near = torch.as_tensor(self.pool[rows], dtype=torch.float32, device=q.device)
+            s = similarity(q, near, model.metric)
+            kth = similarity(q, pos[:, min(top, pos.shape[1]) - 1][:, None], model.metric)
+            # a missing top-th neighbour (NaN) copies nothing: no threshold
+            thr = torch.where(torch.isfinite(kth), kth - 1e-5 * kth.abs(), torch.inf)
+            empty = torch.as_tensor(counts == 0, device=q.device)[:, None]
+            near[(s >= thr) | empty] = torch.nan
+        return near
 
 
 def train_epoch(model: Student, opt: torch.optim.Optimizer, data: TrainData,
@@ -305,8 +364,12 @@ def train_epoch(model: Student, opt: torch.optim.Optimizer, data: TrainData,
     recon0 = model.recon_scale
     sampler = NegativeSampler(data.pool, cfg)
     sampler.start_epoch(model, device)
+    near = ListNegatives(data.pool, cfg) if cfg.list_negatives and model.spec.ivf \
+        and len(data.pool) else None
     if slot_weights is not None:
         slot_weights = torch.as_tensor(slot_weights, dtype=torch.float32, device=device)
+        if near is not None:  # a list negative stands for itself
+            slot_weights = torch.cat([slot_weights, slot_weights.new_ones(cfg.list_negatives)])
     totals = dict.fromkeys(LOSS_TERMS, 0.0)
     total = 0.0
     step_losses = []
@@ -322,6 +385,9 @@ def train_epoch(model: Student, opt: torch.optim.Optimizer, data: TrainData,
             lab_mine.astype(np.float32), device=device)
         neg = torch.as_tensor(sampler.draw(model, xq_b, epoch, step, device),
                               dtype=torch.float32, device=device)
+        if near is not None:
+            pos = torch.cat([pos, near.draw(model, q, pos, cfg.rank_top or pos.shape[1], epoch,
+                                            step, rank * local, B)], 1)
         parts = batch_loss(model, q, pos, neg, cfg, cfg.in_batch, lab, slot_weights)
         loss = total_loss(parts, cfg, recon0) / B
         opt.zero_grad(set_to_none=False)
