@@ -26,6 +26,7 @@ def test_yaml_and_overrides(tmp_path):
     ("index.quantizer=rq", "index.opq=false"),
     ("index.quantizer=lsq", "index.quantizer"),
     ("train.balance_weight=-1", "_weight"),
+    ("train.list_negatives=-1", "list_negatives"),
     ("train.lr_backoff=0", "lr_backoff"),
     ("train.val_checks=0", "val_checks"),
     ("train.backoff_z=-1", "backoff_z"),

@@ -307,7 +307,9 @@ class ListNegatives:
     worker holds identically: the same queries draw the same vectors on any number of
     workers."""
 
-    REFRESH = 50  # steps; a re-assignment of a 100K pool takes about as long as one step
+    # Steps between re-assignments of the pool: the lists move as the centroids learn, and a
+    # re-assignment scores the whole pool against every centroid.
+    REFRESH = 50
 
     def __init__(self, pool: np.ndarray, cfg: TrainConfig):
         self.pool, self.n, self.seed = pool, cfg.list_negatives, cfg.seed
