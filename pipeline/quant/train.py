@@ -7,6 +7,7 @@ and every worker applies the same update.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -322,16 +323,22 @@ class ListNegatives:
         self.starts = np.cumsum(self.counts) - self.counts
 
     def draw(self, model: Student, q: torch.Tensor, pos: torch.Tensor, top: int, epoch: int,
-             step: int, offset: int, batch_size: int) -> torch.Tensor:
-        """(b, n, d) list negatives of the local queries q (b, d), whose rows start at
-        `offset` in the global batch of batch_size; pos (b, K, d) their teacher lists."""
+             step: int) -> torch.Tensor:
+        """(b, n, d) list negatives of the local queries q (b, d); pos (b, K, d) their
+        teacher lists."""
         if self.order is None or step % self.REFRESH == 0:
             self.refresh(model, q.device.type)
         with torch.no_grad():
-            qr = model.rotate(q)
-            lists = model.assign(qr).cpu().numpy()
-            u = np.random.default_rng([self.seed, epoch, step, 1]).random(
-                (batch_size, self.n))[offset:offset + len(q)]
+            lists = model.assign(model.rotate(q)).cpu().numpy()
+            # Each query's draw is keyed by its own bytes, not its place in the batch: where
+            # it sits in a worker's share depends on how the streams are dealt to the
+            # workers. Divided by its largest coordinate, so that data scaled by a power of
+            # two draws the same.
+            x = q.cpu().numpy()
+            x = x / np.maximum(np.abs(x).max(1, keepdims=True), np.finfo(np.float32).tiny)
+            u = np.stack([np.random.default_rng([self.seed, epoch, step, int.from_bytes(
+                hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little")]).random(
+                self.n) for row in x]).reshape(len(q), self.n)
             counts = self.counts[lists]
             pick = self.starts[lists][:, None] + (u * counts[:, None]).astype(np.int64)
             rows = self.order[np.minimum(pick, len(self.order) - 1)]
@@ -389,7 +396,7 @@ def train_epoch(model: Student, opt: torch.optim.Optimizer, data: TrainData,
                               dtype=torch.float32, device=device)
         if near is not None:
             pos = torch.cat([pos, near.draw(model, q, pos, cfg.rank_top or pos.shape[1], epoch,
-                                            step, rank * local, B)], 1)
+                                            step)], 1)
         parts = batch_loss(model, q, pos, neg, cfg, cfg.in_batch, lab, slot_weights)
         loss = total_loss(parts, cfg, recon0) / B
         opt.zero_grad(set_to_none=False)
