@@ -304,9 +304,8 @@ class ListNegatives:
     A draw at or above the query's `top`-th neighbour is a copy of one of its top documents
     (or, for a corpus pseudo-query, itself) and is left out (an empty, NaN slot). The pool's
     lists are re-assigned every REFRESH steps, as the centroids move. Draws depend on
-    (seed, epoch, step), the query's place in the global batch and the model, which every
-    worker holds identically: the same queries draw the same vectors on any number of
-    workers."""
+    (seed, epoch, step), the query itself and the model, which every worker holds
+    identically: the same queries draw the same vectors on any number of workers."""
 
     # Steps between re-assignments of the pool: the lists move as the centroids learn, and a
     # re-assignment scores the whole pool against every centroid.
