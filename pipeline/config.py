@@ -161,9 +161,9 @@ class TrainConfig:
     # list is probed. The teacher list reaches rank band_depth and the other candidates lie
     # mostly in other lists, so without them nothing orders a list's deeper documents below
     # the query's top 100 (README: list negatives). Each is quantized and scored like a band
-    # neighbour, and is an in-batch candidate of the other queries: kept to its own query, 16
-    # lowered recall@100 (README: cost). 32, not 16: at 16 B on symmetric data, 16 left
-    # recall@100 with one list probed a hair below faiss's.
+    # neighbour, and is an in-batch candidate of the other queries: kept to its own query,
+    # 16 lowered recall@100. 32, not 16: at 16 B on symmetric data, 16 left recall@100 with
+    # one list probed a hair below faiss's (README: 32 list negatives); a step costs 1.4x.
     list_negatives: int = 32
     negative_sampler: NegativeSampler = NegativeSampler.RANDOM
     ivf_negative_nprobe: int = 8  # lists per query that "ivf" negatives come from
