@@ -337,7 +337,7 @@ class ListNegatives:
             x = x / np.maximum(np.abs(x).max(1, keepdims=True), np.finfo(np.float32).tiny)
             u = np.stack([np.random.default_rng([self.seed, epoch, step, int.from_bytes(
                 hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little")]).random(
-                self.n) for row in x]).reshape(len(q), self.n)
+                self.n) for row in x])
             counts = self.counts[lists]
             pick = self.starts[lists][:, None] + (u * counts[:, None]).astype(np.int64)
             rows = self.order[np.minimum(pick, len(self.order) - 1)]
