@@ -229,6 +229,51 @@ def test_data_parallel_gradients_sum_to_the_global_batch(setup):
         np.testing.assert_allclose(g1.numpy(), g2.numpy(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("d", [16, 64])
+def test_unique_rows_groups_exact_copies(d):
+    """Copies are grouped, a row one ulp away from another is not a copy: by the row keys
+    alone (d = 16: every coordinate is keyed) and by the exact fallback (d = 64: the changed
+    coordinate is not keyed, so the keys collide)."""
+    rng = np.random.default_rng(3)
+    x = torch.as_tensor(rng.standard_normal((50, d)).astype(np.float32))
+    assert T.unique_rows(x)[1] is None
+    near = x[7].clone()
+    near[3] = torch.nextafter(near[3], torch.tensor(np.inf))  # one ulp away: not a copy
+    y = torch.cat([x, x[[7, 7, 20]], near[None]])
+    distinct, again = T.unique_rows(y)
+    assert len(distinct) == 51
+    torch.testing.assert_close(distinct[again], y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("balance", [0.0, 0.5])
+def test_documents_in_several_lists_are_quantized_once(setup, monkeypatch, balance):
+    """A document that several lists of the batch hold (a neighbour of two queries, a shared
+    negative that is also a neighbour) is quantized once: every term and every gradient are
+    those of quantizing each copy on its own."""
+    xb, xq, trained, V = setup
+    cfg = TrainConfig(batch_size=32, negatives=16, rank_top=4, balance_weight=balance,
+                      recon_weight=0.5)
+    idx = np.r_[0:24, 0:8]  # eight queries twice: their whole lists repeat
+    q, pos = torch.as_tensor(xq[idx]), torch.as_tensor(V[idx].astype(np.float32))
+    neg = torch.cat([torch.as_tensor(xb[:12]), pos[0, 5:6], pos[3, 1:5]])
+    assert len(T.unique_rows(torch.cat([pos.reshape(-1, pos.shape[-1]), neg]))[0]) \
+        < len(pos.reshape(-1, pos.shape[-1])) + len(neg)
+
+    def run():
+        model = Student(build.extract_params(trained), "ip")
+        parts = T.batch_loss(model, q, pos, neg, cfg, True)
+        T.total_loss(parts, cfg, 1.0).backward()
+        return parts, [p.grad for p in model.parameters() if p.requires_grad]
+
+    once, g_once = run()
+    monkeypatch.setattr(T, "unique_rows", lambda x: (x, None))
+    each, g_each = run()
+    for term in T.LOSS_TERMS:
+        np.testing.assert_allclose(once[term].item(), each[term].item(), rtol=1e-5)
+    for a, b in zip(g_once, g_each):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6 * b.abs().max())
+
+
 @pytest.mark.parametrize("in_batch", [False, True])
 def test_empty_teacher_slots_are_no_candidates(setup, in_batch):
     """NaN neighbour vectors (a band's empty slots) score as no candidate at all: the

@@ -38,53 +38,70 @@ class _PQStraightThrough(torch.autograd.Function):
     them (distance terms, scale, logits, softmax, their backward), and it builds the soft
     mixture in the forward pass only to subtract it again; on CPUs those passes, not the
     matrix products, took most of the quantization's time. Here the forward pass is one batched
-    product and an in-place softmax, and the backward pass four batched products.
+    product, the row maxima (the codes) and an exponential in place; the backward pass is
+    five batched products and two passes over the scores.
 
     r (M, n, dsub) residual sub-vectors, B (M, ksub, dsub) codebooks, temperature > 0 (relative
     to each sub-vector's mean squared distance to the codewords). Returns hard (M, n, dsub) and
     codes (M, n).
 
-    With p = softmax(-dist / (temperature * mean dist)) the straight-through output is
-    B[code] + p @ B - stop_gradient(p @ B), so for the output's gradient g:
-      dB[code] += g,  dB += p^T g,  and through the logits (w = 2 d logits / (T s)):
+    With c = 1 / (temperature * mean dist) and p = softmax(-c dist), the straight-through output
+    is B[code] + p @ B - stop_gradient(p @ B), so for the output's gradient g:
+      dB[code] += g,  dB += p^T g,  and through the logits (w = 2c d logits):
       dr = w @ B,  dB += w^T r - colsum(w) * B
     (the ||r||^2 term of the distance drops out: a softmax's logit gradients sum to zero).
+    p is kept unnormalized, e = Z p, and 1 / Z folded into the small (M, n, dsub) factors.
     """
 
     @staticmethod
     def forward(ctx, r: torch.Tensor, B: torch.Tensor, temperature: float):
-        half_norms = 0.5 * (B * B).sum(-1)  # (M, ksub)
-        r_norms = (r * r).sum(-1, keepdim=True)  # (M, n, 1)
+        sq = (B * B).sum(-1)  # (M, ksub)
+        r_sq = (r * r).sum(-1, keepdim=True)  # (M, n, 1)
         # mean distance to the codewords, without the (M, n, ksub) distances themselves
-        mean_dist = r_norms - 2 * torch.bmm(r, B.mean(1, keepdim=True).transpose(1, 2)) \
-            + 2 * half_norms.mean(-1)[:, None, None]
-        inv = 2.0 / (temperature * mean_dist.clamp_min(1e-12))  # (M, n, 1)
-        # logits up to a per-row constant (-||r||^2 / (T s)), which the softmax ignores
-        logits = torch.bmm(r, B.transpose(1, 2)).sub_(half_norms[:, None, :]).mul_(inv)
-        # The softmax in place, from the row maxima that also give the codes: half the passes
-        # over the (M, n, ksub) scores of argmax and torch.softmax, and no second tensor.
+        mean_dist = r_sq - 2 * torch.bmm(r, B.mean(1, keepdim=True).transpose(1, 2)) \
+            + sq.mean(-1)[:, None, None]
+        c = 1.0 / (temperature * mean_dist.clamp_min(1e-12))  # (M, n, 1)
+        # the logits -c ||r - B_k||^2 = [2c r, -c, -c ||r||^2] . [B_k, ||B_k||^2, 1]: one
+        # product, no pass to scale or shift them
+        logits = torch.bmm(torch.cat([r * (2 * c), -c, -c * r_sq], -1),
+                           torch.cat([B, sq[..., None], torch.ones_like(sq)[..., None]],
+                                     -1).transpose(1, 2))
         top, codes = logits.max(-1, keepdim=True)
-        p = logits.sub_(top).exp_()
-        p.div_(p.sum(-1, keepdim=True))
+        # A logit is minus a scaled distance, so at most 0 (up to rounding), and a row's
+        # largest is at least -1 / temperature (the nearest codeword is no farther than the
+        # mean): at the default 0.05 the exponentials neither overflow nor vanish without
+        # subtracting the row maxima, a pass over the (M, n, ksub) scores. Rows outside that
+        # window (a much lower temperature, degenerate distances) have them subtracted.
+        if not bool(((top >= -30) & (top <= 1)).all()):
+            logits.sub_(top)
+        e = logits.exp_()
+        inv_z = e.sum(-1, keepdim=True).reciprocal_()  # (M, n, 1)
         codes = codes[..., 0]
         hard = torch.gather(B, 1, codes[..., None].expand(-1, -1, B.shape[2]))
-        ctx.save_for_backward(r, B, p, codes, inv)
+        ctx.save_for_backward(r, B, e, codes, inv_z, 2 * c * inv_z)
         ctx.mark_non_differentiable(codes)
         return hard, codes
 
     @staticmethod
     def backward(ctx, g: torch.Tensor, _codes_grad):
-        r, B, p, codes, inv = ctx.saved_tensors
-        g = g.contiguous()
-        # d loss / d logits of a softmax: p * (dp - <p, dp>), then times d logits / d r.B
-        w = torch.bmm(g, B.transpose(1, 2))
-        w.sub_((w * p).sum(-1, keepdim=True)).mul_(p).mul_(inv)
+        r, B, e, codes, inv_z, f = ctx.saved_tensors
+        # w = 2c p (dp - <p, dp>), dp = g B^T: the softmax's logit gradient times 2c. The
+        # factor 2c / Z goes on g, and <p, dp> = <g, e B> / Z is a product over dsub.
+        gf = g * f  # (M, n, dsub)
+        w = torch.bmm(gf, B.transpose(1, 2))
+        w.sub_((gf * torch.bmm(e, B)).sum(-1, keepdim=True).mul_(inv_z)).mul_(e)
         grad_r = torch.bmm(w, B) if ctx.needs_input_grad[0] else None
         grad_B = None
         if ctx.needs_input_grad[1]:
-            grad_B = torch.bmm(p.transpose(1, 2), g)  # the soft mixture's codeword weights
-            grad_B.scatter_add_(1, codes[..., None].expand(-1, -1, B.shape[2]), g)  # hard pick
-            grad_B += torch.bmm(w.transpose(1, 2), r) - w.sum(1)[..., None] * B
+            # Products that sum over the n rows are formed as (X^T Y)^T: on CPUs twice as fast
+            # as X^T Y with the long (M, n, ksub) operand transposed.
+            grad_B = torch.bmm((g * inv_z).transpose(1, 2), e).transpose(1, 2)  # p^T g
+            grad_B = grad_B.contiguous().scatter_add_(  # the hard pick
+                1, codes[..., None].expand(-1, -1, B.shape[2]), g)
+            # [w^T r, colsum(w)] from one product, r with a column of ones
+            wr = torch.bmm(torch.cat([r, r.new_ones(r.shape[:2] + (1,))], -1).transpose(1, 2),
+                           w).transpose(1, 2)
+            grad_B += wr[..., :-1] - wr[..., -1:] * B
         return grad_r, grad_B, None
 
 
@@ -181,7 +198,9 @@ class Student(nn.Module):
         (n, ksub, dsub) tensor is built.
         """
         lists = self.assign(x_rot) if lists is None else lists
-        c = self.centroids[lists]
+        # index_select, not indexing: its backward is an index_add, not a sorted put (25 ms of a
+        # 1 s step at 16 B)
+        c = self.centroids.index_select(0, lists)
         r = x_rot - c
         B = self.codebooks
         parts, codes, logits = [], [], []

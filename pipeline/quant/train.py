@@ -108,6 +108,40 @@ def _log_weights(slot_weights: torch.Tensor | None, t: torch.Tensor,
     return log_w
 
 
+def unique_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the distinct rows of x, for every row of x the index of its copy among them), or
+    (x, None) when all rows differ.
+
+    A batch's documents repeat: a neighbour of several similar queries, a list negative two
+    queries in one list both drew, a shared negative that is also someone's neighbour. At the
+    defaults about a quarter of the rows quantized in a step are copies, and quantizing is
+    most of a step's cost (the (M, n, 256) codeword scores), so each document is quantized
+    once and its copies gathered from it. The value is the same; so is the gradient (a
+    gather's backward sums its copies' gradients, as the copies' own passes would).
+
+    Rows are keyed by the bits of a few of their coordinates, in integer arithmetic (a
+    matrix product would not do: equal rows can round differently at different places in a
+    product). The grouping is checked against the whole rows; where keys collide (rows equal
+    in those coordinates only), torch.unique groups them exactly, at about 5x the cost."""
+    if len(x) < 2:
+        return x, None
+    cols = torch.linspace(0, x.shape[1] - 1, min(x.shape[1], 16), device=x.device).long()
+    bits = x.index_select(1, cols).contiguous().view(torch.int32).to(torch.int64)
+    # factors below 2^27: 16 products of 32-bit words sum below 2^63, with no overflow
+    factors = torch.randint(1, 1 << 27, (len(cols),), generator=torch.Generator().manual_seed(0))
+    keys, again = torch.unique((bits * factors.to(x.device)).sum(1), return_inverse=True)
+    if len(keys) == len(x):  # equal rows have equal keys: all rows differ
+        return x, None
+    first = torch.full((len(keys),), len(x), dtype=torch.int64, device=x.device)
+    first.scatter_reduce_(0, again, torch.arange(len(x), device=x.device), "amin")
+    distinct = x.index_select(0, first)
+    if not torch.equal(distinct.index_select(0, again), x):
+        distinct, again = torch.unique(x, dim=0, return_inverse=True)
+        if len(distinct) == len(x):
+            return x, None
+    return distinct, again
+
+
 def _regularizers(model: Student, kept_rot: torch.Tensor, x_kept: torch.Tensor,
                   logits: list[torch.Tensor] | None, b: int, K: int, nf: int, N: int,
                   cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +171,7 @@ def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Te
     many documents each neighbour slot stands for (knn.Band.slot_weights), or None: all 1.
     Candidates of query i: its K neighbours, the shared negatives, and (in_batch) the other
     queries' neighbours (as negatives: each stands for itself). Every document is rotated and
-    quantized once, empty slots never.
+    quantized once however many lists it is in (unique_rows), empty slots never.
     """
     b, K, d = pos.shape
     N = len(neg)
@@ -150,14 +184,20 @@ def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Te
     extra = [neg] + ([labeled] if labeled is not None else [])
     docs = torch.cat([pos.reshape(b * K, d)] + extra)
     # Only the filled slots are rotated and quantized (with the default band about a quarter
-    # of the slots are empty); _spread lays the results out as docs.
+    # of the slots are empty), each document once; _spread lays the results out as docs.
     slots = filled.reshape(-1).nonzero()[:, 0]
     nf = len(slots)
-    kept_rot = model.rotate(torch.cat([pos.reshape(b * K, d)[slots]] + extra), R)
+    kept, again = unique_rows(torch.cat([pos.reshape(b * K, d)[slots]] + extra))
+    kept_rot = model.rotate(kept, R)
     balance = cfg.balance_weight > 0
     lists_kept = model.assign(kept_rot)
     c_kept, r_kept, _, *rest = model.quantize(kept_rot, balance, lists_kept)
     x_kept = c_kept + r_kept
+    if again is not None:  # every copy from its document's one quantization
+        # index_select: its backward is an index_add, not indexing's sorted put
+        kept_rot, lists_kept, x_kept = (t.index_select(0, again)
+                                        for t in (kept_rot, lists_kept, x_kept))
+        rest = [[lg.index_select(0, again) for lg in rest[0]]] if balance else rest
     x_hat = _spread(x_kept, slots, b * K)
     zero = torch.zeros((), device=q.device)
     out = dict.fromkeys(LOSS_TERMS, zero)
