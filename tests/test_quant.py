@@ -230,13 +230,13 @@ def test_data_parallel_gradients_sum_to_the_global_batch(setup):
         np.testing.assert_allclose(g1.numpy(), g2.numpy(), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("d", [16, 64])
-def test_unique_rows_groups_exact_copies(d):
+@pytest.mark.parametrize("d,dtype", [(16, np.float32), (64, np.float32), (16, np.float64)])
+def test_unique_rows_groups_exact_copies(d, dtype):
     """Copies are grouped, a row one ulp away from another is not a copy: by the row keys
     alone (d = 16: every coordinate is keyed) and by the exact fallback (d = 64: the changed
-    coordinate is not keyed, so the keys collide)."""
+    coordinate is not keyed; float64: keyed by its float32 rounding, so the keys collide)."""
     rng = np.random.default_rng(3)
-    x = torch.as_tensor(rng.standard_normal((50, d)).astype(np.float32))
+    x = torch.as_tensor(rng.standard_normal((50, d)).astype(dtype))
     assert T.unique_rows(x)[1] is None
     near = x[7].clone()
     near[3] = torch.nextafter(near[3], torch.tensor(np.inf))  # one ulp away: not a copy

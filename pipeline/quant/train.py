@@ -122,11 +122,12 @@ def unique_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     Rows are keyed by the bits of a few of their coordinates, in integer arithmetic (a
     matrix product would not do: equal rows can round differently at different places in a
     product). The grouping is checked against the whole rows; where keys collide (rows equal
-    in those coordinates only), torch.unique groups them exactly, at about 5x the cost."""
+    in those coordinates only), torch.unique groups them exactly, at several times the cost."""
     if len(x) < 2:
         return x, None
     cols = torch.linspace(0, x.shape[1] - 1, min(x.shape[1], 16), device=x.device).long()
-    bits = x.index_select(1, cols).contiguous().view(torch.int32).to(torch.int64)
+    # float32 bits (float16 widens exactly; float64 rounds, which the check below catches)
+    bits = x.index_select(1, cols).float().contiguous().view(torch.int32).to(torch.int64)
     # factors below 2^27: 16 products of 32-bit words sum below 2^63, with no overflow
     factors = torch.randint(1, 1 << 27, (len(cols),), generator=torch.Generator().manual_seed(0))
     keys, again = torch.unique((bits * factors.to(x.device)).sum(1), return_inverse=True)
