@@ -163,7 +163,8 @@ class TrainConfig:
     # the query's top 100 (README: list negatives). Each is quantized and scored like a band
     # neighbour, and is an in-batch candidate of the other queries: kept to its own query,
     # 16 lowered recall@100. 32, not 16: at 16 B on symmetric data, 16 left recall@100 with
-    # one list probed a hair below faiss's (README: 32 list negatives); a step costs 1.4x.
+    # one list probed a hair below faiss's (README: 32 list negatives); a step cost 1.4x that
+    # with 16 before each document was quantized once (README: a cheaper step).
     list_negatives: int = 32
     negative_sampler: NegativeSampler = NegativeSampler.RANDOM
     ivf_negative_nprobe: int = 8  # lists per query that "ivf" negatives come from
