@@ -143,6 +143,24 @@ def unique_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     return distinct, again
 
 
+def _quantize_once(model: Student, docs: torch.Tensor, R: torch.Tensor | None,
+                   with_logits: bool) -> tuple:
+    """(rotated, coarse lists, reconstructions, soft-assignment logits or None) of docs
+    (n, d), each distinct document rotated and quantized once (unique_rows) and its copies
+    gathered with index_select (whose backward is an index_add, not indexing's sorted put)."""
+    kept, again = unique_rows(docs)
+    kept_rot = model.rotate(kept, R)
+    lists = model.assign(kept_rot)
+    c, r_hat, _, *rest = model.quantize(kept_rot, with_logits, lists)
+    x_hat = c + r_hat
+    logits = rest[0] if with_logits else None
+    if again is None:
+        return kept_rot, lists, x_hat, logits
+    kept_rot, lists, x_hat = (t.index_select(0, again) for t in (kept_rot, lists, x_hat))
+    return kept_rot, lists, x_hat, \
+        None if logits is None else [lg.index_select(0, again) for lg in logits]
+
+
 def _regularizers(model: Student, kept_rot: torch.Tensor, x_kept: torch.Tensor,
                   logits: list[torch.Tensor] | None, b: int, K: int, nf: int, N: int,
                   cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,22 +206,14 @@ def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Te
     # of the slots are empty), each document once; _spread lays the results out as docs.
     slots = filled.reshape(-1).nonzero()[:, 0]
     nf = len(slots)
-    kept, again = unique_rows(torch.cat([pos.reshape(b * K, d)[slots]] + extra))
-    kept_rot = model.rotate(kept, R)
     balance = cfg.balance_weight > 0
-    lists_kept = model.assign(kept_rot)
-    c_kept, r_kept, _, *rest = model.quantize(kept_rot, balance, lists_kept)
-    x_kept = c_kept + r_kept
-    if again is not None:  # every copy from its document's one quantization
-        # index_select: its backward is an index_add, not indexing's sorted put
-        kept_rot, lists_kept, x_kept = (t.index_select(0, again)
-                                        for t in (kept_rot, lists_kept, x_kept))
-        rest = [[lg.index_select(0, again) for lg in rest[0]]] if balance else rest
+    kept_rot, lists_kept, x_kept, logits = _quantize_once(
+        model, torch.cat([pos.reshape(b * K, d)[slots]] + extra), R, balance)
     x_hat = _spread(x_kept, slots, b * K)
     zero = torch.zeros((), device=q.device)
     out = dict.fromkeys(LOSS_TERMS, zero)
-    out["recon"], out["balance"] = _regularizers(
-        model, kept_rot, x_kept, rest[0] if balance else None, b, K, nf, N, cfg)
+    out["recon"], out["balance"] = _regularizers(model, kept_rot, x_kept, logits, b, K, nf, N,
+                                                 cfg)
 
     in_batch = in_batch and b > 1
 
