@@ -8,8 +8,10 @@ reads changed; --from-stage forces a stage and the later ones.
 
   python jobs/distill.py --output URI --rollback VERSION   # point back at an earlier version
 
-Exit codes: 0 done; 2 a mistake in the input, the config or the arguments, or another job
-holds the output; 128 + signal number when interrupted (a rerun resumes).
+Exit codes: 0 done; 1 the job lost its lease on the output (it was taken over, or the storage
+stopped answering) and stopped writing, or an unexpected error; 2 a mistake in the input, the
+config or the arguments, or another job holds the output; 128 + signal number when interrupted
+(a rerun resumes).
 """
 from __future__ import annotations
 
@@ -100,7 +102,10 @@ def main(argv=None, exit_on_interrupt: bool = False) -> int:
         print(f"output busy: {e}", file=sys.stderr)
         return 2
     except LeaseLost as e:
-        print(f"stopped: {e}", file=sys.stderr)
+        print(f"stopped: {e}", file=sys.stderr, flush=True)
+        if exit_on_interrupt:  # a stage may still run in its helper thread: end it with us
+            logging.shutdown()
+            os._exit(1)
         return 1
     except Interrupted as e:
         where = f"during stage {e.stage}" if e.stage else "between stages"

@@ -54,6 +54,12 @@ class NegativeSampler(_Mode):
     IVF = "ivf"  # pool vectors in the lists the batch's queries probe (Distill-VQ's hard negatives)
 
 
+class Verify(_Mode):
+    """How a rerun tells that an input file changed (pipeline.data.readers.fingerprint)."""
+    METADATA = "metadata"  # size and ETag on S3; size, mtime, inode and ctime locally
+    CONTENT = "content"  # locally also the sha256 of the bytes: every file is read once more
+
+
 class LRSchedule(_Mode):
     """How the learning rates move over the whole training (on top of the backoff)."""
     CONSTANT = "constant"
@@ -80,6 +86,10 @@ class DataConfig:
     max_train_queries: int = 0  # 0: all
     max_eval_queries: int = 0  # 0: all
     pseudo_queries: int = 20_000  # corpus samples used as queries when train_queries is empty
+    verify: Verify = Verify.METADATA
+
+    def __post_init__(self):
+        _typed_modes(self)
 
 
 @dataclass(frozen=True)
@@ -252,10 +262,18 @@ class RayConfig:
 
 @dataclass(frozen=True)
 class PublishConfig:
-    keep_versions: int = 3  # published versions kept (the current one always stays)
-    # A job renews its lease on the output every lease_seconds / 4; a lease not renewed for
-    # lease_seconds is dead, and another job may take it over.
+    # Versions kept: the ones current most recently (at least 2: the current one and the one
+    # it replaced always stay), and any that stopped being current less than grace_seconds
+    # ago, since a reader that resolved the pointer just before may still be reading it.
+    keep_versions: int = 3
+    grace_seconds: float = 600.0
+    # A job renews its lease on the output every lease_seconds / 8 and stops writing once no
+    # renewal succeeded for 3/4 of it; a lease left unchanged for lease_seconds is dead, and
+    # another job may take it over (docs/operations.md).
     lease_seconds: float = 120.0
+    # Refuse an S3 store that ignores If-None-Match / If-Match (checked on a scratch key at
+    # start): without them neither the lease nor the pointer swap is safe. false: warn only.
+    require_conditional_writes: bool = True
 
 
 @dataclass(frozen=True)
@@ -409,8 +427,12 @@ def validate(cfg: PipelineConfig) -> None:
             "for no band")
     if tr.epochs < 1:
         raise ValueError(f"train.epochs must be >= 1, got {tr.epochs}")
-    if cfg.publish.keep_versions < 1 or cfg.publish.lease_seconds <= 0:
-        raise ValueError("publish.keep_versions must be >= 1 and publish.lease_seconds > 0")
+    pub = cfg.publish
+    if pub.keep_versions < 2 or pub.lease_seconds <= 0 or pub.grace_seconds < 0:
+        raise ValueError(
+            "publish.keep_versions must be >= 2 (the current version and the one it replaced "
+            "always stay, since readers may hold either), publish.lease_seconds > 0 and "
+            "publish.grace_seconds >= 0")
     if tr.num_workers < 1 or tr.batch_size < tr.num_workers:
         raise ValueError("train.num_workers must be >= 1 and train.batch_size >= num_workers")
     if tr.batch_size % tr.num_workers:
@@ -448,8 +470,11 @@ def validate(cfg: PipelineConfig) -> None:
     if tr.backoff_z < 0:
         raise ValueError(
             f"train.backoff_z must be >= 0 (0: any fall backs off), got {tr.backoff_z}")
-    if not 0 <= tr.val_fraction < 1:
-        raise ValueError("train.val_fraction must be in [0, 1)")
+    if not 0 < tr.val_fraction < 1:
+        raise ValueError(
+            f"train.val_fraction must be in (0, 1), got {tr.val_fraction}: the held-out "
+            "queries pick the student to export, and with none every student scores alike "
+            "and the warm start would ship as the distilled index")
     if any(p < 1 for p in cfg.eval.nprobe):
         raise ValueError("eval.nprobe values must be >= 1")
     if cfg.build.list_ranges < 0:

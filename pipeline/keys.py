@@ -41,8 +41,9 @@ FIELDS: dict[str, list[str]] = {
 # A stage's record format, bumped when what it records changes shape, so that a record an
 # older version wrote runs again instead of being misread downstream. ingest 2: it records the
 # training query files, which tasks read, instead of the queries themselves. teacher 2:
-# pseudo-queries' lists no longer hold the query's own row.
-FORMATS: dict[str, int] = {"ingest": 2, "teacher": 2}
+# pseudo-queries' lists no longer hold the query's own row. ingest 3: it records the corpus's
+# largest coordinate (the teacher's vector dtype follows it).
+FORMATS: dict[str, int] = {"ingest": 3, "teacher": 2}
 
 DEPS: dict[str, list[str]] = {
     "ingest": [], "init": ["ingest"], "teacher": ["ingest"], "train": ["init", "teacher"],

@@ -9,11 +9,22 @@ Layout under the output URI:
   versions/<version>/manifest.json                   written last: the version is complete
   manifest.json                                      the pointer: a copy of the current
                                                      version's manifest
+  _history.json                                      when each version stopped being
+                                                     current (for pruning)
 
 A version folder is never changed once written. The pointer is replaced in one conditional
 write (S3: a PUT with If-Match on the pointer this job read; locally a rename under a lock)
 only after every file of the new version was read back and matched its size and sha256, so a
-reader that resolves the pointer once sees one whole version, old or new.
+reader that resolves the pointer once sees one whole version, old or new. Locally, every file
+of the version and its folders reach the disk before the pointer is renamed, and the pointer's
+folder after.
+
+A manifest is data from storage: every name in it must lie under its own version's folder
+(`checked`), so a planted manifest cannot make a reader open, or a copy write, anything else.
+
+Pruning keeps the current version, the one it replaced, the `keep` versions that were current
+most recently, and any version that stopped being current less than `grace` seconds ago (a
+reader that resolved the pointer just before it moved is still reading it).
 """
 from __future__ import annotations
 
@@ -21,6 +32,8 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
+import re
 import time
 
 from pipeline import storage
@@ -32,12 +45,45 @@ POINTER = "manifest.json"
 VERSIONS = "versions"
 INDEX_FILES = ("index.ivfdata", "index.index")  # in this order: data before its header
 FASTSCAN = ondisk.FASTSCAN
+HISTORY = "_history.json"
+HISTORY_LIMIT = 200  # entries kept in _history.json
+VERSION_RE = re.compile(r"^\d{8}T\d{6}(\.\d{6})?Z-[0-9a-f]{8}$")
+# The manifest fields that name files, beside its "files" table.
+NAMED = ("index", "ivfdata", "baseline_index", "fastscan_index")
+
+
+def is_version(name: str) -> bool:
+    return bool(VERSION_RE.match(name))
+
+
+def checked(manifest: dict, where: str) -> dict:
+    """The manifest, after checking that every name it gives for a file is a plain relative
+    path under versions/<its version>/: no "..", no absolute path, no scheme. Raises
+    ValueError naming the offending entry."""
+    version = manifest.get("version")
+    if not isinstance(version, str) or not is_version(version):
+        raise ValueError(f"{where}: the manifest's version {version!r} is not a version name")
+    prefix = f"{VERSIONS}/{version}/"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise ValueError(f"{where}: the manifest has no files table")
+    names = list(files) + [manifest[k] for k in NAMED if k in manifest]
+    for rel in names:
+        if not (isinstance(rel, str) and rel.startswith(prefix) and "\\" not in rel
+                and ":" not in rel and posixpath.normpath(rel) == rel
+                and ".." not in rel.split("/")):
+            raise ValueError(f"{where}: the manifest names {rel!r}, which is not a file "
+                             f"under {prefix}; refusing to use it")
+    return manifest
 
 
 def read_pointer(output: str) -> tuple[dict | None, str | None]:
-    """(the current manifest, its tag for a conditional replace), or (None, None)."""
+    """(the current manifest, checked, and its tag for a conditional replace), or (None,
+    None)."""
     raw, tag = storage.read_tagged(storage.join(output, POINTER))
-    return (json.loads(raw), tag) if raw is not None else (None, None)
+    if raw is None:
+        return None, None
+    return checked(json.loads(raw), storage.join(output, POINTER)), tag
 
 
 def resolve(output: str) -> dict:
@@ -56,22 +102,22 @@ def version_name(keys: dict) -> str:
     return f"{stamp}-{digest}"
 
 
-def _put_index(src_folder: str, src_files: dict, dst_folder: str) -> dict:
+def _put_index(src_folder: str, src_files: dict, dst_folder: str, held) -> dict:
     """Places a merged index pair into a version folder; returns {name: {sha256, bytes}} of
     what must now be there. src_files: the pair's {name: {sha256, bytes}} as merged. S3 pairs
     record the bare .ivfdata name and are copied on the server; a local .index is rewritten
     to record its own version's absolute .ivfdata path, so that plain faiss.read_index(path)
     opens it."""
     want = {name: src_files[name] for name in INDEX_FILES}
-    if FASTSCAN in src_files:  # self-contained: copied as it is
-        storage.copy(storage.join(src_folder, FASTSCAN), storage.join(dst_folder, FASTSCAN))
-        want[FASTSCAN] = src_files[FASTSCAN]
-    storage.copy(storage.join(src_folder, INDEX_FILES[0]), storage.join(dst_folder,
-                                                                        INDEX_FILES[0]))
+    names = list(INDEX_FILES[:1]) + ([FASTSCAN] if FASTSCAN in src_files else [])
     if storage.is_s3(dst_folder):
-        storage.copy(storage.join(src_folder, INDEX_FILES[1]),
-                     storage.join(dst_folder, INDEX_FILES[1]))
-    else:
+        names.append(INDEX_FILES[1])
+    for name in names:  # FASTSCAN is self-contained: copied as it is
+        held.check(held.timeout)
+        storage.copy(storage.join(src_folder, name), storage.join(dst_folder, name))
+        want[name] = src_files[name]
+    if not storage.is_s3(dst_folder):
+        held.check(held.timeout)
         dst = storage.get_fs(dst_folder)[1]
         header = os.path.join(dst, INDEX_FILES[1])
         ondisk.retarget(os.path.join(storage.get_fs(src_folder)[1], INDEX_FILES[1]),
@@ -96,16 +142,16 @@ def verify(output: str, files: dict) -> None:
             raise RuntimeError(f"{uri}: {got} where {want} was written")
 
 
-def publish(output: str, indexes: dict, extra: dict, meta: dict, keys: dict, keep: int,
-            check=lambda: None, fresh: bool = True) -> dict:
+def publish(output: str, indexes: dict, extra: dict, meta: dict, keys: dict, held,
+            keep: int, grace: float, fresh: bool = True) -> dict:
     """Publishes a new version and points the manifest at it; returns the manifest.
 
     indexes: {folder in the version: (folder holding a merged index pair, {name: {sha256,
     bytes}} of the pair)}; its "index" entry is the distilled index. extra: {file name:
     bytes} (report, config). meta: more manifest fields. keys: the stage keys the version
     was built from; unless `fresh` (something was rebuilt), nothing is published when the
-    current version was built from the same keys. check() runs just before the pointer
-    moves (the lease's check). Keeps the newest `keep` versions and the current one.
+    current version was built from the same keys. held: the output's lease; every write is
+    made under it. keep, grace: see prune.
     """
     current, tag = read_pointer(output)
     if not fresh and current is not None and current.get("stage_keys") == keys:
@@ -116,10 +162,10 @@ def publish(output: str, indexes: dict, extra: dict, meta: dict, keys: dict, kee
     vdir = storage.join(output, vrel)
     files = {}
     for folder, (src, src_files) in indexes.items():
-        placed = _put_index(src, src_files, storage.join(vdir, folder))
+        placed = _put_index(src, src_files, storage.join(vdir, folder), held)
         files.update({f"{vrel}/{folder}/{n}": m for n, m in placed.items()})
     for name, data in extra.items():
-        storage.write_bytes(storage.join(vdir, name), data)
+        held.write(storage.join(vdir, name), data)
         files[f"{vrel}/{name}"] = {"sha256": hashlib.sha256(data).hexdigest(),
                                    "bytes": len(data)}
     verify(output, files)
@@ -131,17 +177,39 @@ def publish(output: str, indexes: dict, extra: dict, meta: dict, keys: dict, kee
     if f"{vrel}/index/{FASTSCAN}" in files:
         manifest["fastscan_index"] = f"{vrel}/index/{FASTSCAN}"
     data = storage.json_bytes(manifest)
-    storage.write_bytes(storage.join(vdir, POINTER), data)  # the version is complete
-    check()
-    _swap_pointer(output, data, tag)
+    held.write(storage.join(vdir, POINTER), data)  # the version is complete
+    storage.sync_tree(vdir)
+    swap(output, data, tag, version, (current or {}).get("version"), held)
     log.info("publish: %s is now the current version (%s)", version, storage.join(output, POINTER))
-    prune(output, keep, version)
+    prune(output, keep, grace, held)
     return manifest
 
 
-def _swap_pointer(output: str, data: bytes, tag: str | None) -> None:
+def _history(output: str) -> list[dict]:
+    """[{"version", "until"}] oldest first: when each version stopped being current (until
+    None: it is current, or was made current by a swap that may not have happened)."""
+    uri = storage.join(output, HISTORY)
+    return storage.read_json(uri) if storage.exists(uri) else []
+
+
+def swap(output: str, data: bytes, tag: str | None, version: str, was: str | None,
+         held) -> None:
+    """Points `output` at `version` (its manifest bytes `data`), replacing the pointer only
+    if it still has `tag`, and records in the history that `was` stopped being current now.
+    The history is written first: a crash between the two leaves a version kept longer,
+    never one deleted early."""
+    now = time.time()
+    history = [h for h in _history(output) if h["version"] != version]
+    for h in history:  # every other version stops being current now
+        if h["until"] is None:
+            h["until"] = now
+    if was and not any(h["version"] == was for h in history):
+        history.append({"version": was, "until": now})
+    history.append({"version": version, "until": None})
+    held.write(storage.join(output, HISTORY), storage.json_bytes(history[-HISTORY_LIMIT:]))
+    held.check(held.timeout)
     try:
-        storage.replace_if(storage.join(output, POINTER), data, tag)
+        storage.replace_if(storage.join(output, POINTER), data, tag, held.timeout)
     except storage.Conflict:
         raise RuntimeError(f"{storage.join(output, POINTER)} changed while this job ran: "
                            "another writer published; rerun to publish over it") from None
@@ -151,36 +219,57 @@ def versions(output: str) -> list[str]:
     """Complete versions (their manifest written), oldest first."""
     root = storage.join(output, VERSIONS)
     return [v for v in storage.listdir(root)
-            if storage.exists(storage.join(root, v, POINTER))]
+            if is_version(v) and storage.exists(storage.join(root, v, POINTER))]
 
 
-def rollback(output: str, version: str) -> dict:
+def rollback(output: str, version: str, held) -> dict:
     """Points the manifest at an earlier complete version, after checking its files."""
-    uri = storage.join(output, VERSIONS, version, POINTER)
-    if not storage.exists(uri):
-        have = versions(output)
+    have = versions(output)
+    if version not in have:
         raise ValueError(f"--rollback: {output} has no complete version {version!r}; it has: "
                          f"{', '.join(have) or 'none'}")
+    uri = storage.join(output, VERSIONS, version, POINTER)
     data = storage.read_bytes(uri)
-    manifest = json.loads(data)
+    manifest = checked(json.loads(data), uri)
+    if manifest["version"] != version:
+        raise ValueError(f"--rollback: {uri} describes version {manifest['version']!r}; the "
+                         "version is damaged")
     try:
         verify(output, manifest["files"])
     except RuntimeError as e:
         raise ValueError(f"--rollback: version {version} is damaged ({e}); the manifest "
                          "still points where it did") from None
-    _, tag = read_pointer(output)
-    _swap_pointer(output, data, tag)
+    current, tag = read_pointer(output)
+    swap(output, data, tag, version, (current or {}).get("version"), held)
     log.info("rollback: %s is the current version again", version)
     return manifest
 
 
-def prune(output: str, keep: int, current: str) -> None:
-    """Deletes all versions but the newest `keep` complete ones and `current`, and any
-    incomplete version folder (a publish that died before its manifest)."""
-    root = storage.join(output, VERSIONS)
+def prune(output: str, keep: int, grace: float, held) -> list[str]:
+    """Deletes the versions that no reader may still hold, and any incomplete version folder
+    (a publish that died before its manifest); returns what it deleted. Kept: the current
+    version and the one it replaced; the `keep` versions that were current most recently;
+    any version that stopped being current less than `grace` seconds ago. A version that
+    never became current counts as current longest ago."""
+    current = (read_pointer(output)[0] or {}).get("version")
+    history = _history(output)
+    now = time.time()
+    last = {}  # version -> when it stopped being current (inf: it is, or may be, current)
+    for h in history:
+        last[h["version"]] = float("inf") if h["until"] is None else h["until"]
+    last[current] = float("inf")
+    ended = sorted((h for h in history if h["until"] is not None), key=lambda h: h["until"])
+    replaced = ended[-1]["version"] if ended else None
     complete = versions(output)
-    keep_set = set(complete[-keep:]) | {current}
+    by_recency = sorted(complete, key=lambda v: last.get(v, float("-inf")), reverse=True)
+    kept = set(by_recency[:keep]) | {current, replaced}
+    kept |= {v for v in complete if now - last.get(v, float("-inf")) < grace}
+    root = storage.join(output, VERSIONS)
+    deleted = []
     for v in storage.listdir(root):
-        if v not in keep_set:
+        if v not in kept:
+            held.check(held.timeout)
             storage.delete(storage.join(root, v))
+            deleted.append(v)
             log.info("publish: deleted old version %s", v)
+    return deleted

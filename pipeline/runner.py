@@ -60,11 +60,12 @@ def _interruptible():
             signal.signal(s, h)
 
 
-def _call_interruptibly(fn):
+def _call_interruptibly(fn, held: lease.Lease | None = None):
     """fn() in a helper thread while the main thread waits: signal handlers run only in the
     main thread, and there they must not interrupt Ray's own calls halfway (an exception
     raised inside ray.get leaves the job in a broken state). On Interrupted the helper is
-    abandoned; the process is about to exit, which ends a local Ray cluster with it."""
+    abandoned; the process is about to exit, which ends a local Ray cluster with it. So it
+    is when the lease `held` is lost meanwhile (LeaseLost): the job stops writing at once."""
     box = {}
 
     def target():
@@ -77,6 +78,8 @@ def _call_interruptibly(fn):
     thread.start()
     while thread.is_alive():
         thread.join(0.2)
+        if held is not None:
+            held.check()
     if "error" in box:
         raise box["error"]
     return box["value"]
@@ -101,10 +104,29 @@ def init_ray(cfg: PipelineConfig) -> None:
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
-def check_output(output: str) -> None:
+def check_output(cfg: PipelineConfig, output: str) -> None:
+    """The output and inputs are usable, before the lease or any work: URIs well formed, S3
+    buckets reachable with these credentials (within seconds, not after minutes of retries),
+    and an S3 output's store enforces the conditional writes that the lease relies on."""
+    storage.check_uri(output, "--output", folder=True)
+    inputs = {f"data.{k}": getattr(cfg.data, k) for k in
+              ("corpus", "train_queries", "eval_queries", "labels")}
+    for what, uri in inputs.items():
+        if uri:
+            storage.check_uri(uri, what)
+    for what, uri in {"--output": output, **inputs}.items():
+        if uri:
+            storage.check_reachable(uri, what)
     if storage.is_file(output):
         raise ValueError(f"--output {output} is a file; give a folder or an s3:// prefix "
                          "(it is created if missing)")
+    try:
+        storage.check_conditional_writes(output)
+    except RuntimeError as e:
+        if cfg.publish.require_conditional_writes:
+            raise ValueError(f"--output: {e}") from None
+        log.warning("%s. Going on (publish.require_conditional_writes=false): two jobs on this "
+                    "output are NOT kept apart", str(e).split(". Use a store")[0])
 
 
 def run_pipeline(cfg: PipelineConfig, output: str, from_stage: str | None = None,
@@ -119,7 +141,7 @@ def run_pipeline(cfg: PipelineConfig, output: str, from_stage: str | None = None
     if incremental and from_stage:
         raise ValueError("--incremental and --from-stage do not go together; choose one")
     validate_for_pipeline(cfg)
-    check_output(output)
+    check_output(cfg, output)
     with _interruptible() as arm, \
             lease.hold(output, cfg.publish.lease_seconds, break_lease) as held:
         plan = ingest.preflight(cfg)  # metadata checks before Ray starts or anything is written
@@ -181,7 +203,7 @@ def _run_stages(run: Run, plan: dict, from_stage, incremental: bool, on_stage,
         record = run.record(name)
         if incremental and name in FROZEN:
             if record["key"] != key:  # the kept quantizers now stand for the new corpus
-                run.finish(name, record["info"], record["seconds"], key, own, deps)
+                run.finish(name, record["info"], record["seconds"], key, own, deps, held)
             log.info("stage %s: kept (--incremental: the quantizers are frozen)", name)
             seconds[name] = record["seconds"]
             continue
@@ -198,12 +220,12 @@ def _run_stages(run: Run, plan: dict, from_stage, incremental: bool, on_stage,
             on_stage(name)
         t0 = time.time()
         try:
-            info = _call_interruptibly(steps[name])
+            info = _call_interruptibly(steps[name], held)
         except Interrupted as e:
             e.stage = name
             raise
         seconds[name] = round(time.time() - t0, 2)
-        run.finish(name, info, seconds[name], key, own, deps)
+        run.finish(name, info, seconds[name], key, own, deps, held)
         trim_heap()  # the driver starts each stage without the last one's freed peak
         ran.append(name)
         log.info("stage %s: finished in %.1fs", name, seconds[name])
@@ -238,11 +260,13 @@ def _publish(run: Run, rows: list[dict], seconds: dict, held: lease.Lease,
     }
     indexes = {METHODS[m][1]: (merged[m]["uri"], merged[m]["files"]) for m in METHODS}
     built_from = {s: run.keys[s] for s in ("merge", "evaluate") if s in run.keys}
-    return publish.publish(run.output, indexes, extra, meta, built_from,
-                           cfg.publish.keep_versions, held.check, fresh)
+    return publish.publish(run.output, indexes, extra, meta, built_from, held,
+                           cfg.publish.keep_versions, cfg.publish.grace_seconds, fresh)
 
 
 def rollback(output: str, version: str, lease_seconds: float, break_lease: bool) -> dict:
     """Points the output's manifest back at an earlier version, under the output's lease."""
-    with lease.hold(output, lease_seconds, break_lease):
-        return publish.rollback(output, version)
+    storage.check_uri(output, "--output", folder=True)
+    storage.check_reachable(output, "--output")
+    with lease.hold(output, lease_seconds, break_lease) as held:
+        return publish.rollback(output, version, held)

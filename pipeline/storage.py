@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from contextlib import contextmanager
 
@@ -26,39 +27,64 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
-_S3 = {}  # (pid, endpoint) -> S3FileSystem
+def check_uri(uri: str, what: str, folder: bool = False) -> None:
+    """Refuses an s3:// URI with no bucket, and (folder=True, an output) one with a bucket but
+    no prefix: a run writes a lease, stages and versions beside each other, which a bucket's
+    root shares with everything else in it."""
+    if not is_s3(uri):
+        return
+    bucket, _, prefix = uri[len("s3://"):].strip("/").partition("/")
+    if not bucket:
+        raise ValueError(f"{what}: {uri!r} names no bucket; give s3://BUCKET/PREFIX")
+    if folder and not prefix:
+        raise ValueError(f"{what}: {uri!r} is a whole bucket; give a prefix inside it, e.g. "
+                         f"s3://{bucket}/runs/NAME")
 
 
-def get_fs(uri: str):
-    """Returns (filesystem, path-without-scheme)."""
+_S3 = {}  # (pid, endpoint, timeout) -> S3FileSystem
+
+
+def get_fs(uri: str, timeout: float | None = None):
+    """Returns (filesystem, path-without-scheme). timeout: see _s3fs (S3 only)."""
     if is_s3(uri):
-        return _s3fs(), uri[len("s3://"):]
+        return _s3fs(timeout), uri[len("s3://"):]
     fs = fsspec.filesystem("file")
     return fs, os.path.abspath(uri)
 
 
-def _s3fs():
-    """One S3 client per process and endpoint: a new client costs a connection and a
-    credentials lookup, about 0.25 s a call against a local endpoint. Keyed by pid, so a
-    forked process never shares its parent's connections. Listings are not cached: another
-    process may change the prefix at any time (the lease, the published pointer)."""
+def _s3fs(timeout: float | None = None):
+    """One S3 client per process, endpoint and time bound: a new client costs a connection and
+    a credentials lookup. Keyed by pid, so a forked process never shares its parent's
+    connections. Listings are not cached: another process may change the prefix at any time
+    (the lease, the published pointer).
+
+    timeout None: standard-mode retries with exponential backoff, which ride out throttling
+    and an endpoint that drops away for a few seconds. A timeout (seconds) bounds one call
+    instead: two attempts, each with that connect and read timeout. The lease's renewals and
+    the writes made under it use such a client, so that no call outlasts the lease."""
     import s3fs
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    key = (os.getpid(), endpoint)
+    key = (os.getpid(), endpoint, timeout)
     if key not in _S3:
-        # Standard-mode retries with exponential backoff ride out throttling and an endpoint
-        # that drops away for a few seconds (connection refused, 5xx).
-        _S3[key] = s3fs.S3FileSystem(
-            endpoint_url=endpoint, skip_instance_cache=True, use_listings_cache=False,
-            config_kwargs={"retries": {"max_attempts": 10, "mode": "standard"}})
+        if timeout is None:
+            config, retries = {"retries": {"max_attempts": 10, "mode": "standard"}}, 5
+        else:
+            config = {"retries": {"max_attempts": 2, "mode": "standard"},
+                      "connect_timeout": timeout / 4, "read_timeout": timeout / 4}
+            retries = 1
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True,
+                               use_listings_cache=False, config_kwargs=config)
+        fs.retries = retries  # s3fs's own retry loop, around botocore's
+        _S3[key] = fs
     return _S3[key]
 
 
 def join(uri: str, *parts: str) -> str:
-    out = uri.rstrip("/")
+    scheme = "s3://" if is_s3(uri) else ""
+    out = scheme + uri[len(scheme):].rstrip("/")
     for p in parts:
-        out += "/" + p.strip("/")
+        out += ("" if out.endswith("/") else "/") + p.strip("/")
     return out
 
 
@@ -73,8 +99,8 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    fs, path = get_fs(uri)
+def write_bytes(uri: str, data: bytes, timeout: float | None = None) -> None:
+    fs, path = get_fs(uri, timeout)
     if is_s3(uri):
         fs.pipe_file(path, data)
         return
@@ -86,15 +112,40 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 def _atomic_local(path: str, write) -> None:
-    """Runs write(tmp) for a temporary name beside `path`, then renames it into place."""
+    """Runs write(tmp) for a temporary name beside `path`, then renames it into place. The
+    file reaches the disk before the rename, and the rename before this returns: after a
+    crash the name holds either the old content or the whole new one, never an empty file."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         write(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(os.path.dirname(path))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def fsync_path(path: str) -> None:
+    """Flushes a local file's data, or a folder's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(uri: str) -> None:
+    """Flushes every file and folder under a local folder to the disk (S3: nothing to do, an
+    object is durable once its PUT returns)."""
+    if is_s3(uri):
+        return
+    root = get_fs(uri)[1]
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fsync_path(os.path.join(folder, name))
+        fsync_path(folder)
 
 
 def read_json(uri: str):
@@ -157,8 +208,8 @@ def local_folder(folder_uri: str, names: tuple[str, ...], scratch: str) -> str:
     return scratch
 
 
-def delete(uri: str) -> None:
-    fs, path = get_fs(uri)
+def delete(uri: str, timeout: float | None = None) -> None:
+    fs, path = get_fs(uri, timeout)
     if fs.exists(path):
         fs.rm(path, recursive=True)
 
@@ -194,15 +245,40 @@ class Conflict(Exception):
     """A conditional write lost: the object was created or changed by another writer."""
 
 
-def _s3_put(uri: str, data: bytes, **condition) -> str:
-    fs, path = get_fs(uri)
+def _status(e: BaseException) -> int | None:
+    """The HTTP status of the S3 error behind an exception s3fs raised (it translates
+    botocore's ClientError and keeps it as the cause), or None."""
+    while e is not None:
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _s3_put(uri: str, data: bytes, timeout: float | None, **condition) -> str:
+    """One conditional PUT. A precondition failure is told by its status: 412, or 409 (a
+    concurrent conditional write; retried). A 412 may also answer botocore's retry of a PUT
+    that succeeded but whose response was lost: the object is read back, and if it holds
+    exactly these bytes (which carry a unique token) the write was ours."""
+    fs, path = get_fs(uri, timeout)
     bucket, key = path.split("/", 1)
-    try:
-        return fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
-    except OSError as e:  # s3fs turns 412 PreconditionFailed into FileExistsError / EINVAL
-        if isinstance(e, FileExistsError) or "pre-condition" in str(e):
+    for attempt in range(4):
+        try:
+            return fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data,
+                              **condition)["ETag"]
+        except OSError as e:
+            status = _status(e)
+            if status == 409 and attempt < 3:
+                time.sleep(0.1 * 2 ** attempt)
+                continue
+            if status not in (409, 412):
+                raise
+            held, tag = read_tagged(uri, timeout)
+            if held == data:
+                return tag
             raise Conflict(uri) from None
-        raise
+    raise AssertionError("unreachable")
 
 
 @contextmanager
@@ -222,16 +298,22 @@ def _tag(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
-def read_tagged(uri: str) -> tuple[bytes | None, str | None]:
+def read_tagged(uri: str, timeout: float | None = None) -> tuple[bytes | None, str | None]:
     """(content, version tag), or (None, None) when there is no such object. The tag is what
-    replace_if takes: the S3 ETag, or a hash of a local file's content."""
-    fs, path = get_fs(uri)
+    replace_if takes: the S3 ETag, or a hash of a local file's content. On S3 the content and
+    the tag come from two requests; a single PUT's ETag is the MD5 of its content, so a pair
+    that does not match (the object changed in between) is read again."""
+    fs, path = get_fs(uri, timeout)
     if is_s3(uri):
-        try:
-            tag = fs.info(path, refresh=True)["ETag"]
-            return fs.cat_file(path), tag
-        except FileNotFoundError:
-            return None, None
+        for _ in range(5):
+            try:
+                tag = fs.info(path, refresh=True)["ETag"]
+                data = fs.cat_file(path)
+            except FileNotFoundError:
+                return None, None
+            if hashlib.md5(data).hexdigest() == tag.strip('"'):
+                return data, tag
+        return data, tag  # multipart ETags are no MD5: the last pair read
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -240,10 +322,10 @@ def read_tagged(uri: str) -> tuple[bytes | None, str | None]:
     return data, _tag(data)
 
 
-def create_exclusive(uri: str, data: bytes) -> str:
+def create_exclusive(uri: str, data: bytes, timeout: float | None = None) -> str:
     """Writes `uri` only if it does not exist; returns its tag. Raises Conflict otherwise."""
     if is_s3(uri):
-        return _s3_put(uri, data, IfNoneMatch="*")
+        return _s3_put(uri, data, timeout, IfNoneMatch="*")
     path = get_fs(uri)[1]
     with _local_lock(path):
         if os.path.exists(path):
@@ -252,19 +334,62 @@ def create_exclusive(uri: str, data: bytes) -> str:
     return _tag(data)
 
 
-def replace_if(uri: str, data: bytes, tag: str | None) -> str:
+def replace_if(uri: str, data: bytes, tag: str | None, timeout: float | None = None) -> str:
     """Replaces `uri` only if its current tag is `tag` (None: only if it does not exist).
     Returns the new tag; raises Conflict when another writer got there first."""
     if tag is None:
-        return create_exclusive(uri, data)
+        return create_exclusive(uri, data, timeout)
     if is_s3(uri):
-        return _s3_put(uri, data, IfMatch=tag)
+        return _s3_put(uri, data, timeout, IfMatch=tag)
     path = get_fs(uri)[1]
     with _local_lock(path):
         if read_tagged(uri)[1] != tag:
             raise Conflict(uri)
         write_bytes(uri, data)
     return _tag(data)
+
+
+def delete_if(uri: str, tag: str, timeout: float | None = None) -> bool:
+    """Deletes `uri` if its tag is still `tag`; returns whether it did. (S3's DELETE takes no
+    If-Match everywhere: there the tag is compared just before an unconditional delete.)"""
+    if is_s3(uri):
+        if read_tagged(uri, timeout)[1] != tag:
+            return False
+        fs, path = get_fs(uri, timeout)
+        fs.rm(path)
+        return True
+    path = get_fs(uri)[1]
+    with _local_lock(path):
+        if read_tagged(uri)[1] != tag:
+            return False
+        os.remove(path)
+        fsync_path(os.path.dirname(path))
+    return True
+
+
+def check_conditional_writes(folder: str) -> None:
+    """Raises RuntimeError unless the store behind an s3:// folder refuses a second
+    If-None-Match: * create and an If-Match on a stale ETag, as the lease and the pointer
+    need. Tried on a scratch key, deleted after. Local folders need no check."""
+    if not is_s3(folder):
+        return
+    uri = join(folder, f"_probe-{uuid.uuid4().hex}")
+    try:
+        create_exclusive(uri, b"first")
+        stale = '"' + "0" * 32 + '"'
+        for what, attempt in (("If-None-Match: *", lambda: create_exclusive(uri, b"second")),
+                              ("If-Match", lambda: replace_if(uri, b"third", stale))):
+            try:
+                attempt()
+            except Conflict:
+                continue
+            raise RuntimeError(
+                f"the S3 store at {folder} ignores {what} on PUT: it cannot keep two jobs "
+                "from writing one output, nor keep the published pointer consistent. Use a "
+                "store that enforces conditional writes (AWS S3 does), or set "
+                "publish.require_conditional_writes=false to go on without that protection")
+    finally:
+        delete(uri)
 
 
 def copy(src: str, dst: str) -> None:
@@ -406,3 +531,29 @@ def read_index(uri: str):
     if not is_s3(uri):
         return faiss.read_index(uri)
     return faiss.deserialize_index(np.frombuffer(read_bytes(uri), np.uint8))
+
+
+def check_reachable(uri: str, what: str, timeout: float = 8.0) -> None:
+    """Raises ValueError within about `timeout` seconds, naming the URI and what failed, when
+    an s3:// URI's bucket cannot be used: the endpoint is down, the credentials are refused,
+    or the bucket does not exist. (The ordinary client retries such errors for minutes.)"""
+    if not is_s3(uri):
+        return
+    fs, path = get_fs(uri, timeout)
+    bucket = path.split("/", 1)[0]
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") \
+        or "AWS S3"
+    try:
+        fs.call_s3("list_objects_v2", Bucket=bucket, MaxKeys=1)
+    except Exception as e:  # noqa: BLE001 - every failure here becomes the user's message
+        status = _status(e)
+        if status == 404:
+            why = f"the bucket {bucket!r} does not exist"
+        elif status in (401, 403):
+            why = (f"access to the bucket {bucket!r} was refused ({e}); check the AWS "
+                   "credentials in the environment")
+        elif status is None:
+            why = f"the endpoint {endpoint} cannot be reached ({type(e).__name__}: {e})"
+        else:
+            why = f"S3 answered {status} ({e})"
+        raise ValueError(f"{what}: {uri}: {why}") from None

@@ -20,11 +20,10 @@ import time
 import faiss
 import numpy as np
 import pytest
-import torch
 
 from infra.local_s3 import free_port
 from jobs import distill, prepare_data
-from pipeline import publish, storage
+from pipeline import checkpoint, publish, storage
 from pipeline.data import readers
 from pipeline.index import build, ondisk
 
@@ -243,26 +242,26 @@ def test_job_killed_in_training_resumes_from_checkpoint(smoke_data, eval_x, tmp_
     the teacher: tests/test_lease.py.)"""
     out = str(tmp_path / "run")
     args = job_args(smoke_data, out, *TWO_EPOCHS)
-    ckpt = os.path.join(out, "stages", "train", "checkpoint.pt")
+    ckpt = os.path.join(out, "stages", "train", "checkpoint.npz")
     hold = tmp_path / "hold"
     hold.mkdir()
     job = start_job(args, tmp_path / "log1", {"PIPELINE_FAULT_HOLD": f"train-epoch:{hold}"})
     kill_when(job, str(hold / "train-epoch-*"))
-    killed = torch.load(ckpt, weights_only=False)
+    killed = checkpoint.loads(open(ckpt, "rb").read())
     assert killed["epoch"] == 1
     assert not os.path.exists(os.path.join(out, "manifest.json"))  # nothing published
     with caplog.at_level("INFO", logger="pipeline"):
         assert distill.main(args + ["--break-lease"]) == 0
     assert re.findall(r"resuming from \S+ after epoch (\d+)", caplog.text) == ["1"]
-    state = torch.load(ckpt, weights_only=False)
+    state = checkpoint.loads(open(ckpt, "rb").read())
     # the first epoch's record is the killed run's own, to the second: it was not retrained
     assert len(state["history"]) == 2 and state["history"][0] == killed["history"][0]
     ref_out = trained_then_killed["out"]
     for stage, name in (("ingest", "sample.npz"), ("init", "baseline.index")):
         same = [open(os.path.join(o, "stages", stage, name), "rb").read() for o in (out, ref_out)]
         assert same[0] == same[1], f"{stage}/{name}: the two runs must share their inputs"
-    ref = torch.load(os.path.join(ref_out, "stages", "train", "checkpoint.pt"),
-                     weights_only=False)
+    ref = checkpoint.loads(open(os.path.join(ref_out, "stages", "train", "checkpoint.npz"),
+                                "rb").read())
     assert state["epoch"] == ref["epoch"] == 2
     got, want = state["best"].arrays(), ref["best"].arrays()
     assert got.keys() == want.keys() and got["spec"] == want["spec"]

@@ -6,15 +6,13 @@ only, and a rollback restores an earlier version byte for byte.
 The tests of one backend share one output and run in file order, each starting from the
 versions the previous one left.
 """
-import io
 import threading
 
 import numpy as np
 import pytest
-import torch
 
 from jobs import distill, prepare_data, search
-from pipeline import publish, storage
+from pipeline import checkpoint, publish, storage
 from pipeline.data import readers
 
 from .test_e2e import job_args
@@ -123,7 +121,8 @@ def test_changed_train_field_retrains_while_readers_see_whole_versions(output, c
     try:
         # keep_versions 2: this publish also prunes the first version
         text = rerun(data, out, caplog, "--set", "train.lr=0.2",
-                     "--set", "publish.keep_versions=2")
+                     "--set", "publish.keep_versions=2",
+                     "--set", "publish.grace_seconds=0")
     finally:
         done.set()
         thread.join()
@@ -132,8 +131,8 @@ def test_changed_train_field_retrains_while_readers_see_whole_versions(output, c
     assert "resuming" not in text and "set aside" in text
     new_params = params(out)
     assert any(not np.array_equal(old_params[k], new_params[k]) for k in new_params)
-    ckpt = storage.read_bytes(storage.join(out, "stages", "train", "checkpoint.pt"))
-    state = torch.load(io.BytesIO(ckpt), weights_only=False)
+    ckpt = storage.read_bytes(storage.join(out, "stages", "train", "checkpoint.npz"))
+    state = checkpoint.loads(ckpt)
     record = storage.read_json(storage.join(out, "stages", "train", "_manifest.json"))
     assert state["stage_key"] == record["key"]
     new_answer = answers(out, queries, tmp_path, "new")
@@ -155,9 +154,10 @@ def test_from_stage_train_retrains(output, caplog, request):
     if backend(request) == "s3":
         pytest.skip("--from-stage is backend-independent; checked on the local output")
     data, out, versions = output
-    ckpt = storage.join(out, "stages", "train", "checkpoint.pt")
+    ckpt = storage.join(out, "stages", "train", "checkpoint.npz")
     before = storage.read_bytes(ckpt)
-    text = rerun(data, out, caplog, "--from-stage", "train", "--set", "publish.keep_versions=2")
+    text = rerun(data, out, caplog, "--from-stage", "train", "--set", "publish.keep_versions=2",
+                     "--set", "publish.grace_seconds=0")
     assert stages_run(text) == ["train", "export", "encode", "merge", "evaluate"]
     assert "resuming" not in text and "set aside (--from-stage)" in text
     assert storage.read_bytes(ckpt) != before  # a new training wrote a new checkpoint

@@ -8,7 +8,7 @@ import pytest
 import ray
 import torch
 
-from pipeline import exact_knn, storage
+from pipeline import checkpoint, exact_knn, storage
 from pipeline.config import load_config
 from pipeline.data import readers
 from pipeline.data.plan import Shard, plan_blocks
@@ -143,7 +143,7 @@ def _train(prepared, workers, out, **ray_settings):
     run = Run(str(out), cfg)
     _copy_inputs(prepared, run)  # share the prepared inputs
     info = train_stage.run(run)
-    state = torch.load(run.stage_path("train", "checkpoint.pt"), weights_only=False)
+    state = checkpoint.loads(storage.read_bytes(run.stage_path("train", "checkpoint.npz")))
     return state, info
 
 

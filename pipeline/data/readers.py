@@ -43,12 +43,20 @@ def list_inputs(uri: str, what: str = "data") -> list[str]:
     return [scheme + f for f in files]
 
 
-def fingerprint(uri: str) -> str:
-    """The file's size and version (S3 ETag, or local mtime) from metadata alone."""
+def fingerprint(uri: str, content: bool = False) -> str:
+    """The file's identity, which changes when its content does. S3: size and ETag (a hash
+    of the content, computed by the store). Local: size, mtime in ns, inode and ctime in ns,
+    so that a file replaced by one of the same size with its mtime kept (`cp -p`, `rsync -a`,
+    `tar`) still counts as changed: the replacement has a new inode or ctime. content=True
+    (data.verify: content) adds the sha256 of a local file's bytes, for files whose every
+    time stamp was carried over."""
     fs, path = storage.get_fs(uri)
-    info = fs.info(path)
-    version = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
-    return f"{info.get('size')}-{str(version).strip(chr(34))}"
+    if storage.is_s3(uri):
+        info = fs.info(path)
+        return f"{info.get('size')}-{str(info.get('ETag', '')).strip(chr(34))}"
+    st = os.stat(path)
+    ident = f"{st.st_size}-{st.st_mtime_ns}-{st.st_ino}-{st.st_ctime_ns}"
+    return f"{ident}-{storage.sha256_file(path)}" if content else ident
 
 
 def _parquet_file(uri: str) -> pq.ParquetFile:
@@ -247,9 +255,11 @@ def read_all(uri: str, what: str, limit: int = 0) -> tuple[np.ndarray, np.ndarra
     return ids, np.ascontiguousarray(x)
 
 
-def query_files(what: str, uri: str, d: int) -> list[tuple[str, int, str]]:
+def query_files(what: str, uri: str, d: int, content: bool = False
+                ) -> list[tuple[str, int, str]]:
     """Metadata checks of a query or label set (`what` names its setting): rows present, the
-    corpus's dimension. Returns [(file, rows, fingerprint)] in order."""
+    corpus's dimension. Returns [(file, rows, fingerprint)] in order (content: see
+    fingerprint)."""
     files = list_inputs(uri, what)
     cols = ("query_id", "doc_id") if what == "data.labels" else ("id", "embedding")
     out = []
@@ -259,7 +269,7 @@ def query_files(what: str, uri: str, d: int) -> list[tuple[str, int, str]]:
         n, qd = probe(f, cols)
         if what != "data.labels" and qd is not None and qd != d:
             raise ValueError(f"{what}: dimension {qd} disagrees with the corpus's {d}")
-        out.append((f, n, fingerprint(f)))
+        out.append((f, n, fingerprint(f, content)))
     if not sum(n for _, n, _ in out):
         raise ValueError(f"{what}: {uri} holds no rows; give a non-empty set or leave "
                          f"{what} empty")

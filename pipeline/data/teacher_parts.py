@@ -18,11 +18,12 @@ def _fsl(x: np.ndarray) -> pa.FixedSizeListArray:
 
 
 def teacher_table(qids, xq, S, I, V=None) -> pa.Table:
-    """One row per query: qid, xq (d,), S (k,), I (k,) and, for training, V (k * d) float16."""
+    """One row per query: qid, xq (d,), S (k,), I (k,) and, for training, V (k * d) in the
+    dtype the teacher chose (float16, or float32 for coordinates beyond float16's range)."""
     cols = {"qid": pa.array(qids, pa.int64()), "xq": _fsl(xq.astype(np.float32)),
             "S": _fsl(S), "I": _fsl(I)}
     if V is not None:
-        cols["V"] = _fsl(V.astype(np.float16))
+        cols["V"] = _fsl(V)
     return pa.table(cols)
 
 

@@ -79,7 +79,8 @@ def block_topk(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int, metric: 
 
     device "cpu" searches with faiss; "cuda" with a torch GEMM + top-k on the GPU.
     Returns S (nq, k) float32 scores, I (nq, k) int64 global ids (-1 where xb has fewer than k
-    rows) and, if asked, V (nq, k, d) float16 neighbour vectors (NaN where I is -1: training
+    rows) and, if asked, V (nq, k, d) neighbour vectors (with_vectors: True for float16, or a
+    dtype name such as "float32" for coordinates beyond float16's range; NaN where I is -1: training
     masks such slots, and no corpus vector is NaN, ingest checks).
 
     With a `band` (and the queries' ids `qids`) it returns a partial result (S, I, V, U, T):
@@ -97,7 +98,8 @@ def block_topk(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int, metric: 
         L = np.where(cols >= 0, np.take_along_axis(L, np.maximum(cols, 0), 1), -1)
     V = None
     if with_vectors:
-        V = xb[np.maximum(L, 0)].astype(np.float16)
+        dtype = np.float16 if with_vectors is True else np.dtype(with_vectors)
+        V = xb[np.maximum(L, 0)].astype(dtype)
         V[L < 0] = np.nan
     return (S, I, V) if band is None else (S, I, V, U, T)
 

@@ -67,11 +67,17 @@ class Run:
         return storage.read_json(self.manifest_uri(stage))["info"]
 
     def finish(self, stage: str, info: dict, seconds: float, key: str = "",
-               fields: dict | None = None, deps: dict | None = None) -> None:
-        # Written last: a stage without its manifest is unfinished and runs again.
-        storage.write_json(self.manifest_uri(stage), {
+               fields: dict | None = None, deps: dict | None = None, held=None) -> None:
+        """Commits a stage: its record, written last (a stage without one is unfinished and
+        runs again). With `held` (the output's lease) the record is written under it and
+        names the lease that wrote it."""
+        record = storage.json_bytes({
             "stage": stage, "key": key, "fields": fields or {}, "deps": deps or {},
-            "seconds": seconds, "info": info})
+            "seconds": seconds, "info": info, "lease": held.token if held else ""})
+        if held is None:
+            storage.write_bytes(self.manifest_uri(stage), record)
+        else:
+            held.write(self.manifest_uri(stage), record)
 
 
 def trim_heap() -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import ray
 
 from pipeline import keys, storage
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, Verify
 from pipeline.data import readers
 from pipeline.data.plan import Shard, first_rows, plan_blocks, plan_shards
 from pipeline.index.build import check_shape
@@ -25,16 +25,20 @@ def preflight(cfg: PipelineConfig) -> dict:
     """Shard plan plus corpus size and dimension, from file metadata alone."""
     files = readers.list_inputs(cfg.data.corpus, "data.corpus")
     probed = [(f, *readers.probe(f)) for f in files]
-    dims = {d for _, _, d in probed if d is not None}
-    if len(dims) > 1:
-        raise ValueError(f"data.corpus: files disagree on the dimension: {sorted(dims)}")
-    if any(d is None for _, _, d in probed):  # list<float> Parquet: read one row to learn d
-        f = next(f for f, n, d in probed if d is None and n)
-        dims.add(readers.read_rows(f, 0, 1)[1].shape[1])
     n = sum(rows for _, rows, _ in probed)
     if n == 0:
         raise ValueError(f"data.corpus: {cfg.data.corpus} holds no rows (empty corpus)")
-    (d,) = dims
+    # list<float> Parquet gives its dimension only in the data: one row of each such file
+    dims = {f: d if d is not None else readers.read_rows(f, 0, 1)[1].shape[1]
+            for f, rows, d in probed if rows}
+    if len(set(dims.values())) > 1:
+        by_d = {}
+        for f, d in dims.items():
+            by_d.setdefault(d, []).append(f)
+        raise ValueError("data.corpus: files disagree on the dimension: " + "; ".join(
+            f"d={d} in {', '.join(fs[:3])}{' ...' if len(fs) > 3 else ''}"
+            for d, fs in sorted(by_d.items())))
+    (d,) = set(dims.values())
     k_max = max(cfg.teacher.k, cfg.eval.k)
     if k_max > n:
         raise ValueError(
@@ -42,13 +46,19 @@ def preflight(cfg: PipelineConfig) -> dict:
             "lower them"
         )
     check_shape(cfg.index, d, min(n, cfg.init.train_sample))
-    fingerprints = {"corpus": [(f, readers.fingerprint(f)) for f, _, _ in probed]}
+    content = cfg.data.verify == Verify.CONTENT
+    log.info("input identity: %s (data.verify=%s)", "size, mtime, inode, ctime and a sha256 "
+             "of the content" if content else "size, mtime, inode and ctime (S3: size and "
+             "ETag)", cfg.data.verify)
+    fingerprints = {"corpus": [(f, readers.fingerprint(f, content)) for f, _, _ in probed]}
     query_files = {}
     for name in ("train_queries", "eval_queries", "labels"):
         uri = getattr(cfg.data, name)
         if uri:
-            query_files[name] = readers.query_files(f"data.{name}", uri, d)
+            query_files[name] = readers.query_files(f"data.{name}", uri, d, content)
             fingerprints[name] = [(f, fp) for f, _, fp in query_files[name]]
+    if cfg.data.eval_queries:  # NaN, inf or duplicate ids: found now, not after training
+        readers.read_all(cfg.data.eval_queries, "data.eval_queries", cfg.data.max_eval_queries)
     shards = plan_shards([(f, rows, fp) for (f, rows, _), (_, fp) in
                           zip(probed, fingerprints["corpus"])], cfg.data.rows_per_shard)
     return {"n": n, "d": d, "shards": [s.to_dict() for s in shards],
@@ -64,7 +74,7 @@ def scan_shard(shard: dict, d: int, sample_p: float, seed: int) -> dict:
     rng = np.random.default_rng([seed, s.shard_id])
     keep = rng.random(len(ids)) < sample_p
     return {"shard_id": s.shard_id, "rows": len(ids), "id_min": int(ids.min()),
-            "id_max": int(ids.max()), "sample": x[keep]}
+            "id_max": int(ids.max()), "max_abs": float(np.abs(x).max()), "sample": x[keep]}
 
 
 def _scan_or_report(shard: dict, d: int, sample_p: float, seed: int) -> dict:
@@ -75,7 +85,7 @@ def _scan_or_report(shard: dict, d: int, sample_p: float, seed: int) -> dict:
         return {**scan_shard(shard, d, sample_p, seed), "error": ""}
     except ValueError as e:
         return {"shard_id": shard["shard_id"], "rows": 0, "id_min": 0, "id_max": 0,
-                "sample": np.zeros((0, d), np.float32), "error": str(e)}
+                "max_abs": 0.0, "sample": np.zeros((0, d), np.float32), "error": str(e)}
 
 
 def pseudo_queries(run: Run, sample: np.ndarray) -> list[tuple]:
@@ -116,9 +126,11 @@ def run_incremental(run: Run, plan: dict) -> dict:
     prev = run.stage_info("ingest")
     spans = dict(prev["spans"])
     fresh = [s for s in plan["shards"] if Shard(**s).key not in spans]
+    max_abs = prev["max_abs"]
     if fresh:
         stats = _scan(run.cfg, [(s, 0.0) for s in fresh], plan["d"], run.cfg.init.seed)
         spans.update(_spans(zip(fresh, stats)))
+        max_abs = max([max_abs] + [s["max_abs"] for s in stats])
     current = [Shard(**s).key for s in plan["shards"]]
     spans = {k: spans[k] for k in current}
     check_unique_ids(run.cfg, [spans[k] for k in current], plan["shards"], "data.corpus")
@@ -126,7 +138,7 @@ def run_incremental(run: Run, plan: dict) -> dict:
              len(fresh), len(current), plan["n"], time.time() - t0)
     return {**plan, "sample": prev["sample"], "train_queries": prev["train_queries"],
             "train_query_files": prev["train_query_files"], "spans": spans,
-            "changed_shards": len(fresh)}
+            "changed_shards": len(fresh), "max_abs": max_abs}
 
 
 def run(run: Run, plan: dict) -> dict:
@@ -160,4 +172,5 @@ def run(run: Run, plan: dict) -> dict:
              "queries (%.1fs)", plan["n"], plan["d"], len(plan["shards"]), len(sample),
              n_queries, time.time() - t0)
     return {**plan, "sample": len(sample), "spans": _spans(zip(plan["shards"], stats)),
-            "train_query_files": qfiles, "train_queries": n_queries}
+            "train_query_files": qfiles, "train_queries": n_queries,
+            "max_abs": max(s["max_abs"] for s in stats)}

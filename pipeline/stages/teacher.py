@@ -12,6 +12,8 @@ from pipeline.exact_knn import distributed_topk
 from pipeline.index.knn import Band
 from pipeline.stages.common import Run
 
+F16_MAX = 65504.0  # the largest finite float16
+
 log = logging.getLogger("pipeline.stages.teacher")
 
 
@@ -22,7 +24,14 @@ def run(run: Run) -> dict:
                                                 run.cfg.teacher.query_block)]
     tr, te = run.cfg.train, run.cfg.teacher
     band = Band.of(te, tr.seed)
-    out = distributed_topk(run.cfg, plan["shards"], blocks, plan["d"], te.k, True,
+    # Neighbour vectors travel as float16, unless a coordinate would overflow it (inf, and
+    # then masked as an empty slot): then as float32, at twice the bytes.
+    wide = plan["max_abs"] > F16_MAX
+    if wide:
+        log.info("teacher: the corpus has coordinates up to %.4g, beyond float16's %g: "
+                 "neighbour vectors are stored as float32", plan["max_abs"], F16_MAX)
+    out = distributed_topk(run.cfg, plan["shards"], blocks, plan["d"], te.k,
+                           "float32" if wide else True,
                            run.stage_path("teacher"), "teacher", split=(tr.val_fraction, tr.seed),
                            key=run.resume_key("teacher"), band=band,
                            # pseudo-queries (ingest's corpus samples) do not find themselves

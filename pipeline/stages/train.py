@@ -2,26 +2,25 @@
 
 The per-worker loop is wiring only: it streams its own share of the teacher's Parquet parts
 (pipeline.data.teacher_stream) and runs `pipeline.quant.fit.fit` with an all-reduce passed in.
-Rank 0 checkpoints every epoch to the run folder, tagged with the stage key. A worker that
-starts finds the checkpoint of its own key and resumes from it: after a rerun, or after Ray
-Train restarted the workers because one (or its node) was lost. A checkpoint of another key (or
-any, when --from-stage forces training) is set aside unread before training starts.
+Rank 0 checkpoints every epoch to the run folder, tagged with the stage key, as arrays and
+JSON (pipeline.checkpoint: nothing read back is unpickled). A worker that starts finds the
+checkpoint of its own key and resumes from it: after a rerun, or after Ray Train restarted the
+workers because one (or its node) was lost. A checkpoint of another key, one that does not
+read as a checkpoint, or any when --from-stage forces training, is set aside before training
+starts.
 """
 from __future__ import annotations
 
-import io
 import logging
-import os
-import tempfile
 import time
 
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline import storage
+from pipeline import checkpoint, storage
 from pipeline.data.teacher_parts import load_parts
 from pipeline.data.teacher_stream import TeacherStream
 from pipeline.index import build
@@ -32,15 +31,11 @@ from pipeline.stages.common import Group, Run, fault_point, pin_threads, placeme
 log = logging.getLogger("pipeline.stages.train")
 
 
-def _state_bytes(state: dict) -> bytes:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
+CHECKPOINT = "checkpoint.npz"
 
 
 def _load_state(uri: str) -> dict:
-    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu",
-                      weights_only=False)
+    return checkpoint.loads(storage.read_bytes(uri))
 
 
 def _worker_loop(config: dict) -> None:
@@ -65,13 +60,13 @@ def _worker_loop(config: dict) -> None:
     held = load_parts(teacher["val"], cfg.max_val_queries)
     val = TrainData(held["xq"], held["V"], pool)
     params = build.extract_params(storage.read_index(run.stage_path("init", "baseline.index")))
-    ckpt_uri = run.stage_path("train", "checkpoint.pt")
+    ckpt_uri = run.stage_path("train", CHECKPOINT)
     # Any checkpoint of this key continues this training: the driver set other ones aside.
     state = _load_state(ckpt_uri) if storage.exists(ckpt_uri) else None
     if state is not None and state.get("stage_key") != config["key"]:
         state = None
     if state is not None and rank == 0:
-        print(f"train: worker starts from the checkpoint after epoch {state['epoch']}")
+        log.info("train: worker starts from the checkpoint after epoch %d", state["epoch"])
 
     def reduce_grads(grads):
         if world > 1:
@@ -82,18 +77,13 @@ def _worker_loop(config: dict) -> None:
 
     def on_epoch(st, metrics):
         epochs_here.append(st["epoch"])
-        checkpoint = None
         if rank == 0:
-            blob = _state_bytes({**st, "stage_key": config["key"]})
-            storage.write_bytes(ckpt_uri, blob)
-            tmp = tempfile.mkdtemp()
-            with open(os.path.join(tmp, "state.pt"), "wb") as f:
-                f.write(blob)
-            checkpoint = Checkpoint.from_directory(tmp)
+            # The one checkpoint: a restarted worker resumes from it, not from Ray Train's
+            # own checkpoints, which would be a second copy of every epoch.
+            storage.write_bytes(ckpt_uri, checkpoint.dumps({**st, "stage_key": config["key"]}))
             fault_point("train-epoch")
         # Scalars only: the per-step curve stays in the checkpoint's history.
-        ray.train.report({k: v for k, v in metrics.items() if not isinstance(v, list)},
-                         checkpoint=checkpoint)
+        ray.train.report({k: v for k, v in metrics.items() if not isinstance(v, list)})
 
     fit(params, data, val, run.cfg, rank, world, reduce_grads, state, on_epoch, device)
     storage.write_json(run.stage_path("train", "reads", f"rank-{rank}.json"),
@@ -106,23 +96,26 @@ def _resumable(run: Run, ckpt_uri: str) -> bool:
     under this stage key, and training not forced. Any other is moved aside, never resumed."""
     if not storage.exists(ckpt_uri):
         return False
-    state = _load_state(ckpt_uri)
+    try:
+        state, why = _load_state(ckpt_uri), "written under other settings"
+    except ValueError as e:
+        state, why = {}, f"unreadable: {e}"
     key = state.get("stage_key")
-    if key == run.keys.get("train", "") and "train" not in run.forced:
+    if key is not None and key == run.keys.get("train", "") and "train" not in run.forced:
         log.info("train: resuming from %s after epoch %d", ckpt_uri, state["epoch"])
         return True
-    aside = run.stage_path("train", "set-aside", f"checkpoint-{key}-{int(time.time())}.pt")
+    aside = run.stage_path("train", "set-aside", f"checkpoint-{key}-{int(time.time())}.npz")
     storage.copy(ckpt_uri, aside)
     storage.delete(ckpt_uri)
     log.info("train: %s set aside (%s); training starts from the warm start", ckpt_uri,
-             "--from-stage" if "train" in run.forced else "written under other settings")
+             "--from-stage" if "train" in run.forced else why)
     return False
 
 
 def run(run: Run) -> dict:
     cfg = run.cfg.train
     t0 = time.time()
-    ckpt_uri = run.stage_path("train", "checkpoint.pt")
+    ckpt_uri = run.stage_path("train", CHECKPOINT)
     _resumable(run, ckpt_uri)  # sets a checkpoint of other settings aside
     storage.delete(run.stage_path("train", "reads"))
     fs, path = storage.pyarrow_fs(run.stage_path("train", "ray"))
