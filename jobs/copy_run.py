@@ -46,7 +46,7 @@ def copy_run(src: str, dst: str, ttl_s: float, break_lease: bool = False) -> dic
         for rel in sorted(manifest["files"], key=lambda r: r.endswith(".index")):
             _copy_file(src, dst, rel, manifest["files"][rel], tmp, held)
         if not storage.is_s3(dst):  # local copies open with plain faiss.read_index
-            for rel in (manifest["index"], manifest["baseline_index"]):
+            for rel in [r for r in manifest["files"] if r.endswith("/index.index")]:
                 path = storage.get_fs(storage.join(dst, rel))[1]
                 ondisk.retarget(path, os.path.join(os.path.dirname(path), "index.ivfdata"),
                                 path)
@@ -56,7 +56,6 @@ def copy_run(src: str, dst: str, ttl_s: float, break_lease: bool = False) -> dic
         data = storage.json_bytes(manifest)
         held.write(storage.join(vdir, publish.POINTER), data)
         publish.verify(dst, manifest["files"])
-        storage.sync_tree(vdir)
         publish.swap(dst, data, tag, manifest["version"], (current or {}).get("version"), held)
     return manifest
 

@@ -178,7 +178,6 @@ def publish(output: str, indexes: dict, extra: dict, meta: dict, keys: dict, hel
         manifest["fastscan_index"] = f"{vrel}/index/{FASTSCAN}"
     data = storage.json_bytes(manifest)
     held.write(storage.join(vdir, POINTER), data)  # the version is complete
-    storage.sync_tree(vdir)
     swap(output, data, tag, version, (current or {}).get("version"), held)
     log.info("publish: %s is now the current version (%s)", version, storage.join(output, POINTER))
     prune(output, keep, grace, held)
@@ -197,7 +196,8 @@ def swap(output: str, data: bytes, tag: str | None, version: str, was: str | Non
     """Points `output` at `version` (its manifest bytes `data`), replacing the pointer only
     if it still has `tag`, and records in the history that `was` stopped being current now.
     The history is written first: a crash between the two leaves a version kept longer,
-    never one deleted early."""
+    never one deleted early. A local version's files and folders reach the disk first."""
+    storage.sync_tree(storage.join(output, VERSIONS, version))
     now = time.time()
     history = [h for h in _history(output) if h["version"] != version]
     for h in history:  # every other version stops being current now

@@ -149,7 +149,7 @@ def run_pipeline(cfg: PipelineConfig, output: str, from_stage: str | None = None
                  len(plan["shards"]))
         if not cfg.data.eval_queries:
             log.warning("no data.eval_queries: the index is built but not evaluated")
-        run = Run(output, cfg)
+        run = Run.sealing(output, cfg, held.token)
         if incremental:
             _check_incremental(run, plan)
         init_ray(cfg)

@@ -104,7 +104,7 @@ def _resumable(run: Run, ckpt_uri: str) -> bool:
     if key is not None and key == run.keys.get("train", "") and "train" not in run.forced:
         log.info("train: resuming from %s after epoch %d", ckpt_uri, state["epoch"])
         return True
-    aside = run.stage_path("train", "set-aside", f"checkpoint-{key}-{int(time.time())}.npz")
+    aside = run.stage_path("train", "set-aside", f"checkpoint-{key}-{time.time_ns()}.npz")
     storage.copy(ckpt_uri, aside)
     storage.delete(ckpt_uri)
     log.info("train: %s set aside (%s); training starts from the warm start", ckpt_uri,
