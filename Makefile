@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+# PyPI's Linux torch wheel is the CUDA build. For the CPU build elsewhere:
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 DATA ?= ../shared/data/debian-minilm
 DEMO_OUT ?= runs/demo
 
@@ -13,7 +16,7 @@ DEMO_OUT ?= runs/demo
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
@@ -28,12 +31,14 @@ test-faults: install
 lint: install
 	$(VENV)/bin/ruff check pipeline jobs infra tests bench
 
-# The demo: the shared data goes onto a local S3 endpoint (127.0.0.1), the job runs on a local
-# Ray cluster, and the published index and report are copied to $(DEMO_OUT).
+# The demo: the shared data (or DATA=folder of the same layout) goes onto a local S3 endpoint
+# (127.0.0.1), the job runs on a local Ray cluster, and the published index and report are
+# copied to $(DEMO_OUT). Ray's and faiss's own messages go to $(DEMO_OUT).log.
 demo: install
 	$(PY) infra/local_s3.py --bucket demo -- sh -c '\
 	  $(PY) jobs/prepare_data.py --source $(DATA) --out s3://demo/debian-minilm && \
-	  $(PY) jobs/distill.py --config jobs/configs/demo.yaml --output s3://demo/runs/demo && \
+	  $(PY) jobs/distill.py --config jobs/configs/demo.yaml --output s3://demo/runs/demo \
+	    --log $(DEMO_OUT).log && \
 	  $(PY) jobs/copy_run.py s3://demo/runs/demo $(DEMO_OUT)'
 
 bench: install

@@ -24,6 +24,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.config import PublishConfig, load_config  # noqa: E402
+from pipeline.console import Console  # noqa: E402
 from pipeline.lease import LeaseHeld, LeaseLost  # noqa: E402
 from pipeline.report import format_table  # noqa: E402
 from pipeline.runner import STAGES, Interrupted, rollback, run_pipeline  # noqa: E402
@@ -41,6 +42,9 @@ def parse_args(argv):
                          "quantizers, encode only new or changed shards, merge, evaluate")
     ap.add_argument("--rollback", metavar="VERSION",
                     help="point URI/manifest.json back at this earlier version and exit")
+    ap.add_argument("--log", metavar="FILE",
+                    help="write everything the job, Ray and faiss print to stderr to FILE, and "
+                         "show only the job's own progress, warnings and errors")
     ap.add_argument("--break-lease", action="store_true",
                     help="take over the output's lease even if another job seems to hold it "
                          "(only when that job is known to be dead)")
@@ -92,7 +96,23 @@ def main(argv=None, exit_on_interrupt: bool = False) -> int:
     interrupted job ends the process at once: its stage is still running in a helper thread
     inside Ray calls, and a normal interpreter exit would wait on them."""
     args = parse_args(argv)
+    console = Console(args.log) if args.log else None
     _setup_logging()
+    try:
+        return _run(args, exit_on_interrupt, console)
+    finally:
+        if console is not None:
+            console.close()
+
+
+def _exit_now(code: int, console: Console | None) -> None:
+    logging.shutdown()
+    if console is not None:
+        console.close()
+    os._exit(code)
+
+
+def _run(args, exit_on_interrupt: bool, console: Console | None) -> int:
     try:
         _execute(args)
     except ValueError as e:  # the input, the config or the arguments: the message says the fix
@@ -104,8 +124,7 @@ def main(argv=None, exit_on_interrupt: bool = False) -> int:
     except LeaseLost as e:
         print(f"stopped: {e}", file=sys.stderr, flush=True)
         if exit_on_interrupt:  # a stage may still run in its helper thread: end it with us
-            logging.shutdown()
-            os._exit(1)
+            _exit_now(1, console)
         return 1
     except Interrupted as e:
         where = f"during stage {e.stage}" if e.stage else "between stages"
@@ -114,8 +133,7 @@ def main(argv=None, exit_on_interrupt: bool = False) -> int:
               (", and training continues from its last checkpoint" if e.stage == "train"
                else ""), file=sys.stderr, flush=True)
         if exit_on_interrupt:
-            logging.shutdown()
-            os._exit(128 + e.signum)
+            _exit_now(128 + e.signum, console)
         return 128 + e.signum
     return 0
 

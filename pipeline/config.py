@@ -79,14 +79,14 @@ def _typed_modes(obj) -> None:
 @dataclass(frozen=True)
 class DataConfig:
     corpus: str = ""  # local path or s3:// prefix: Parquet (id, embedding), .npy, .fvecs, .bvecs
-    train_queries: str = ""  # unlabeled training queries; empty: corpus samples as pseudo-queries
-    eval_queries: str = ""  # held-out queries for evaluation; empty: skip evaluation
-    labels: str = ""  # optional Parquet (query_id, doc_id) for label MRR/recall
+    train_queries: str = ""  # unlabeled training queries; empty: corpus samples stand in
+    eval_queries: str = ""  # held-out queries for evaluation; empty: the index is not evaluated
+    labels: str = ""  # optional Parquet (query_id, doc_id) for label MRR@10 and recall@10
     rows_per_shard: int = 250_000  # corpus rows per shard task (files are split, never merged)
-    max_train_queries: int = 0  # 0: all
-    max_eval_queries: int = 0  # 0: all
+    max_train_queries: int = 0  # use at most this many training queries; 0: all
+    max_eval_queries: int = 0  # evaluate at most this many queries; 0: all
     pseudo_queries: int = 20_000  # corpus samples used as queries when train_queries is empty
-    verify: Verify = Verify.METADATA
+    verify: Verify = Verify.METADATA  # how a rerun tells that an input file changed
 
     def __post_init__(self):
         _typed_modes(self)
@@ -94,12 +94,12 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    nlist: int = 256
-    M: int = 8  # sub-quantizers; bytes per vector = M * nbits / 8
-    nbits: int = 8
+    nlist: int = 256  # inverted lists (IVF)
+    M: int = 8  # sub-quantizers (PQ) or stages (RQ); bytes per vector = M * nbits / 8
+    nbits: int = 8  # bits per code; 4 with M = 2 x bytes for fast-scan
     opq: bool = True  # learn (and distil) an OPQ rotation in front of the PQ
-    metric: Metric = Metric.IP
-    quantizer: Quantizer = Quantizer.PQ  # rq is KDindex's AQ student; it takes no OPQ
+    metric: Metric = Metric.IP  # ip for normalised embeddings (cosine), l2 otherwise
+    quantizer: Quantizer = Quantizer.PQ  # pq (IVF-PQ / IVF-OPQ) or rq (KDindex's additive student; no OPQ)
     rq_beam: int = 1  # RQ only: encoding beam width (1: greedy, as the student trains)
 
     def __post_init__(self):
@@ -108,119 +108,75 @@ class IndexConfig:
 
 @dataclass(frozen=True)
 class InitConfig:
-    train_sample: int = 100_000  # corpus vectors sampled for k-means/PQ and negatives
-    niter: int = 20
-    seed: int = 0
+    train_sample: int = 100_000  # corpus vectors sampled for k-means, PQ and the negative pool
+    niter: int = 20  # k-means iterations of the coarse quantizer
+    opq_niter: int = 50  # OPQ rotation iterations (faiss's default); the demo takes fewer
+    seed: int = 0  # seed of the sample and of k-means
 
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    k: int = 10  # exact neighbours per training query
-    query_block: int = 4096
-    # A sample of deeper neighbours beside the top k: about band_size per query, drawn
-    # uniformly from ranks k+1..band_depth (pipeline.index.knn.Band); 0: none. The ranking
-    # loss keeps ordering the top k (train.rank_top); the band gives the KL the documents
-    # around rank 100 to order, which recall@100 needs, for about band_size more neighbour
-    # vectors per query instead of band_depth (README: recall@100). Training's cost grows
-    # with k + band_size: each drawn neighbour is rotated, quantized and scored.
-    band_depth: int = 300
-    band_size: int = 20
+    k: int = 10  # exact neighbours per training query (the ranking loss orders them)
+    query_block: int = 4096  # training queries per teacher task
+    # The band: about band_size neighbours per query drawn from ranks k+1..band_depth, which
+    # the KL term orders and recall@100 needs (docs/method.md). Training's cost grows with
+    # k + band_size. Both 0: no band.
+    band_depth: int = 300  # the band's deepest rank; 0: no band
+    band_size: int = 20  # neighbours drawn per query from the band; 0: no band
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 3
-    batch_size: int = 256  # global batch (queries), split across workers
-    # Codebook and centroid learning rate, in units of the warm start's RMS coordinate times
-    # its relative reconstruction error (pipeline.quant.train.calibrate), so that it means
-    # the same on any data scale and steps shrink as codes get finer. On the shared data
-    # (unit-norm 384-d) 0.05 is an Adam step of 9.7e-4 at 8 B and 4.5e-4 at 32 B.
-    lr: float = 0.05
-    # The same for an RQ student. Its stages are coupled (each quantizes what the earlier ones
-    # left), so a step that suits PQ moves every later stage's input: it takes smaller steps.
-    rq_lr: float = 0.0065
-    rotation_lr: float = 1e-4  # radians (the rotation is scale-free)
-    lr_schedule: LRSchedule = LRSchedule.CONSTANT
-    # "ranking": KDindex's ranking loss (the student keeps the teacher's order of the top-k,
-    # each above all ranked below it); "kl": Distill-VQ's listwise KL over the candidates;
-    # "ranking+kl": both. The ranking loss aims at the top k only; the KL's softer targets
-    # carry the order of the rest of the list, which recall@100 needs (README: ablations).
-    loss: Loss = Loss.RANKING_KL
-    # The ranking loss orders the teacher's best `rank_top` neighbours, each above every
-    # candidate below it; 0: teacher.k. The neighbours past rank_top (a deeper teacher.k, the
-    # band) are the hardest negatives of the ranking loss, and the KL's soft targets order
-    # them: what recall@100 needs.
-    rank_top: int = 0
-    # Softmax temperatures, relative to each query's teacher-score spread (scale-free): the
-    # ranking loss's (and the contrastive term's), and the KL's.
-    temperature: float = 0.5
-    # 1.0 with the band: a sharper KL over a deeper list. 2.0 buys recall@10 with recall@100
-    # at 16 B, and gave more of both with corpus samples as the queries (README).
-    kl_temperature: float = 1.0
-    kl_weight: float = 100.0  # weight of the KL term in "ranking+kl" (the scales differ)
-    # With a band (teacher.band_*), each drawn neighbour counts in the losses for the ranks it
-    # was drawn from (1 / draw rate of them, about 14 with the defaults), so that a list of
-    # k + band_size neighbours weighs the deeper ranks as the whole top band_depth would.
-    # Unweighted, the ranks 11-100 (90 of a query's top 100) weigh about as much as its top 10.
-    # Off by default: at 16 B it raised recall@100 at 4-32 lists probed but lowered it at 1
-    # (README: recall@100).
-    band_weighting: bool = False
-    negatives: int = 256  # corpus negatives shared by a batch (from the sample pool)
-    # Per query, this many pool vectors drawn from its own list (the one it probes first
-    # under the current student): the documents that compete with its neighbours when one
-    # list is probed. The teacher list reaches rank band_depth and the other candidates lie
-    # mostly in other lists, so without them nothing orders a list's deeper documents below
-    # the query's top 100 (README: list negatives). Each is quantized and scored like a band
-    # neighbour, and is an in-batch candidate of the other queries: kept to its own query,
-    # 16 lowered recall@100. 32, not 16: at 16 B on symmetric data, 16 left recall@100 with
-    # one list probed a hair below faiss's (README: 32 list negatives); a step cost 1.4x that
-    # with 16 before each document was quantized once (README: a cheaper step).
-    list_negatives: int = 32
-    negative_sampler: NegativeSampler = NegativeSampler.RANDOM
-    ivf_negative_nprobe: int = 8  # lists per query that "ivf" negatives come from
+    epochs: int = 3  # passes over the training queries
+    batch_size: int = 256  # global batch (queries), split evenly across workers
+    # Learning rates are in units of the warm start's RMS coordinate times its relative
+    # reconstruction error (pipeline.quant.train.calibrate), so that one value serves any data
+    # scale and finer codes take smaller steps.
+    lr: float = 0.05  # codebook and centroid learning rate (Adam), in warm-start units
+    rq_lr: float = 0.0065  # the same for an RQ student, whose coupled stages need smaller steps
+    rotation_lr: float = 1e-4  # rotation learning rate, in radians
+    lr_schedule: LRSchedule = LRSchedule.CONSTANT  # constant, or cosine to zero at the last step
+    loss: Loss = Loss.RANKING_KL  # ranking (KDindex), kl (Distill-VQ) or both (docs/method.md)
+    rank_top: int = 0  # the ranking loss orders the teacher's best rank_top; 0: teacher.k
+    temperature: float = 0.5  # ranking (and contrastive) softmax temperature, per query's teacher-score spread
+    kl_temperature: float = 1.0  # the KL's temperature, in the same units
+    kl_weight: float = 100.0  # weight of the KL term in ranking+kl (the two scales differ)
+    band_weighting: bool = False  # weigh each band neighbour by the ranks it stands for (1 / draw rate)
+    negatives: int = 256  # corpus negatives shared by a batch, drawn from the sample pool
+    # List negatives: the documents that compete with a query's neighbours when one list is
+    # probed, which nothing else shows the student (docs/method.md: list negatives).
+    list_negatives: int = 32  # per query, pool vectors drawn from the list it probes first; 0: none
+    negative_sampler: NegativeSampler = NegativeSampler.RANDOM  # random pool vectors, or ivf: from the lists the batch probes
+    ivf_negative_nprobe: int = 8  # lists per query that ivf negatives come from
     in_batch: bool = True  # also score the other queries' neighbours
-    # Weight of the Distill-VQ coarse (IVF) distillation term. 0.3 with the band: at 1.0 the
-    # coarse term over the deeper list pulled against the codebooks' (README: recall@100).
-    ivf_weight: float = 0.3
+    ivf_weight: float = 0.3  # weight of the coarse (IVF) distillation term
     recon_weight: float = 0.0  # KDindex reconstruction term, relative to the warm-start error
-    # KDindex balance: cross-entropy of the soft list/codeword assignment of the pool negatives
-    # to its Sinkhorn-Knopp balanced plan, so that no list or codeword is left unused.
-    balance_weight: float = 0.0
-    sinkhorn_iters: int = 3
-    # InfoNCE on labeled (query, document) pairs; needs labels for the *training* queries,
-    # which only bench/quality.py --train-labels provides: the pipeline refuses it.
-    contrastive_weight: float = 0.0
-    # The straight-through soft codeword assignment's temperature, relative to each
-    # sub-vector's mean squared distance to the codewords. The forward pass is always the
-    # hard codeword; this shapes only the gradient. 0.05 against the old 0.1 raised every
-    # recall at 8 and 16 B (README: the soft assignment); 0.02 was as good, 0.01 worse.
-    soft_temperature: float = 0.05
-    learn_ivf: bool = True
-    learn_pq: bool = True
-    learn_rotation: bool = True
-    val_fraction: float = 0.05  # queries held out (by id) for validation; kept in memory
-    # Validations per epoch (the last at its end). One that falls below the best so far
-    # restores the best student and multiplies every learning rate by lr_backoff (1: never),
-    # so steps still too large for the data shrink by themselves instead of undoing training.
-    val_checks: int = 4
-    lr_backoff: float = 0.5
-    # A fall counts only when it exceeds backoff_z standard errors of the per-query recall
-    # difference (paired, on the same held-out queries), so that noise in the validation
-    # recall never shrinks the steps. With 0, any fall counts.
-    backoff_z: float = 2.0
-    max_val_queries: int = 5000  # cap on the held-out queries each worker keeps in memory
+    balance_weight: float = 0.0  # KDindex balance term: pulls list and codeword use to a Sinkhorn-Knopp plan
+    sinkhorn_iters: int = 3  # Sinkhorn-Knopp iterations of the balance term
+    # InfoNCE on labeled (query, document) pairs needs labels for the training queries, which
+    # only bench/quality.py --train-labels provides: the pipeline refuses it.
+    contrastive_weight: float = 0.0  # InfoNCE weight (benchmark only)
+    soft_temperature: float = 0.05  # straight-through soft assignment's temperature, per mean codeword distance (gradient only)
+    learn_ivf: bool = True  # learn the IVF centroids
+    learn_pq: bool = True  # learn the PQ / RQ codebooks
+    learn_rotation: bool = True  # learn the OPQ rotation
+    val_fraction: float = 0.05  # training queries held out (by id) to pick the student; in (0, 1)
+    # A validation below the best so far by more than backoff_z standard errors of the paired
+    # per-query difference restores the best student and multiplies every learning rate by
+    # lr_backoff, so that steps too large for the data shrink instead of undoing training.
+    val_checks: int = 4  # validations per epoch (the last at its end)
+    lr_backoff: float = 0.5  # learning-rate factor after a significant fall (1: never)
+    backoff_z: float = 2.0  # standard errors a fall must exceed to count (0: any fall)
+    max_val_queries: int = 5000  # held-out queries each worker keeps in memory
     shuffle_buffer: int = 16384  # rows shuffled together, over all streams (0: file order)
-    # The training rows are cut into this many contiguous streams; worker r of W reads the
-    # streams s with s % W == r, and each global batch takes batch_size / streams rows from
-    # every stream (pipeline.data.teacher_stream). A multiple of num_workers that divides
-    # batch_size; results do not depend on num_workers.
-    streams: int = 8
-    num_workers: int = 1
-    # Ray Train restarts the workers this many times after one (or its node) is lost; they
-    # resume from the last epoch's checkpoint.
-    max_failures: int = 3
-    use_gpu: bool = False
-    seed: int = 0
+    # Worker r of W reads the streams s with s % W == r, and each global batch takes
+    # batch_size / streams rows from every stream (pipeline.data.teacher_stream), so results
+    # do not depend on num_workers.
+    streams: int = 8  # contiguous streams of the training rows; a multiple of num_workers dividing batch_size
+    num_workers: int = 1  # Ray Train workers (data parallel)
+    max_failures: int = 3  # worker restarts after a lost worker or node; they resume from the last checkpoint
+    use_gpu: bool = False  # one GPU per training worker (needs a CUDA build of torch)
+    seed: int = 0  # seed of batches, draws and the held-out split
 
     def __post_init__(self):
         _typed_modes(self)
@@ -228,52 +184,38 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class BuildConfig:
-    # Inverted-list ranges merged in parallel (faiss's hslice pattern); 0: one per GiB of codes
-    # and ids, at least one per cluster CPU. The index is byte-identical whatever the value.
-    list_ranges: int = 0
-    # Also publish each index as faiss IndexIVFPQFastScan (fastscan.index beside the on-disk
-    # pair): 4-bit codes packed for SIMD search with quantized look-up tables, 2.3-2.5x the
-    # queries/s of 8-bit PQ at the same nprobe (README). faiss keeps fast-scan lists in
-    # memory only (OnDiskInvertedLists holds no packed blocks), so the merge keeps the
-    # on-disk 4-bit IVF-PQ and one task converts it: that task holds the whole index (codes
-    # and ids) in memory. Needs index.nbits=4 and index.quantizer=pq.
-    fastscan: bool = False
+    # The index is byte-identical whatever the value.
+    list_ranges: int = 0  # inverted-list ranges merged in parallel; 0: one per GiB of codes, at least one per cluster CPU
+    # faiss keeps fast-scan lists in memory only, so the merge keeps the on-disk 4-bit IVF-PQ
+    # and one task converts it, holding the whole index (docs/outputs.md: fast-scan).
+    fastscan: bool = False  # also publish each index as IndexIVFPQFastScan (needs index.nbits=4, quantizer pq)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    nprobe: tuple[int, ...] = (1, 4, 16, 32)
-    k: int = 100
+    nprobe: tuple[int, ...] = (1, 4, 16, 32)  # lists probed in the evaluation sweep
+    k: int = 100  # results per query (recall@10 and recall@100 read them)
 
 
 @dataclass(frozen=True)
 class RayConfig:
-    address: str = ""  # empty: attach to RAY_ADDRESS or start a local cluster
-    num_cpus: int = 0  # local cluster only; 0: max(4, cores) so Train's controller gets a slot
-    # GPUs per teacher/encode task; > 0 runs them on the GPU, and init's k-means on one GPU.
-    gpus_per_task: float = 0.0
-    # Custom resources that tell the node groups of infra/cluster-aws.yaml apart: teacher and
-    # training run only on nodes offering gpu_group, ingest, init, encode, merge and evaluate
-    # only on nodes offering cpu_group. Empty: any node. Not in any stage key (placement
-    # changes no result).
-    gpu_group: str = ""
-    cpu_group: str = ""
+    address: str = ""  # Ray cluster to attach to; empty: RAY_ADDRESS, or a local cluster
+    num_cpus: int = 0  # local cluster only; 0: max(4, cores), so Train's controller gets a slot
+    gpus_per_task: float = 0.0  # GPUs per teacher and encode task (and one for init's k-means); 0: CPUs
+    # Custom resources that tell the node groups of infra/cluster-aws.yaml apart. In no stage
+    # key: placement changes no result.
+    gpu_group: str = ""  # teacher and training run only on nodes offering it; empty: any node
+    cpu_group: str = ""  # ingest, init, encode, merge, evaluate run only on nodes offering it
 
 
 @dataclass(frozen=True)
 class PublishConfig:
-    # Versions kept: the ones current most recently (at least 2: the current one and the one
-    # it replaced always stay), and any that stopped being current less than grace_seconds
-    # ago, since a reader that resolved the pointer just before may still be reading it.
-    keep_versions: int = 3
-    grace_seconds: float = 600.0
-    # A job renews its lease on the output every lease_seconds / 8 and stops writing once no
-    # renewal succeeded for 3/4 of it; a lease left unchanged for lease_seconds is dead, and
-    # another job may take it over (docs/operations.md).
-    lease_seconds: float = 120.0
-    # Refuse an S3 store that ignores If-None-Match / If-Match (checked on a scratch key at
-    # start): without them neither the lease nor the pointer swap is safe. false: warn only.
-    require_conditional_writes: bool = True
+    # The current version and the one it replaced always stay (docs/operations.md: pruning).
+    keep_versions: int = 3  # versions kept, the most recently current first; at least 2
+    grace_seconds: float = 600.0  # a version that stopped being current less than this ago stays
+    lease_seconds: float = 120.0  # the lease's time to live; renewed every eighth of it
+    # Without If-None-Match / If-Match neither the lease nor the pointer swap is safe.
+    require_conditional_writes: bool = True  # refuse an S3 store that ignores conditional writes; false: warn
 
 
 @dataclass(frozen=True)
@@ -483,3 +425,62 @@ def validate(cfg: PipelineConfig) -> None:
         raise ValueError("ray.gpus_per_task must be >= 0 (0 runs teacher and encode on CPUs)")
     if not cfg.data.corpus:
         raise ValueError("data.corpus is empty: set it to a local path or s3:// prefix")
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """{field: its one-line doc}: the comment on the field's line (the comments above a field
+    say why, for readers of the code). The comments in this file are the documentation."""
+    import inspect
+    import re
+
+    docs = {}
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        m = re.match(r"\s*(\w+): [^=]+=[^#]*(#\s*(.*))?$", line)
+        if m:
+            docs[m.group(1)] = (m.group(3) or "").strip()
+    return docs
+
+
+def _shown(value) -> str:
+    if isinstance(value, enum.Enum):
+        return f"`{value.value}`"
+    if isinstance(value, tuple):
+        return "`[" + ", ".join(map(str, value)) + "]`"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if value == "":
+        return "empty"
+    return f"`{value}`"
+
+
+def markdown() -> str:
+    """docs/configuration.md: every key with its default and meaning, from the dataclasses."""
+    out = ["# Configuration", "",
+           "Every key of the pipeline's config, with its default. A job reads a YAML preset "
+           "(`--config`) and `--set section.key=value` overrides; unknown keys and wrong types "
+           "are errors. Modes list their choices. Generated from `pipeline/config.py` by "
+           "`python -m pipeline.config --markdown > docs/configuration.md`; a test fails when "
+           "this page is stale. Which keys make which stages rerun: "
+           "[operations.md](operations.md).", ""]
+    for section in dataclasses.fields(PipelineConfig):
+        cls = typing.get_type_hints(PipelineConfig)[section.name]
+        docs, defaults = _field_docs(cls), cls()
+        out += [f"## {section.name}", "", "| key | default | meaning |", "|---|---|---|"]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            doc = docs.get(f.name, "")
+            typ = hints[f.name]
+            if isinstance(typ, type) and issubclass(typ, enum.Enum):
+                doc += " Choices: " + ", ".join(f"`{m.value}`" for m in typ) + "."
+            out.append(f"| `{section.name}.{f.name}` | {_shown(getattr(defaults, f.name))} "
+                       f"| {doc.replace('|', '/')} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m pipeline.config --markdown")
+    print(markdown(), end="")

@@ -26,7 +26,7 @@ FIELDS: dict[str, list[str]] = {
                "data.max_train_queries", "data.pseudo_queries", "init.train_sample",
                "init.seed", "inputs.corpus", "inputs.train_queries"],
     "init": ["index.nlist", "index.M", "index.nbits", "index.opq", "index.metric",
-             "index.quantizer", "index.rq_beam", "init.niter", "init.seed"],
+             "index.quantizer", "index.rq_beam", "init.niter", "init.opq_niter", "init.seed"],
     "teacher": ["teacher.k", "teacher.band_depth", "teacher.band_size", "teacher.query_block",
                 "index.metric", "train.val_fraction", "train.seed"],
     "train": [f"train.{k}" for k in PipelineConfig().to_dict()["train"]

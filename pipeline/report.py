@@ -82,14 +82,23 @@ def loss_plot(history: list[dict], warm_val: float | None = None) -> bytes:
     return _png(plt, fig)
 
 
-def _table(head: list[str], body: list[list]) -> str:
-    def cell(v):
+def _table(head: list[str], body: list[list], formats: list[str] | None = None) -> str:
+    """An HTML table; `formats` gives each column's float format ("{:.4f}" by default).
+    Text columns are left-aligned, numbers right-aligned."""
+    formats = formats or ["{:.4f}"] * len(head)
+
+    def cell(v, fmt):
         if v is None:
-            return "-"
-        return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+            return "<td>-</td>"
+        if isinstance(v, float):
+            return f"<td>{fmt.format(v)}</td>"
+        if isinstance(v, int):
+            return f"<td>{v:,}</td>"
+        return f"<td class='text'>{html.escape(str(v))}</td>"
 
     out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
-    out += ["<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in body]
+    out += ["<tr>" + "".join(cell(v, f) for v, f in zip(row, formats)) + "</tr>"
+            for row in body]
     return "\n".join(out) + "</table>"
 
 
@@ -104,7 +113,8 @@ def render(rows: list[dict], train_info: dict | None, wall_seconds: dict, summar
         "<!doctype html><html><head><meta charset='utf-8'><title>Distilled VQ report</title>",
         "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
-        "padding:3px 8px;text-align:right}th{background:#f3f3f3}img{max-width:100%}</style>",
+        "padding:3px 8px;text-align:right;font-variant-numeric:tabular-nums}"
+        "td.text{text-align:left}th{background:#f3f3f3}img{max-width:100%}</style>",
         "</head><body><h1>Distilled vector quantization: run report</h1>",
         _table(["index", "vectors", "bytes/vector", "config hash"],
                [[summary["index"], summary["vectors"], summary["bytes_per_vector"],
@@ -126,11 +136,13 @@ def render(rows: list[dict], train_info: dict | None, wall_seconds: dict, summar
             "</p>",
             _table(["epoch", "loss", "val recall@10", "seconds", "queries/s/worker"],
                    [[h["epoch"], h["loss"], h["val_recall"], h["seconds"],
-                     h["queries_per_s_per_worker"]] for h in hist]),
+                     h["queries_per_s_per_worker"]] for h in hist],
+                   ["", "{:.4f}", "{:.4f}", "{:.1f}", "{:.0f}"]),
             f"<img src='{LOSS_PNG}' alt='training loss'>",
         ]
     parts += ["<h2>Stage seconds</h2>",
-              _table(list(wall_seconds), [[float(v) for v in wall_seconds.values()]]),
+              _table(list(wall_seconds), [[float(v) for v in wall_seconds.values()]],
+                     ["{:.1f}"] * len(wall_seconds)),
               "</body></html>"]
     files["report.html"] = "\n".join(parts).encode()
     return files

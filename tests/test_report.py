@@ -19,7 +19,8 @@ def test_render_writes_html_and_plots():
         assert files[name][:8] == b"\x89PNG\r\n\x1a\n" and len(files[name]) > 5000
     html = files["report.html"].decode()
     for text in (report.RECALL_PNG, report.LOSS_PNG, "distilled-ivf-opq", "faiss-ivf-opq",
-                 "warm start 0.3500", "best 0.4200", "s3://b/run/index/index.index", "3.5000"):
+                 "warm start 0.3500", "best 0.4200", "s3://b/run/index/index.index",
+                 "<td>3.5</td>", "<td>1.2</td>"):
         assert text in html, text
 
 

@@ -43,12 +43,13 @@ def _codec(cfg: IndexConfig) -> str:
 
 
 def train_baseline(xt: np.ndarray, cfg: IndexConfig, niter: int = 20, seed: int = 0,
-                   use_gpu: bool = False):
+                   use_gpu: bool = False, opq_niter: int = 50):
     """faiss's own k-means IVF + PQ (+ OPQ) trained on xt: the baseline and the warm start.
 
     use_gpu (with faiss-gpu and a GPU): the coarse k-means, the slow step at scale (nlist
     65,536 on a 1M sample), assigns points on every GPU; faiss's algorithm, seed and
-    iterations are unchanged. Without GPUs in this faiss it trains on the CPU."""
+    iterations are unchanged. Without GPUs in this faiss it trains on the CPU. opq_niter: the
+    OPQ rotation's alternating iterations (faiss's default 50)."""
     d = xt.shape[1]
     key = _codec(cfg)
     if cfg.nlist:
@@ -66,14 +67,15 @@ def train_baseline(xt: np.ndarray, cfg: IndexConfig, niter: int = 20, seed: int 
     if hasattr(codec, "do_polysemous_training"):
         # Polysemous training only reorders each codebook so that Hamming distances between
         # codes approximate the true ones, for polysemous search, which nothing here uses; ADC
-        # search is unchanged by it. It was ~95% of the warm start's time (12 s of 13 s for
-        # IVF32,PQ8 on 6,000 384-d vectors).
+        # search is unchanged by it, and it takes most of the warm start's time.
         codec.do_polysemous_training = False
     if cfg.quantizer == "rq":
         codec.rq.max_beam_size = cfg.rq_beam
         codec.rq.cp.seed = seed
     else:
         codec.pq.cp.seed = seed
+    if cfg.opq:
+        faiss.downcast_VectorTransform(index.chain.at(0)).niter = opq_niter
     index.train(np.ascontiguousarray(xt, dtype=np.float32))
     return index
 

@@ -143,8 +143,8 @@ def without_self(q: np.ndarray, xb: np.ndarray, D: np.ndarray, rows: np.ndarray,
 
     A corpus sample used as a training query finds itself first, with a score no held-out
     query ever has (1 for unit vectors; 0.84 on average for the next on the shared data), and
-    the distillation learns that outlier instead of the neighbourhood: with it, the symmetric
-    benchmark's gains were half of what they are without (README: symmetric data). One copy
+    the distillation learns that outlier instead of the neighbourhood (docs/method.md: what
+    we tried). One copy
     goes, as if the sample had been taken out of the corpus: another document with the same
     vector is a neighbour like any other."""
     norms = (q.astype(np.float64) ** 2).sum(1, keepdims=True)

@@ -146,8 +146,8 @@ class Student(nn.Module):
             return self.rotation0
         # The Cayley transform (I - S/2)^-1 (I + S/2) of the skew-symmetric S is orthogonal and
         # agrees with expm(S) to second order (the steps keep S small). Its forward and
-        # backward passes are a linear solve each: 11 ms at d = 384, where the matrix
-        # exponential's took 132 ms (its backward is the exponential of a 2d x 2d matrix).
+        # backward passes are a linear solve each, where the matrix exponential's backward is
+        # the exponential of a 2d x 2d matrix.
         S = self.skew - self.skew.T
         eye = torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
         return torch.linalg.solve(eye - S / 2, eye + S / 2) @ self.rotation0
@@ -198,8 +198,7 @@ class Student(nn.Module):
         (n, ksub, dsub) tensor is built.
         """
         lists = self.assign(x_rot) if lists is None else lists
-        # index_select, not indexing: its backward is an index_add, not a sorted put (25 ms of a
-        # 1 s step at 16 B)
+        # index_select, not indexing: its backward is an index_add, not a sorted put
         c = self.centroids.index_select(0, lists)
         r = x_rot - c
         B = self.codebooks

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 
 import faiss
@@ -16,16 +17,19 @@ log = logging.getLogger("pipeline.stages.init")
 
 
 @ray.remote
-def _train_baseline(sample_uri: str, out_uri: str, index_cfg, niter: int, seed: int,
-                    use_gpu: bool) -> dict:
+def _train_baseline(sample_uri: str, out_uri: str, index_cfg, init_cfg, use_gpu: bool) -> dict:
     pin_threads()
     xt = storage.load_npz(sample_uri)["x"]
     t0 = time.time()
-    index = build.train_baseline(xt, index_cfg, niter=niter, seed=seed, use_gpu=use_gpu)
+    index = build.train_baseline(xt, index_cfg, niter=init_cfg.niter, seed=init_cfg.seed,
+                                 use_gpu=use_gpu, opq_niter=init_cfg.opq_niter)
     scratch = storage.local_scratch("init")
-    local = os.path.join(scratch, "baseline.index")
-    faiss.write_index(index, local)
-    storage.upload_file(local, out_uri)
+    try:
+        local = os.path.join(scratch, "baseline.index")
+        faiss.write_index(index, local)
+        storage.upload_file(local, out_uri)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return {"train_seconds": time.time() - t0, "n_train": len(xt)}
 
 
@@ -42,7 +46,7 @@ def run(run: Run) -> dict:
                                    num_gpus=1 if gpus else 0, resources=placement(cfg, group))
     info = ray.get(task.remote(
         run.stage_path("ingest", "sample.npz"), run.stage_path("init", "baseline.index"),
-        cfg.index, cfg.init.niter, cfg.init.seed, bool(gpus)))
+        cfg.index, cfg.init, bool(gpus)))
     log.info("init: faiss baseline trained on %d vectors in %.1fs", info["n_train"],
              info["train_seconds"])
     return info
