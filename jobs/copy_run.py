@@ -75,6 +75,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{args.dst}: version {manifest['version']}")
+    report = f"{publish.VERSIONS}/{manifest['version']}/report.html"
+    if report in manifest["files"]:
+        print(f"report: {storage.join(args.dst, report)}")
     return 0
 
 

@@ -102,12 +102,21 @@ def main(argv=None, exit_on_interrupt: bool = False) -> int:
         return _run(args, exit_on_interrupt, console)
     finally:
         if console is not None:
+            _shutdown_ray()  # the workers' last lines, which Ray relays late, reach the log
             console.close()
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def _exit_now(code: int, console: Console | None) -> None:
     logging.shutdown()
     if console is not None:
+        sys.stderr.flush()
         console.close()
     os._exit(code)
 

@@ -18,7 +18,9 @@ OURS = re.compile(r"\bpipeline(\.\w+)*: |^(error|output busy|stopped|interrupted
 # Lines a user should see whoever wrote them, unless they are known to mean nothing here.
 SEVERE = re.compile(r"\b(WARNING|ERROR|CRITICAL|Traceback|[A-Za-z]+Error)\b")
 HARMLESS = re.compile(r"PlacementGroupCleaner|IO_FLAG_ONDISK_SAME_DIR|"
-                      r"Failed to query Ray Train Controller")
+                      r"Failed to query Ray Train Controller|"
+                      r"No module named 'faiss\.swigfaiss_avx|"  # faiss trying its CPU builds
+                      r"Token authentication is enabled for this Ray cluster")
 
 
 def keep(line: str) -> bool:

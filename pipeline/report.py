@@ -47,6 +47,9 @@ def recall_plot(rows: list[dict]) -> bytes:
                 ax.plot(*zip(*pts), marker="o", label=method,
                         linestyle="-" if method.startswith("distilled") else "--")
         ax.set_xscale("log", base=2)
+        probes = sorted({r["nprobe"] for r in rows})
+        ax.set_xticks(probes, [str(p) for p in probes])
+        ax.minorticks_off()
         ax.set(xlabel="nprobe", ylabel=label, title=f"{label} against nprobe")
         ax.grid(alpha=0.3)
         if ax.lines:
@@ -76,9 +79,9 @@ def loss_plot(history: list[dict], warm_val: float | None = None) -> bytes:
             x += len(h.get("step_losses") or [0])
             ends.append(x)
             vals.append(h["val_recall"])
-        ax2.plot(ends, vals, "o-", color="tab:orange", label="validation recall@10")
+        ax2.plot(ends, vals, "o:", color="tab:orange", label="validation recall@10")
         ax2.set_ylabel("validation recall@10", color="tab:orange")
-        ax2.legend(loc="lower right", fontsize=8)
+        ax2.legend(loc="upper right", fontsize=8)
     return _png(plt, fig)
 
 
@@ -102,6 +105,24 @@ def _table(head: list[str], body: list[list], formats: list[str] | None = None) 
     return "\n".join(out) + "</table>"
 
 
+def _gains(rows: list[dict]) -> list[str]:
+    """A table of each distilled method's relative gain over its faiss baseline (the method
+    of the same name after its first dash) at every nprobe both were searched at."""
+    by = {(r["method"], r["nprobe"]): r for r in rows}
+    body = []
+    for (method, nprobe), r in sorted(by.items()):
+        base = by.get(("faiss-" + method.split("-", 1)[1], nprobe))
+        if not method.startswith("distilled-") or base is None:
+            continue
+        gain = [None if not (r.get(k) and base.get(k)) else f"{r[k] / base[k] - 1:+.1%}"
+                for k in ("recall_at_10", "recall_at_100", "mrr_at_10", "label_recall_at_10")]
+        body.append([method, nprobe, *gain])
+    if not body:
+        return []
+    return ["<h3>Distilled over faiss, at the same nprobe</h3>",
+            _table(["method", "nprobe", "R@10", "R@100", "MRR@10", "labelR@10"], body)]
+
+
 def render(rows: list[dict], train_info: dict | None, wall_seconds: dict, summary: dict) -> dict:
     """Returns {file name: bytes}: report.html plus the PNGs it shows.
 
@@ -122,7 +143,8 @@ def render(rows: list[dict], train_info: dict | None, wall_seconds: dict, summar
         "<h2>Retrieval quality</h2>",
         "<p>recall@k is the overlap with the exact top-k; MRR and label recall use the labels "
         "when given.</p>",
-        _table(cols, [[r.get(c) for c in cols] for r in rows]),
+        _table([TABLE_COLUMNS[c] for c in cols], [[r.get(c) for c in cols] for r in rows]),
+        *_gains(rows),
         f"<img src='{RECALL_PNG}' alt='recall against nprobe'>",
     ]
     if train_info and train_info.get("history"):
@@ -137,7 +159,7 @@ def render(rows: list[dict], train_info: dict | None, wall_seconds: dict, summar
             _table(["epoch", "loss", "val recall@10", "seconds", "queries/s/worker"],
                    [[h["epoch"], h["loss"], h["val_recall"], h["seconds"],
                      h["queries_per_s_per_worker"]] for h in hist],
-                   ["", "{:.4f}", "{:.4f}", "{:.1f}", "{:.0f}"]),
+                   ["", "{:.3f}", "{:.4f}", "{:.1f}", "{:.0f}"]),
             f"<img src='{LOSS_PNG}' alt='training loss'>",
         ]
     parts += ["<h2>Stage seconds</h2>",

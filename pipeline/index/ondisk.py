@@ -202,7 +202,8 @@ def lists_index(trained, sizes: np.ndarray, out_dir: str, name: str = "index",
     # data's name.
     placeholder = os.path.join(out_dir, f"{name}.ivfdata.placeholder")
     ondisk = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, placeholder)
-    ondisk.update_totsize(int(offsets[-1]))
+    with silenced():
+        ondisk.update_totsize(int(offsets[-1]))
     ondisk.filename = os.path.join(out_dir, f"{name}.ivfdata")
     lists = faiss.OnDiskOneListVector()
     for j, n in enumerate(sizes.tolist()):
@@ -222,18 +223,33 @@ _stdout_lock = threading.Lock()
 
 
 @contextmanager
-def stdout_to_stderr():
-    """Sends what C++ code prints to stdout (faiss's "IO_FLAG_ONDISK_SAME_DIR: updating ondisk
-    filename" line) to stderr instead, so that a program's stdout holds only its results."""
+def _stdout_to(fd: int):
+    """Points fd 1 at `fd` for the block: what C++ code prints to stdout goes there."""
     with _stdout_lock:  # fd 1 is process-wide: one redirect at a time
         sys.stdout.flush()
         saved = os.dup(1)
         try:
-            os.dup2(2, 1)
+            os.dup2(fd, 1)
             yield
         finally:
             os.dup2(saved, 1)
             os.close(saved)
+
+
+@contextmanager
+def stdout_to_stderr():
+    """Sends what C++ code prints to stdout (faiss's "IO_FLAG_ONDISK_SAME_DIR: updating ondisk
+    filename" line) to stderr instead, so that a program's stdout holds only its results."""
+    with _stdout_to(2):
+        yield
+
+
+@contextmanager
+def silenced():
+    """Drops what C++ code prints to stdout: for faiss's notes on files this module renames
+    on purpose (a placeholder resized, a data file re-pointed)."""
+    with open(os.devnull, "wb") as devnull, _stdout_to(devnull.fileno()):
+        yield
 
 
 def read_ondisk(index_path: str):
@@ -248,7 +264,9 @@ def read_ondisk(index_path: str):
 def retarget(index_path: str, ivfdata_path: str, out_path: str) -> None:
     """Writes to out_path a copy of the on-disk .index at index_path (its .ivfdata beside it)
     that records `ivfdata_path` as its data file. Only the small header is rewritten."""
-    index = read_ondisk(index_path)
+    with silenced():
+        index = faiss.read_index(index_path,
+                                 faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
     invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
     assert isinstance(invlists, faiss.OnDiskInvertedLists), f"{index_path} is not on-disk"
     invlists.filename = ivfdata_path

@@ -25,14 +25,15 @@ log = logging.getLogger("pipeline.quant.fit")
 def keep_freed_memory() -> bool:
     """Has glibc's allocator keep freed memory in the process for the next allocation.
 
-    A training step's largest temporaries (the (M, n, 256) codeword scores: 129 MB at 16 B)
-    are above glibc's mmap threshold (at most 32 MB by default), so each one is mapped afresh
-    and page-faulted in on first touch, then unmapped again: on CPUs that costs more than the
+    A training step's largest temporaries (the (M, n, 256) codeword scores: 129 MB at 16 B) are
+    above glibc's mmap threshold (at most 32 MB by default), so each one is mapped afresh and
+    page-faulted in on first touch, then unmapped again: on CPUs that costs more than the
     arithmetic on them. Served from the heap, and never trimmed below 2 GB, they reuse memory
-    already mapped. The process keeps up to that much freed memory: fine for a training worker, which holds its
-    peak anyway. The setting governs the main thread's arena; a process whose training runs in
-    another thread (a Ray Train worker) also needs MALLOC_ARENA_MAX=1 in its environment (the
-    train stage sets it). Returns whether the allocator took it (False off glibc).
+    already mapped. The process keeps up to that much freed memory: fine for a training worker,
+    which holds its peak anyway. The setting governs the main thread's arena; a process whose
+    training runs in another thread (a Ray Train worker) also needs MALLOC_ARENA_MAX=1 in its
+    environment (the train stage sets it). Returns whether the allocator took it (False off
+    glibc).
     """
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
