@@ -370,10 +370,11 @@ def validate(cfg: PipelineConfig) -> None:
     if tr.epochs < 1:
         raise ValueError(f"train.epochs must be >= 1, got {tr.epochs}")
     pub = cfg.publish
-    if pub.keep_versions < 2 or pub.lease_seconds <= 0 or pub.grace_seconds < 0:
+    if pub.keep_versions < 2 or pub.lease_seconds < 8 or pub.grace_seconds < 0:
         raise ValueError(
             "publish.keep_versions must be >= 2 (the current version and the one it replaced "
-            "always stay, since readers may hold either), publish.lease_seconds > 0 and "
+            "always stay, since readers may hold either), publish.lease_seconds >= 8 (a "
+            "shorter lease cannot fit a storage call inside its margin) and "
             "publish.grace_seconds >= 0")
     if tr.num_workers < 1 or tr.batch_size < tr.num_workers:
         raise ValueError("train.num_workers must be >= 1 and train.batch_size >= num_workers")

@@ -62,8 +62,8 @@ class Lease:
         self.ttl_s = ttl_s
         self.margin = ttl_s / 4
         self.period = ttl_s / 8
-        # One storage call under the lease (two attempts with timeout/4 connect and read
-        # timeouts each) stays well inside the margin.
+        # One storage call under the lease (one attempt: timeout/2 to connect, timeout/2 to
+        # read) stays inside the margin; config validation keeps ttl_s >= 8 s for that.
         self.timeout = max(0.5, ttl_s / 8)
         self.clock = clock
         self.token = uuid.uuid4().hex
@@ -182,9 +182,17 @@ class Lease:
                             "written by this job. Rerun to continue: finished stages are kept")
 
     def write(self, uri: str, data: bytes) -> None:
-        """A write into the output, begun only with time for it to land under the lease."""
-        self.check(self.timeout)
-        storage.write_bytes(uri, data, self.timeout)
+        """A write into the output, each attempt begun only with time for it to land under the
+        lease. A failed attempt is retried while the lease lasts."""
+        while True:
+            self.check(self.timeout)
+            try:
+                storage.write_bytes(uri, data, self.timeout)
+                return
+            except Exception as e:  # noqa: BLE001 - a timeout, a dropped connection: the lease decides
+                log.warning("write of %s failed (%s: %s); retrying while the lease holds",
+                            uri, type(e).__name__, e)
+                time.sleep(min(1.0, self.period))
 
     def release(self) -> None:
         self._stop.set()

@@ -59,9 +59,10 @@ def _s3fs(timeout: float | None = None):
     (the lease, the published pointer).
 
     timeout None: standard-mode retries with exponential backoff, which ride out throttling
-    and an endpoint that drops away for a few seconds. A timeout (seconds) bounds one call
-    instead: two attempts, each with that connect and read timeout. The lease's renewals and
-    the writes made under it use such a client, so that no call outlasts the lease."""
+    and an endpoint that drops away for a few seconds. A timeout (seconds) bounds one call of
+    a small object instead: one attempt, half of it to connect and half to read. The lease's
+    renewals and the writes made under it use such a client and retry themselves, so that no
+    call outlasts the lease."""
     import s3fs
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -70,8 +71,8 @@ def _s3fs(timeout: float | None = None):
         if timeout is None:
             config, retries = {"retries": {"max_attempts": 10, "mode": "standard"}}, 5
         else:
-            config = {"retries": {"max_attempts": 2, "mode": "standard"},
-                      "connect_timeout": timeout / 4, "read_timeout": timeout / 4}
+            config = {"retries": {"max_attempts": 1, "mode": "standard"},
+                      "connect_timeout": timeout / 2, "read_timeout": timeout / 2}
             retries = 1
         fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True,
                                use_listings_cache=False, config_kwargs=config)
