@@ -48,8 +48,8 @@ from pipeline.config import (  # noqa: E402
 from pipeline.data import readers  # noqa: E402
 from pipeline.index import build, knn  # noqa: E402
 from pipeline.index.metrics import score_rows  # noqa: E402
-from pipeline.quant.fit import fit  # noqa: E402
-from pipeline.quant.train import TrainData  # noqa: E402
+from pipeline.quant.fit import fit, keep_freed_memory  # noqa: E402
+from pipeline.quant.loop import TrainData  # noqa: E402
 from pipeline.report import TABLE_COLUMNS, format_table  # noqa: E402
 
 log = logging.getLogger("bench.quality")
@@ -293,6 +293,7 @@ def distill(trained, data: Data, teacher: tuple, cfg: PipelineConfig,
         labeled = None
     tr = TrainData(data.xt[n_val:], V[n_val:], pool, labeled)
     val = TrainData(data.xt[:n_val], V[:n_val], pool)
+    keep_freed_memory()
     state = fit(build.extract_params(trained), tr, val, cfg)
     index = build.index_from_params(state["best"], cfg.index.metric)
     return index, time.time() - t0, state

@@ -20,7 +20,7 @@ import tempfile
 
 GPU_GROUP, CPU_GROUP = "gpu_group", "cpu_group"
 # A node offers this much of its group's resource; a task asks for GROUP_SHARE (see
-# pipeline.stages.common.group_options), so the resource only steers placement and the CPUs
+# pipeline.distributed.placement.placement), so the resource only steers placement and the CPUs
 # still bound concurrency.
 GROUP_CAPACITY = 1000
 

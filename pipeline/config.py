@@ -130,7 +130,7 @@ class TrainConfig:
     epochs: int = 3  # passes over the training queries
     batch_size: int = 256  # global batch (queries), split evenly across workers
     # Learning rates are in units of the warm start's RMS coordinate times its relative
-    # reconstruction error (pipeline.quant.train.calibrate), so that one value serves any data
+    # reconstruction error (pipeline.quant.loop.calibrate), so that one value serves any data
     # scale and finer codes take smaller steps.
     lr: float = 0.05  # codebook and centroid learning rate (Adam), in warm-start units
     rq_lr: float = 0.0065  # the same for an RQ student, whose coupled stages need smaller steps

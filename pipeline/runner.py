@@ -18,9 +18,11 @@ import ray
 
 from pipeline import keys, lease, publish, report, storage
 from pipeline.config import PipelineConfig, validate_for_pipeline
-from pipeline.index import build as index_build
-from pipeline.stages import build, evaluate, ingest, init, teacher, train
-from pipeline.stages.common import METHODS, Run, check_groups, trim_heap
+from pipeline.distributed.placement import check_groups
+from pipeline.distributed.tasks import trim_heap
+from pipeline.index import build
+from pipeline.stages import encode, evaluate, ingest, init, teacher, train
+from pipeline.stages.common import METHODS, Run
 
 log = logging.getLogger("pipeline.runner")
 
@@ -90,7 +92,7 @@ def init_ray(cfg: PipelineConfig) -> None:
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
     if address:
-        # Fault injection (pipeline.stages.common.fault_point, for the fault tests) must reach
+        # Fault injection (pipeline.distributed.tasks.fault_point, for the fault tests) must reach
         # the job's workers on whichever node they run: their environment is the node's.
         faults = {k: v for k, v in os.environ.items() if k.startswith("PIPELINE_FAULT_")}
         ray.init(address=address, log_to_driver=True,
@@ -187,9 +189,9 @@ def _run_stages(run: Run, plan: dict, from_stage, incremental: bool, on_stage,
         "init": lambda: init.run(run),
         "teacher": lambda: teacher.run(run),
         "train": lambda: train.run(run),
-        "export": lambda: build.run_export(run),
-        "encode": lambda: build.run_encode(run),
-        "merge": lambda: build.run_merge(run),
+        "export": lambda: encode.run_export(run),
+        "encode": lambda: encode.run_encode(run),
+        "merge": lambda: encode.run_merge(run),
         "evaluate": lambda: evaluate.run(run),
     }
     seconds, ran = {}, []
@@ -244,14 +246,14 @@ def _publish(run: Run, rows: list[dict], seconds: dict, held: lease.Lease,
     if rows:
         train_info = run.stage_info("train")
         summary = {"index": "index/index.index", "vectors": n,
-                   "bytes_per_vector": index_build.bytes_per_vector(cfg.index),
+                   "bytes_per_vector": build.bytes_per_vector(cfg.index),
                    "config_hash": cfg.hash()}
         extra.update(report.report_files(rows, train_info, seconds, summary))
     meta = {
         "counts": {"vectors": n, "shards": len(run.stage_info("ingest")["shards"]),
                    "d": run.stage_info("ingest")["d"]},
         "parameters": {**cfg.to_dict()["index"],
-                       "bytes_per_vector": index_build.bytes_per_vector(cfg.index)},
+                       "bytes_per_vector": build.bytes_per_vector(cfg.index)},
         "config_hash": cfg.hash(),
         "stage_seconds": seconds,
         "open_with": "faiss.read_index(path) for a local output, or "

@@ -223,8 +223,14 @@ def sha256_file(local: str) -> str:
     return h.hexdigest()
 
 
-def local_scratch(prefix: str) -> str:
-    return tempfile.mkdtemp(prefix=f"vq-{prefix}-")
+@contextmanager
+def scratch(prefix: str):
+    """A local scratch folder for the block, removed on every way out of it."""
+    path = tempfile.mkdtemp(prefix=f"vq-{prefix}-")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def pyarrow_fs(uri: str):

@@ -124,7 +124,7 @@ def open_published(out: str, local_dir, what: str = "index"):
 class NodeLoss:
     """A worker node doomed to be lost mid-work, on the session's cluster: it alone offers the
     custom resource `group` (the test points ray.cpu_group or ray.gpu_group at it), and its
-    tasks stop at the fault point `point` (pipeline.stages.common.fault_point, hold mode). As
+    tasks stop at the fault point `point` (pipeline.distributed.tasks.fault_point, hold mode). As
     soon as one stops there, a watcher thread removes the node, as a cloud provider takes a
     machine back, and adds a replacement offering `group` that runs normally."""
 

@@ -1,5 +1,7 @@
-"""Layers: the math (pipeline/quant, pipeline/index) imports no Ray or torch.distributed; no
-stage imports another stage; the benchmarks import no stage."""
+"""Layers: every module of pipeline/ belongs to one layer and imports only its own layer and
+the ones below; nothing below the Ray plumbing imports Ray; the math (pipeline/quant,
+pipeline/index) imports no Ray, torch.distributed, storage or data; no stage imports another
+stage; the benchmarks import no stage."""
 import functools
 import json
 import pathlib
@@ -23,8 +25,8 @@ for f in sys.argv[1:]:
             names += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.append(node.module)
-            if node.module == "pipeline.stages":  # from pipeline.stages import train
-                names += [f"pipeline.stages.{a.name}" for a in node.names]
+            if node.module.startswith("pipeline"):  # from pipeline import storage: a module
+                names += [f"{node.module}.{a.name}" for a in node.names]
     out[f] = names
 print(json.dumps(out))
 """
@@ -51,7 +53,7 @@ def test_math_layers_import_no_ray(layer):
             assert not n.startswith(("ray", "torch.distributed")), f"{f} imports {n}"
 
 
-STAGES = {"ingest", "init", "teacher", "train", "build", "evaluate"}
+STAGES = {"ingest", "init", "teacher", "train", "encode", "evaluate"}
 
 
 def stage_of(module: str) -> str | None:
@@ -73,3 +75,77 @@ def test_benchmarks_and_layers_below_import_no_stage():
     for f in files:
         for n in imported_modules(f):
             assert stage_of(n) is None, f"{f} imports the stage {n}"
+
+
+# Lowest first. A module imports only modules of its own layer or of lower ones.
+LAYERS = [
+    ("foundation", ["pipeline.config", "pipeline.storage", "pipeline.console",
+                    "pipeline.report"]),
+    ("math and data", ["pipeline.index", "pipeline.quant", "pipeline.data",
+                       "pipeline.checkpoint"]),
+    ("runs", ["pipeline.keys", "pipeline.lease", "pipeline.publish"]),
+    ("Ray plumbing", ["pipeline.distributed"]),
+    ("stages", ["pipeline.stages"]),
+    ("runner", ["pipeline.runner"]),
+]
+RAY_FROM = 3  # the first layer that may import Ray
+
+
+def layer_of(module: str) -> int | None:
+    for i, (_, prefixes) in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return i
+    return None
+
+
+def module_name(f: pathlib.Path) -> str:
+    rel = f.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def pipeline_modules() -> list[pathlib.Path]:
+    return sorted((ROOT / "pipeline").rglob("*.py"))
+
+
+def test_every_module_has_a_layer():
+    for f in pipeline_modules():
+        name = module_name(f)
+        assert name == "pipeline" or layer_of(name) is not None, f"{name}: add it to LAYERS"
+
+
+def layer_violations(f: pathlib.Path, imports: list[str]) -> list[str]:
+    name = module_name(f)
+    own = layer_of(name)
+    if own is None:
+        return []
+    out = []
+    for n in imports:
+        other = layer_of(n)
+        if other is not None and other > own:
+            out.append(f"{name} ({LAYERS[own][0]}) imports {n} ({LAYERS[other][0]})")
+        if own < RAY_FROM and n.split(".")[0] == "ray":
+            out.append(f"{name} ({LAYERS[own][0]}) imports Ray ({n})")
+    if name.startswith(("pipeline.index", "pipeline.quant")):
+        out += [f"{name} (the math) imports {n}" for n in imports
+                if n.startswith(("pipeline.storage", "pipeline.data"))]
+    return out
+
+
+def test_every_module_imports_only_its_layer_and_below():
+    bad = [v for f in pipeline_modules() for v in layer_violations(f, imported_modules(f))]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("module, probe", [
+    ("pipeline/distributed/exact_knn.py", "pipeline.stages.common"),
+    ("pipeline/data/readers.py", "pipeline.distributed.tasks"),
+    ("pipeline/publish.py", "ray"),
+    ("pipeline/quant/fit.py", "pipeline.storage"),
+    ("pipeline/config.py", "pipeline.index.build"),
+])
+def test_a_probe_import_breaking_a_rule_is_caught(module, probe):
+    """The checker itself: one import that breaks a rule makes it report."""
+    f = ROOT / module
+    assert not layer_violations(f, imported_modules(f))
+    assert layer_violations(f, imported_modules(f) + [probe])

@@ -9,8 +9,7 @@ import torch
 from pipeline.config import IndexConfig, Quantizer, TrainConfig, load_config
 from pipeline.index import build, knn, ondisk
 from pipeline.index.params import Params, QuantizerSpec
-from pipeline.quant import fit
-from pipeline.quant import train as T
+from pipeline.quant import fit, loop, negatives, objective
 from pipeline.quant.losses import ListLosses, sinkhorn_balance, sinkhorn_plan
 from pipeline.quant.model import Student
 
@@ -74,10 +73,10 @@ def test_rotation_stays_orthogonal_and_loss_falls(setup):
     xb, xq, trained, V = setup
     cfg = TrainConfig(batch_size=50, negatives=64, rotation_lr=1e-2, epochs=3)
     model = Student(build.extract_params(trained), "ip")
-    T.calibrate(model, xb[:2000])
-    opt = T.make_optimizer(model, cfg)
-    data = T.TrainData(xq, V, xb[:2000])
-    losses = [T.train_epoch(model, opt, data, cfg, e)["loss"] for e in range(cfg.epochs)]
+    loop.calibrate(model, xb[:2000])
+    opt = loop.make_optimizer(model, cfg)
+    data = loop.TrainData(xq, V, xb[:2000])
+    losses = [loop.train_epoch(model, opt, data, cfg, e)["loss"] for e in range(cfg.epochs)]
     assert losses[-1] < losses[0]
     R = model.rotation().detach()
     np.testing.assert_allclose((R @ R.T).numpy(), np.eye(32), atol=1e-4)
@@ -89,14 +88,14 @@ def test_cosine_schedule_scales_the_backed_off_rates(setup):
     end, always of the base rate, which the backoff shrinks; constant leaves the base rate."""
     _, _, trained, _ = setup
     model = Student(build.extract_params(trained), "ip")
-    opt = T.make_optimizer(model, TrainConfig(lr=0.05, rotation_lr=1e-4))
+    opt = loop.make_optimizer(model, TrainConfig(lr=0.05, rotation_lr=1e-4))
     base = [g["lr"] for g in opt.param_groups]
     for progress, factor in ((0.0, 1.0), (0.5, 0.5), (1.0, 0.0)):
-        T.schedule(opt, "cosine", progress)
+        loop.schedule(opt, "cosine", progress)
         assert [g["lr"] for g in opt.param_groups] == pytest.approx([b * factor for b in base])
     for g in opt.param_groups:
         g["base_lr"] *= 0.5
-    T.schedule(opt, "constant", 0.7)
+    loop.schedule(opt, "constant", 0.7)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([b * 0.5 for b in base])
 
 
@@ -179,14 +178,14 @@ def test_band_weights_reach_both_distillation_terms(setup):
     weights = torch.tensor([1.0, 1, 1, 1, 3, 3])
     repeated = pos[:, torch.arange(6).repeat_interleave(weights.long())]
     model = Student(build.extract_params(trained), "ip")
-    got = T.batch_loss(model, q, pos, neg, cfg, False, None, weights)
-    want = T.batch_loss(model, q, repeated, neg, cfg, False)
-    plain = T.batch_loss(model, q, pos, neg, cfg, False)
+    got = objective.batch_loss(model, q, pos, neg, cfg, False, None, weights)
+    want = objective.batch_loss(model, q, repeated, neg, cfg, False)
+    plain = objective.batch_loss(model, q, pos, neg, cfg, False)
     for term in ("pq", "ivf"):
         np.testing.assert_allclose(got[term].item(), want[term].item(), rtol=1e-5)
         assert abs(got[term].item() - plain[term].item()) > 1e-3 * abs(plain[term].item())
     with pytest.raises(ValueError, match="teacher"):
-        T.batch_loss(model, q, pos, neg, cfg, False, None, weights[:5])
+        objective.batch_loss(model, q, pos, neg, cfg, False, None, weights[:5])
 
 
 def test_copies_of_a_top_neighbour_are_no_candidates(setup):
@@ -198,9 +197,9 @@ def test_copies_of_a_top_neighbour_are_no_candidates(setup):
     model = Student(build.extract_params(trained), "ip")
     q, neg = torch.as_tensor(xq[:1]), torch.as_tensor(xb[:8])
     pos = torch.as_tensor(V[:1].astype(np.float32))
-    plain = T.batch_loss(model, q, pos, neg, cfg, False)
-    top_copy = T.batch_loss(model, q, pos, torch.cat([neg, pos[0, 2:3]]), cfg, False)
-    deep_copy = T.batch_loss(model, q, pos, torch.cat([neg, pos[0, 6:7]]), cfg, False)
+    plain = objective.batch_loss(model, q, pos, neg, cfg, False)
+    top_copy = objective.batch_loss(model, q, pos, torch.cat([neg, pos[0, 2:3]]), cfg, False)
+    deep_copy = objective.batch_loss(model, q, pos, torch.cat([neg, pos[0, 6:7]]), cfg, False)
     for term in ("pq", "ivf"):
         np.testing.assert_allclose(top_copy[term].item(), plain[term].item(), rtol=1e-6)
         assert abs(deep_copy[term].item() - plain[term].item()) > 1e-3 * abs(plain[term].item())
@@ -220,7 +219,7 @@ def test_data_parallel_gradients_sum_to_the_global_batch(setup):
             model = Student(params, "ip")
             idx = np.arange(r * 64 // world, (r + 1) * 64 // world)
             q, pos = torch.as_tensor(xq[idx]), torch.as_tensor(V[idx].astype(np.float32))
-            parts = T.batch_loss(model, q, pos, neg, cfg, in_batch=False)
+            parts = objective.batch_loss(model, q, pos, neg, cfg, in_batch=False)
             ((parts["pq"] + parts["ivf"] + 0.5 * parts["recon"]) / cfg.batch_size).backward()
             per_rank.append([p.grad for p in model.parameters() if p.requires_grad])
         return [sum(gs) for gs in zip(*per_rank)]
@@ -237,11 +236,11 @@ def test_unique_rows_groups_exact_copies(d, dtype):
     coordinate is not keyed; float64: keyed by its float32 rounding, so the keys collide)."""
     rng = np.random.default_rng(3)
     x = torch.as_tensor(rng.standard_normal((50, d)).astype(dtype))
-    assert T.unique_rows(x)[1] is None
+    assert objective.unique_rows(x)[1] is None
     near = x[7].clone()
     near[3] = torch.nextafter(near[3], torch.tensor(np.inf))  # one ulp away: not a copy
     y = torch.cat([x, x[[7, 7, 20]], near[None]])
-    distinct, again = T.unique_rows(y)
+    distinct, again = objective.unique_rows(y)
     assert len(distinct) == 51
     torch.testing.assert_close(distinct[again], y, rtol=0, atol=0)
 
@@ -257,19 +256,19 @@ def test_documents_in_several_lists_are_quantized_once(setup, monkeypatch, balan
     idx = np.r_[0:24, 0:8]  # eight queries twice: their whole lists repeat
     q, pos = torch.as_tensor(xq[idx]), torch.as_tensor(V[idx].astype(np.float32))
     neg = torch.cat([torch.as_tensor(xb[:12]), pos[0, 5:6], pos[3, 1:5]])
-    assert len(T.unique_rows(torch.cat([pos.reshape(-1, pos.shape[-1]), neg]))[0]) \
+    assert len(objective.unique_rows(torch.cat([pos.reshape(-1, pos.shape[-1]), neg]))[0]) \
         < len(pos.reshape(-1, pos.shape[-1])) + len(neg)
 
     def run():
         model = Student(build.extract_params(trained), "ip")
-        parts = T.batch_loss(model, q, pos, neg, cfg, True)
-        T.total_loss(parts, cfg, 1.0).backward()
+        parts = objective.batch_loss(model, q, pos, neg, cfg, True)
+        objective.total_loss(parts, cfg, 1.0).backward()
         return parts, [p.grad for p in model.parameters() if p.requires_grad]
 
     once, g_once = run()
-    monkeypatch.setattr(T, "unique_rows", lambda x: (x, None))
+    monkeypatch.setattr(objective, "unique_rows", lambda x: (x, None))
     each, g_each = run()
-    for term in T.LOSS_TERMS:
+    for term in objective.LOSS_TERMS:
         np.testing.assert_allclose(once[term].item(), each[term].item(), rtol=1e-5)
     for a, b in zip(g_once, g_each):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6 * b.abs().max())
@@ -288,8 +287,8 @@ def test_empty_teacher_slots_are_no_candidates(setup, in_batch):
     holed = pos.clone()
     holed[:, -1] = torch.nan
     model = Student(build.extract_params(trained), "ip")
-    want = T.batch_loss(model, q, pos[:, :-1], neg, cfg, in_batch)
-    got = T.batch_loss(model, q, holed, neg, cfg, in_batch)
+    want = objective.batch_loss(model, q, pos[:, :-1], neg, cfg, in_batch)
+    got = objective.batch_loss(model, q, holed, neg, cfg, in_batch)
     for term in ("pq", "ivf"):
         assert torch.isfinite(got[term])
         np.testing.assert_allclose(got[term].item(), want[term].item(), rtol=1e-5)
@@ -333,10 +332,10 @@ def test_rq_student_learns_and_exports_the_learned_codebooks(setup):
     cfg = TrainConfig(batch_size=50, negatives=64, epochs=2, loss="ranking",
                       balance_weight=0.1)
     model = Student(params, "ip")
-    T.calibrate(model, xb[:2000])
-    opt = T.make_optimizer(model, cfg)
-    data = T.TrainData(xq, V, xb[:2000])
-    losses = [T.train_epoch(model, opt, data, cfg, e)["loss_pq"] for e in range(2)]
+    loop.calibrate(model, xb[:2000])
+    opt = loop.make_optimizer(model, cfg)
+    data = loop.TrainData(xq, V, xb[:2000])
+    losses = [loop.train_epoch(model, opt, data, cfg, e)["loss_pq"] for e in range(2)]
     assert losses[-1] < losses[0]
     out = model.export()
     assert not np.allclose(out.codebooks, params.codebooks)
@@ -384,9 +383,9 @@ def test_contrastive_term_rewards_the_labeled_document():
     q, pos = torch.as_tensor(normalized(rng, 6, 8)), torch.as_tensor(
         normalized(rng, 18, 8).reshape(6, 3, 8))
     lab, neg = pos[:, 0].clone(), torch.as_tensor(normalized(rng, 10, 8))
-    off = T.batch_loss(Student(params), q, pos, neg, TrainConfig(), True, lab)
-    on = T.batch_loss(Student(params), q, pos, neg, TrainConfig(contrastive_weight=1.0), True,
-                      lab)
+    off = objective.batch_loss(Student(params), q, pos, neg, TrainConfig(), True, lab)
+    on = objective.batch_loss(Student(params), q, pos, neg, TrainConfig(contrastive_weight=1.0),
+                              True, lab)
     assert off["contrastive"].item() == 0 and on["contrastive"].item() > 0
     assert on["pq"].item() == pytest.approx(off["pq"].item())
 
@@ -396,7 +395,7 @@ def test_ivf_negatives_come_from_the_probed_lists(setup):
     model = Student(build.extract_params(trained), "ip")
     pool = xb[:3000]
     cfg = TrainConfig(negatives=100, negative_sampler="ivf", ivf_negative_nprobe=1)
-    sampler = T.NegativeSampler(pool, cfg)
+    sampler = negatives.NegativeSampler(pool, cfg)
     sampler.start_epoch(model, "cpu")
     batch = xq[:4]
     neg = sampler.draw(model, batch, 0, 0, "cpu")
@@ -407,7 +406,8 @@ def test_ivf_negatives_come_from_the_probed_lists(setup):
         got = model.assign(model.rotate(torch.as_tensor(neg))).tolist()
     near = int(np.isin(sampler.lists, list(probed)).sum())
     assert sum(g in probed for g in got) == min(100, near)
-    rand = T.NegativeSampler(pool, TrainConfig(negatives=100)).draw(model, batch, 0, 0, "cpu")
+    rand = negatives.NegativeSampler(pool, TrainConfig(negatives=100)).draw(model, batch, 0, 0,
+                                                                            "cpu")
     with torch.no_grad():
         got_r = model.assign(model.rotate(torch.as_tensor(rand))).tolist()
     assert sum(g in probed for g in got_r) < sum(g in probed for g in got)
@@ -422,7 +422,7 @@ def test_list_negatives_come_from_each_querys_own_list(setup):
     # the last query is a pool vector, which the pool holds 200 times over
     pool = np.concatenate([xb[:3000], np.repeat(xb[:1], 200, 0)])
     cfg = TrainConfig(list_negatives=40, seed=3)
-    near = T.ListNegatives(pool, cfg)
+    near = negatives.ListNegatives(pool, cfg)
     q = torch.as_tensor(np.concatenate([xq[:7], xb[:1]]))
     I = knn.block_topk(q.numpy(), pool, np.arange(len(pool)), 4, "ip")[1]
     pos = torch.as_tensor(pool[I])
@@ -438,11 +438,11 @@ def test_list_negatives_come_from_each_querys_own_list(setup):
     assert (s[filled] < (q * pos[:, 3]).sum(1)[:, None].expand(-1, 40)[filled]).all()
     assert filled[:-1].sum() > 0.9 * 7 * 40
     assert 0 < filled[-1].sum() < 30  # about half its list is copies of it
-    again = T.ListNegatives(pool, cfg)
+    again = negatives.ListNegatives(pool, cfg)
     halves = [again.draw(model, q[i::2], pos[i::2], 4, 0, 0) for i in (1, 0)]
     torch.testing.assert_close(torch.cat(halves)[[4, 0, 5, 1, 6, 2, 7, 3]], got,
                                equal_nan=True)
-    other = T.ListNegatives(pool, cfg).draw(model, q, pos, 4, 0, 1)
+    other = negatives.ListNegatives(pool, cfg).draw(model, q, pos, 4, 0, 1)
     assert not torch.equal(torch.nan_to_num(other), torch.nan_to_num(got))  # a new step
 
 
@@ -464,10 +464,10 @@ def test_training_is_scale_free(setup, c):
         p = dataclasses.replace(params, centroids=params.centroids * scale,
                                 codebooks=params.codebooks * scale)
         model = Student(p, "ip")
-        T.calibrate(model, xb[:2000] * scale)
-        opt = T.make_optimizer(model, cfg)
-        data = T.TrainData(xq * scale, V.astype(np.float32) * scale, xb[:2000] * scale)
-        T.train_epoch(model, opt, data, cfg, 0)
+        loop.calibrate(model, xb[:2000] * scale)
+        opt = loop.make_optimizer(model, cfg)
+        data = loop.TrainData(xq * scale, V.astype(np.float32) * scale, xb[:2000] * scale)
+        loop.train_epoch(model, opt, data, cfg, 0)
         out.append(model.export())
     assert not np.allclose(out[0].codebooks, params.codebooks, atol=1e-3), "it learned"
     # A power of two scales every float exactly, and every constant of training (learning
@@ -489,10 +489,10 @@ def test_validation_backs_off_and_keeps_the_best():
     xb, xq = normalized(rng, 4000, 32), normalized(rng, 500, 32)
     trained = build.train_baseline(xb, IndexConfig(nlist=16, M=4, nbits=6, opq=True), niter=5)
     V = knn.block_topk(xq, xb, np.arange(len(xb)), 8, "ip", with_vectors=True)[2]
-    data, val = T.TrainData(xq[50:], V[50:], xb), T.TrainData(xq[:50], V[:50], xb)
+    data, val = loop.TrainData(xq[50:], V[50:], xb), loop.TrainData(xq[:50], V[:50], xb)
     check = fit.IndexValidator(val, "ip")
     model = Student(build.extract_params(trained))
-    T.calibrate(model, xb[:4096])  # as fit does: lr is in units of model.step_unit
+    loop.calibrate(model, xb[:4096])  # as fit does: lr is in units of model.step_unit
     for backoff in (0.5, 1):
         cfg = load_config(None, ["data.corpus=/x", "train.lr=6", "train.rotation_lr=0.1",
                                  "train.epochs=2", "train.batch_size=50", "train.val_checks=3",

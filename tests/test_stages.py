@@ -8,13 +8,14 @@ import pytest
 import ray
 import torch
 
-from pipeline import checkpoint, exact_knn, storage
+from pipeline import checkpoint, storage
 from pipeline.config import load_config
 from pipeline.data import readers
 from pipeline.data.plan import Shard, plan_blocks
 from pipeline.data.teacher_parts import load_parts
+from pipeline.distributed import exact_knn
 from pipeline.index import build, knn, ondisk
-from pipeline.stages import build as build_stage
+from pipeline.stages import encode as encode_stage
 from pipeline.stages import ingest, init, teacher
 from pipeline.stages import train as train_stage
 from pipeline.stages.common import METHODS, Run
@@ -78,17 +79,17 @@ def test_encode_and_merge_equal_one_index(prepared, tmp_path, ranges):
     shards = prepared.stage_info("ingest")["shards"]
     assert len(shards) == 4
     layout, nlist = str(tmp_path / "enc"), prepared.cfg.index.nlist
-    blob = build_stage.put_index(trained_uri)
-    counts = ray.get([build_stage._encode_shard.remote(s, [layout], 0.0, blob) for s in shards])
+    blob = encode_stage.put_index(trained_uri)
+    counts = ray.get([encode_stage._encode_shard.remote(s, [layout], 0.0, blob) for s in shards])
     assert sum(c for (c,) in counts) == len(xb)
     uris = [f"{layout}/{Shard(**s).key}.lists" for s in shards]
     pieces = ondisk.list_ranges(nlist, ranges)
     assert len(pieces) == ranges
     slices = [str(tmp_path / f"slice-{r}.ivfdata") for r in range(ranges)]
-    sizes = ray.get([build_stage._merge_range.remote(uris, l0, l1, slices[r])
+    sizes = ray.get([encode_stage._merge_range.remote(uris, l0, l1, slices[r])
                      for r, (l0, l1) in enumerate(pieces)])
     out = str(tmp_path / "published")
-    res = ray.get(build_stage._stitch.remote(trained_uri, slices, np.concatenate(sizes), out))
+    res = ray.get(encode_stage._stitch.remote(trained_uri, slices, np.concatenate(sizes), out))
     assert res["ntotal"] == len(xb)
     merged = ondisk.read_ondisk(os.path.join(out, "index.index"))
     single = ondisk.encode_shard(trained, ids, xb)
@@ -117,11 +118,11 @@ def test_encode_is_idempotent_per_shard(prepared, tmp_path):
     trained_uri = prepared.stage_path("init", "baseline.index")
     s = prepared.stage_info("ingest")["shards"][0]
     layout = str(tmp_path / "enc")
-    blob = build_stage.put_index(trained_uri)
-    n = ray.get(build_stage._encode_shard.remote(s, [layout], 0.0, blob))
+    blob = encode_stage.put_index(trained_uri)
+    n = ray.get(encode_stage._encode_shard.remote(s, [layout], 0.0, blob))
     part = f"{layout}/{Shard(**s).key}.lists"
     before = os.path.getmtime(part)
-    assert ray.get(build_stage._encode_shard.remote(s, [layout], 0.0, blob)) == n
+    assert ray.get(encode_stage._encode_shard.remote(s, [layout], 0.0, blob)) == n
     assert os.path.getmtime(part) == before
 
 
@@ -198,8 +199,8 @@ def test_encode_survives_losing_a_node(prepared, cluster, tmp_path):
     storage.write_bytes(trained["distilled-ivfpq"], storage.read_bytes(trained["faiss-ivfpq"]))
     loss = NodeLoss(cluster, cfg.ray.cpu_group, "encode", tmp_path / "hold")
     try:
-        run.finish("encode", build_stage.run_encode(run), 0.0)
-        merged = build_stage.run_merge(run)  # on the replacement: the group's only node now
+        run.finish("encode", encode_stage.run_encode(run), 0.0)
+        merged = encode_stage.run_merge(run)  # on the replacement: the group's only node now
     finally:
         loss.close()
     ids, xb = corpus(prepared)
@@ -245,8 +246,8 @@ def test_teacher_tree_merge_equals_brute_force(prepared, tmp_path, monkeypatch, 
     blocks = [b.to_dict() for b in plan_blocks(files, 40)]
     assert len(blocks) > 1
     out = exact_knn.distributed_topk(prepared.cfg, prepared.stage_info("ingest")["shards"],
-                                     blocks, xb.shape[1], 10, True, str(tmp_path / "t"), "test",
-                                     band=band)
+                                     blocks, xb.shape[1], 10, str(tmp_path / "t"), "test",
+                                     with_vectors=True, band=band)
     assert len(out["all"]) == len(blocks) and out["rows"]["all"] == len(qids)
     got = load_parts(out["all"])
     S, I, V = knn.finish(knn.block_topk(xq, xb, ids, 10, "ip", True, band=band, qids=qids), band)
@@ -274,7 +275,7 @@ def test_bad_query_block_is_the_users_error(prepared, tmp_path):
     blocks = [b.to_dict() for b in plan_blocks(files, 20)]
     with pytest.raises(ValueError) as e:
         exact_knn.distributed_topk(prepared.cfg, prepared.stage_info("ingest")["shards"],
-                                   blocks, d, 10, False, str(tmp_path / "t"), "evaluate")
+                                   blocks, d, 10, str(tmp_path / "t"), "evaluate")
     assert not isinstance(e.value, ray.exceptions.RayTaskError)
     msg = str(e.value)
     assert msg.startswith("evaluate: ") and "a.parquet rows 16-33: 1 vector(s) contain NaN" \

@@ -71,7 +71,7 @@ class _Parts:
 
 class TeacherStream:
     """This worker's spans of the training parts, in the interface of
-    pipeline.quant.train.TrainData (`pool`, `steps(B)`, `batches(B, seed, epoch)`).
+    pipeline.quant.loop.TrainData (`pool`, `steps(B)`, `batches(B, seed, epoch)`).
 
     `gather(xq_local)` returns the global batch's queries from every worker's local ones, in
     rank order (an all-gather); with one worker it is not called. The IVF negative sampler

@@ -16,8 +16,9 @@ from pipeline.config import PipelineConfig
 from pipeline.index import build
 from pipeline.index.knn import Band, block_topk
 from pipeline.index.metrics import query_recalls
+from pipeline.index.params import Params
+from pipeline.quant.loop import TrainData, calibrate, make_optimizer, schedule, train_epoch
 from pipeline.quant.model import Student
-from pipeline.quant.train import TrainData, calibrate, make_optimizer, schedule, train_epoch
 
 log = logging.getLogger("pipeline.quant.fit")
 
@@ -43,7 +44,7 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 2 << 30))
 
 
-def build_student(params: dict, pcfg: PipelineConfig) -> Student:
+def build_student(params: Params, pcfg: PipelineConfig) -> Student:
     t = pcfg.train
     return Student(params, pcfg.index.metric, t.learn_ivf, t.learn_pq, t.learn_rotation,
                         t.soft_temperature)
@@ -86,7 +87,7 @@ def _clone_state(model: Student) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def fit(params: dict, data: TrainData, val: TrainData, pcfg: PipelineConfig,
+def fit(params: Params, data: TrainData, val: TrainData, pcfg: PipelineConfig,
               rank: int = 0, world: int = 1, reduce_grads=lambda g: None, state: dict | None = None,
               on_epoch=None, device: str = "cpu") -> dict:
     """The training loop of one worker (or of a single process): epochs, validation
@@ -99,7 +100,6 @@ def fit(params: dict, data: TrainData, val: TrainData, pcfg: PipelineConfig,
     cfg = dataclasses.replace(pcfg.train, rank_top=pcfg.train.rank_top or pcfg.teacher.k)
     band = Band.of(pcfg.teacher, cfg.seed)
     slot_weights = band.slot_weights() if band is not None and cfg.band_weighting else None
-    keep_freed_memory()
     model = build_student(params, pcfg).to(device)
     calibrate(model, data.pool[:4096])
     opt = make_optimizer(model, cfg)

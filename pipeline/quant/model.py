@@ -128,7 +128,7 @@ class Student(nn.Module):
         self.register_buffer("rotation0", R0.clone())
         # R = cayley(A - A^T) @ R0 stays orthogonal whatever the optimizer does to A, so the
         # rotation never changes the teacher's geometry (q.d == Rq.Rd).
-        # Set by the caller from a corpus sample (pipeline.quant.train.calibrate): the warm
+        # Set by the caller from a corpus sample (pipeline.quant.loop.calibrate): the warm
         # start's reconstruction error per vector, which makes the reconstruction term
         # scale-free, and the unit of the codebook/centroid learning rates.
         self.recon_scale = 1.0

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 
 import faiss
 import numpy as np
@@ -17,18 +16,11 @@ from pipeline import storage
 from pipeline.data import readers
 from pipeline.data.plan import plan_blocks
 from pipeline.data.teacher_parts import load_parts
-from pipeline.exact_knn import distributed_topk
+from pipeline.distributed.exact_knn import distributed_topk
+from pipeline.distributed.placement import Group, placement
+from pipeline.distributed.tasks import check_unique_ids, pin_threads, wait_all
 from pipeline.index import build, metrics, ondisk
-from pipeline.stages.common import (
-    METHODS,
-    Group,
-    Run,
-    check_unique_ids,
-    method_names,
-    pin_threads,
-    placement,
-    wait_all,
-)
+from pipeline.stages.common import METHODS, Run, method_names
 
 log = logging.getLogger("pipeline.stages.evaluate")
 
@@ -42,25 +34,24 @@ def _search_merged(folder_uri: str, gt_uris: list[str], k: int, nprobes: tuple,
     pipeline.index.metrics.score_sums) and the label check's counts ({"labels"}): no query
     set or result list travels back to the driver."""
     pin_threads()
-    scratch = storage.local_scratch("eval")
-    if fastscan:
-        folder = storage.local_folder(folder_uri, (ondisk.FASTSCAN,), scratch)
-        index = faiss.read_index(os.path.join(folder, ondisk.FASTSCAN))
-    else:
-        folder = storage.local_folder(folder_uri, ondisk.PAIR, scratch)
-        index = ondisk.read_ondisk(os.path.join(folder, "index.index"))
-    qrels = readers.read_labels(labels_uri) if labels_uri else None
-    sums, qids = {}, []
-    for uri in gt_uris:
-        part = load_parts([uri])
-        found = {}
-        for nprobe in nprobes:
-            build.set_nprobe(index, nprobe)
-            found[nprobe] = index.search(part["xq"], k)[1]
-        metrics.add_sums(sums, metrics.score_sums(found, part["I"], part["qids"], qrels))
-        qids.append(part["qids"])
-    del index
-    shutil.rmtree(scratch)
+    with storage.scratch("eval") as scratch:
+        if fastscan:
+            folder = storage.local_folder(folder_uri, (ondisk.FASTSCAN,), scratch)
+            index = faiss.read_index(os.path.join(folder, ondisk.FASTSCAN))
+        else:
+            folder = storage.local_folder(folder_uri, ondisk.PAIR, scratch)
+            index = ondisk.read_ondisk(os.path.join(folder, "index.index"))
+        qrels = readers.read_labels(labels_uri) if labels_uri else None
+        sums, qids = {}, []
+        for uri in gt_uris:
+            part = load_parts([uri])
+            found = {}
+            for nprobe in nprobes:
+                build.set_nprobe(index, nprobe)
+                found[nprobe] = index.search(part["xq"], k)[1]
+            metrics.add_sums(sums, metrics.score_sums(found, part["I"], part["qids"], qrels))
+            qids.append(part["qids"])
+        del index
     labels = label_misses(qrels, np.concatenate(qids), spans) if qrels else None
     return {"sums": sums, "labels": labels}
 
@@ -97,7 +88,7 @@ def run(run: Run) -> dict:
     blocks = [b.to_dict() for b in plan_blocks(files, cfg.teacher.query_block,
                                                 cfg.data.max_eval_queries)]
     k = max(cfg.eval.k, 10)
-    gt = distributed_topk(cfg, plan["shards"], blocks, plan["d"], k, False,
+    gt = distributed_topk(cfg, plan["shards"], blocks, plan["d"], k,
                           run.stage_path("evaluate", "gt"),
                           "evaluate: exact top-k of data.eval_queries",
                           key=run.resume_key("evaluate"))

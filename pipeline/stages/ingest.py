@@ -15,8 +15,10 @@ from pipeline import keys, storage
 from pipeline.config import PipelineConfig, Verify
 from pipeline.data import readers
 from pipeline.data.plan import Shard, first_rows, plan_blocks, plan_shards
+from pipeline.distributed.placement import Group, placement
+from pipeline.distributed.tasks import check_unique_ids, trim_heap
 from pipeline.index.build import check_shape
-from pipeline.stages.common import Group, Run, check_unique_ids, placement, trim_heap
+from pipeline.stages.common import Run
 
 log = logging.getLogger("pipeline.stages.ingest")
 

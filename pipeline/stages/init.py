@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 
 import faiss
 import ray
 
 from pipeline import storage
+from pipeline.distributed.placement import Group, largest_node_cpus, placement
+from pipeline.distributed.tasks import pin_threads
 from pipeline.index import build, ondisk
-from pipeline.stages.common import Group, Run, largest_node_cpus, pin_threads, placement
+from pipeline.stages.common import Run
 
 log = logging.getLogger("pipeline.stages.init")
 
@@ -23,13 +24,10 @@ def _train_baseline(sample_uri: str, out_uri: str, index_cfg, init_cfg, use_gpu:
     t0 = time.time()
     index = build.train_baseline(xt, index_cfg, niter=init_cfg.niter, seed=init_cfg.seed,
                                  use_gpu=use_gpu, opq_niter=init_cfg.opq_niter)
-    scratch = storage.local_scratch("init")
-    try:
+    with storage.scratch("init") as scratch:
         local = os.path.join(scratch, "baseline.index")
         faiss.write_index(index, local)
         storage.upload_file(local, out_uri)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     return {"train_seconds": time.time() - t0, "n_train": len(xt)}
 
 

@@ -8,7 +8,7 @@ import logging
 import time
 
 from pipeline.data.plan import plan_blocks
-from pipeline.exact_knn import distributed_topk
+from pipeline.distributed.exact_knn import distributed_topk
 from pipeline.index.knn import Band
 from pipeline.stages.common import Run
 
@@ -31,8 +31,9 @@ def run(run: Run) -> dict:
         log.info("teacher: the corpus has coordinates up to %.4g, beyond float16's %g: "
                  "neighbour vectors are stored as float32", plan["max_abs"], F16_MAX)
     out = distributed_topk(run.cfg, plan["shards"], blocks, plan["d"], te.k,
-                           "float32" if wide else True,
-                           run.stage_path("teacher"), "teacher", split=(tr.val_fraction, tr.seed),
+                           run.stage_path("teacher"), "teacher",
+                           with_vectors="float32" if wide else True,
+                           split=(tr.val_fraction, tr.seed),
                            key=run.resume_key("teacher"), band=band,
                            # pseudo-queries (ingest's corpus samples) do not find themselves
                            exclude_self=not run.cfg.data.train_queries)

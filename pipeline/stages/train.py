@@ -23,10 +23,12 @@ from ray.train.torch import TorchTrainer
 from pipeline import checkpoint, storage
 from pipeline.data.teacher_parts import load_parts
 from pipeline.data.teacher_stream import TeacherStream
+from pipeline.distributed.placement import Group, placement
+from pipeline.distributed.tasks import fault_point, pin_threads
 from pipeline.index import build
-from pipeline.quant.fit import fit
-from pipeline.quant.train import TrainData
-from pipeline.stages.common import Group, Run, fault_point, pin_threads, placement
+from pipeline.quant.fit import fit, keep_freed_memory
+from pipeline.quant.loop import TrainData
+from pipeline.stages.common import Run
 
 log = logging.getLogger("pipeline.stages.train")
 
@@ -85,6 +87,7 @@ def _worker_loop(config: dict) -> None:
         # Scalars only: the per-step curve stays in the checkpoint's history.
         ray.train.report({k: v for k, v in metrics.items() if not isinstance(v, list)})
 
+    keep_freed_memory()  # this training process keeps its peak anyway: no re-faulting
     fit(params, data, val, run.cfg, rank, world, reduce_grads, state, on_epoch, device)
     storage.write_json(run.stage_path("train", "reads", f"rank-{rank}.json"),
                        {"bytes": data.bytes_read, "rows": data.rows_read,
@@ -128,7 +131,7 @@ def run(run: Run) -> dict:
         run_config=RunConfig(name="distill", storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              # Ray Train runs the loop in a thread of its own: with one
-                             # arena it allocates where fit's keep_freed_memory applies
+                             # arena it allocates where keep_freed_memory applies
                              worker_runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "1"}}),
     )
     trainer.fit()

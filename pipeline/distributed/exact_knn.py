@@ -28,8 +28,9 @@ from pipeline import storage
 from pipeline.config import PipelineConfig
 from pipeline.data import readers, teacher_parts
 from pipeline.data.plan import Shard
+from pipeline.distributed.placement import Group, placement
+from pipeline.distributed.tasks import pin_threads, wait_all
 from pipeline.index.knn import Band, block_topk, finish, merge_topk, pick_device
-from pipeline.stages.common import Group, pin_threads, placement, wait_all
 
 log = logging.getLogger("pipeline.exact_knn")
 
@@ -121,7 +122,7 @@ def _finished(out_dir: str, name: str, key: str) -> dict | None:
 
 
 def distributed_topk(cfg: PipelineConfig, shards: list[dict], blocks: list[dict], d: int,
-                     k: int, with_vectors: bool, out_dir: str, what: str,
+                     k: int, out_dir: str, what: str, *, with_vectors: bool | str = False,
                      split: tuple | None = None, key: str = "", band: Band | None = None,
                      exclude_self: bool = False) -> dict:
     """Exact top-k of the query blocks (Shard dicts, `what` names their setting in errors)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 
 import faiss
 import numpy as np
@@ -19,29 +18,22 @@ import ray
 from pipeline import storage
 from pipeline.data import readers
 from pipeline.data.plan import Shard
+from pipeline.distributed.placement import Group, placement
+from pipeline.distributed.tasks import fault_point, pin_threads, wait_all
 from pipeline.index import build, ondisk
 from pipeline.index.params import Params
-from pipeline.stages.common import (
-    METHODS,
-    Group,
-    Run,
-    fault_point,
-    pin_threads,
-    placement,
-    wait_all,
-)
+from pipeline.stages.common import METHODS, Run
 
-log = logging.getLogger("pipeline.stages.build")
+log = logging.getLogger("pipeline.stages.encode")
 
 
 def run_export(run: Run) -> dict:
     params = Params.from_arrays(storage.load_npz(run.stage_path("train", "params.npz")))
     index = build.index_from_params(params, run.cfg.index.metric)
-    scratch = storage.local_scratch("export")
-    local = os.path.join(scratch, "trained.index")
-    faiss.write_index(index, local)
-    storage.upload_file(local, run.stage_path("export", "trained.index"))
-    shutil.rmtree(scratch)
+    with storage.scratch("export") as scratch:
+        local = os.path.join(scratch, "trained.index")
+        faiss.write_index(index, local)
+        storage.upload_file(local, run.stage_path("export", "trained.index"))
     return {"d": index.d, "bytes_per_vector": build.bytes_per_vector(run.cfg.index)}
 
 
@@ -89,12 +81,11 @@ def _encode_shard(shard: dict, out_dirs: list[str], gpus: float, *trained: np.nd
             continue
         index = ondisk.encode_shard(faiss.deserialize_index(blob), ids, x, use_gpu=gpus > 0)
         fault_point("encode")
-        scratch = storage.local_scratch("encode")
-        local = os.path.join(scratch, "shard.lists")
-        with open(local, "wb") as f:
-            counts[i] = ondisk.write_lists(index, f)
-        storage.upload_file(local, storage.join(out_dir, f"{s.key}.lists"))
-        shutil.rmtree(scratch)
+        with storage.scratch("encode") as scratch:
+            local = os.path.join(scratch, "shard.lists")
+            with open(local, "wb") as f:
+                counts[i] = ondisk.write_lists(index, f)
+            storage.upload_file(local, storage.join(out_dir, f"{s.key}.lists"))
         storage.write_json(markers[i], {"ntotal": counts[i], "shard": shard})
     return counts
 
@@ -123,12 +114,11 @@ def run_encode(run: Run) -> dict:
 def _merge_range(shard_uris: list[str], l0: int, l1: int, slice_uri: str) -> np.ndarray:
     """Lists l0..l1 of every encoded shard -> one slice file; returns the list sizes."""
     pin_threads()
-    scratch = storage.local_scratch("range")
-    local = os.path.join(scratch, "slice.ivfdata")
-    openers = [lambda u=u: storage.open_ranged(u) for u in shard_uris]
-    sizes = ondisk.merge_range(openers, l0, l1, local)
-    storage.upload_file(local, slice_uri)
-    shutil.rmtree(scratch)
+    with storage.scratch("range") as scratch:
+        local = os.path.join(scratch, "slice.ivfdata")
+        openers = [lambda u=u: storage.open_ranged(u) for u in shard_uris]
+        sizes = ondisk.merge_range(openers, l0, l1, local)
+        storage.upload_file(local, slice_uri)
     return sizes
 
 
@@ -143,15 +133,14 @@ def _stitch(trained_uri: str, slice_uris: list[str], sizes: np.ndarray, out_uri:
     data_uri = storage.join(out_uri, "index.ivfdata")
     # The .ivfdata goes first: a reader never finds an .index whose data is missing.
     moved = storage.concat(slice_uris, data_uri)
-    scratch = storage.local_scratch("merge")
-    index_path, nbytes, ntotal = ondisk.lists_index(
-        storage.read_index(trained_uri), sizes, scratch, "index", "index.ivfdata")
-    assert storage.size(data_uri) == nbytes, "slice files do not add up to the lists"
-    files = {"index.ivfdata": {"sha256": storage.sha256_uri(data_uri), "bytes": nbytes},
-             "index.index": {"sha256": storage.sha256_file(index_path),
-                             "bytes": os.path.getsize(index_path)}}
-    storage.upload_file(index_path, storage.join(out_uri, "index.index"))
-    shutil.rmtree(scratch)
+    with storage.scratch("merge") as scratch:
+        index_path, nbytes, ntotal = ondisk.lists_index(
+            storage.read_index(trained_uri), sizes, scratch, "index", "index.ivfdata")
+        assert storage.size(data_uri) == nbytes, "slice files do not add up to the lists"
+        files = {"index.ivfdata": {"sha256": storage.sha256_uri(data_uri), "bytes": nbytes},
+                 "index.index": {"sha256": storage.sha256_file(index_path),
+                                 "bytes": os.path.getsize(index_path)}}
+        storage.upload_file(index_path, storage.join(out_uri, "index.index"))
     return {"ntotal": ntotal, "files": files, "bytes_through_task": moved["through_here"]}
 
 
@@ -162,15 +151,14 @@ def _export_fastscan(folder_uri: str) -> dict:
     whole fast-scan index (codes and ids) in memory: faiss keeps fast-scan lists nowhere
     else."""
     pin_threads()
-    scratch = storage.local_scratch("fastscan")
-    folder = storage.local_folder(folder_uri, ondisk.PAIR, scratch)
-    index = build.to_fastscan(ondisk.read_ondisk(os.path.join(folder, "index.index")))
-    local = os.path.join(scratch, ondisk.FASTSCAN)
-    faiss.write_index(index, local)
-    del index
-    meta = {"sha256": storage.sha256_file(local), "bytes": os.path.getsize(local)}
-    storage.upload_file(local, storage.join(folder_uri, ondisk.FASTSCAN))
-    shutil.rmtree(scratch)
+    with storage.scratch("fastscan") as scratch:
+        folder = storage.local_folder(folder_uri, ondisk.PAIR, scratch)
+        index = build.to_fastscan(ondisk.read_ondisk(os.path.join(folder, "index.index")))
+        local = os.path.join(scratch, ondisk.FASTSCAN)
+        faiss.write_index(index, local)
+        del index
+        meta = {"sha256": storage.sha256_file(local), "bytes": os.path.getsize(local)}
+        storage.upload_file(local, storage.join(folder_uri, ondisk.FASTSCAN))
     return meta
 
 

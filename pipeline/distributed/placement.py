@@ -1,0 +1,58 @@
+"""Where tasks go: node groups told apart by custom resources (ray.gpu_group / ray.cpu_group),
+and the checks that a group can run anything at all."""
+from __future__ import annotations
+
+from enum import Enum
+
+import ray
+
+from pipeline.config import PipelineConfig
+
+
+class Group(str, Enum):
+    """The node group a task runs in (ray.gpu_group / ray.cpu_group name their resources)."""
+    GPU = "gpu"  # teacher, training
+    CPU = "cpu"  # ingest, init, encode, merge, evaluate
+
+
+# What one task asks of its group's custom resource: enough to be placed only on the group's
+# nodes, too little to limit how many run there (the CPUs do that).
+GROUP_SHARE = 0.001
+
+
+def group_resource(cfg: PipelineConfig, group: Group) -> str:
+    return cfg.ray.gpu_group if group is Group.GPU else cfg.ray.cpu_group
+
+
+def placement(cfg: PipelineConfig, group: Group) -> dict:
+    """The custom resources a task of `group` asks for ({} when no group is configured)."""
+    name = group_resource(cfg, group)
+    return {name: GROUP_SHARE} if name else {}
+
+
+def group_nodes(cfg: PipelineConfig, group: Group) -> list[dict]:
+    """The alive nodes a task of `group` may land on."""
+    name = group_resource(cfg, group)
+    return [n for n in ray.nodes() if n.get("Alive") and (not name or name in n["Resources"])]
+
+
+def check_groups(cfg: PipelineConfig) -> None:
+    """Fails at once, naming the setting, when a configured group has no node with CPUs (its
+    tasks would wait forever)."""
+    for group in Group:
+        name = group_resource(cfg, group)
+        if name and not any(n["Resources"].get("CPU", 0) > 0 for n in group_nodes(cfg, group)):
+            offered = sorted({r for n in ray.nodes() if n.get("Alive") for r in n["Resources"]
+                              if r not in ("CPU", "GPU", "memory", "object_store_memory")
+                              and not r.startswith("node:")})
+            raise ValueError(f"ray.{group.value}_group: no alive node with CPUs offers the "
+                             f"resource {name!r} (custom resources offered: "
+                             f"{', '.join(offered) or 'none'}). Give the nodes it in their "
+                             "`resources` (infra/cluster-aws.yaml), or leave it empty.")
+
+
+def largest_node_cpus(cfg: PipelineConfig, group: Group) -> int:
+    """The most CPUs one alive node of `group` offers. A task asking for more (the cluster's
+    total, on several nodes) could never be placed, and the job would wait forever."""
+    cpus = [int(n["Resources"].get("CPU", 0)) for n in group_nodes(cfg, group)]
+    return max(cpus + [1])

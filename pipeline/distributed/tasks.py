@@ -1,0 +1,116 @@
+"""What every task and the driver share: thread pinning and heap trimming, waiting with
+progress lines, the cross-file id check, and the fault points the fault tests use."""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import time
+
+import numpy as np
+import ray
+
+from pipeline.config import PipelineConfig
+from pipeline.data import readers
+from pipeline.distributed.placement import Group, placement
+
+log = logging.getLogger("pipeline.distributed")
+
+
+def trim_heap() -> None:
+    """Hands the heap that freed arrays left behind back to the OS (glibc malloc_trim;
+    Arrow's pool likewise). glibc keeps freed blocks below its mmap threshold, and that
+    threshold rises with every large array freed, so without this a long-lived process keeps
+    the peak of whatever it did before: the driver after ingest's copies of the training
+    sample, a reused Ray worker after its previous task (docs/scale.md has the figures)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim this way
+        pass
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+
+
+def pin_threads() -> int:
+    """Limits faiss/torch/BLAS threads to the CPUs Ray gave this task (OpenMP threads spin
+    badly when cores are oversubscribed), and trims the heap an earlier task of this worker
+    left (trim_heap). Returns the thread count. Every task calls it first."""
+    import faiss
+    import torch
+
+    trim_heap()
+
+    try:
+        n = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1
+    except Exception:  # noqa: BLE001 - outside a Ray worker (driver, tests): use every core
+        n = os.cpu_count() or 1
+    faiss.omp_set_num_threads(n)
+    torch.set_num_threads(n)
+    return n
+
+
+def check_unique_ids(cfg: PipelineConfig, spans: list, blocks: list[dict], what: str) -> None:
+    """Raises a ValueError naming `what` when two blocks (Shard dicts, with their (id_min,
+    id_max) in `spans`) share an id. Only blocks whose id ranges overlap are read again, by
+    tasks: the driver never holds a whole id set."""
+    order = sorted((lo, hi, i) for i, (lo, hi) in enumerate(spans))
+    overlapping = {i for a, b in zip(order, order[1:]) if b[0] <= a[1] for i in (a[2], b[2])}
+    if not overlapping:
+        return
+    read_ids = ray.remote(lambda sh: readers.read_rows(sh["uri"], sh["start"], sh["stop"],
+                                                       sh["id_offset"])[0])
+    read_ids = read_ids.options(resources=placement(cfg, Group.CPU))
+    ids = np.concatenate(ray.get([read_ids.remote(blocks[i]) for i in sorted(overlapping)]))
+    u, c = np.unique(ids, return_counts=True)
+    if (c > 1).any():
+        raise ValueError(f"{what}: duplicate ids across files {u[c > 1][:5].tolist()}; "
+                         "ids must be unique")
+
+
+def wait_all(refs: list, what: str, every: float = 10.0) -> list:
+    """ray.get with a progress line (done/total, elapsed, ETA) at most every `every` seconds.
+    Results come back in the order of `refs`."""
+    t0 = last = time.time()
+    pending = list(refs)
+    total = len(refs)
+    while pending:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=every)
+        now = time.time()
+        done = total - len(pending)
+        if pending and now - last >= every or not pending:
+            eta = f"{(now - t0) / done * len(pending):.0f}s" if done else "not yet known"
+            log.info("%s: %d/%d done, %.0fs elapsed, ETA %s", what, done, total, now - t0, eta)
+            last = now
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        # A task that met bad input raises the ValueError the user should read, without the
+        # remote traceback around it.
+        if isinstance(e.cause, ValueError):
+            raise ValueError(str(e.cause.args[0]) if e.cause.args else str(e.cause)) from None
+        raise
+
+
+def fault_point(name: str) -> None:
+    """Fault injection for the fault tests, a no-op otherwise.
+
+    PIPELINE_FAULT_KILL="name:DIR": the first process to reach this point SIGKILLs itself (as
+    the OOM killer would), leaving DIR/name as the evidence. PIPELINE_FAULT_HOLD="name:DIR"
+    (set on one node of a test cluster): every process that reaches it writes
+    DIR/name-<pid> and waits there, until the test takes its node away."""
+    hold = os.environ.get("PIPELINE_FAULT_HOLD", "")
+    if hold.startswith(name + ":"):
+        open(os.path.join(hold.split(":", 1)[1], f"{name}-{os.getpid()}"), "w").close()
+        while True:
+            time.sleep(1)
+    spec = os.environ.get("PIPELINE_FAULT_KILL", "")
+    if not spec.startswith(name + ":"):
+        return
+    flag = os.path.join(spec.split(":", 1)[1], name)
+    try:
+        os.close(os.open(flag, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return  # killed once already: the retry goes through
+    os.kill(os.getpid(), signal.SIGKILL)
