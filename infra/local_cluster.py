@@ -27,10 +27,11 @@ GROUP_CAPACITY = 1000
 
 def start(nodes: int = 3, cpus_per_node: int = 2, gpu_nodes: int = 0,
           object_store_mb: int = 256, scratch: str | None = None, connect: bool = True,
-          env: dict | None = None):
+          env: dict | None = None, gpus_per_gpu_node: int = 0):
     """Starts the cluster (and ray.init's this process into it when `connect`). Returns the
     ray.cluster_utils.Cluster; `cluster.address` is what RAY_ADDRESS takes. `env` adds
-    environment variables to every node's processes."""
+    environment variables to every node's processes. `gpus_per_gpu_node` gives the GPU group's
+    nodes that many logical GPUs (Ray schedules on them; no device is behind them)."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -44,7 +45,7 @@ def start(nodes: int = 3, cpus_per_node: int = 2, gpu_nodes: int = 0,
     gpu_nodes = gpu_nodes or max(1, nodes // 2)
     for i in range(nodes):
         add_worker(cluster, GPU_GROUP if i < gpu_nodes else CPU_GROUP, cpus_per_node,
-                   object_store_mb, scratch, env)
+                   object_store_mb, scratch, env, gpus_per_gpu_node if i < gpu_nodes else 0)
     cluster.wait_for_nodes()
     cluster.scratch = scratch
     if connect:
@@ -53,13 +54,13 @@ def start(nodes: int = 3, cpus_per_node: int = 2, gpu_nodes: int = 0,
 
 
 def add_worker(cluster, group: str, cpus: int = 2, object_store_mb: int = 256,
-               scratch: str | None = None, env: dict | None = None):
+               scratch: str | None = None, env: dict | None = None, gpus: int = 0):
     """One more worker node offering the custom resource `group` (the node-loss tests add
     nodes of a group of their own, and replacements). Its tasks' temporary files go under its
     own scratch directory; `env` adds environment variables to its processes."""
     scratch = scratch or getattr(cluster, "scratch", None) or tempfile.mkdtemp(prefix="vq-")
     name = f"{group}-{len(cluster.worker_nodes)}"
-    return cluster.add_node(num_cpus=cpus, resources={group: GROUP_CAPACITY},
+    return cluster.add_node(num_cpus=cpus, num_gpus=gpus, resources={group: GROUP_CAPACITY},
                             object_store_memory=object_store_mb << 20,
                             env_vars={"TMPDIR": _scratch(scratch, name), **(env or {})})
 

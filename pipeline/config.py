@@ -339,6 +339,15 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> PipelineC
 
 def validate_for_pipeline(cfg: PipelineConfig) -> None:
     """Settings that the benchmark accepts but the pipeline cannot honour."""
+    if cfg.train.use_gpu:
+        import torch
+
+        if torch.version.cuda is None:
+            raise ValueError(
+                f"train.use_gpu=true needs a CUDA build of torch, and this one "
+                f"({torch.__version__}) is CPU-only: Ray Train would fail joining the workers "
+                "(no NCCL). Install the CUDA build (README: Install; the cluster image has it) "
+                "or set train.use_gpu=false")
     if cfg.train.contrastive_weight > 0:
         raise ValueError(
             "train.contrastive_weight > 0 needs labels for the training queries, which the "

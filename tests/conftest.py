@@ -45,8 +45,9 @@ def s3():
 @pytest.fixture(scope="session")
 def cluster(s3):
     """The session's multi-node Ray cluster (infra/local_cluster.py), shaped like
-    infra/cluster-aws.yaml: a head with no CPUs that runs only drivers, one GPU-group and two
-    CPU-group worker nodes of 2 CPUs, each its own raylet, object store and scratch directory.
+    infra/cluster-aws.yaml: a head with no CPUs that runs only drivers, one GPU-group node of 2
+    CPUs and 1 logical GPU and two CPU-group nodes of 2 CPUs, each its own raylet, object store
+    and scratch directory.
     Started after the S3 endpoint: its workers inherit the AWS_* environment variables. Jobs
     this session starts as processes join it through RAY_ADDRESS."""
     import ray
@@ -55,7 +56,7 @@ def cluster(s3):
     from tests.jobsite.sitecustomize import quick_train_teardown
 
     quick_train_teardown()
-    c = local_cluster.start(nodes=3, cpus_per_node=2)
+    c = local_cluster.start(nodes=3, cpus_per_node=2, gpus_per_gpu_node=1)
     os.environ["RAY_ADDRESS"] = c.address
     yield c
     os.environ.pop("RAY_ADDRESS", None)

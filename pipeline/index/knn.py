@@ -12,12 +12,15 @@ results also carry each query's top-`depth` scores (4 bytes each, no vectors): t
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
 import torch
+
+log = logging.getLogger("pipeline.index.knn")
 
 
 @dataclass(frozen=True)
@@ -177,8 +180,18 @@ def _torch_search(xb: np.ndarray, metric: str, device: str):
 
 
 def pick_device(gpus: float) -> str:
-    """"cuda" when the caller was given GPUs and torch sees one, else "cpu"."""
-    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+    """"cuda" when the caller was given GPUs and torch sees one, else "cpu" (and, when GPUs
+    were given, a warning, once per process)."""
+    if gpus > 0 and torch.cuda.is_available():
+        return "cuda"
+    if gpus > 0 and not _warned_cpu:
+        _warned_cpu.append(True)
+        log.warning("exact top-k: GPUs were asked for (ray.gpus_per_task=%s) but torch sees no "
+                    "CUDA device here: searching on the CPU", gpus)
+    return "cpu"
+
+
+_warned_cpu: list = []
 
 
 def merge_topk(parts: list[tuple], k: int, band: Band | None = None):

@@ -93,7 +93,9 @@ def _encode_shard(shard: dict, out_dirs: list[str], gpus: float, *trained: np.nd
 def run_encode(run: Run) -> dict:
     shards = run.stage_info("ingest")["shards"]
     gpus = run.cfg.ray.gpus_per_task
-    encode = _encode_shard.options(num_gpus=gpus, resources=placement(run.cfg, Group.CPU))
+    # Encoding on GPUs runs where the GPUs are: the GPU group's nodes.
+    group = Group.GPU if gpus else Group.CPU
+    encode = _encode_shard.options(num_gpus=gpus, resources=placement(run.cfg, group))
     if gpus and not ondisk.gpu_count():
         log.warning("encode: ray.gpus_per_task=%s but this faiss has no GPU support "
                     "(faiss-cpu): encoding on the CPU", gpus)
