@@ -95,9 +95,10 @@ def exists(uri: str) -> bool:
 
 
 def read_bytes(uri: str) -> bytes:
+    """The whole object in one GET (S3), so that an object replaced meanwhile is read whole,
+    old or new, never refused halfway as a file that changed under a reader."""
     fs, path = get_fs(uri)
-    with fs.open(path, "rb") as f:
-        return f.read()
+    return fs.cat_file(path)
 
 
 def write_bytes(uri: str, data: bytes, timeout: float | None = None) -> None:

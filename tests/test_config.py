@@ -59,5 +59,5 @@ def test_corpus_required():
 
 
 def test_presets_load():
-    for name in ("smoke", "demo"):
+    for name in ("smoke", "demo", "example"):
         load_config(f"jobs/configs/{name}.yaml")

@@ -22,7 +22,7 @@ def test_every_config_key_has_a_line_of_documentation():
     rows = [line for line in config.markdown().splitlines() if line.startswith("| `")]
     assert len(rows) == sum(len(v) for v in config.PipelineConfig().to_dict().values())
     empty = [r.split("|")[1].strip() for r in rows if not r.split("|")[3].strip()]
-    assert not empty, f"keys without a comment on their line in pipeline/config.py: {empty}"
+    assert not empty, f"keys without a line comment in pipeline/config/sections.py: {empty}"
 
 
 def test_the_page_is_what_the_module_prints():

@@ -1,0 +1,107 @@
+"""The config from YAML and `section.key=value` overrides: unknown keys and wrong types are
+errors naming the key and what is accepted, before any work starts."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import yaml
+
+from pipeline.config.modes import Quantizer, coerce
+from pipeline.config.sections import PipelineConfig
+
+
+def _build(cls, raw: dict, where: str):
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
+            f"valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _build(typ, value, f"{where}{name}.")
+        else:
+            kwargs[name] = coerce(value, typ, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like section.key=value")
+    key, text = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {override!r}: {p} is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {override!r}: the value is not valid YAML: {e}") from None
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> PipelineConfig:
+    raw: dict = {}
+    if path:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ValueError(f"--config: {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config: {path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"--config: {path} must be a mapping of sections (data:, index:, "
+                             f"...), not a {type(raw).__name__}")
+    for o in overrides:
+        _apply_override(raw, o)
+    cfg = _build(PipelineConfig, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def validate_for_pipeline(cfg: PipelineConfig) -> None:
+    """Settings that the benchmark accepts but the pipeline cannot honour."""
+    if cfg.train.use_gpu:
+        import torch
+
+        if torch.version.cuda is None:
+            raise ValueError(
+                f"train.use_gpu=true needs a CUDA build of torch, and this one "
+                f"({torch.__version__}) is CPU-only: Ray Train would fail joining the workers "
+                "(no NCCL). Install the CUDA build (README: Install; the cluster image has it) "
+                "or set train.use_gpu=false")
+    if cfg.train.contrastive_weight > 0:
+        raise ValueError(
+            "train.contrastive_weight > 0 needs labels for the training queries, which the "
+            "pipeline's teacher stream does not carry (and the shared data's rules forbid); "
+            "compare it with bench/quality.py --train-labels PATH instead")
+    tr = cfg.train
+    # The pipeline's training streams (pipeline.data.teacher_stream); the benchmark trains
+    # in memory and has none.
+    if tr.streams < 1 or tr.streams % tr.num_workers or tr.batch_size % tr.streams:
+        raise ValueError(
+            f"train.streams ({tr.streams}) must be a multiple of train.num_workers "
+            f"({tr.num_workers}) and divide train.batch_size ({tr.batch_size}): every worker "
+            "reads whole streams, and every stream gives each batch the same number of rows")
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """What a config loaded for the pipeline needs beyond its sections' own checks (which ran
+    when they were made): an index with lists, a quantizer the pipeline distils, a corpus.
+    Checks against the data's dimension live in ingest."""
+    if cfg.index.nlist < 1:
+        raise ValueError("index.nlist must be >= 1: the pipeline builds IVF indexes")
+    if cfg.index.quantizer == Quantizer.LSQ:
+        raise ValueError("index.quantizer=lsq is a faiss baseline of the quality benchmark "
+                         "only (bench/quality.py --baselines lsq); distil pq or rq")
+    if not cfg.data.corpus:
+        raise ValueError("data.corpus is empty: set it to a local path or s3:// prefix")
