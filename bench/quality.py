@@ -58,20 +58,31 @@ log = logging.getLogger("bench.quality")
 STRUCTURES = {"pq": (False, False, "pq"), "opq": (False, True, "pq"),
               "ivf-pq": (True, False, "pq"), "ivf-opq": (True, True, "pq"),
               "rq": (False, False, "rq"), "ivf-rq": (True, False, "rq"),
-              "lsq": (False, False, "lsq"),
+              "ivf-rq-b16": (True, False, "rq"), "ivf-rq-fs": (True, False, "rq"),
+              "lsq": (False, False, "lsq"), "ivf-lsq": (True, False, "lsq"),
               "ivf-pq-fs": (True, False, "pq"), "ivf-opq-fs": (True, True, "pq")}
+# The additive baselines (faiss's strongest quantizers at a code size), all searched with
+# look-up tables (inner product: no norm bytes; faiss's factory sets them up so). IVF-RQ is
+# trained and encoded greedily (beam 1, as the RQ student trains) or with a beam of 16 (the
+# middle of the 8-32 that faiss users take; its encode cost grows with the beam, and the
+# table's encode column shows it). ivf-rq-fs is faiss's IndexIVFResidualQuantizerFastScan:
+# 4-bit codebooks, M = 2 x bytes, SIMD-scanned with quantized tables.
+ADDITIVE = {"ivf-rq", "ivf-rq-b16", "ivf-rq-fs", "ivf-lsq", "rq", "lsq"}
+RQ_BEAM = {"ivf-rq-b16": 16}
+FAISS_ONLY = {"lsq", "ivf-lsq", "ivf-rq-fs"}  # baselines only: no student of their form
 # Fast-scan: 4-bit PQ codes (M = 2 x bytes, by residual), trained as IVF-PQ and searched as
 # faiss IndexIVFPQFastScan (pipeline.index.build.to_fastscan). A distilled fast-scan index is
 # also searched as the plain 4-bit IVF-PQ it was trained as (`-floatlut` rows: float look-up
 # tables, the scores training sees), which measures what the 8-bit quantized tables cost.
 FASTSCAN = {"ivf-pq-fs", "ivf-opq-fs"}
-DEFAULT_BASELINES = ["pq", "opq", "ivf-pq", "ivf-opq", "ivf-pq-fs"]
+DEFAULT_BASELINES = ["pq", "opq", "ivf-pq", "ivf-opq", "ivf-pq-fs", "ivf-rq-fs"]
 DEFAULT_DISTILLED = ["ivf-opq"]
 # LSQ's ICM encoding is slow (minutes per size here): add it with --baselines ...,lsq
 FULL_BASELINES = FULL_DISTILLED = ["pq", "opq", "ivf-pq", "ivf-opq", "rq", "ivf-rq",
                                    "ivf-pq-fs", "ivf-opq-fs"]
 # The table's columns: the report's, and the search cost of each row, measured in this run.
-COLUMNS = {**TABLE_COLUMNS, "codes_scanned_per_query": "codes/query", "qps_1thread": "QPS(1 thr)"}
+COLUMNS = {**TABLE_COLUMNS, "codes_scanned_per_query": "codes/query", "qps_1thread": "QPS(1 thr)",
+           "encode_vectors_per_s": "encode/s"}
 SHARED = os.path.join(ROOT, "..", "shared", "data", "debian-minilm")
 
 
@@ -154,12 +165,15 @@ def labeled_vectors(tids, ids: np.ndarray, xb: np.ndarray, qrels: dict) -> np.nd
 def evaluate(trained, data: Data, nprobes, row: dict) -> list[dict]:
     """Report rows per nprobe, each with its search cost: the codes scanned per query
     (faiss's IVF counters; every code for flat indexes) and the queries per second of one
-    thread searching the whole evaluation set for its top 100."""
+    thread searching the whole evaluation set for its top 100; and its encode cost: the
+    corpus vectors added per second by this process (all its threads)."""
     index = faiss.clone_index(trained)
+    t0 = time.perf_counter()
     if row["nlist"]:
         index.add_with_ids(data.xb, data.ids)
     else:  # flat PQ/OPQ/RQ/LSQ indexes take no ids: add by position, map the results back
         index.add(data.xb)
+    encode = round(len(data.xb) / (time.perf_counter() - t0), 1)
     found, cost = {}, {}
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
@@ -182,7 +196,7 @@ def evaluate(trained, data: Data, nprobes, row: dict) -> list[dict]:
         faiss.omp_set_num_threads(threads)
     rows = score_rows(found, data.gt, data.eval_ids, data.qrels, row)
     for r in rows:
-        r.update(cost[r["nprobe"]])
+        r.update(cost[r["nprobe"]], encode_vectors_per_s=encode)
     return rows
 
 
@@ -235,16 +249,23 @@ def scann_rows(data: Data, size: int, nlist: int, nprobes, metric: str) -> list[
     return rows
 
 
-def train_faiss(xb: np.ndarray, icfg: IndexConfig, cfg: PipelineConfig, opq_cache: dict):
+def train_faiss(xb: np.ndarray, icfg: IndexConfig, cfg: PipelineConfig, opq_cache: dict,
+                name: str = ""):
     """faiss's own training: (trained index, seconds). The OPQ rotation of a code size is
     trained once and shared by the flat and IVF structures (faiss trains a chain in that order
     either way); its time is counted where it is first trained."""
     t0 = time.time()
     rng = np.random.default_rng(cfg.init.seed)
     xt = xb[rng.choice(len(xb), min(cfg.init.train_sample, len(xb)), replace=False)]
-    if icfg.quantizer == "lsq":
-        index = faiss.index_factory(xb.shape[1], f"LSQ{icfg.M}x{icfg.nbits}",
-                                    build.faiss_metric(icfg.metric))
+    if icfg.quantizer == "lsq" or name == "ivf-rq-fs":
+        if name == "ivf-rq-fs" and icfg.metric != "ip":
+            raise SystemExit("ivf-rq-fs is set up for inner products: with l2 it needs norm "
+                             "bytes, which this benchmark does not count yet")
+        codec = f"RQ{icfg.M}x4fs" if name == "ivf-rq-fs" else f"LSQ{icfg.M}x{icfg.nbits}"
+        key = f"IVF{icfg.nlist},{codec}" if icfg.nlist else codec
+        index = faiss.index_factory(xb.shape[1], key, build.faiss_metric(icfg.metric))
+        if icfg.nlist:
+            faiss.extract_index_ivf(index).cp.seed = cfg.init.seed
         index.train(xt)
         return index, time.time() - t0
     plain = dataclasses.replace(icfg, opq=False)
@@ -401,8 +422,9 @@ def main(argv=None) -> int:
     sizes = [int(x) for x in (args.sizes or ("8,16,32" if args.full else "8,16")).split(",")]
     baselines = _names(args.baselines, FULL_BASELINES if args.full else DEFAULT_BASELINES)
     distilled = _names(args.distilled, FULL_DISTILLED if args.full else DEFAULT_DISTILLED)
-    if "lsq" in distilled:
-        raise SystemExit("lsq is a faiss baseline only: distil rq or ivf-rq instead")
+    if FAISS_ONLY & set(distilled):
+        raise SystemExit(f"{sorted(FAISS_ONLY & set(distilled))} are faiss baselines only: "
+                         "distil rq, ivf-rq or ivf-rq-b16 instead")
     run_ablations = args.full or args.ablations
     ablation_size = args.ablation_size or min(sizes)
     t0 = time.time()
@@ -417,13 +439,14 @@ def main(argv=None) -> int:
     for size in sizes:
         for name in dict.fromkeys(baselines + distilled):
             has_ivf, has_opq, quantizer = STRUCTURES[name]
-            nbits = 4 if name in FASTSCAN else cfg.index.nbits
+            nbits = 4 if name in FASTSCAN or name == "ivf-rq-fs" else cfg.index.nbits
             icfg = dataclasses.replace(cfg.index, M=size * 8 // nbits, nbits=nbits,
                                        opq=has_opq, quantizer=quantizer,
-                                       nlist=cfg.index.nlist if has_ivf else 0)
+                                       nlist=cfg.index.nlist if has_ivf else 0,
+                                       rq_beam=RQ_BEAM.get(name, cfg.index.rq_beam))
             base = {"bytes_per_vector": size, "nlist": icfg.nlist}
             searched = build.to_fastscan if name in FASTSCAN else (lambda index: index)
-            trained, secs = train_faiss(data.xb, icfg, cfg, opq_cache)
+            trained, secs = train_faiss(data.xb, icfg, cfg, opq_cache, name)
             log.info("faiss-%s %dB trained in %.0fs", name, size, secs)
             if name in baselines:
                 rows += evaluate(searched(trained), data, cfg.eval.nprobe,
@@ -458,6 +481,7 @@ def main(argv=None) -> int:
             rows += scann_rows(data, size, cfg.index.nlist, cfg.eval.nprobe, cfg.index.metric)
     print("\n" + format_table(rows, COLUMNS))
     print_gains(rows)
+    print_against_additive(rows)
     print_training(rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
@@ -489,6 +513,32 @@ def print_gains(rows: list[dict]) -> None:
                      for k in ("recall_at_10", "recall_at_100", "mrr_at_10")]
             print(f"  {r['method']:<34} {r['bytes_per_vector']:>3}B nprobe {r['nprobe']:>4}: "
                   + "  ".join(gains))
+
+
+def print_against_additive(rows: list[dict]) -> None:
+    """Each distilled row against faiss's best additive baseline at the same bytes and
+    nprobe: the best recall@10 and the best recall@100 among them (not always the same
+    index), and the QPS ratio to each."""
+    base = [r for r in rows if r["method"].startswith("faiss-")
+            and r["method"][len("faiss-"):] in ADDITIVE]
+    if not base:
+        return
+    print("\ndistilled against faiss's best additive baseline at the same bytes and nprobe "
+          "(R@10 gain, vs which, QPS ratio; R@100 gain, vs which, QPS ratio):")
+    for r in rows:
+        if not r["method"].startswith("distilled-"):
+            continue
+        peers = [b for b in base if (b["bytes_per_vector"], b["nprobe"]) ==
+                 (r["bytes_per_vector"], r["nprobe"])]
+        if not peers:
+            continue
+        parts = []
+        for key in ("recall_at_10", "recall_at_100"):
+            b = max(peers, key=lambda p: p[key])
+            parts.append(f"{(r[key] / b[key] - 1) * 100:+.1f}% vs {b['method']} "
+                         f"(QPS x{r['qps_1thread'] / b['qps_1thread']:.2f})")
+        print(f"  {r['method']:<26} {r['bytes_per_vector']:>3}B nprobe {r['nprobe']:>4}: "
+              + ";  ".join(parts))
 
 
 def print_training(rows: list[dict]) -> None:
