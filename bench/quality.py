@@ -479,19 +479,25 @@ def main(argv=None) -> int:
                              ab_state["warm_val"], ab_state["best_val"])
         if args.scann:
             rows += scann_rows(data, size, cfg.index.nlist, cfg.eval.nprobe, cfg.index.metric)
+    write_results(args, rows, {"config": cfg.to_dict(), "training": extra,
+                               "symmetric": args.symmetric, "teacher_seconds": teacher_s,
+                               "wall_seconds": time.time() - t0, "argv": sys.argv[1:]})
+    print(f"total {time.time() - t0:.0f}s")
+    return 0
+
+
+def write_results(args, rows: list[dict], extra: dict) -> None:
+    """The tables on stdout, the JSON (rows plus `extra`) and the recall-against-QPS plot."""
     print("\n" + format_table(rows, COLUMNS))
     print_gains(rows)
     print_against_additive(rows)
     print_training(rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"rows": rows, "config": cfg.to_dict(), "training": extra,
-                   "symmetric": args.symmetric, "teacher_seconds": teacher_s,
-                   "wall_seconds": time.time() - t0, "argv": sys.argv[1:]}, f, indent=2)
+        json.dump({"rows": rows, **extra}, f, indent=2)
     png = args.png or os.path.splitext(args.json)[0] + ".png"
     plot(rows, png)
-    print(f"\nwrote {args.json} and {png}; total {time.time() - t0:.0f}s")
-    return 0
+    print(f"\nwrote {args.json} and {png}")
 
 
 def print_gains(rows: list[dict]) -> None:
