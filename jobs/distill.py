@@ -116,7 +116,6 @@ def _shutdown_ray() -> None:
 def _exit_now(code: int, console: Console | None) -> None:
     logging.shutdown()
     if console is not None:
-        sys.stderr.flush()
         console.close()
     os._exit(code)
 

@@ -44,6 +44,11 @@ def check_uri(uri: str, what: str, folder: bool = False) -> None:
 _S3 = {}  # (pid, endpoint, timeout) -> S3FileSystem
 
 
+def _endpoint() -> str | None:
+    """The S3 endpoint of the standard AWS environment (None: AWS's own)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
 def get_fs(uri: str, timeout: float | None = None):
     """Returns (filesystem, path-without-scheme). timeout: see _s3fs (S3 only)."""
     if is_s3(uri):
@@ -65,7 +70,7 @@ def _s3fs(timeout: float | None = None):
     call outlasts the lease."""
     import s3fs
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = _endpoint()
     key = (os.getpid(), endpoint, timeout)
     if key not in _S3:
         if timeout is None:
@@ -271,7 +276,8 @@ def _s3_put(uri: str, data: bytes, timeout: float | None, **condition) -> str:
     exactly these bytes (which carry a unique token) the write was ours."""
     fs, path = get_fs(uri, timeout)
     bucket, key = path.split("/", 1)
-    for attempt in range(4):
+    attempt = 0
+    while True:
         try:
             return fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data,
                               **condition)["ETag"]
@@ -279,6 +285,7 @@ def _s3_put(uri: str, data: bytes, timeout: float | None, **condition) -> str:
             status = _status(e)
             if status == 409 and attempt < 3:
                 time.sleep(0.1 * 2 ** attempt)
+                attempt += 1
                 continue
             if status not in (409, 412):
                 raise
@@ -286,7 +293,6 @@ def _s3_put(uri: str, data: bytes, timeout: float | None, **condition) -> str:
             if held == data:
                 return tag
             raise Conflict(uri) from None
-    raise AssertionError("unreachable")
 
 
 @contextmanager
@@ -549,8 +555,7 @@ def check_reachable(uri: str, what: str, timeout: float = 8.0) -> None:
         return
     fs, path = get_fs(uri, timeout)
     bucket = path.split("/", 1)[0]
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") \
-        or "AWS S3"
+    endpoint = _endpoint() or "AWS S3"
     try:
         fs.call_s3("list_objects_v2", Bucket=bucket, MaxKeys=1)
     except Exception as e:  # noqa: BLE001 - every failure here becomes the user's message
