@@ -29,7 +29,7 @@ from bench import quality as Q  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 
 NO_BAND = {"teacher.band_depth": 0, "teacher.band_size": 0}
-VARIANTS = {"top10": {**NO_BAND, "train.kl_temperature": 2.0},
+VARIANTS = {"top10": {**NO_BAND, "loss.kl_temperature": 2.0},
             "band300x20": {"teacher.band_depth": 300, "teacher.band_size": 20},
             "band300x40": {"teacher.band_depth": 300, "teacher.band_size": 40}}
 

@@ -5,7 +5,7 @@ on the same data, in one run.
   python bench/quality.py --full           # 8/16/32 B, every structure incl. RQ, ablations
   python bench/quality.py --symmetric      # corpus samples as queries (no query set used)
   python bench/quality.py --set data.corpus=s3://b/corpus --set data.train_queries=... \
-                          --set data.eval_queries=... --set data.labels=
+                          --set eval.queries=... --set eval.labels=
 
 It reads the pipeline's config (`--config`, `--set`), so any dataset in the input contract runs
 unchanged. Distillation uses the pipeline's own training kernel (single process here).
@@ -46,9 +46,10 @@ from pipeline.config import (  # noqa: E402
     load_config,
 )
 from pipeline.data import readers  # noqa: E402
+from pipeline.distributed.tasks import keep_freed_memory  # noqa: E402
 from pipeline.index import build, knn  # noqa: E402
 from pipeline.index.metrics import score_rows  # noqa: E402
-from pipeline.quant.fit import fit, keep_freed_memory  # noqa: E402
+from pipeline.quant.fit import fit  # noqa: E402
 from pipeline.quant.loop import TrainData  # noqa: E402
 from pipeline.report import TABLE_COLUMNS, format_table  # noqa: E402
 
@@ -105,21 +106,21 @@ def default_data(cache: str) -> list[str]:
     if not os.path.exists(os.path.join(cache, "labels")):
         write_dataset(cache, *from_shared(SHARED), files=4)
     return [f"data.corpus={cache}/corpus", f"data.train_queries={cache}/train_queries",
-            f"data.eval_queries={cache}/eval_queries", f"data.labels={cache}/labels"]
+            f"eval.queries={cache}/eval_queries", f"eval.labels={cache}/labels"]
 
 
 def load(cfg: PipelineConfig, symmetric: bool = False,
          train_labels: str = "") -> tuple[Data, np.ndarray | None]:
     """The benchmark's data, and each training query's labeled document (or None).
 
-    symmetric: no query set is read. `data.max_eval_queries` (default 2,000) corpus vectors,
+    symmetric: no query set is read. `eval.max_queries` (default 2,000) corpus vectors,
     removed from the corpus, are the eval queries; `data.pseudo_queries` others are the
     training queries. Ground truth is the exact top-100 in what remains."""
     ids, xb = readers.read_all(cfg.data.corpus, "data.corpus")
-    rng = np.random.default_rng(cfg.init.seed)
+    rng = np.random.default_rng(cfg.data.seed)
     labeled = None
     if symmetric:
-        n_eval = cfg.data.max_eval_queries or 2000
+        n_eval = cfg.eval.max_queries or 2000
         perm = rng.permutation(len(xb))
         held, keep = np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
         eval_ids, xq = ids[held], xb[held]
@@ -133,12 +134,11 @@ def load(cfg: PipelineConfig, symmetric: bool = False,
         else:  # corpus samples as pseudo-queries
             tids = None
             xt = xb[rng.choice(len(xb), min(cfg.data.pseudo_queries, len(xb)), replace=False)]
-        eval_ids, xq = readers.read_all(cfg.data.eval_queries, "data.eval_queries",
-                                        cfg.data.max_eval_queries)
-        qrels = readers.read_labels(cfg.data.labels) if cfg.data.labels else None
+        eval_ids, xq = readers.read_all(cfg.eval.queries, "eval.queries", cfg.eval.max_queries)
+        qrels = readers.read_labels(cfg.eval.labels) if cfg.eval.labels else None
         if train_labels:
             labeled = labeled_vectors(tids, ids, xb, readers.read_labels(train_labels))
-    _, gt, _ = knn.block_topk(xq, xb, ids, 100, cfg.index.metric)
+    _, gt, _ = knn.block_topk(xq, xb, ids, 100, cfg.data.metric)
     return Data(ids, xb, xt, eval_ids, xq, qrels, gt, symmetric or not cfg.data.train_queries), \
         labeled
 
@@ -255,28 +255,31 @@ def train_faiss(xb: np.ndarray, icfg: IndexConfig, cfg: PipelineConfig, opq_cach
     trained once and shared by the flat and IVF structures (faiss trains a chain in that order
     either way); its time is counted where it is first trained."""
     t0 = time.time()
-    rng = np.random.default_rng(cfg.init.seed)
-    xt = xb[rng.choice(len(xb), min(cfg.init.train_sample, len(xb)), replace=False)]
+    rng = np.random.default_rng(cfg.data.seed)
+    xt = xb[rng.choice(len(xb), min(cfg.data.train_sample, len(xb)), replace=False)]
+    metric = cfg.data.metric
     if icfg.quantizer == "lsq" or name == "ivf-rq-fs":
-        if name == "ivf-rq-fs" and icfg.metric != "ip":
+        if name == "ivf-rq-fs" and metric != "ip":
             raise SystemExit("ivf-rq-fs is set up for inner products: with l2 it needs norm "
                              "bytes, which this benchmark does not count yet")
         codec = f"RQ{icfg.M}x4fs" if name == "ivf-rq-fs" else f"LSQ{icfg.M}x{icfg.nbits}"
         key = f"IVF{icfg.nlist},{codec}" if icfg.nlist else codec
-        index = faiss.index_factory(xb.shape[1], key, build.faiss_metric(icfg.metric))
+        index = faiss.index_factory(xb.shape[1], key, build.faiss_metric(metric))
         if icfg.nlist:
             faiss.extract_index_ivf(index).cp.seed = cfg.init.seed
         index.train(xt)
         return index, time.time() - t0
     plain = dataclasses.replace(icfg, opq=False)
     if not icfg.opq:
-        return build.train_baseline(xt, plain, cfg.init.niter, cfg.init.seed), time.time() - t0
+        return build.train_baseline(xt, plain, cfg.init.niter, cfg.init.seed,
+                                    metric=metric), time.time() - t0
     key = (icfg.M, icfg.nbits)
     if key not in opq_cache:
         opq_cache[key] = faiss.OPQMatrix(xb.shape[1], icfg.M)
         opq_cache[key].train(xt)
     opq = opq_cache[key]
-    inner = build.train_baseline(opq.apply(xt), plain, cfg.init.niter, cfg.init.seed)
+    inner = build.train_baseline(opq.apply(xt), plain, cfg.init.niter, cfg.init.seed,
+                                 metric=metric)
     rotation = faiss.vector_to_array(opq.A).reshape(opq.d_out, opq.d_in)
     opq_copy = build.opq_matrix(rotation, icfg.M)
     index = faiss.IndexPreTransform(opq_copy, inner)
@@ -289,9 +292,9 @@ def train_faiss(xb: np.ndarray, icfg: IndexConfig, cfg: PipelineConfig, opq_cach
 def teacher_lists(data: Data, cfg: PipelineConfig) -> tuple:
     """(S, I, V) of the training queries, as the pipeline's teacher draws them: the exact top
     teacher.k and, with teacher.band_*, the band of deeper neighbours."""
-    band = knn.Band.of(cfg.teacher, cfg.train.seed)
+    band = knn.Band.of(cfg.teacher)
     return knn.finish(knn.block_topk(data.xt, data.xb, data.ids, cfg.teacher.k,
-                                     cfg.index.metric, True, band=band,
+                                     cfg.data.metric, True, band=band,
                                      qids=np.arange(len(data.xt)),
                                      exclude_self=data.pseudo), band)
 
@@ -299,14 +302,14 @@ def teacher_lists(data: Data, cfg: PipelineConfig) -> tuple:
 def distill(trained, data: Data, teacher: tuple, cfg: PipelineConfig,
             labeled: np.ndarray | None = None):
     """Distils a faiss-trained index with the pipeline's kernel; returns (index, secs, state).
-    The first queries (train.val_fraction) are held out for validation and early stopping."""
+    The first queries (teacher.val_fraction) are held out for validation and early stopping."""
     t0 = time.time()
     V = teacher[2]
-    n_val = int(round(len(data.xt) * cfg.train.val_fraction))
-    rng = np.random.default_rng(cfg.init.seed)
-    pool = data.xb[rng.choice(len(data.xb), min(cfg.init.train_sample, len(data.xb)),
+    n_val = int(round(len(data.xt) * cfg.teacher.val_fraction))
+    rng = np.random.default_rng(cfg.data.seed)
+    pool = data.xb[rng.choice(len(data.xb), min(cfg.data.train_sample, len(data.xb)),
                               replace=False)]
-    if labeled is not None and cfg.train.contrastive_weight > 0:
+    if labeled is not None and cfg.loss.contrastive_weight > 0:
         # a query with no label falls back to its teacher top-1
         labeled = np.where((labeled != 0).any(1, keepdims=True), labeled, V[:, 0])
         labeled = labeled[n_val:]
@@ -316,39 +319,36 @@ def distill(trained, data: Data, teacher: tuple, cfg: PipelineConfig,
     val = TrainData(data.xt[:n_val], V[:n_val], pool)
     keep_freed_memory()
     state = fit(build.extract_params(trained), tr, val, cfg)
-    index = build.index_from_params(state["best"], cfg.index.metric)
+    index = build.index_from_params(state["best"], cfg.data.metric)
     return index, time.time() - t0, state
 
 
 def ablations(cfg: PipelineConfig, labeled: bool) -> dict[str, PipelineConfig]:
     """What each part contributes, for the distilled IVF-OPQ: each learned part, each loss
     term, each negative sampler. The defaults are `distilled-ivf-opq` itself."""
-    t = cfg.train
+    alone = {"negatives.in_batch": False, "negatives.per_list": 0}
     variants = {
         # what is learned
-        "ivf-only": dict(learn_pq=False, learn_rotation=False),
-        "pq-only": dict(learn_ivf=False, ivf_weight=0.0),
-        "no-rotation": dict(learn_rotation=False),
+        "ivf-only": {"train.learn_pq": False, "train.learn_rotation": False},
+        "pq-only": {"train.learn_ivf": False, "loss.ivf_weight": 0.0},
+        "no-rotation": {"train.learn_rotation": False},
         # each loss
-        "loss-ranking-only": dict(loss=Loss.RANKING),
-        "loss-kl-only": dict(loss=Loss.KL),
-        "no-ivf-loss": dict(ivf_weight=0.0),
-        "plus-recon": dict(recon_weight=1.0),
-        "plus-balance": dict(balance_weight=0.1),
+        "loss-ranking-only": {"loss.kind": Loss.RANKING},
+        "loss-kl-only": {"loss.kind": Loss.KL},
+        "no-ivf-loss": {"loss.ivf_weight": 0.0},
+        "plus-recon": {"loss.recon_weight": 1.0},
+        "plus-balance": {"loss.balance_weight": 0.1},
         # each sampler (candidates besides the teacher top-K), alone
-        "sampler-topk-only": dict(negatives=0, in_batch=False, list_negatives=0),
-        "sampler-random": dict(negative_sampler=NegativeSampler.RANDOM, in_batch=False,
-                               list_negatives=0),
-        "sampler-in-batch": dict(negatives=0, in_batch=True, list_negatives=0),
-        "sampler-ivf": dict(negative_sampler=NegativeSampler.IVF, in_batch=False,
-                            list_negatives=0),
-        "sampler-list": dict(negatives=0, in_batch=False),
-        "no-list-negatives": dict(list_negatives=0),
+        "sampler-topk-only": {**alone, "negatives.corpus": 0},
+        "sampler-random": {**alone, "negatives.sampler": NegativeSampler.RANDOM},
+        "sampler-in-batch": {**alone, "negatives.corpus": 0, "negatives.in_batch": True},
+        "sampler-ivf": {**alone, "negatives.sampler": NegativeSampler.IVF},
+        "sampler-list": {"negatives.corpus": 0, "negatives.in_batch": False},
+        "no-list-negatives": {"negatives.per_list": 0},
     }
     if labeled:
-        variants["plus-contrastive"] = dict(contrastive_weight=1.0)
-    return {k: dataclasses.replace(cfg, train=dataclasses.replace(t, **v))
-            for k, v in variants.items()}
+        variants["plus-contrastive"] = {"loss.contrastive_weight": 1.0}
+    return {k: cfg.with_values(v) for k, v in variants.items()}
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -478,7 +478,7 @@ def main(argv=None) -> int:
                     log.info("ablation %s: validation recall %.4f -> %.4f", ab,
                              ab_state["warm_val"], ab_state["best_val"])
         if args.scann:
-            rows += scann_rows(data, size, cfg.index.nlist, cfg.eval.nprobe, cfg.index.metric)
+            rows += scann_rows(data, size, cfg.index.nlist, cfg.eval.nprobe, cfg.data.metric)
     write_results(args, rows, {"config": cfg.to_dict(), "training": extra,
                                "symmetric": args.symmetric, "teacher_seconds": teacher_s,
                                "wall_seconds": time.time() - t0, "argv": sys.argv[1:]})

@@ -220,12 +220,13 @@ def run_one(n: int, data_root: str, config: str, overrides: list[str], nodes: in
     sampler.stop()
     reads["end"] = read_bytes_so_far(stats_dir)
     secs = result["seconds"]
+    from pipeline.runner import BY_NAME
     from pipeline.stages.common import Run
 
-    run = Run(out, cfg)
-    nq = run.stage_info("teacher")["queries"]
-    trained_q = sum(h["queries"] for h in run.stage_info("train")["history"])
-    work = {"ingest": n, "init": run.stage_info("init")["n_train"], "teacher": nq * n,
+    run = Run(out)
+    nq = run.result(BY_NAME["teacher"]).queries
+    trained_q = sum(h["queries"] for h in run.result(BY_NAME["train"]).history)
+    work = {"ingest": n, "init": run.result(BY_NAME["init"]).n_train, "teacher": nq * n,
             "train": trained_q, "encode": 2 * n, "merge": 2 * n}
     order = list(reads)
     read_by_stage = {st: reads[order[i + 1]] - reads[st] for i, st in enumerate(order[:-1])}

@@ -1,67 +1,36 @@
 """Stage keys: what each stage's result depends on, so that a rerun redoes exactly the stages
 whose inputs changed.
 
-A stage's key hashes the config fields it reads (and, for the stages that read input files,
-those files' identity: size and ETag or mtime) together with the keys its upstream stages
-finished with. A stage is up to date when its recorded key equals the key computed now;
-otherwise it runs, and the new key it records changes the keys of every stage below it.
+A stage's key hashes every field of the config sections it is given (pipeline.stages.common.
+Stage.sections: a stage cannot read any other, so no field it reads is left out), the
+identity of the input files those sections name (size and ETag or mtime: `input_digest`), its
+record format, and the keys its upstream stages finished with. A stage is up to date when its
+recorded key equals the key computed now; otherwise it runs, and the new key it records
+changes the keys of every stage below it.
 
-Fields that change how a stage runs but not what it produces (worker counts, GPUs, the merge's
-range count, whose output is byte-identical) are left out.
+Settings that change how a stage runs but not what it produces (worker counts, GPUs, the
+merge's range count, whose output is byte-identical) live in the `ray` section, which no
+stage is keyed on.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
-from pipeline.config import PipelineConfig
 
-# Every train field but the scaling and fault-tolerance ones: Ray Train on W workers takes
-# exactly the steps one worker takes (tests/test_stages.py checks it), and a restarted worker
-# resumes from the last checkpoint.
-_TRAIN_SCALING = {"num_workers", "use_gpu", "max_failures"}
-
-FIELDS: dict[str, list[str]] = {
-    "ingest": ["data.corpus", "data.train_queries", "data.rows_per_shard",
-               "data.max_train_queries", "data.pseudo_queries", "init.train_sample",
-               "init.seed", "inputs.corpus", "inputs.train_queries"],
-    "init": ["index.nlist", "index.M", "index.nbits", "index.opq", "index.metric",
-             "index.quantizer", "index.rq_beam", "init.niter", "init.opq_niter", "init.seed"],
-    "teacher": ["teacher.k", "teacher.band_depth", "teacher.band_size", "teacher.query_block",
-                "index.metric", "train.val_fraction", "train.seed"],
-    "train": [f"train.{k}" for k in PipelineConfig().to_dict()["train"]
-              if k not in _TRAIN_SCALING],
-    "export": ["index.metric"],
-    "encode": [],
-    "merge": ["build.fastscan"],
-    "evaluate": ["data.eval_queries", "data.labels", "data.max_eval_queries", "eval.nprobe",
-                 "eval.k", "inputs.eval_queries", "inputs.labels"],
-}
-
-# A stage's record format, bumped when what it records changes shape, so that a record an
-# older version wrote runs again instead of being misread downstream. ingest 2: it records the
-# training query files, which tasks read, instead of the queries themselves. teacher 2:
-# pseudo-queries' lists no longer hold the query's own row. ingest 3: it records the corpus's
-# largest coordinate (the teacher's vector dtype follows it).
-FORMATS: dict[str, int] = {"ingest": 3, "teacher": 2}
-
-DEPS: dict[str, list[str]] = {
-    "ingest": [], "init": ["ingest"], "teacher": ["ingest"], "train": ["init", "teacher"],
-    "export": ["train"], "encode": ["ingest", "init", "export"], "merge": ["encode"],
-    "evaluate": ["merge"],
-}
-
-
-def fields(cfg: PipelineConfig, stage: str, inputs: dict) -> dict:
-    """{dotted name: value} of what `stage` reads. `inputs` maps an input name (corpus,
-    train_queries, ...) to a digest of its files' identities (see input_digest)."""
-    conf = cfg.to_dict()
+def fields(cfg, sections: tuple[str, ...], inputs: dict, fmt: int) -> dict:
+    """{dotted name: value} of every field of `sections`, with `inputs.<section.field>` for
+    each input digest (`inputs` maps "section.field" to input_digest) whose section is
+    among them, and the record format."""
     out = {}
-    for name in FIELDS[stage]:
-        section, key = name.split(".", 1)
-        out[name] = inputs.get(key, "") if section == "inputs" else conf[section][key]
-    if stage in FORMATS:
-        out["stage format"] = FORMATS[stage]
+    for section in sections:
+        for name, value in dataclasses.asdict(getattr(cfg, section)).items():
+            out[f"{section}.{name}"] = value
+    for name, digest in inputs.items():
+        if name.split(".", 1)[0] in sections:
+            out[f"inputs.{name}"] = digest
+    out["stage format"] = fmt
     return json.loads(json.dumps(out))  # as a record reads back: tuples become lists
 
 
@@ -87,11 +56,12 @@ def why_rerun(record: dict | None, own: dict, deps: dict) -> str:
     return ", ".join(changed) or "key changed"
 
 
-def stage_keys(cfg: PipelineConfig, inputs: dict) -> dict[str, tuple[str, dict, dict]]:
-    """{stage: (key, its fields, its upstream keys)} for every stage, in run order."""
+def stage_keys(cfg, stages: list, inputs: dict) -> dict[str, tuple[str, dict, dict]]:
+    """{stage: (key, its fields, its upstream keys)} for `stages` (pipeline.stages.common.
+    Stage, each after the stages it needs), in their order."""
     out: dict[str, tuple[str, dict, dict]] = {}
-    for stage in FIELDS:  # FIELDS lists the stages in run order
-        own = fields(cfg, stage, inputs)
-        deps = {d: out[d][0] for d in DEPS[stage]}
-        out[stage] = (stage_key(own, deps), own, deps)
+    for stage in stages:
+        own = fields(cfg, stage.sections, inputs, stage.format)
+        deps = {d: out[d][0] for d in stage.needs}
+        out[stage.name] = (stage_key(own, deps), own, deps)
     return out

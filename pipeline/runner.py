@@ -7,6 +7,7 @@ otherwise it runs, and so does every stage below it. The whole job holds the out
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -22,11 +23,16 @@ from pipeline.distributed.placement import check_groups
 from pipeline.distributed.tasks import trim_heap
 from pipeline.index import build
 from pipeline.stages import encode, evaluate, ingest, init, teacher, train
-from pipeline.stages.common import METHODS, Run
+from pipeline.stages.common import METHODS, Context, Run, Stage, StageConfig
+from pipeline.stages.results import Plan
 
 log = logging.getLogger("pipeline.runner")
 
-STAGES = ["ingest", "init", "teacher", "train", "export", "encode", "merge", "evaluate"]
+# The declared graph, each stage after the stages it needs.
+GRAPH: list[Stage] = [ingest.STAGE, init.STAGE, teacher.STAGE, train.STAGE, encode.EXPORT,
+                      encode.ENCODE, encode.MERGE, evaluate.STAGE]
+BY_NAME = {s.name: s for s in GRAPH}
+STAGES = [s.name for s in GRAPH]
 # The stages whose results an incremental rebuild keeps: the trained quantizers.
 FROZEN = ["init", "teacher", "train", "export"]
 
@@ -101,7 +107,7 @@ def init_ray(cfg: PipelineConfig) -> None:
     # Ray Train's controller needs a CPU slot beside the workers: on a 2-core machine a cluster
     # of exactly 2 CPUs with 2 training workers hangs waiting for it.
     cores = os.cpu_count() or 1
-    num_cpus = cfg.ray.num_cpus or max(4, cores, cfg.train.num_workers + 2)
+    num_cpus = cfg.ray.num_cpus or max(4, cores, cfg.ray.train_workers + 2)
     # address="local": always a fresh cluster, never a stray `ray start` head found on disk.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
@@ -111,8 +117,8 @@ def check_output(cfg: PipelineConfig, output: str) -> None:
     buckets reachable with these credentials (within seconds, not after minutes of retries),
     and an S3 output's store enforces the conditional writes that the lease relies on."""
     storage.check_uri(output, "--output", folder=True)
-    inputs = {f"data.{k}": getattr(cfg.data, k) for k in
-              ("corpus", "train_queries", "eval_queries", "labels")}
+    inputs = {"data.corpus": cfg.data.corpus, "data.train_queries": cfg.data.train_queries,
+              "eval.queries": cfg.eval.queries, "eval.labels": cfg.eval.labels}
     for what, uri in inputs.items():
         if uri:
             storage.check_uri(uri, what)
@@ -147,23 +153,25 @@ def run_pipeline(cfg: PipelineConfig, output: str, from_stage: str | None = None
     with _interruptible() as arm, \
             lease.hold(output, cfg.publish.lease_seconds, break_lease) as held:
         plan = ingest.preflight(cfg)  # metadata checks before Ray starts or anything is written
-        log.info("corpus: %d vectors, d=%d, %d shards", plan["n"], plan["d"],
-                 len(plan["shards"]))
-        if not cfg.data.eval_queries:
-            log.warning("no data.eval_queries: the index is built but not evaluated")
-        run = Run.sealing(output, cfg, held.token)
+        log.info("corpus: %d vectors, d=%d, %d shards", plan.n, plan.d, len(plan.shards))
+        if not cfg.eval.queries:
+            log.warning("no eval.queries: the index is built but not evaluated")
+        run = Run.sealing(output, held.token)
         if incremental:
-            _check_incremental(run, plan)
+            _check_incremental(cfg, run, plan)
         init_ray(cfg)
-        check_groups(cfg)
+        check_groups(cfg.ray)
         arm()
-        seconds, ran = _run_stages(run, plan, from_stage, incremental, on_stage, held)
-        rows = run.stage_info("evaluate")["rows"] if cfg.data.eval_queries else []
-        manifest = _publish(run, rows, seconds, held, fresh=bool(ran))
+        planned = keys.stage_keys(cfg, GRAPH, plan.inputs)
+        seconds, ran = _run_stages(cfg, run, plan, planned, from_stage, incremental, on_stage,
+                                   held)
+        rows = run.result(evaluate.STAGE).rows if cfg.eval.queries else []
+        built_from = {s: planned[s][0] for s in ("merge", "evaluate")}
+        manifest = _publish(cfg, run, rows, seconds, held, built_from, fresh=bool(ran))
     return {"rows": rows, "manifest": manifest, "seconds": seconds}
 
 
-def _check_incremental(run: Run, plan: dict) -> None:
+def _check_incremental(cfg: PipelineConfig, run: Run, plan: Plan) -> None:
     """An incremental rebuild keeps the quantizers: they must exist and have been trained
     with the settings given now."""
     for name in FROZEN:
@@ -171,7 +179,8 @@ def _check_incremental(run: Run, plan: dict) -> None:
         if record is None:
             raise ValueError(f"--incremental needs a finished run under {run.output} (its "
                              "quantizers are reused): run once without --incremental first")
-        own = keys.fields(run.cfg, name, plan["inputs"])
+        stage = BY_NAME[name]
+        own = keys.fields(cfg, stage.sections, plan.inputs, stage.format)
         changed = [k for k in own if own[k] != record["fields"].get(k)]
         if changed:
             raise ValueError(f"--incremental keeps the trained quantizers, but "
@@ -179,37 +188,35 @@ def _check_incremental(run: Run, plan: dict) -> None:
                              "without --incremental to retrain")
 
 
-def _run_stages(run: Run, plan: dict, from_stage, incremental: bool, on_stage,
-                held: lease.Lease) -> tuple[dict, list]:
-    """Runs the stages that need it; returns ({stage: seconds}, [stages that ran])."""
-    run.forced = set(STAGES[STAGES.index(from_stage):]) if from_stage else set()
-    steps = {
-        "ingest": (lambda: ingest.run_incremental(run, plan)) if incremental else
-                  (lambda: ingest.run(run, plan)),
-        "init": lambda: init.run(run),
-        "teacher": lambda: teacher.run(run),
-        "train": lambda: train.run(run),
-        "export": lambda: encode.run_export(run),
-        "encode": lambda: encode.run_encode(run),
-        "merge": lambda: encode.run_merge(run),
-        "evaluate": lambda: evaluate.run(run),
-    }
+def stage_context(cfg: PipelineConfig, run: Run, stage: Stage, key: str = "",
+                  fresh: bool = False, extra: dict | None = None) -> Context:
+    """What `stage` runs with: its sections of the config, its upstream stages' results as
+    recorded in `run` (and `extra` inputs), its key, and whether it runs afresh."""
+    inputs = {name: run.result(BY_NAME[name]) for name in stage.needs}
+    return Context(stage.name, StageConfig.of(stage.name, cfg, stage.sections),
+                   {**inputs, **(extra or {})}, run, key, fresh)
+
+
+def _run_stages(cfg: PipelineConfig, run: Run, plan: Plan, planned: dict, from_stage,
+                incremental: bool, on_stage, held: lease.Lease) -> tuple[dict, list]:
+    """Walks the graph, running the stages that need it; returns ({stage: seconds}, [stages
+    that ran])."""
+    forced = set(STAGES[STAGES.index(from_stage):]) if from_stage else set()
     seconds, ran = {}, []
-    planned = keys.stage_keys(run.cfg, plan["inputs"])
-    run.keys = {name: key for name, (key, _, _) in planned.items()}
-    for name in STAGES:
-        if name == "evaluate" and not run.cfg.data.eval_queries:
+    for stage in GRAPH:
+        name = stage.name
+        if name == "evaluate" and not cfg.eval.queries:
             continue
         held.check()
         key, own, deps = planned[name]
         record = run.record(name)
         if incremental and name in FROZEN:
             if record["key"] != key:  # the kept quantizers now stand for the new corpus
-                run.finish(name, record["info"], record["seconds"], key, own, deps, held)
+                run.finish(name, run.result(stage), record["seconds"], key, own, deps, held)
             log.info("stage %s: kept (--incremental: the quantizers are frozen)", name)
             seconds[name] = record["seconds"]
             continue
-        if name in run.forced:
+        if name in forced:
             why = f"--from-stage {from_stage}"
         elif record is not None and record.get("key") == key:
             log.info("stage %s: skipped (unchanged)", name)
@@ -220,38 +227,43 @@ def _run_stages(run: Run, plan: dict, from_stage, incremental: bool, on_stage,
         log.info("stage %s: runs: %s", name, why)
         if on_stage is not None:
             on_stage(name)
+        extra = {"preflight": plan} if name == "ingest" else {}
+        step = stage.run
+        if name == "ingest" and incremental:
+            extra["previous"] = run.result(stage)
+            step = ingest.run_incremental
+        ctx = stage_context(cfg, run, stage, key, name in forced, extra)
         t0 = time.time()
         try:
-            info = _call_interruptibly(steps[name], held)
+            result = _call_interruptibly(lambda: step(ctx), held)
         except Interrupted as e:
             e.stage = name
             raise
         seconds[name] = round(time.time() - t0, 2)
-        run.finish(name, info, seconds[name], key, own, deps, held)
+        run.finish(name, result, seconds[name], key, own, deps, held)
         trim_heap()  # the driver starts each stage without the last one's freed peak
         ran.append(name)
         log.info("stage %s: finished in %.1fs", name, seconds[name])
     return seconds, ran
 
 
-def _publish(run: Run, rows: list[dict], seconds: dict, held: lease.Lease,
-             fresh: bool) -> dict:
+def _publish(cfg: PipelineConfig, run: Run, rows: list[dict], seconds: dict,
+             held: lease.Lease, built_from: dict, fresh: bool) -> dict:
     """Publishes the merged indexes, the report and the config as a new version. With
     fresh=False (every stage skipped) nothing is published if the current version was built
-    from these very stage keys."""
-    cfg = run.cfg
-    merged = run.stage_info("merge")
-    n = run.stage_info("ingest")["n"]
+    from these very stage keys (`built_from`)."""
+    merged = run.result(encode.MERGE)
+    ingested = run.result(ingest.STAGE)
+    n = ingested.n
     extra = {"config.json": storage.json_bytes({"config": cfg.to_dict(), "hash": cfg.hash()})}
     if rows:
-        train_info = run.stage_info("train")
+        train_info = dataclasses.asdict(run.result(train.STAGE))
         summary = {"index": "index/index.index", "vectors": n,
                    "bytes_per_vector": build.bytes_per_vector(cfg.index),
                    "config_hash": cfg.hash()}
         extra.update(report.report_files(rows, train_info, seconds, summary))
     meta = {
-        "counts": {"vectors": n, "shards": len(run.stage_info("ingest")["shards"]),
-                   "d": run.stage_info("ingest")["d"]},
+        "counts": {"vectors": n, "shards": len(ingested.shards), "d": ingested.d},
         "parameters": {**cfg.to_dict()["index"],
                        "bytes_per_vector": build.bytes_per_vector(cfg.index)},
         "config_hash": cfg.hash(),
@@ -260,8 +272,7 @@ def _publish(run: Run, rows: list[dict], seconds: dict, held: lease.Lease,
                      "faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR) after copying "
                      "index.index and index.ivfdata into one folder",
     }
-    indexes = {METHODS[m][1]: (merged[m]["uri"], merged[m]["files"]) for m in METHODS}
-    built_from = {s: run.keys[s] for s in ("merge", "evaluate") if s in run.keys}
+    indexes = {METHODS[m][1]: (merged.indexes[m].uri, merged.indexes[m].files) for m in METHODS}
     return publish.publish(run.output, indexes, extra, meta, built_from, held,
                            cfg.publish.keep_versions, cfg.publish.grace_seconds, fresh)
 

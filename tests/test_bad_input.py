@@ -24,8 +24,8 @@ def write(path, ids, x):
 def run_job(capsys, corpus, out, *extra):
     code = distill.main(["--config", "jobs/configs/smoke.yaml", "--output", out,
                          "--set", f"data.corpus={corpus}", "--set", "data.train_queries=",
-                         "--set", "data.eval_queries=", "--set", "data.labels=",
-                         "--set", "init.train_sample=2000", *extra])
+                         "--set", "eval.queries=", "--set", "eval.labels=",
+                         "--set", "data.train_sample=2000", *extra])
     err = capsys.readouterr().err
     assert code == 2, err
     assert not storage.exists(storage.join(out, "manifest.json")), "nothing may be published"
@@ -178,7 +178,7 @@ def test_bad_yaml(tmp_path, capsys, text, message):
 
 def test_contrastive_weight_is_refused_by_the_pipeline(tmp_path, capsys):
     corpus, _ = good(tmp_path)
-    err = run_job(capsys, corpus, str(tmp_path / "o"), "--set", "train.contrastive_weight=1")
+    err = run_job(capsys, corpus, str(tmp_path / "o"), "--set", "loss.contrastive_weight=1")
     assert "bench/quality.py --train-labels" in err
 
 
@@ -203,7 +203,7 @@ def test_empty_query_or_label_file(where, which, capsys):
     if which == "labels":
         put_table(storage.join(where, "q", "a.parquet"), pa.table({"id": np.arange(10),
                                                                    "embedding": emb(10)}))
-        extra += ["--set", f"data.eval_queries={storage.join(where, 'q')}"]
+        extra += ["--set", f"eval.queries={storage.join(where, 'q')}"]
     err = run_job(capsys, corpus, storage.join(where, "o"), *extra)
     assert f"data.{which}" in err and "holds no rows" in err, err
 
@@ -216,7 +216,7 @@ def test_output_is_a_file(where, capsys):
     storage.write_bytes(out, b"not a folder")
     code = distill.main(["--config", "jobs/configs/smoke.yaml", "--output", out,
                          "--set", f"data.corpus={corpus}", "--set", "data.train_queries=",
-                         "--set", "data.eval_queries=", "--set", "data.labels="])
+                         "--set", "eval.queries=", "--set", "eval.labels="])
     err = capsys.readouterr().err
     assert code == 2 and "is a file" in err, err
     assert storage.read_bytes(out) == b"not a folder"

@@ -23,8 +23,8 @@ def job_args(data, out, *extra, groups=True):
     return ["--config", "jobs/configs/smoke.yaml", "--output", out,
             "--set", f"data.corpus={data}/corpus",
             "--set", f"data.train_queries={data}/train_queries",
-            "--set", f"data.eval_queries={data}/eval_queries",
-            "--set", f"data.labels={data}/labels",
+            "--set", f"eval.queries={data}/eval_queries",
+            "--set", f"eval.labels={data}/labels",
             *(GROUPS if groups else []), *extra]
 
 
@@ -88,8 +88,8 @@ def test_local_output_reads_with_plain_read_index(ray_cluster, smoke_data, tmp_p
     out = str(tmp_path / "run")
     assert distill.main(job_args(
         smoke_data, out, "--set", "train.epochs=1", "--set", "index.quantizer=rq",
-        "--set", "index.opq=false", "--set", "index.M=3", "--set", "train.loss=ranking",
-        "--set", "train.negative_sampler=ivf", "--set", "train.balance_weight=0.1")) == 0
+        "--set", "index.opq=false", "--set", "index.M=3", "--set", "loss.kind=ranking",
+        "--set", "negatives.sampler=ivf", "--set", "loss.balance_weight=0.1")) == 0
     manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
     report = json.loads(open(published(out, "report.json")).read())
     assert {r["method"] for r in report["rows"]} == {"faiss-ivf-rq", "distilled-ivf-rq"}

@@ -28,5 +28,5 @@ def test_training_on_gpus_needs_a_cuda_torch(tmp_path, capsys):
     if torch.version.cuda is not None:
         pytest.skip("this torch is a CUDA build")
     corpus, _ = good(tmp_path)
-    err = run_job(capsys, corpus, str(tmp_path / "o"), "--set", "train.use_gpu=true")
-    assert "train.use_gpu=true needs a CUDA build of torch" in err
+    err = run_job(capsys, corpus, str(tmp_path / "o"), "--set", "ray.train_gpu=true")
+    assert "ray.train_gpu=true needs a CUDA build of torch" in err

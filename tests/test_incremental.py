@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def test_incremental_rebuild(ray_cluster, tmp_path, caplog):
     data, out = str(tmp_path / "data"), str(tmp_path / "run")
     prepare_data.write_dataset(data, *prepare_data.synthetic(3000, 32), files=3)
-    args = job_args(data, out, "--set", "train.epochs=1", "--set", "train.num_workers=1")
+    args = job_args(data, out, "--set", "train.epochs=1", "--set", "ray.train_workers=1")
     assert distill.main(args) == 0
     params = os.path.join(out, "stages", "train", "params.npz")
     trained_at = os.path.getmtime(params)

@@ -213,8 +213,8 @@ def test_fastscan_export_answers_as_the_float_index(tmp_path):
     centroids and codebooks: its answers match the float look-up tables' except where the
     8-bit quantized tables break near-ties, and plain faiss reads it back."""
     x = normalized(np.random.default_rng(5), 2000, 32)
-    trained = build.train_baseline(x, IndexConfig(nlist=16, M=8, nbits=4, opq=True,
-                                                  metric="ip"), niter=10)
+    trained = build.train_baseline(x, IndexConfig(nlist=16, M=8, nbits=4, opq=True),
+                                     niter=10)
     fs = build.to_fastscan(trained)
     for index in (trained, fs):
         index.add(x)
@@ -235,8 +235,8 @@ def test_fastscan_from_merged_ondisk_lists_outlives_its_source(tmp_path):
     same answers as the same vectors added to a fast-scan index directly."""
     rng = np.random.default_rng(6)
     x = normalized(rng, 3000, 32)
-    trained = build.train_baseline(x, IndexConfig(nlist=16, M=8, nbits=4, opq=True,
-                                                  metric="ip"), niter=10)
+    trained = build.train_baseline(x, IndexConfig(nlist=16, M=8, nbits=4, opq=True),
+                                     niter=10)
     ids = np.arange(3000, dtype=np.int64) * 7 + 11
     paths = []
     for s, (a, b) in enumerate([(0, 1400), (1400, 3000)]):

@@ -86,9 +86,9 @@ def test_submit_smoke_job(head, smoke_data, tmp_path):
         "python", "jobs/distill.py", "--config", "jobs/configs/smoke.yaml", "--output", out,
         "--set", f"data.corpus={smoke_data}/corpus",
         "--set", f"data.train_queries={smoke_data}/train_queries",
-        "--set", f"data.eval_queries={smoke_data}/eval_queries",
-        "--set", f"data.labels={smoke_data}/labels", "--set", "train.epochs=1",
-        "--set", "train.num_workers=1"])
+        "--set", f"eval.queries={smoke_data}/eval_queries",
+        "--set", f"eval.labels={smoke_data}/labels", "--set", "train.epochs=1",
+        "--set", "ray.train_workers=1"])
     print(f"submitted {job_id}")
     status = ""
     for _ in range(120):  # bounded: at most 6 minutes

@@ -112,7 +112,7 @@ def test_sigterm_names_the_stage_releases_the_lease_and_the_rerun_resumes(
     got = load_parts(info["train"] + info["val"])
     ids, xb = readers.read_all(f"{smoke_data}/corpus", "corpus")
     cfg = load_config("jobs/configs/smoke.yaml", [])
-    band = knn.Band.of(cfg.teacher, cfg.train.seed)
+    band = knn.Band.of(cfg.teacher)
     S, I, V = knn.finish(knn.block_topk(got["xq"], xb, ids, 10, "ip", True, band=band,
                                         qids=got["qids"]), band)
     np.testing.assert_array_equal(got["I"], I)

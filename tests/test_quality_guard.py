@@ -50,7 +50,7 @@ def test_distillation_beats_faiss_at_8_bytes(data):
     against the exact top-100 of the slice, at two nprobes."""
     cfg = load_config(os.path.join(quality.ROOT, "bench", "quality.yaml"),
                       ["data.corpus=unused", "index.nlist=32", "index.M=8", "index.opq=false",
-                       f"init.train_sample={N_DOCS}", "train.epochs=1", "eval.nprobe=[2, 8]"])
+                       f"data.train_sample={N_DOCS}", "train.epochs=1", "eval.nprobe=[2, 8]"])
     assert cfg.index.nbits == 8  # 8 sub-quantizers of 8 bits: 8 bytes per vector
     trained, _ = quality.train_faiss(data.xb, cfg.index, cfg, {})
     base = {"bytes_per_vector": 8, "nlist": 32}

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import IndexConfig, Quantizer, TrainConfig, load_config
+from pipeline.config import (
+    IndexConfig,
+    LossConfig,
+    NegativesConfig,
+    Quantizer,
+    TrainConfig,
+    load_config,
+)
 from pipeline.index import build, knn, ondisk
 from pipeline.index.params import Params, QuantizerSpec
 from pipeline.quant import fit, loop, negatives, objective
@@ -71,12 +78,13 @@ def test_fused_pq_assignment_equals_autograd(setup, M, temperature):
 
 def test_rotation_stays_orthogonal_and_loss_falls(setup):
     xb, xq, trained, V = setup
-    cfg = TrainConfig(batch_size=50, negatives=64, rotation_lr=1e-2, epochs=3)
+    cfg = loop.Recipe(TrainConfig(batch_size=50, rotation_lr=1e-2, epochs=3),
+                      negatives=NegativesConfig(corpus=64))
     model = Student(build.extract_params(trained), "ip")
     loop.calibrate(model, xb[:2000])
-    opt = loop.make_optimizer(model, cfg)
+    opt = loop.make_optimizer(model, cfg.train)
     data = loop.TrainData(xq, V, xb[:2000])
-    losses = [loop.train_epoch(model, opt, data, cfg, e)["loss"] for e in range(cfg.epochs)]
+    losses = [loop.train_epoch(model, opt, data, cfg, e)["loss"] for e in range(cfg.train.epochs)]
     assert losses[-1] < losses[0]
     R = model.rotation().detach()
     np.testing.assert_allclose((R @ R.T).numpy(), np.eye(32), atol=1e-4)
@@ -169,7 +177,7 @@ def test_band_weights_reach_both_distillation_terms(setup):
     """batch_loss's slot weights: a neighbour slot of weight 3 scores as the same neighbour in
     three slots, in the PQ and the IVF term alike; lists of another width are refused."""
     xb, xq, trained, _ = setup
-    cfg = TrainConfig(batch_size=16, negatives=8, rank_top=4, in_batch=False)
+    cfg = LossConfig(rank_top=4)
     q, neg = torch.as_tensor(xq[:16]), torch.as_tensor(xb[:8])
     # float32 neighbours: the float16 ones can swap ranks 4 and 5 when rescored, and a weighted
     # slot in the top is not a repeated one (the top orders single documents)
@@ -193,7 +201,7 @@ def test_copies_of_a_top_neighbour_are_no_candidates(setup):
     negative here; another query's neighbour in-batch) is left out: the terms equal those
     without the copy. A copy of a neighbour below the top stays a candidate."""
     xb, xq, trained, V = setup
-    cfg = TrainConfig(batch_size=1, negatives=8, rank_top=4)
+    cfg = LossConfig(rank_top=4)
     model = Student(build.extract_params(trained), "ip")
     q, neg = torch.as_tensor(xq[:1]), torch.as_tensor(xb[:8])
     pos = torch.as_tensor(V[:1].astype(np.float32))
@@ -209,7 +217,7 @@ def test_data_parallel_gradients_sum_to_the_global_batch(setup):
     """Gradients of two equal slices, summed (the all-reduce), equal the one-process gradient
     of the whole global batch: the kernel side of the 2-worker equivalence."""
     xb, xq, trained, V = setup
-    cfg = TrainConfig(batch_size=64, negatives=32, in_batch=False)
+    cfg = LossConfig()
     params = build.extract_params(trained)
     neg = torch.as_tensor(xb[np.random.default_rng(0).choice(1000, 32, replace=False)])
 
@@ -220,7 +228,7 @@ def test_data_parallel_gradients_sum_to_the_global_batch(setup):
             idx = np.arange(r * 64 // world, (r + 1) * 64 // world)
             q, pos = torch.as_tensor(xq[idx]), torch.as_tensor(V[idx].astype(np.float32))
             parts = objective.batch_loss(model, q, pos, neg, cfg, in_batch=False)
-            ((parts["pq"] + parts["ivf"] + 0.5 * parts["recon"]) / cfg.batch_size).backward()
+            ((parts["pq"] + parts["ivf"] + 0.5 * parts["recon"]) / 64).backward()
             per_rank.append([p.grad for p in model.parameters() if p.requires_grad])
         return [sum(gs) for gs in zip(*per_rank)]
 
@@ -251,8 +259,7 @@ def test_documents_in_several_lists_are_quantized_once(setup, monkeypatch, balan
     negative that is also a neighbour) is quantized once: every term and every gradient are
     those of quantizing each copy on its own."""
     xb, xq, trained, V = setup
-    cfg = TrainConfig(batch_size=32, negatives=16, rank_top=4, balance_weight=balance,
-                      recon_weight=0.5)
+    cfg = LossConfig(rank_top=4, balance_weight=balance, recon_weight=0.5)
     idx = np.r_[0:24, 0:8]  # eight queries twice: their whole lists repeat
     q, pos = torch.as_tensor(xq[idx]), torch.as_tensor(V[idx].astype(np.float32))
     neg = torch.cat([torch.as_tensor(xb[:12]), pos[0, 5:6], pos[3, 1:5]])
@@ -280,7 +287,7 @@ def test_empty_teacher_slots_are_no_candidates(setup, in_batch):
     distillation terms equal those of the lists without the slot, and no NaN reaches a
     gradient."""
     xb, xq, trained, V = setup
-    cfg = TrainConfig(batch_size=32, negatives=16, rank_top=4)
+    cfg = LossConfig(rank_top=4)
     neg = torch.as_tensor(xb[:16])
     q = torch.as_tensor(xq[:32])
     pos = torch.as_tensor(V[:32].astype(np.float32))
@@ -302,8 +309,8 @@ def test_rq_student_scores_like_the_exported_faiss_index(setup, nlist, metric):
     """The residual (AQ) student's hard forward is what faiss's IndexIVFResidualQuantizer /
     IndexResidualQuantizer, built from the exported codebooks, encodes and scores."""
     xb, xq, _, _ = setup
-    icfg = IndexConfig(nlist=nlist, M=3, nbits=5, opq=False, quantizer="rq", metric=metric)
-    trained = build.train_baseline(xb[:3000], icfg, niter=5)
+    icfg = IndexConfig(nlist=nlist, M=3, nbits=5, opq=False, quantizer="rq")
+    trained = build.train_baseline(xb[:3000], icfg, niter=5, metric=metric)
     params = build.extract_params(trained)
     assert params.codebooks.shape == (3, 32, 32) and params.spec.kind == "rq"
     model = Student(params, metric)
@@ -329,11 +336,11 @@ def test_rq_student_learns_and_exports_the_learned_codebooks(setup):
     xb, xq, _, V = setup
     icfg = IndexConfig(nlist=16, M=3, nbits=5, opq=False, quantizer="rq")
     params = build.extract_params(build.train_baseline(xb[:3000], icfg, niter=5))
-    cfg = TrainConfig(batch_size=50, negatives=64, epochs=2, loss="ranking",
-                      balance_weight=0.1)
+    cfg = loop.Recipe(TrainConfig(batch_size=50, epochs=2), negatives=NegativesConfig(corpus=64),
+                      loss=LossConfig(kind="ranking", balance_weight=0.1))
     model = Student(params, "ip")
     loop.calibrate(model, xb[:2000])
-    opt = loop.make_optimizer(model, cfg)
+    opt = loop.make_optimizer(model, cfg.train)
     data = loop.TrainData(xq, V, xb[:2000])
     losses = [loop.train_epoch(model, opt, data, cfg, e)["loss_pq"] for e in range(2)]
     assert losses[-1] < losses[0]
@@ -383,8 +390,8 @@ def test_contrastive_term_rewards_the_labeled_document():
     q, pos = torch.as_tensor(normalized(rng, 6, 8)), torch.as_tensor(
         normalized(rng, 18, 8).reshape(6, 3, 8))
     lab, neg = pos[:, 0].clone(), torch.as_tensor(normalized(rng, 10, 8))
-    off = objective.batch_loss(Student(params), q, pos, neg, TrainConfig(), True, lab)
-    on = objective.batch_loss(Student(params), q, pos, neg, TrainConfig(contrastive_weight=1.0),
+    off = objective.batch_loss(Student(params), q, pos, neg, LossConfig(), True, lab)
+    on = objective.batch_loss(Student(params), q, pos, neg, LossConfig(contrastive_weight=1.0),
                               True, lab)
     assert off["contrastive"].item() == 0 and on["contrastive"].item() > 0
     assert on["pq"].item() == pytest.approx(off["pq"].item())
@@ -394,8 +401,8 @@ def test_ivf_negatives_come_from_the_probed_lists(setup):
     xb, xq, trained, _ = setup
     model = Student(build.extract_params(trained), "ip")
     pool = xb[:3000]
-    cfg = TrainConfig(negatives=100, negative_sampler="ivf", ivf_negative_nprobe=1)
-    sampler = negatives.NegativeSampler(pool, cfg)
+    cfg = NegativesConfig(corpus=100, sampler="ivf", ivf_nprobe=1)
+    sampler = negatives.NegativeSampler(pool, cfg, 0)
     sampler.start_epoch(model, "cpu")
     batch = xq[:4]
     neg = sampler.draw(model, batch, 0, 0, "cpu")
@@ -406,8 +413,8 @@ def test_ivf_negatives_come_from_the_probed_lists(setup):
         got = model.assign(model.rotate(torch.as_tensor(neg))).tolist()
     near = int(np.isin(sampler.lists, list(probed)).sum())
     assert sum(g in probed for g in got) == min(100, near)
-    rand = negatives.NegativeSampler(pool, TrainConfig(negatives=100)).draw(model, batch, 0, 0,
-                                                                            "cpu")
+    rand = negatives.NegativeSampler(pool, NegativesConfig(corpus=100), 0).draw(
+        model, batch, 0, 0, "cpu")
     with torch.no_grad():
         got_r = model.assign(model.rotate(torch.as_tensor(rand))).tolist()
     assert sum(g in probed for g in got_r) < sum(g in probed for g in got)
@@ -421,8 +428,7 @@ def test_list_negatives_come_from_each_querys_own_list(setup):
     model = Student(build.extract_params(trained), "ip")
     # the last query is a pool vector, which the pool holds 200 times over
     pool = np.concatenate([xb[:3000], np.repeat(xb[:1], 200, 0)])
-    cfg = TrainConfig(list_negatives=40, seed=3)
-    near = negatives.ListNegatives(pool, cfg)
+    near = negatives.ListNegatives(pool, 40, 3)
     q = torch.as_tensor(np.concatenate([xq[:7], xb[:1]]))
     I = knn.block_topk(q.numpy(), pool, np.arange(len(pool)), 4, "ip")[1]
     pos = torch.as_tensor(pool[I])
@@ -438,11 +444,11 @@ def test_list_negatives_come_from_each_querys_own_list(setup):
     assert (s[filled] < (q * pos[:, 3]).sum(1)[:, None].expand(-1, 40)[filled]).all()
     assert filled[:-1].sum() > 0.9 * 7 * 40
     assert 0 < filled[-1].sum() < 30  # about half its list is copies of it
-    again = negatives.ListNegatives(pool, cfg)
+    again = negatives.ListNegatives(pool, 40, 3)
     halves = [again.draw(model, q[i::2], pos[i::2], 4, 0, 0) for i in (1, 0)]
     torch.testing.assert_close(torch.cat(halves)[[4, 0, 5, 1, 6, 2, 7, 3]], got,
                                equal_nan=True)
-    other = negatives.ListNegatives(pool, cfg).draw(model, q, pos, 4, 0, 1)
+    other = negatives.ListNegatives(pool, 40, 3).draw(model, q, pos, 4, 0, 1)
     assert not torch.equal(torch.nan_to_num(other), torch.nan_to_num(got))  # a new step
 
 
@@ -456,8 +462,8 @@ def test_training_is_scale_free(setup, c):
     # that float rounding tips differently at the two scales (1.2% of the codebook entries
     # drift by up to 1.7e-3); the other pairs of kl_temperature 1 or 2 and ivf_weight 1.0 or
     # 0.3 pass.
-    cfg = TrainConfig(batch_size=50, negatives=64, epochs=1, balance_weight=0.1,
-                      recon_weight=0.1, ivf_weight=1.0)
+    cfg = loop.Recipe(TrainConfig(batch_size=50, epochs=1), negatives=NegativesConfig(corpus=64),
+                      loss=LossConfig(balance_weight=0.1, recon_weight=0.1, ivf_weight=1.0))
     params = build.extract_params(trained)
     out = []
     for scale in (1.0, c):
@@ -465,7 +471,7 @@ def test_training_is_scale_free(setup, c):
                                 codebooks=params.codebooks * scale)
         model = Student(p, "ip")
         loop.calibrate(model, xb[:2000] * scale)
-        opt = loop.make_optimizer(model, cfg)
+        opt = loop.make_optimizer(model, cfg.train)
         data = loop.TrainData(xq * scale, V.astype(np.float32) * scale, xb[:2000] * scale)
         loop.train_epoch(model, opt, data, cfg, 0)
         out.append(model.export())

@@ -15,10 +15,11 @@ from pipeline.data.plan import Shard, plan_blocks
 from pipeline.data.teacher_parts import load_parts
 from pipeline.distributed import exact_knn
 from pipeline.index import build, knn, ondisk
+from pipeline.runner import BY_NAME, stage_context
 from pipeline.stages import encode as encode_stage
-from pipeline.stages import ingest, init, teacher
-from pipeline.stages import train as train_stage
+from pipeline.stages import ingest
 from pipeline.stages.common import METHODS, Run
+from pipeline.stages.results import Exported
 
 from .conftest import NodeLoss, normalized
 
@@ -26,7 +27,7 @@ from .conftest import NodeLoss, normalized
 def smoke_cfg(data, *extra):
     return load_config("jobs/configs/smoke.yaml", [
         f"data.corpus={data}/corpus", f"data.train_queries={data}/train_queries",
-        f"data.eval_queries={data}/eval_queries", f"data.labels={data}/labels",
+        f"eval.queries={data}/eval_queries", f"eval.labels={data}/labels",
         "ray.gpu_group=gpu_group", "ray.cpu_group=cpu_group", *extra])
 
 
@@ -34,33 +35,53 @@ def _driver_reads(*args, **kwargs):
     raise AssertionError("the driver read rows of a corpus or query file: tasks must")
 
 
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    cfg: object
+    run: Run
+
+    def result(self, stage: str):
+        return self.run.result(BY_NAME[stage])
+
+    def stage_path(self, *parts):
+        return self.run.stage_path(*parts)
+
+
+def run_stage(cfg, run: Run, name: str, **extra):
+    """One stage as the runner runs it (its context from `run`'s records), recorded."""
+    result = BY_NAME[name].run(stage_context(cfg, run, BY_NAME[name], key=f"test-{name}",
+                                             extra=extra))
+    run.finish(name, result, 0.0)
+    return result
+
+
 @pytest.fixture(scope="module")
 def prepared(ray_cluster, smoke_data, tmp_path_factory):
     """A run folder with ingest, init and teacher done. The stages run with the driver's
     row reader disabled: the corpus and the training queries are read by tasks only (the
     preflight before them reads metadata)."""
-    cfg = smoke_cfg(smoke_data, "train.in_batch=false", "train.epochs=1")
-    run = Run(str(tmp_path_factory.mktemp("run")), cfg)
+    cfg = smoke_cfg(smoke_data, "negatives.in_batch=false", "train.epochs=1")
+    run = Run(str(tmp_path_factory.mktemp("run")))
     plan = ingest.preflight(cfg)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(readers, "read_rows", _driver_reads)
-        for name, fn in (("ingest", lambda: ingest.run(run, plan)),
-                         ("init", lambda: init.run(run)), ("teacher", lambda: teacher.run(run))):
-            run.finish(name, fn(), 0.0)
-    return run
+        run_stage(cfg, run, "ingest", preflight=plan)
+        run_stage(cfg, run, "init")
+        run_stage(cfg, run, "teacher")
+    return Prepared(cfg, run)
 
 
-def corpus(run):
-    return readers.read_all(run.cfg.data.corpus, "corpus")
+def corpus(prepared):
+    return readers.read_all(prepared.cfg.data.corpus, "corpus")
 
 
 def test_teacher_equals_brute_force(prepared):
     ids, xb = corpus(prepared)
-    info = prepared.stage_info("teacher")
-    parts = load_parts(info["train"] + info["val"])
-    assert len(parts["qids"]) == info["queries"] and len(info["val"]) == len(info["train"])
-    assert 0 < info["rows"]["val"] < info["rows"]["train"]
-    band = knn.Band.of(prepared.cfg.teacher, prepared.cfg.train.seed)  # the default band
+    info = prepared.result("teacher")
+    parts = load_parts(info.train + info.val)
+    assert len(parts["qids"]) == info.queries and len(info.val) == len(info.train)
+    assert 0 < info.rows["val"] < info.rows["train"]
+    band = knn.Band.of(prepared.cfg.teacher)  # the default band
     assert band is not None
     S, I, V = knn.finish(knn.block_topk(parts["xq"], xb, ids, prepared.cfg.teacher.k, "ip", True,
                                         band=band, qids=parts["qids"]), band)
@@ -76,7 +97,7 @@ def test_encode_and_merge_equal_one_index(prepared, tmp_path, ranges):
     ids, xb = corpus(prepared)
     trained_uri = prepared.stage_path("init", "baseline.index")
     trained = faiss.read_index(trained_uri)
-    shards = prepared.stage_info("ingest")["shards"]
+    shards = prepared.result("ingest").shards
     assert len(shards) == 4
     layout, nlist = str(tmp_path / "enc"), prepared.cfg.index.nlist
     blob = encode_stage.put_index(trained_uri)
@@ -93,7 +114,7 @@ def test_encode_and_merge_equal_one_index(prepared, tmp_path, ranges):
     assert res["ntotal"] == len(xb)
     merged = ondisk.read_ondisk(os.path.join(out, "index.index"))
     single = ondisk.encode_shard(trained, ids, xb)
-    xq = readers.read_all(prepared.cfg.data.eval_queries, "q")[1]
+    xq = readers.read_all(prepared.cfg.eval.queries, "q")[1]
     for index in (merged, single):
         build.set_nprobe(index, 8)
     np.testing.assert_array_equal(merged.search(xq, 50)[1], single.search(xq, 50)[1])
@@ -116,7 +137,7 @@ def test_encode_is_idempotent_per_shard(prepared, tmp_path):
     """A shard already encoded (its marker written) is not encoded again: retries, resumed
     runs and incremental rebuilds reuse it."""
     trained_uri = prepared.stage_path("init", "baseline.index")
-    s = prepared.stage_info("ingest")["shards"][0]
+    s = prepared.result("ingest").shards[0]
     layout = str(tmp_path / "enc")
     blob = encode_stage.put_index(trained_uri)
     n = ray.get(encode_stage._encode_shard.remote(s, [layout], 0.0, blob))
@@ -129,21 +150,19 @@ def test_encode_is_idempotent_per_shard(prepared, tmp_path):
 def _copy_inputs(prepared, run: Run, stages=("ingest", "init", "teacher")) -> None:
     """Gives `run` the prepared run's finished stages and the files later stages read."""
     for stage in stages:
-        run.finish(stage, prepared.stage_info(stage), 0.0)
+        run.finish(stage, prepared.result(stage), 0.0)
     for stage, name in (("ingest", "sample.npz"), ("init", "baseline.index")):
         storage.write_bytes(run.stage_path(stage, name),
                             storage.read_bytes(prepared.stage_path(stage, name)))
 
 
 def _train(prepared, workers, out, **ray_settings):
-    cfg = prepared.cfg
-    cfg = dataclasses.replace(
-        cfg, train=dataclasses.replace(cfg.train, num_workers=workers, in_batch=False,
-                                       epochs=2, batch_size=64),
-        ray=dataclasses.replace(cfg.ray, **ray_settings))
-    run = Run(str(out), cfg)
+    cfg = prepared.cfg.with_values({
+        "ray.train_workers": workers, "negatives.in_batch": False, "train.epochs": 2,
+        "train.batch_size": 64, **{f"ray.{k}": v for k, v in ray_settings.items()}})
+    run = Run(str(out))
     _copy_inputs(prepared, run)  # share the prepared inputs
-    info = train_stage.run(run)
+    info = run_stage(cfg, run, "train")
     state = checkpoint.loads(storage.read_bytes(run.stage_path("train", "checkpoint.npz")))
     return state, info
 
@@ -169,7 +188,7 @@ def test_two_train_workers_match_one(prepared, one_worker, tmp_path):
     assert not torch.allclose(s1["model"]["codebooks"], torch.as_tensor(
         build.extract_params(storage.read_index(prepared.stage_path("init", "baseline.index")))
         .codebooks))
-    assert [h["steps"] for h in info2["history"]] == [h["steps"] for h in info1["history"]]
+    assert [h["steps"] for h in info2.history] == [h["steps"] for h in info1.history]
 
 
 def test_training_survives_losing_its_node(prepared, one_worker, cluster, tmp_path):
@@ -191,25 +210,26 @@ def test_training_survives_losing_its_node(prepared, one_worker, cluster, tmp_pa
 def test_encode_survives_losing_a_node(prepared, cluster, tmp_path):
     """A node is lost while it encodes shards: Ray retries its tasks on the replacement, and
     each merged index answers as one process encoding the whole corpus."""
-    cfg = dataclasses.replace(prepared.cfg, ray=dataclasses.replace(
-        prepared.cfg.ray, cpu_group="encode_loss_group"))
-    run = Run(str(tmp_path / "run"), cfg)
+    cfg = prepared.cfg.with_values({"ray.cpu_group": "encode_loss_group"})
+    run = Run(str(tmp_path / "run"))
     _copy_inputs(prepared, run, ("ingest", "init"))
+    run.finish("export", Exported(d=corpus(prepared)[1].shape[1],
+                                 bytes_per_vector=4), 0.0)
     trained = {m: run.stage_path(*where) for m, (where, _) in METHODS.items()}
     storage.write_bytes(trained["distilled-ivfpq"], storage.read_bytes(trained["faiss-ivfpq"]))
     loss = NodeLoss(cluster, cfg.ray.cpu_group, "encode", tmp_path / "hold")
     try:
-        run.finish("encode", encode_stage.run_encode(run), 0.0)
-        merged = encode_stage.run_merge(run)  # on the replacement: the group's only node now
+        run_stage(cfg, run, "encode")
+        merged = run_stage(cfg, run, "merge")  # on the replacement: the group's only node now
     finally:
         loss.close()
     ids, xb = corpus(prepared)
-    xq = readers.read_all(cfg.data.eval_queries, "q")[1]
+    xq = readers.read_all(cfg.eval.queries, "q")[1]
     single = ondisk.encode_shard(faiss.read_index(trained["faiss-ivfpq"]), ids, xb)
     build.set_nprobe(single, 8)
     want = single.search(xq, 50)[1]
     for m in METHODS:
-        got = ondisk.read_ondisk(os.path.join(merged[m]["uri"], "index.index"))
+        got = ondisk.read_ondisk(os.path.join(merged.indexes[m].uri, "index.index"))
         build.set_nprobe(got, 8)
         np.testing.assert_array_equal(got.search(xq, 50)[1], want, err_msg=m)
 
@@ -218,14 +238,13 @@ def test_pseudo_queries_do_not_find_themselves(prepared, tmp_path):
     """With no data.train_queries, ingest's corpus samples are the training queries and the
     teacher leaves each one's own row out of its list: the lists are the corpus search with
     exclude_self, and no query's row is among its neighbours."""
-    cfg = dataclasses.replace(prepared.cfg, data=dataclasses.replace(
-        prepared.cfg.data, train_queries="", pseudo_queries=300))
-    run = Run(str(tmp_path / "run"), cfg)
-    run.finish("ingest", ingest.run(run, ingest.preflight(cfg)), 0.0)
-    info = teacher.run(run)
-    parts = load_parts(info["train"] + info["val"])
+    cfg = prepared.cfg.with_values({"data.train_queries": "", "data.pseudo_queries": 300})
+    run = Run(str(tmp_path / "run"))
+    run_stage(cfg, run, "ingest", preflight=ingest.preflight(cfg))
+    info = run_stage(cfg, run, "teacher")
+    parts = load_parts(info.train + info.val)
     ids, xb = corpus(prepared)
-    band = knn.Band.of(cfg.teacher, cfg.train.seed)
+    band = knn.Band.of(cfg.teacher)
     S, I, V = knn.finish(knn.block_topk(parts["xq"], xb, ids, cfg.teacher.k, "ip", True,
                                         band=band, qids=parts["qids"], exclude_self=True), band)
     np.testing.assert_array_equal(parts["I"], I)
@@ -240,12 +259,12 @@ def test_teacher_tree_merge_equals_brute_force(prepared, tmp_path, monkeypatch, 
     with a band the same draw of deeper neighbours as one search over the whole corpus."""
     monkeypatch.setattr(exact_knn, "MERGE_FANIN", 2)
     ids, xb = corpus(prepared)
-    qids, xq = readers.read_all(prepared.cfg.data.eval_queries, "q")
+    qids, xq = readers.read_all(prepared.cfg.eval.queries, "q")
     # blocks of at most 40 queries (the files split evenly), read by tasks
-    files = readers.query_files("q", prepared.cfg.data.eval_queries, xb.shape[1])
+    files = readers.query_files("q", prepared.cfg.eval.queries, xb.shape[1])
     blocks = [b.to_dict() for b in plan_blocks(files, 40)]
     assert len(blocks) > 1
-    out = exact_knn.distributed_topk(prepared.cfg, prepared.stage_info("ingest")["shards"],
+    out = exact_knn.distributed_topk(prepared.cfg.ray, "ip", prepared.result("ingest").shards,
                                      blocks, xb.shape[1], 10, str(tmp_path / "t"), "test",
                                      with_vectors=True, band=band)
     assert len(out["all"]) == len(blocks) and out["rows"]["all"] == len(qids)
@@ -271,10 +290,10 @@ def test_bad_query_block_is_the_users_error(prepared, tmp_path):
     x[20, 1] = np.nan
     (tmp_path / "q").mkdir()
     pq.write_table(embedding_table(np.arange(50), x), tmp_path / "q" / "a.parquet")
-    files = readers.query_files("data.eval_queries", str(tmp_path / "q"), d)
+    files = readers.query_files("eval.queries", str(tmp_path / "q"), d)
     blocks = [b.to_dict() for b in plan_blocks(files, 20)]
     with pytest.raises(ValueError) as e:
-        exact_knn.distributed_topk(prepared.cfg, prepared.stage_info("ingest")["shards"],
+        exact_knn.distributed_topk(prepared.cfg.ray, "ip", prepared.result("ingest").shards,
                                    blocks, d, 10, str(tmp_path / "t"), "evaluate")
     assert not isinstance(e.value, ray.exceptions.RayTaskError)
     msg = str(e.value)

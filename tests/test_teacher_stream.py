@@ -88,5 +88,5 @@ def test_epochs_shuffle_differently_and_seeds_repeat(parts):
 
 
 def test_streams_must_split_over_workers(parts):
-    with pytest.raises(ValueError, match="multiple of train.num_workers"):
+    with pytest.raises(ValueError, match="multiple of ray.train_workers"):
         TeacherStream(parts, np.zeros((1, 8), np.float32), streams=3, rank=0, world=2)

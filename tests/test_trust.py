@@ -2,6 +2,7 @@
 data, manifest names that stay in their version, pruning that keeps what readers hold, file
 identity, URIs, durability and S3's conditional writes. S3 cases run on the local endpoint,
 faults through tests/s3_proxy.py in front of it."""
+import dataclasses
 import hashlib
 import io
 import json
@@ -17,13 +18,13 @@ import torch
 
 from jobs import copy_run, distill, search
 from pipeline import checkpoint, lease, publish, storage
-from pipeline.config import PipelineConfig, load_config
+from pipeline.config import load_config
 from pipeline.data import readers
 from pipeline.data.teacher_parts import table_arrays, teacher_table
 from pipeline.index import knn
 from pipeline.runner import check_output
 from pipeline.stages import train as train_stage
-from pipeline.stages.common import Run
+from pipeline.stages.common import Context, Run, StageConfig
 
 from .s3_proxy import Proxy
 from .test_bad_input import good, run_job, write
@@ -49,20 +50,33 @@ def out(request, s3, tmp_path):
 
 # --- 1. the fenced lease -----------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class Note:
+    """A stage result that says who wrote it."""
+    by: str
+    i: int = 0
+
+
 HOLDER = """
 import sys, time
+from dataclasses import dataclass
 from pipeline import lease
-from pipeline.config import PipelineConfig
 from pipeline.stages.common import Run
+
+@dataclass(frozen=True)
+class Note:
+    by: str
+    i: int = 0
+
 out, ttl = sys.argv[1], float(sys.argv[2])
 held = lease.Lease(out, ttl)
 held.acquire()
-run = Run(out, PipelineConfig())
+run = Run(out)
 print("HELD", flush=True)
 i = 0
 while True:
     try:
-        run.finish("x", {"by": "A", "i": i}, 0.0, held=held)
+        run.finish("x", Note("A", i), 0.0, held=held)
         print("WROTE", i, time.monotonic(), flush=True)
         i += 1
     except lease.LeaseLost as e:
@@ -102,9 +116,9 @@ def test_a_partitioned_holder_stops_before_a_taker_writes(proxy, s3, tmp_path):
                 assert time.monotonic() - t0 < 60, "the dead lease was never taken over"
                 time.sleep(0.5)
         taken_at = time.monotonic()
-        run = Run.sealing(out, PipelineConfig(), taker.token)
+        run = Run.sealing(out, taker.token)
         assert run.record("x")["info"]["by"] == "A", "what A committed in time is kept"
-        run.finish("x", {"by": "B"}, 0.0, held=taker)
+        run.finish("x", Note("B"), 0.0, held=taker)
         rest, _ = holder.communicate(timeout=60)
         lines += rest.splitlines()
         lost = [line for line in lines if line.startswith("LOST")]
@@ -142,12 +156,12 @@ def test_a_taker_with_a_skewed_clock_does_not_take_a_live_lease(out):
 def test_stage_records_name_the_lease_that_wrote_them(tmp_path):
     out = str(tmp_path / "run")
     with lease.hold(out, 60) as held:
-        run = Run(out, PipelineConfig())
-        run.finish("ingest", {"n": 1}, 0.1, "k", {}, {}, held)
+        run = Run(out)
+        run.finish("ingest", Note("A"), 0.1, "k", {}, {}, held)
         assert run.record("ingest")["lease"] == held.token
         held._lose("test")
         with pytest.raises(lease.LeaseLost):
-            run.finish("init", {}, 0.1, "k", {}, {}, held)
+            run.finish("init", Note("A"), 0.1, "k", {}, {}, held)
     assert run.record("init") is None, "a job that lost its lease writes nothing more"
 
 
@@ -163,7 +177,8 @@ class _Payload:
 
 def test_a_planted_pickle_checkpoint_is_set_aside_unexecuted(tmp_path, caplog):
     out, flag = str(tmp_path / "run"), str(tmp_path / "pwned")
-    run = Run(out, PipelineConfig(), keys={"train": "k"})
+    run = Run(out)
+    ctx = Context("train", StageConfig("train", {}), {}, run, key="k")
     uri = run.stage_path("train", train_stage.CHECKPOINT)
     for payload in ("torch", "npz"):
         buf = io.BytesIO()
@@ -174,7 +189,7 @@ def test_a_planted_pickle_checkpoint_is_set_aside_unexecuted(tmp_path, caplog):
                      a0=np.array([_Payload(flag)], dtype=object))
         storage.write_bytes(uri, buf.getvalue())
         with caplog.at_level("INFO", logger="pipeline"):
-            assert not train_stage._resumable(run, uri)
+            assert not train_stage._resumable(ctx, uri)
         assert not os.path.exists(flag), "the payload ran"
         assert not storage.exists(uri) and "unreadable" in caplog.text
     state = {"epoch": 1, "stage_key": "k", "model": {"w": torch.ones(2)}, "t": (1, 2)}
@@ -427,7 +442,7 @@ def test_s3_trouble_at_start_fails_fast_and_names_the_uri(s3, tmp_path, fault):
         res = subprocess.run([sys.executable, "jobs/distill.py", "--config",
                               "jobs/configs/smoke.yaml", "--output", out, "--set",
                               f"data.corpus={corpus}", "--set", "data.train_queries=",
-                              "--set", "data.eval_queries=", "--set", "data.labels="],
+                              "--set", "eval.queries=", "--set", "eval.labels="],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         took = time.time() - t0
     finally:
@@ -459,15 +474,15 @@ def test_bad_eval_queries_fail_before_any_work(tmp_path, capsys):
     q[3, 0] = np.nan
     write(str(tmp_path / "q" / "a.parquet"), np.arange(20), q)
     err = run_job(capsys, corpus, str(tmp_path / "o"), "--set",
-                  f"data.eval_queries={tmp_path / 'q'}")
-    assert "data.eval_queries" in err and "NaN" in err
+                  f"eval.queries={tmp_path / 'q'}")
+    assert "eval.queries" in err and "NaN" in err
     assert not os.path.exists(tmp_path / "o" / "stages" / "ingest"), "before ingest ran"
 
 
 def test_val_fraction_zero_is_refused(tmp_path, capsys):
     corpus, _ = good(tmp_path)
-    err = run_job(capsys, corpus, str(tmp_path / "o"), "--set", "train.val_fraction=0")
-    assert "train.val_fraction must be in (0, 1)" in err
+    err = run_job(capsys, corpus, str(tmp_path / "o"), "--set", "teacher.val_fraction=0")
+    assert "teacher.val_fraction must be in (0, 1)" in err
 
 
 def test_teacher_vectors_beyond_float16_are_kept_as_float32():

@@ -18,6 +18,8 @@ from pipeline.config.sections import (
     EvalConfig,
     IndexConfig,
     InitConfig,
+    LossConfig,
+    NegativesConfig,
     PipelineConfig,
     PublishConfig,
     RayConfig,
@@ -27,5 +29,5 @@ from pipeline.config.sections import (
 
 __all__ = ["markdown", "load_config", "validate", "validate_for_pipeline", "LRSchedule", "Loss",
            "Metric", "NegativeSampler", "Quantizer", "Verify", "BuildConfig", "DataConfig",
-           "EvalConfig", "IndexConfig", "InitConfig", "PipelineConfig", "PublishConfig",
-           "RayConfig", "TeacherConfig", "TrainConfig"]
+           "EvalConfig", "IndexConfig", "InitConfig", "LossConfig", "NegativesConfig",
+           "PipelineConfig", "PublishConfig", "RayConfig", "TeacherConfig", "TrainConfig"]

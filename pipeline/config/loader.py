@@ -10,6 +10,27 @@ import yaml
 from pipeline.config.modes import Quantizer, coerce
 from pipeline.config.sections import PipelineConfig
 
+# Keys that an earlier layout of the config had, and where they live now: a config written
+# for it fails with the new name instead of a bare "unknown key".
+MOVED = {
+    "data.eval_queries": "eval.queries", "data.labels": "eval.labels",
+    "data.max_eval_queries": "eval.max_queries", "index.metric": "data.metric",
+    "init.train_sample": "data.train_sample",
+    "train.val_fraction": "teacher.val_fraction",
+    "train.loss": "loss.kind", "train.rank_top": "loss.rank_top",
+    "train.temperature": "loss.temperature", "train.kl_temperature": "loss.kl_temperature",
+    "train.kl_weight": "loss.kl_weight", "train.band_weighting": "loss.band_weighting",
+    "train.ivf_weight": "loss.ivf_weight", "train.recon_weight": "loss.recon_weight",
+    "train.balance_weight": "loss.balance_weight", "train.sinkhorn_iters": "loss.sinkhorn_iters",
+    "train.contrastive_weight": "loss.contrastive_weight",
+    "train.soft_temperature": "loss.soft_temperature",
+    "train.negatives": "negatives.corpus", "train.list_negatives": "negatives.per_list",
+    "train.negative_sampler": "negatives.sampler",
+    "train.ivf_negative_nprobe": "negatives.ivf_nprobe", "train.in_batch": "negatives.in_batch",
+    "train.num_workers": "ray.train_workers", "train.use_gpu": "ray.train_gpu",
+    "train.max_failures": "ray.max_failures", "build.list_ranges": "ray.merge_ranges",
+}
+
 
 def _build(cls, raw: dict, where: str):
     if not isinstance(raw, dict):
@@ -17,6 +38,9 @@ def _build(cls, raw: dict, where: str):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
+    moved = [f"{where}{k} is now {MOVED[where + k]}" for k in unknown if where + k in MOVED]
+    if moved:
+        raise ValueError(f"config key(s) moved: {'; '.join(moved)} (docs/configuration.md)")
     if unknown:
         raise ValueError(
             f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
@@ -70,27 +94,27 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> PipelineC
 
 def validate_for_pipeline(cfg: PipelineConfig) -> None:
     """Settings that the benchmark accepts but the pipeline cannot honour."""
-    if cfg.train.use_gpu:
+    if cfg.ray.train_gpu:
         import torch
 
         if torch.version.cuda is None:
             raise ValueError(
-                f"train.use_gpu=true needs a CUDA build of torch, and this one "
+                f"ray.train_gpu=true needs a CUDA build of torch, and this one "
                 f"({torch.__version__}) is CPU-only: Ray Train would fail joining the workers "
                 "(no NCCL). Install the CUDA build (README: Install; the cluster image has it) "
-                "or set train.use_gpu=false")
-    if cfg.train.contrastive_weight > 0:
+                "or set ray.train_gpu=false")
+    if cfg.loss.contrastive_weight > 0:
         raise ValueError(
-            "train.contrastive_weight > 0 needs labels for the training queries, which the "
+            "loss.contrastive_weight > 0 needs labels for the training queries, which the "
             "pipeline's teacher stream does not carry (and the shared data's rules forbid); "
             "compare it with bench/quality.py --train-labels PATH instead")
-    tr = cfg.train
+    tr, workers = cfg.train, cfg.ray.train_workers
     # The pipeline's training streams (pipeline.data.teacher_stream); the benchmark trains
     # in memory and has none.
-    if tr.streams < 1 or tr.streams % tr.num_workers or tr.batch_size % tr.streams:
+    if tr.streams < 1 or tr.streams % workers or tr.batch_size % tr.streams:
         raise ValueError(
-            f"train.streams ({tr.streams}) must be a multiple of train.num_workers "
-            f"({tr.num_workers}) and divide train.batch_size ({tr.batch_size}): every worker "
+            f"train.streams ({tr.streams}) must be a multiple of ray.train_workers "
+            f"({workers}) and divide train.batch_size ({tr.batch_size}): every worker "
             "reads whole streams, and every stream gives each batch the same number of rows")
 
 

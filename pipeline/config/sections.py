@@ -24,16 +24,18 @@ from pipeline.config.modes import (
 class DataConfig:
     corpus: str = ""  # local path or s3:// prefix: Parquet (id, embedding), .npy, .fvecs, .bvecs
     train_queries: str = ""  # unlabeled training queries; empty: corpus samples stand in
-    eval_queries: str = ""  # held-out queries for evaluation; empty: the index is not evaluated
-    labels: str = ""  # optional Parquet (query_id, doc_id) for label MRR@10 and recall@10
     rows_per_shard: int = 250_000  # corpus rows per shard task (files are split, never merged)
     max_train_queries: int = 0  # use at most this many training queries; 0: all
-    max_eval_queries: int = 0  # evaluate at most this many queries; 0: all
     pseudo_queries: int = 20_000  # corpus samples used as queries when train_queries is empty
+    train_sample: int = 100_000  # corpus vectors sampled for k-means, PQ and the negative pool
+    seed: int = 0  # seed of the training sample and of the pseudo-queries drawn from it
+    metric: Metric = Metric.IP  # ip for normalised embeddings (cosine), l2 otherwise
     verify: Verify = Verify.METADATA  # how a rerun tells that an input file changed
 
     def __post_init__(self):
         typed_modes(self)
+        if self.rows_per_shard < 1 or self.train_sample < 1:
+            raise ValueError("data.rows_per_shard and data.train_sample must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,6 @@ class IndexConfig:
     M: int = 8  # sub-quantizers (PQ) or stages (RQ); bytes per vector = M * nbits / 8
     nbits: int = 8  # bits per code; 4 with M = 2 x bytes for fast-scan
     opq: bool = True  # learn (and distil) an OPQ rotation in front of the PQ
-    metric: Metric = Metric.IP  # ip for normalised embeddings (cosine), l2 otherwise
     quantizer: Quantizer = Quantizer.PQ  # pq (IVF-PQ / IVF-OPQ) or rq (KDindex's additive student; no OPQ)
     rq_beam: int = 1  # RQ only: encoding beam width (1: greedy, as the student trains)
 
@@ -59,10 +60,9 @@ class IndexConfig:
 
 @dataclass(frozen=True)
 class InitConfig:
-    train_sample: int = 100_000  # corpus vectors sampled for k-means, PQ and the negative pool
     niter: int = 20  # k-means iterations of the coarse quantizer
     opq_niter: int = 50  # OPQ rotation iterations (faiss's default); the demo takes fewer
-    seed: int = 0  # seed of the sample and of k-means
+    seed: int = 0  # seed of k-means
 
 
 @dataclass(frozen=True)
@@ -74,10 +74,17 @@ class TeacherConfig:
     # k + band_size. Both 0: no band.
     band_depth: int = 300  # the band's deepest rank; 0: no band
     band_size: int = 20  # neighbours drawn per query from the band; 0: no band
+    val_fraction: float = 0.05  # training queries held out (by id) to pick the student; in (0, 1)
+    seed: int = 0  # seed of the band's draws and of the held-out split
 
     def __post_init__(self):
-        if self.k < 1:
-            raise ValueError("teacher.k must be >= 1")
+        if self.k < 1 or self.query_block < 1:
+            raise ValueError("teacher.k and teacher.query_block must be >= 1")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(
+                f"teacher.val_fraction must be in (0, 1), got {self.val_fraction}: the held-out "
+                "queries pick the student to export, and with none every student scores alike "
+                "and the warm start would ship as the distilled index")
         if (self.band_depth or self.band_size) and \
                 not 0 < self.band_size < self.band_depth - self.k:
             raise ValueError(
@@ -87,7 +94,55 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True)
+class LossConfig:
+    kind: Loss = Loss.RANKING_KL  # ranking (KDindex), kl (Distill-VQ) or both (docs/method.md)
+    rank_top: int = 0  # the ranking loss orders the teacher's best rank_top; 0: teacher.k
+    temperature: float = 0.5  # ranking (and contrastive) softmax temperature, per query's teacher-score spread
+    kl_temperature: float = 1.0  # the KL's temperature, in the same units
+    kl_weight: float = 100.0  # weight of the KL term in ranking+kl (the two scales differ)
+    band_weighting: bool = False  # weigh each band neighbour by the ranks it stands for (1 / draw rate)
+    ivf_weight: float = 0.3  # weight of the coarse (IVF) distillation term
+    recon_weight: float = 0.0  # KDindex reconstruction term, relative to the warm-start error
+    balance_weight: float = 0.0  # KDindex balance term: pulls list and codeword use to a Sinkhorn-Knopp plan
+    sinkhorn_iters: int = 3  # Sinkhorn-Knopp iterations of the balance term
+    # InfoNCE on labeled (query, document) pairs needs labels for the training queries, which
+    # only bench/quality.py --train-labels provides: the pipeline refuses it.
+    contrastive_weight: float = 0.0  # InfoNCE weight (benchmark only)
+    soft_temperature: float = 0.05  # straight-through soft assignment's temperature, per mean codeword distance (gradient only)
+
+    def __post_init__(self):
+        typed_modes(self)
+        if self.rank_top < 0:
+            raise ValueError(f"loss.rank_top must be >= 0 (0: all teacher.k), got {self.rank_top}")
+        if self.sinkhorn_iters < 1:
+            raise ValueError("loss.sinkhorn_iters must be >= 1")
+        if min(self.balance_weight, self.contrastive_weight, self.recon_weight,
+               self.ivf_weight) < 0:
+            raise ValueError("loss.*_weight values must be >= 0")
+
+
+@dataclass(frozen=True)
+class NegativesConfig:
+    corpus: int = 256  # corpus negatives shared by a batch, drawn from the sample pool
+    sampler: NegativeSampler = NegativeSampler.RANDOM  # random pool vectors, or ivf: from the lists the batch probes
+    ivf_nprobe: int = 8  # lists per query that ivf negatives come from
+    # List negatives: the documents that compete with a query's neighbours when one list is
+    # probed, which nothing else shows the student (docs/method.md: list negatives).
+    per_list: int = 32  # per query, pool vectors drawn from the list it probes first; 0: none
+    in_batch: bool = True  # also score the other queries' neighbours
+
+    def __post_init__(self):
+        typed_modes(self)
+        if self.corpus < 0 or self.per_list < 0:
+            raise ValueError("negatives.corpus and negatives.per_list must be >= 0 (0: none)")
+        if self.ivf_nprobe < 1:
+            raise ValueError("negatives.ivf_nprobe must be >= 1")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
+    """The optimisation: steps, rates, what is learned, validation. The loss and the negatives
+    have sections of their own, and how many workers run it lives in `ray`."""
     epochs: int = 3  # passes over the training queries
     batch_size: int = 256  # global batch (queries), split evenly across workers
     # Learning rates are in units of the warm start's RMS coordinate times its relative
@@ -97,31 +152,9 @@ class TrainConfig:
     rq_lr: float = 0.0065  # the same for an RQ student, whose coupled stages need smaller steps
     rotation_lr: float = 1e-4  # rotation learning rate, in radians
     lr_schedule: LRSchedule = LRSchedule.CONSTANT  # constant, or cosine to zero at the last step
-    loss: Loss = Loss.RANKING_KL  # ranking (KDindex), kl (Distill-VQ) or both (docs/method.md)
-    rank_top: int = 0  # the ranking loss orders the teacher's best rank_top; 0: teacher.k
-    temperature: float = 0.5  # ranking (and contrastive) softmax temperature, per query's teacher-score spread
-    kl_temperature: float = 1.0  # the KL's temperature, in the same units
-    kl_weight: float = 100.0  # weight of the KL term in ranking+kl (the two scales differ)
-    band_weighting: bool = False  # weigh each band neighbour by the ranks it stands for (1 / draw rate)
-    negatives: int = 256  # corpus negatives shared by a batch, drawn from the sample pool
-    # List negatives: the documents that compete with a query's neighbours when one list is
-    # probed, which nothing else shows the student (docs/method.md: list negatives).
-    list_negatives: int = 32  # per query, pool vectors drawn from the list it probes first; 0: none
-    negative_sampler: NegativeSampler = NegativeSampler.RANDOM  # random pool vectors, or ivf: from the lists the batch probes
-    ivf_negative_nprobe: int = 8  # lists per query that ivf negatives come from
-    in_batch: bool = True  # also score the other queries' neighbours
-    ivf_weight: float = 0.3  # weight of the coarse (IVF) distillation term
-    recon_weight: float = 0.0  # KDindex reconstruction term, relative to the warm-start error
-    balance_weight: float = 0.0  # KDindex balance term: pulls list and codeword use to a Sinkhorn-Knopp plan
-    sinkhorn_iters: int = 3  # Sinkhorn-Knopp iterations of the balance term
-    # InfoNCE on labeled (query, document) pairs needs labels for the training queries, which
-    # only bench/quality.py --train-labels provides: the pipeline refuses it.
-    contrastive_weight: float = 0.0  # InfoNCE weight (benchmark only)
-    soft_temperature: float = 0.05  # straight-through soft assignment's temperature, per mean codeword distance (gradient only)
     learn_ivf: bool = True  # learn the IVF centroids
     learn_pq: bool = True  # learn the PQ / RQ codebooks
     learn_rotation: bool = True  # learn the OPQ rotation
-    val_fraction: float = 0.05  # training queries held out (by id) to pick the student; in (0, 1)
     # A validation below the best so far by more than backoff_z standard errors of the paired
     # per-query difference restores the best student and multiplies every learning rate by
     # lr_backoff, so that steps too large for the data shrink instead of undoing training.
@@ -132,30 +165,15 @@ class TrainConfig:
     shuffle_buffer: int = 16384  # rows shuffled together, over all streams (0: file order)
     # Worker r of W reads the streams s with s % W == r, and each global batch takes
     # batch_size / streams rows from every stream (pipeline.data.teacher_stream), so results
-    # do not depend on num_workers.
-    streams: int = 8  # contiguous streams of the training rows; a multiple of num_workers dividing batch_size
-    num_workers: int = 1  # Ray Train workers (data parallel)
-    max_failures: int = 3  # worker restarts after a lost worker or node; they resume from the last checkpoint
-    use_gpu: bool = False  # one GPU per training worker (needs a CUDA build of torch)
-    seed: int = 0  # seed of batches, draws and the held-out split
+    # do not depend on ray.train_workers.
+    streams: int = 8  # contiguous streams of the training rows; a multiple of ray.train_workers dividing batch_size
+    seed: int = 0  # seed of batches and negative draws
 
     def __post_init__(self):
         typed_modes(self)
-        self._check_loop()
-        self._check_loss()
-
-    def _check_loop(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"train.epochs must be >= 1, got {self.epochs}")
-        if self.num_workers < 1 or self.batch_size < self.num_workers:
-            raise ValueError("train.num_workers must be >= 1 and train.batch_size >= num_workers")
-        if self.batch_size % self.num_workers:
-            raise ValueError(
-                f"train.batch_size ({self.batch_size}) must be divisible by train.num_workers "
-                f"({self.num_workers}) so that every worker gets an equal slice of the global "
-                "batch")
-        if self.max_failures < 0:
-            raise ValueError("train.max_failures must be >= 0 (0: a lost worker fails the job)")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"train.epochs and train.batch_size must be >= 1, got "
+                             f"{self.epochs} and {self.batch_size}")
         if self.val_checks < 1 or not 0 < self.lr_backoff <= 1:
             raise ValueError("train.val_checks must be >= 1 and train.lr_backoff in (0, 1] "
                              "(1 keeps the learning rates)")
@@ -165,40 +183,20 @@ class TrainConfig:
         if self.backoff_z < 0:
             raise ValueError(
                 f"train.backoff_z must be >= 0 (0: any fall backs off), got {self.backoff_z}")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(
-                f"train.val_fraction must be in (0, 1), got {self.val_fraction}: the held-out "
-                "queries pick the student to export, and with none every student scores alike "
-                "and the warm start would ship as the distilled index")
-
-    def _check_loss(self) -> None:
-        if self.rank_top < 0:
-            raise ValueError(f"train.rank_top must be >= 0 (0: all teacher.k), got {self.rank_top}")
-        if self.list_negatives < 0:
-            raise ValueError(
-                f"train.list_negatives must be >= 0 (0: none), got {self.list_negatives}")
-        if self.ivf_negative_nprobe < 1 or self.sinkhorn_iters < 1:
-            raise ValueError("train.ivf_negative_nprobe and train.sinkhorn_iters must be >= 1")
-        if min(self.balance_weight, self.contrastive_weight, self.recon_weight,
-               self.ivf_weight) < 0:
-            raise ValueError("train.*_weight values must be >= 0")
 
 
 @dataclass(frozen=True)
 class BuildConfig:
-    # The index is byte-identical whatever the value.
-    list_ranges: int = 0  # inverted-list ranges merged in parallel; 0: one per GiB of codes, at least one per cluster CPU
     # faiss keeps fast-scan lists in memory only, so the merge keeps the on-disk 4-bit IVF-PQ
     # and one task converts it, holding the whole index (docs/outputs.md: fast-scan).
     fastscan: bool = False  # also publish each index as IndexIVFPQFastScan (needs index.nbits=4, quantizer pq)
 
-    def __post_init__(self):
-        if self.list_ranges < 0:
-            raise ValueError("build.list_ranges must be >= 0 (0 picks them by size and CPUs)")
-
 
 @dataclass(frozen=True)
 class EvalConfig:
+    queries: str = ""  # held-out queries for evaluation; empty: the index is not evaluated
+    labels: str = ""  # optional Parquet (query_id, doc_id) for label MRR@10 and recall@10
+    max_queries: int = 0  # evaluate at most this many queries; 0: all
     nprobe: tuple[int, ...] = (1, 4, 16, 32)  # lists probed in the evaluation sweep
     k: int = 100  # results per query (recall@10 and recall@100 read them)
 
@@ -209,6 +207,9 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
+    """How the work is spread: no stage key covers this section, since none of it changes a
+    result (2 training workers train exactly as 1 does; a merge gives the same bytes whatever
+    its ranges)."""
     address: str = ""  # Ray cluster to attach to; empty: RAY_ADDRESS, or a local cluster
     num_cpus: int = 0  # local cluster only; 0: max(4, cores), so Train's controller gets a slot
     gpus_per_task: float = 0.0  # GPUs per teacher and encode task (and one for init's k-means); 0: CPUs
@@ -216,10 +217,18 @@ class RayConfig:
     # key: placement changes no result.
     gpu_group: str = ""  # teacher and training run only on nodes offering it; empty: any node
     cpu_group: str = ""  # ingest, init, encode, merge, evaluate run only on nodes offering it
+    train_workers: int = 1  # Ray Train workers (data parallel)
+    train_gpu: bool = False  # one GPU per training worker (needs a CUDA build of torch)
+    max_failures: int = 3  # training worker restarts after a lost worker or node; they resume from the last checkpoint
+    merge_ranges: int = 0  # inverted-list ranges merged in parallel; 0: one per GiB of codes, at least one per cluster CPU
 
     def __post_init__(self):
         if self.gpus_per_task < 0:
             raise ValueError("ray.gpus_per_task must be >= 0 (0 runs teacher and encode on CPUs)")
+        if self.train_workers < 1 or self.max_failures < 0 or self.merge_ranges < 0:
+            raise ValueError("ray.train_workers must be >= 1, ray.max_failures >= 0 (0: a lost "
+                             "worker fails the job) and ray.merge_ranges >= 0 (0 picks them by "
+                             "size and CPUs)")
 
 
 @dataclass(frozen=True)
@@ -246,6 +255,8 @@ class PipelineConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     init: InitConfig = field(default_factory=InitConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     build: BuildConfig = field(default_factory=BuildConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -259,9 +270,23 @@ class PipelineConfig:
                 f"build.fastscan packs 4-bit PQ codes; this index has index.quantizer="
                 f"{ix.quantizer.value} and index.nbits={ix.nbits}: set index.quantizer=pq and "
                 f"index.nbits=4 (and index.M to twice the bytes per vector)")
+        tr, workers = self.train, self.ray.train_workers
+        if tr.batch_size % workers:
+            raise ValueError(
+                f"train.batch_size ({tr.batch_size}) must be divisible by ray.train_workers "
+                f"({workers}) so that every worker gets an equal slice of the global batch")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def with_values(self, changes: dict) -> PipelineConfig:
+        """A copy with {"section.field": value} changed; each section checks itself again."""
+        by_section: dict[str, dict] = {}
+        for name, value in changes.items():
+            section, key = name.split(".", 1)
+            by_section.setdefault(section, {})[key] = value
+        return dataclasses.replace(self, **{
+            s: dataclasses.replace(getattr(self, s), **v) for s, v in by_section.items()})
 
     def hash(self, *sections: str) -> str:
         """Stable hash of the whole config, or of the named sections only."""

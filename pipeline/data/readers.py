@@ -261,13 +261,13 @@ def query_files(what: str, uri: str, d: int, content: bool = False
     corpus's dimension. Returns [(file, rows, fingerprint)] in order (content: see
     fingerprint)."""
     files = list_inputs(uri, what)
-    cols = ("query_id", "doc_id") if what == "data.labels" else ("id", "embedding")
+    cols = ("query_id", "doc_id") if what == "eval.labels" else ("id", "embedding")
     out = []
     for f in files:
-        if what == "data.labels" and not f.endswith(".parquet"):
-            raise ValueError(f"data.labels: {f} must be Parquet with columns query_id, doc_id")
+        if what == "eval.labels" and not f.endswith(".parquet"):
+            raise ValueError(f"eval.labels: {f} must be Parquet with columns query_id, doc_id")
         n, qd = probe(f, cols)
-        if what != "data.labels" and qd is not None and qd != d:
+        if what != "eval.labels" and qd is not None and qd != d:
             raise ValueError(f"{what}: dimension {qd} disagrees with the corpus's {d}")
         out.append((f, n, fingerprint(f, content)))
     if not sum(n for _, n, _ in out):
@@ -279,16 +279,16 @@ def query_files(what: str, uri: str, d: int, content: bool = False
 def read_labels(uri: str) -> dict[int, set[int]]:
     """query_id -> set of relevant doc ids, from Parquet (query_id, doc_id)."""
     qrels: dict[int, set[int]] = {}
-    for f in list_inputs(uri, "data.labels"):
+    for f in list_inputs(uri, "eval.labels"):
         if not f.endswith(".parquet"):
-            raise ValueError(f"data.labels: {f} must be Parquet with columns query_id, doc_id")
+            raise ValueError(f"eval.labels: {f} must be Parquet with columns query_id, doc_id")
         t = _parquet_file(f).read()
         if not {"query_id", "doc_id"} <= set(t.column_names):
             raise ValueError(
-                f"data.labels: {f} needs columns query_id, doc_id; has {t.column_names}")
+                f"eval.labels: {f} needs columns query_id, doc_id; has {t.column_names}")
         for q, dd in zip(checked_ids(t.column("query_id"), f, "query_id"),
                          checked_ids(t.column("doc_id"), f, "doc_id")):
             qrels.setdefault(int(q), set()).add(int(dd))
     if not qrels:
-        raise ValueError(f"data.labels: {uri} holds no labels; give some or leave it empty")
+        raise ValueError(f"eval.labels: {uri} holds no labels; give some or leave it empty")
     return qrels

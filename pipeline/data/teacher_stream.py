@@ -82,7 +82,7 @@ class TeacherStream:
                  gather: Callable[[np.ndarray], list[np.ndarray]] | None = None):
         if streams % world:
             raise ValueError(f"train.streams ({streams}) must be a multiple of "
-                             f"train.num_workers ({world})")
+                             f"ray.train_workers ({world})")
         self.parts = _Parts(uris)
         self.pool, self.streams, self.rank, self.world = pool, streams, rank, world
         self.shuffle_rows, self.gather = shuffle_rows, gather

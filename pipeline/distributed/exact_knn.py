@@ -25,7 +25,7 @@ import pyarrow as pa
 import ray
 
 from pipeline import storage
-from pipeline.config import PipelineConfig
+from pipeline.config import RayConfig
 from pipeline.data import readers, teacher_parts
 from pipeline.data.plan import Shard
 from pipeline.distributed.placement import Group, placement
@@ -121,8 +121,8 @@ def _finished(out_dir: str, name: str, key: str) -> dict | None:
     return done["counts"] if done.get("key") == key else None
 
 
-def distributed_topk(cfg: PipelineConfig, shards: list[dict], blocks: list[dict], d: int,
-                     k: int, out_dir: str, what: str, *, with_vectors: bool | str = False,
+def distributed_topk(cfg: RayConfig, metric: str, shards: list[dict], blocks: list[dict],
+                     d: int, k: int, out_dir: str, what: str, *, with_vectors: bool | str = False,
                      split: tuple | None = None, key: str = "", band: Band | None = None,
                      exclude_self: bool = False) -> dict:
     """Exact top-k of the query blocks (Shard dicts, `what` names their setting in errors)
@@ -134,8 +134,7 @@ def distributed_topk(cfg: PipelineConfig, shards: list[dict], blocks: list[dict]
     `key` (the stage's), blocks already written under it are kept. exclude_self: the
     queries are corpus samples, and a query's own row is no neighbour (knn.without_self).
     """
-    metric = cfg.index.metric
-    gpus = cfg.ray.gpus_per_task
+    gpus = cfg.gpus_per_task
     # Exact search is the GPU group's work, like training; the reads, merges and writes go
     # with it, beside the search results they read.
     where = placement(cfg, Group.GPU)

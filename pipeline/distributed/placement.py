@@ -6,7 +6,7 @@ from enum import Enum
 
 import ray
 
-from pipeline.config import PipelineConfig
+from pipeline.config import RayConfig
 
 
 class Group(str, Enum):
@@ -20,23 +20,23 @@ class Group(str, Enum):
 GROUP_SHARE = 0.001
 
 
-def group_resource(cfg: PipelineConfig, group: Group) -> str:
-    return cfg.ray.gpu_group if group is Group.GPU else cfg.ray.cpu_group
+def group_resource(cfg: RayConfig, group: Group) -> str:
+    return cfg.gpu_group if group is Group.GPU else cfg.cpu_group
 
 
-def placement(cfg: PipelineConfig, group: Group) -> dict:
+def placement(cfg: RayConfig, group: Group) -> dict:
     """The custom resources a task of `group` asks for ({} when no group is configured)."""
     name = group_resource(cfg, group)
     return {name: GROUP_SHARE} if name else {}
 
 
-def group_nodes(cfg: PipelineConfig, group: Group) -> list[dict]:
+def group_nodes(cfg: RayConfig, group: Group) -> list[dict]:
     """The alive nodes a task of `group` may land on."""
     name = group_resource(cfg, group)
     return [n for n in ray.nodes() if n.get("Alive") and (not name or name in n["Resources"])]
 
 
-def check_groups(cfg: PipelineConfig) -> None:
+def check_groups(cfg: RayConfig) -> None:
     """Fails at once, naming the setting, when a configured group has no node with CPUs (its
     tasks would wait forever)."""
     for group in Group:
@@ -51,7 +51,7 @@ def check_groups(cfg: PipelineConfig) -> None:
                              "`resources` (infra/cluster-aws.yaml), or leave it empty.")
 
 
-def largest_node_cpus(cfg: PipelineConfig, group: Group) -> int:
+def largest_node_cpus(cfg: RayConfig, group: Group) -> int:
     """The most CPUs one alive node of `group` offers. A task asking for more (the cluster's
     total, on several nodes) could never be placed, and the job would wait forever."""
     cpus = [int(n["Resources"].get("CPU", 0)) for n in group_nodes(cfg, group)]

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import ray
 
-from pipeline.config import PipelineConfig
+from pipeline.config import RayConfig
 from pipeline.data import readers
 from pipeline.distributed.placement import Group, placement
 
@@ -33,6 +33,27 @@ def trim_heap() -> None:
     pa.default_memory_pool().release_unused()
 
 
+def keep_freed_memory() -> bool:
+    """Has glibc's allocator keep freed memory in the process for the next allocation.
+
+    A training step's largest temporaries (the (M, n, 256) codeword scores: 129 MB at 16 B) are
+    above glibc's mmap threshold (at most 32 MB by default), so each one is mapped afresh and
+    page-faulted in on first touch, then unmapped again: on CPUs that costs more than the
+    arithmetic on them. Served from the heap, and never trimmed below 2 GB, they reuse memory
+    already mapped. The process keeps up to that much freed memory: fine for a training worker,
+    which holds its peak anyway. The setting governs the main thread's arena; a process whose
+    training runs in another thread (a Ray Train worker) also needs MALLOC_ARENA_MAX=1 in its
+    environment (the train stage sets it). Returns whether the allocator took it (False off
+    glibc).
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 2 << 30))
+
+
 def pin_threads() -> int:
     """Limits faiss/torch/BLAS threads to the CPUs Ray gave this task (OpenMP threads spin
     badly when cores are oversubscribed), and trims the heap an earlier task of this worker
@@ -51,7 +72,7 @@ def pin_threads() -> int:
     return n
 
 
-def check_unique_ids(cfg: PipelineConfig, spans: list, blocks: list[dict], what: str) -> None:
+def check_unique_ids(cfg: RayConfig, spans: list, blocks: list[dict], what: str) -> None:
     """Raises a ValueError naming `what` when two blocks (Shard dicts, with their (id_min,
     id_max) in `spans`) share an id. Only blocks whose id ranges overlap are read again, by
     tasks: the driver never holds a whole id set."""

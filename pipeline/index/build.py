@@ -43,26 +43,26 @@ def _codec(cfg: IndexConfig) -> str:
 
 
 def train_baseline(xt: np.ndarray, cfg: IndexConfig, niter: int = 20, seed: int = 0,
-                   use_gpu: bool = False, opq_niter: int = 50):
+                   use_gpu: bool = False, opq_niter: int = 50, metric: str = "ip"):
     """faiss's own k-means IVF + PQ (+ OPQ) trained on xt: the baseline and the warm start.
 
     use_gpu (with faiss-gpu and a GPU): the coarse k-means, the slow step at scale (nlist
     65,536 on a 1M sample), assigns points on every GPU; faiss's algorithm, seed and
     iterations are unchanged. Without GPUs in this faiss it trains on the CPU. opq_niter: the
-    OPQ rotation's alternating iterations (faiss's default 50)."""
+    OPQ rotation's alternating iterations (faiss's default 50). metric: data.metric."""
     d = xt.shape[1]
     key = _codec(cfg)
     if cfg.nlist:
         key = f"IVF{cfg.nlist},{key}"
     if cfg.opq:
         key = f"OPQ{cfg.M},{key}"
-    index = faiss.index_factory(d, key, faiss_metric(cfg.metric))
+    index = faiss.index_factory(d, key, faiss_metric(metric))
     codec = ivfpq_of(index) if cfg.nlist else faiss.downcast_index(_inner(index))
     if cfg.nlist:
         codec.cp.niter = niter
         codec.cp.seed = seed
         if use_gpu and hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0:
-            flat = faiss.IndexFlat(d, faiss_metric(cfg.metric))
+            flat = faiss.IndexFlat(d, faiss_metric(metric))
             codec.clustering_index = faiss.index_cpu_to_all_gpus(flat)
     if hasattr(codec, "do_polysemous_training"):
         # Polysemous training only reorders each codebook so that Hamming distances between

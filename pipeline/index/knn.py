@@ -32,9 +32,9 @@ class Band:
     seed: int = 0
 
     @staticmethod
-    def of(teacher, seed: int) -> "Band | None":
-        """The band a TeacherConfig asks for, or None."""
-        return Band(teacher.k, teacher.band_depth, teacher.band_size, seed) \
+    def of(teacher) -> "Band | None":
+        """The band a TeacherConfig asks for (drawn with its seed), or None."""
+        return Band(teacher.k, teacher.band_depth, teacher.band_size, teacher.seed) \
             if teacher.band_size else None
 
     def __post_init__(self):

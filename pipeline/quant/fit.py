@@ -5,49 +5,35 @@ bench/quality.py runs it in one process.
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
 import time
 
 import numpy as np
 
-from pipeline.config import PipelineConfig
 from pipeline.index import build
 from pipeline.index.knn import Band, block_topk
 from pipeline.index.metrics import query_recalls
 from pipeline.index.params import Params
-from pipeline.quant.loop import TrainData, calibrate, make_optimizer, schedule, train_epoch
+from pipeline.quant.loop import (
+    Recipe,
+    TrainData,
+    calibrate,
+    make_optimizer,
+    schedule,
+    train_epoch,
+)
 from pipeline.quant.model import Student
 
 log = logging.getLogger("pipeline.quant.fit")
 
 
-def keep_freed_memory() -> bool:
-    """Has glibc's allocator keep freed memory in the process for the next allocation.
-
-    A training step's largest temporaries (the (M, n, 256) codeword scores: 129 MB at 16 B) are
-    above glibc's mmap threshold (at most 32 MB by default), so each one is mapped afresh and
-    page-faulted in on first touch, then unmapped again: on CPUs that costs more than the
-    arithmetic on them. Served from the heap, and never trimmed below 2 GB, they reuse memory
-    already mapped. The process keeps up to that much freed memory: fine for a training worker,
-    which holds its peak anyway. The setting governs the main thread's arena; a process whose
-    training runs in another thread (a Ray Train worker) also needs MALLOC_ARENA_MAX=1 in its
-    environment (the train stage sets it). Returns whether the allocator took it (False off
-    glibc).
-    """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 2 << 30))
-
-
-def build_student(params: Params, pcfg: PipelineConfig) -> Student:
-    t = pcfg.train
-    return Student(params, pcfg.index.metric, t.learn_ivf, t.learn_pq, t.learn_rotation,
-                        t.soft_temperature)
+def build_student(params: Params, cfg) -> Student:
+    """The student of `params`, as `cfg` (the config, or the train stage's view of it) sets it
+    up: data.metric, what train.learn_* learns, loss.soft_temperature."""
+    t = cfg.train
+    return Student(params, cfg.data.metric, t.learn_ivf, t.learn_pq, t.learn_rotation,
+                   cfg.loss.soft_temperature)
 
 
 class IndexValidator:
@@ -87,23 +73,27 @@ def _clone_state(model: Student) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def fit(params: Params, data: TrainData, val: TrainData, pcfg: PipelineConfig,
-              rank: int = 0, world: int = 1, reduce_grads=lambda g: None, state: dict | None = None,
-              on_epoch=None, device: str = "cpu") -> dict:
-    """The training loop of one worker (or of a single process): epochs, validation
+def fit(params: Params, data: TrainData, val: TrainData, pcfg,
+        rank: int = 0, world: int = 1, reduce_grads=lambda g: None, state: dict | None = None,
+        on_epoch=None, device: str = "cpu") -> dict:
+    """The training loop of one worker (or of a single process): `pcfg` is the config (or the
+    train stage's view of it), of which it reads data, teacher, loss, negatives and train.
+    Epochs, validation
     (train.val_checks times an epoch), keeping the best student and never one worse than the
     warm start. A validation below the best restores the best and backs the learning rates
     off. Every worker validates the same student identically, so all take the same branch.
     Returns the final state."""
     # rank_top 0 means the teacher's contiguous top k, not its whole list: a band of deeper
     # neighbours (teacher.band_*) follows the top k in each list.
-    cfg = dataclasses.replace(pcfg.train, rank_top=pcfg.train.rank_top or pcfg.teacher.k)
-    band = Band.of(pcfg.teacher, cfg.seed)
-    slot_weights = band.slot_weights() if band is not None and cfg.band_weighting else None
+    cfg = pcfg.train
+    recipe = Recipe(cfg, dataclasses.replace(pcfg.loss, rank_top=pcfg.loss.rank_top or
+                                             pcfg.teacher.k), pcfg.negatives)
+    band = Band.of(pcfg.teacher)
+    slot_weights = band.slot_weights() if band is not None and pcfg.loss.band_weighting else None
     model = build_student(params, pcfg).to(device)
     calibrate(model, data.pool[:4096])
     opt = make_optimizer(model, cfg)
-    validate = IndexValidator(val, pcfg.index.metric)
+    validate = IndexValidator(val, pcfg.data.metric)
     if state is None:
         warm_q = validate(model)
         warm = _mean(warm_q)
@@ -149,7 +139,7 @@ def fit(params: Params, data: TrainData, val: TrainData, pcfg: PipelineConfig,
                 check()
             schedule(opt, cfg.lr_schedule, (_epoch * steps + step) / (cfg.epochs * steps))
 
-        m = train_epoch(model, opt, data, cfg, epoch, rank, world, reduce_grads, device,
+        m = train_epoch(model, opt, data, recipe, epoch, rank, world, reduce_grads, device,
                         progress, after_step, slot_weights)
         m["val_recall"] = check()
         m["seconds"] = time.time() - t0

@@ -14,10 +14,19 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.config import LRSchedule, TrainConfig
+from pipeline.config import LossConfig, LRSchedule, NegativesConfig, TrainConfig
 from pipeline.quant.model import Student
 from pipeline.quant.negatives import ListNegatives, NegativeSampler
 from pipeline.quant.objective import LOSS_TERMS, batch_loss, total_loss
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What the training loop reads of the config: the optimisation, the loss and the
+    negatives (three sections: pipeline.config)."""
+    train: TrainConfig = TrainConfig()
+    loss: LossConfig = LossConfig()
+    negatives: NegativesConfig = NegativesConfig()
 
 
 @dataclass
@@ -73,32 +82,33 @@ def schedule(opt: torch.optim.Optimizer, kind: LRSchedule, progress: float) -> N
 
 
 def train_epoch(model: Student, opt: torch.optim.Optimizer, data: TrainData,
-                cfg: TrainConfig, epoch: int, rank: int = 0, world: int = 1,
+                recipe: Recipe, epoch: int, rank: int = 0, world: int = 1,
                 reduce_grads: Callable[[list[torch.Tensor]], None] = lambda grads: None,
                 device: str = "cpu", log: Callable[[int, int, float], None] | None = None,
                 after_step: Callable[[int, int], None] | None = None,
                 slot_weights: np.ndarray | None = None) -> dict:
-    """One pass over data.batches(...) in global batches of cfg.batch_size, of which this
+    """One pass over data.batches(...) in global batches of train.batch_size, of which this
     worker trains on its own share (B / world queries). `after_step(step, steps)` runs after
     every optimizer step (mid-epoch validation). slot_weights: batch_loss's.
 
     Returns the per-query average of the loss and of each term ("loss_pq", "loss_ivf", ...)
     over the epoch, "steps", "queries", and "step_losses", the loss of every step.
     """
+    cfg, lcfg, ncfg = recipe.train, recipe.loss, recipe.negatives
     B = cfg.batch_size
     assert B % world == 0, "global batch must split evenly across workers"
     local = B // world
     steps = data.steps(B)
     params = [p for p in model.parameters() if p.requires_grad]
     recon0 = model.recon_scale
-    sampler = NegativeSampler(data.pool, cfg)
+    sampler = NegativeSampler(data.pool, ncfg, cfg.seed)
     sampler.start_epoch(model, device)
-    near = ListNegatives(data.pool, cfg) if cfg.list_negatives and model.spec.ivf \
-        and len(data.pool) else None
+    near = ListNegatives(data.pool, ncfg.per_list, cfg.seed) if ncfg.per_list and \
+        model.spec.ivf and len(data.pool) else None
     if slot_weights is not None:
         slot_weights = torch.as_tensor(slot_weights, dtype=torch.float32, device=device)
         if near is not None:  # a list negative stands for itself
-            slot_weights = torch.cat([slot_weights, slot_weights.new_ones(cfg.list_negatives)])
+            slot_weights = torch.cat([slot_weights, slot_weights.new_ones(ncfg.per_list)])
     totals = dict.fromkeys(LOSS_TERMS, 0.0)
     total = 0.0
     step_losses = []
@@ -115,10 +125,10 @@ def train_epoch(model: Student, opt: torch.optim.Optimizer, data: TrainData,
         neg = torch.as_tensor(sampler.draw(model, xq_b, epoch, step, device),
                               dtype=torch.float32, device=device)
         if near is not None:
-            pos = torch.cat([pos, near.draw(model, q, pos, cfg.rank_top or pos.shape[1], epoch,
+            pos = torch.cat([pos, near.draw(model, q, pos, lcfg.rank_top or pos.shape[1], epoch,
                                             step)], 1)
-        parts = batch_loss(model, q, pos, neg, cfg, cfg.in_batch, lab, slot_weights)
-        loss = total_loss(parts, cfg, recon0) / B
+        parts = batch_loss(model, q, pos, neg, lcfg, ncfg.in_batch, lab, slot_weights)
+        loss = total_loss(parts, lcfg, recon0) / B
         opt.zero_grad(set_to_none=False)
         loss.backward()
         reduce_grads([p.grad for p in params])

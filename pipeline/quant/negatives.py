@@ -8,7 +8,7 @@ import hashlib
 import numpy as np
 import torch
 
-from pipeline.config import TrainConfig
+from pipeline.config import NegativesConfig
 from pipeline.quant.model import Student, similarity
 
 
@@ -19,29 +19,29 @@ class NegativeSampler:
     worker holds identically, so all workers draw the same negatives.
     - "random": uniform over the pool.
     - "ivf": Distill-VQ's IVF-aware negatives: pool vectors in the lists that the batch's
-      queries probe (their `ivf_negative_nprobe` best lists under the current centroids),
+      queries probe (their `negatives.ivf_nprobe` best lists under the current centroids),
       i.e. the documents the index will actually compare against the query's neighbours.
       The pool's lists are refreshed at every epoch start; too few fill up with random ones.
     """
 
-    def __init__(self, pool: np.ndarray, cfg: TrainConfig):
-        self.pool, self.cfg = pool, cfg
+    def __init__(self, pool: np.ndarray, cfg: NegativesConfig, seed: int):
+        self.pool, self.cfg, self.seed = pool, cfg, seed
         self.lists = None  # (P,) list of every pool vector, for "ivf"
 
     def start_epoch(self, model: Student, device: str) -> None:
-        if self.cfg.negative_sampler != "ivf" or not model.spec.ivf or not self.cfg.negatives:
+        if self.cfg.sampler != "ivf" or not model.spec.ivf or not self.cfg.corpus:
             return
         self.lists = _pool_lists(model, self.pool, device)
 
     def draw(self, model: Student, xq: np.ndarray, epoch: int, step: int,
              device: str) -> np.ndarray:
-        n = min(self.cfg.negatives, len(self.pool))
-        rng = np.random.default_rng([self.cfg.seed, epoch, step])
+        n = min(self.cfg.corpus, len(self.pool))
+        rng = np.random.default_rng([self.seed, epoch, step])
         if self.lists is None or not n:
             return self.pool[rng.choice(len(self.pool), size=n, replace=False)]
         with torch.no_grad():
             q = model.rotate(torch.as_tensor(xq, dtype=torch.float32, device=device))
-            probe = min(self.cfg.ivf_negative_nprobe, model.centroids.shape[0])
+            probe = min(self.cfg.ivf_nprobe, model.centroids.shape[0])
             probed = model.coarse_scores(q).topk(probe, 1).indices.unique().cpu().numpy()
         near = np.flatnonzero(np.isin(self.lists, probed))
         take = near[rng.choice(len(near), size=min(n, len(near)), replace=False)]
@@ -61,7 +61,7 @@ def _pool_lists(model: Student, pool: np.ndarray, device: str) -> np.ndarray:
 
 
 class ListNegatives:
-    """Each query's list negatives: cfg.list_negatives pool vectors drawn uniformly from the
+    """Each query's list negatives: `n` (negatives.per_list) pool vectors drawn uniformly from the
     list it probes first under the current student.
 
     With one list probed, a query's top 100 is decided among that list's documents alone,
@@ -81,8 +81,8 @@ class ListNegatives:
     # re-assignment scores the whole pool against every centroid.
     REFRESH = 50
 
-    def __init__(self, pool: np.ndarray, cfg: TrainConfig):
-        self.pool, self.n, self.seed = pool, cfg.list_negatives, cfg.seed
+    def __init__(self, pool: np.ndarray, n: int, seed: int):
+        self.pool, self.n, self.seed = pool, n, seed
         self.order = self.starts = self.counts = None
 
     def refresh(self, model: Student, device: str) -> None:

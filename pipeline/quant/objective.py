@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.config import TrainConfig
+from pipeline.config import LossConfig
 from pipeline.quant.losses import ListLosses
 from pipeline.quant.model import Student, similarity
 
@@ -130,7 +130,7 @@ def _quantize_once(model: Student, docs: torch.Tensor, R: torch.Tensor | None,
 
 def _regularizers(model: Student, kept_rot: torch.Tensor, x_kept: torch.Tensor,
                   logits: list[torch.Tensor] | None, b: int, K: int, nf: int, N: int,
-                  cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+                  cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """KDindex's reconstruction and balance terms over the quantized documents (the nf
     filled neighbour slots, then the N negatives, then any labeled ones): kept_rot rotated,
     x_kept reconstructed; logits the soft assignments (None: no balance term). Sums over the
@@ -147,7 +147,7 @@ def _regularizers(model: Student, kept_rot: torch.Tensor, x_kept: torch.Tensor,
 
 
 def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
-               cfg: TrainConfig, in_batch: bool,
+               cfg: LossConfig, in_batch: bool,
                labeled: torch.Tensor | None = None,
                slot_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Loss sums over a local batch, one per term of LOSS_TERMS.
@@ -203,10 +203,10 @@ def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Te
 
     def objective(s: torch.Tensor) -> torch.Tensor:
         total = zero
-        if cfg.loss.ranking:
+        if cfg.kind.ranking:
             total = total + lists.ranking(s)
-        if cfg.loss.kl:  # kl_weight balances the two losses' scales when combined
-            total = total + (cfg.kl_weight if cfg.loss.ranking else 1.0) * lists.kl(s)
+        if cfg.kind.kl:  # kl_weight balances the two losses' scales when combined
+            total = total + (cfg.kl_weight if cfg.kind.ranking else 1.0) * lists.kl(s)
         return total
 
     s_pq = candidates(x_hat, x_kept[:nf], q_rot)
@@ -226,7 +226,7 @@ def batch_loss(model: Student, q: torch.Tensor, pos: torch.Tensor, neg: torch.Te
     return out
 
 
-def total_loss(parts: dict[str, torch.Tensor], cfg: TrainConfig, recon0: float) -> torch.Tensor:
+def total_loss(parts: dict[str, torch.Tensor], cfg: LossConfig, recon0: float) -> torch.Tensor:
     """The weighted sum of batch_loss's terms (still a sum over the local queries)."""
     return (parts["pq"] + cfg.ivf_weight * parts["ivf"]
             + cfg.recon_weight * parts["recon"] / recon0

@@ -22,37 +22,50 @@ from pipeline.distributed.placement import Group, placement
 from pipeline.distributed.tasks import fault_point, pin_threads, wait_all
 from pipeline.index import build, ondisk
 from pipeline.index.params import Params
-from pipeline.stages.common import METHODS, Run
+from pipeline.stages.common import METHODS, Context, Stage
+from pipeline.stages.results import (
+    Encoded,
+    Exported,
+    Ingested,
+    Merged,
+    MergedIndex,
+)
 
 log = logging.getLogger("pipeline.stages.encode")
 
 
-def run_export(run: Run) -> dict:
-    params = Params.from_arrays(storage.load_npz(run.stage_path("train", "params.npz")))
-    index = build.index_from_params(params, run.cfg.index.metric)
+def run_export(ctx: Context) -> Exported:
+    params = Params.from_arrays(storage.load_npz(ctx.upstream("train", "params.npz")))
+    index = build.index_from_params(params, ctx.cfg.data.metric)
     with storage.scratch("export") as scratch:
         local = os.path.join(scratch, "trained.index")
         faiss.write_index(index, local)
-        storage.upload_file(local, run.stage_path("export", "trained.index"))
-    return {"d": index.d, "bytes_per_vector": build.bytes_per_vector(run.cfg.index)}
+        storage.upload_file(local, ctx.path("trained.index"))
+    return Exported(d=index.d, bytes_per_vector=build.bytes_per_vector(ctx.cfg.index))
 
 
-def n_ranges(run: Run) -> int:
-    """Inverted-list ranges for the parallel merge: build.list_ranges, or one per GiB of codes
-    and ids and at least one per cluster CPU. Range tasks stream, so size bounds no memory."""
-    cfg = run.cfg
-    if cfg.build.list_ranges:
-        return min(cfg.build.list_ranges, cfg.index.nlist)
-    total = run.stage_info("ingest")["n"] * (build.bytes_per_vector(cfg.index) + 8)
+def n_ranges(ctx: Context, n: int) -> int:
+    """Inverted-list ranges for the parallel merge of `n` vectors: ray.merge_ranges, or one
+    per GiB of codes and ids and at least one per cluster CPU. Range tasks stream, so size
+    bounds no memory."""
+    cfg = ctx.cfg
+    if cfg.ray.merge_ranges:
+        return min(cfg.ray.merge_ranges, cfg.index.nlist)
+    total = n * (build.bytes_per_vector(cfg.index) + 8)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     return min(cfg.index.nlist, max(cpus, -(-total // (1 << 30))))
 
 
-def _layout(run: Run, method: str, trained_uri: str) -> str:
+def _trained(ctx: Context, method: str) -> str:
+    """The trained (empty) index of a method: init's baseline or export's student."""
+    return ctx.upstream(*METHODS[method][0])
+
+
+def _layout(ctx: Context, method: str) -> str:
     """Folder of a method's encoded shards, named by the trained index's content, so that a
     retrained quantizer never reuses stale codes."""
-    digest = hashlib.sha256(storage.read_bytes(trained_uri)).hexdigest()[:12]
-    return run.stage_path("encode", method, digest)
+    digest = hashlib.sha256(storage.read_bytes(_trained(ctx, method))).hexdigest()[:12]
+    return ctx.path(method, digest)
 
 
 def put_index(uri: str) -> ray.ObjectRef:
@@ -90,26 +103,24 @@ def _encode_shard(shard: dict, out_dirs: list[str], gpus: float, *trained: np.nd
     return counts
 
 
-def run_encode(run: Run) -> dict:
-    shards = run.stage_info("ingest")["shards"]
-    gpus = run.cfg.ray.gpus_per_task
+def run_encode(ctx: Context) -> Encoded:
+    ingested: Ingested = ctx.inputs["ingest"]
+    gpus = ctx.cfg.ray.gpus_per_task
     # Encoding on GPUs runs where the GPUs are: the GPU group's nodes.
     group = Group.GPU if gpus else Group.CPU
-    encode = _encode_shard.options(num_gpus=gpus, resources=placement(run.cfg, group))
+    encode = _encode_shard.options(num_gpus=gpus, resources=placement(ctx.cfg.ray, group))
     if gpus and not ondisk.gpu_count():
         log.warning("encode: ray.gpus_per_task=%s but this faiss has no GPU support "
                     "(faiss-cpu): encoding on the CPU", gpus)
-    layouts = {m: _layout(run, m, run.stage_path(*trained))
-               for m, (trained, _) in METHODS.items()}
-    blobs = [put_index(run.stage_path(*trained)) for trained, _ in METHODS.values()]
+    layouts = {m: _layout(ctx, m) for m in METHODS}
+    blobs = [put_index(_trained(ctx, m)) for m in METHODS]
     # One task per shard encodes it for every method: the corpus is read once.
-    refs = [encode.remote(s, list(layouts.values()), gpus, *blobs) for s in shards]
+    refs = [encode.remote(s, list(layouts.values()), gpus, *blobs) for s in ingested.shards]
     counts = wait_all(refs, "encode: shards")
     totals = {m: sum(c[i] for c in counts) for i, m in enumerate(METHODS)}
-    n = run.stage_info("ingest")["n"]
     for m, t in totals.items():
-        assert t == n, f"{m}: encoded {t} vectors, the corpus has {n}"
-    return {"counts": totals, "shards": len(shards), "layouts": layouts}
+        assert t == ingested.n, f"{m}: encoded {t} vectors, the corpus has {ingested.n}"
+    return Encoded(counts=totals, shards=len(ingested.shards), layouts=layouts)
 
 
 @ray.remote(max_retries=2)
@@ -164,41 +175,52 @@ def _export_fastscan(folder_uri: str) -> dict:
     return meta
 
 
-def run_merge(run: Run) -> dict:
-    shards = run.stage_info("ingest")["shards"]
-    enc = run.stage_info("encode")
-    keys = [Shard(**s).key for s in shards]
-    ranges = ondisk.list_ranges(run.cfg.index.nlist, n_ranges(run))
-    where = placement(run.cfg, Group.CPU)
+def run_merge(ctx: Context) -> Merged:
+    ingested: Ingested = ctx.inputs["ingest"]
+    enc: Encoded = ctx.inputs["encode"]
+    n = ingested.n
+    keys = [Shard(**s).key for s in ingested.shards]
+    ranges = ondisk.list_ranges(ctx.cfg.index.nlist, n_ranges(ctx, n))
+    where = placement(ctx.cfg.ray, Group.CPU)
     merge_range = _merge_range.options(resources=where)
     refs = []
     for method in METHODS:
-        uris = [storage.join(enc["layouts"][method], f"{k}.lists") for k in keys]
-        refs += [merge_range.remote(uris, l0, l1, _slice_uri(run, method, r))
+        uris = [storage.join(enc.layouts[method], f"{k}.lists") for k in keys]
+        refs += [merge_range.remote(uris, l0, l1, _slice_uri(ctx, method, r))
                  for r, (l0, l1) in enumerate(ranges)]
     flat = wait_all(refs, "merge: list ranges")
     R = len(ranges)
     sizes = {m: np.concatenate(flat[i * R:(i + 1) * R]) for i, m in enumerate(METHODS)}
     stitch = _stitch.options(resources=where)
-    refs = [stitch.remote(run.stage_path(*trained), [_slice_uri(run, method, r) for r in range(R)],
-                          sizes[method], run.stage_path("merge", method))
-            for method, (trained, _) in METHODS.items()]
+    refs = [stitch.remote(_trained(ctx, m), [_slice_uri(ctx, m, r) for r in range(R)],
+                          sizes[m], ctx.path(m)) for m in METHODS]
     results = dict(zip(METHODS, wait_all(refs, "merge: stitch")))
-    if run.cfg.build.fastscan:
+    if ctx.cfg.build.fastscan:
         export = _export_fastscan.options(resources=where)
-        refs = [export.remote(run.stage_path("merge", m)) for m in METHODS]
+        refs = [export.remote(ctx.path(m)) for m in METHODS]
         for m, meta in zip(METHODS, wait_all(refs, "merge: fast-scan export")):
             results[m]["files"]["fastscan.index"] = meta
-    n = run.stage_info("ingest")["n"]
     for m, r in results.items():
         assert r["ntotal"] == n, f"{m}: merged {r['ntotal']} vectors, the corpus has {n}"
-    storage.delete(run.stage_path("merge", "slices"))  # copied into the indexes
+    storage.delete(ctx.path("slices"))  # copied into the indexes
     log.info("merge: %d vectors per index, %d list ranges; stitched where they lie (%d bytes "
              "passed through the stitch tasks)", n, R,
              sum(r["bytes_through_task"] for r in results.values()))
-    return {**{m: {"folder": METHODS[m][1], "uri": run.stage_path("merge", m), **r}
-               for m, r in results.items()}, "ranges": R}
+    return Merged(indexes={m: MergedIndex(folder=METHODS[m][1], uri=ctx.path(m), **r)
+                           for m, r in results.items()}, ranges=R)
 
 
-def _slice_uri(run: Run, method: str, r: int) -> str:
-    return run.stage_path("merge", "slices", method, f"slice-{r:05d}.ivfdata")
+def _slice_uri(ctx: Context, method: str, r: int) -> str:
+    return ctx.path("slices", method, f"slice-{r:05d}.ivfdata")
+
+
+# export: the student's learned parameters as a faiss index of the configured structure.
+EXPORT = Stage("export", sections=("index", "data"), needs=("train",), result=Exported,
+               run=run_export)
+# encode: every corpus shard, once, with each method's trained index. Nothing in its config
+# changes the codes but what its upstream stages already key: it has no sections of its own.
+ENCODE = Stage("encode", sections=(), needs=("ingest", "init", "export"), result=Encoded,
+               run=run_encode)
+# merge: the encoded shards as one on-disk index per method (and its fast-scan export).
+MERGE = Stage("merge", sections=("build", "index"), needs=("ingest", "init", "export", "encode"),
+              result=Merged, run=run_merge)

@@ -20,7 +20,8 @@ from pipeline.distributed.exact_knn import distributed_topk
 from pipeline.distributed.placement import Group, placement
 from pipeline.distributed.tasks import check_unique_ids, pin_threads, wait_all
 from pipeline.index import build, metrics, ondisk
-from pipeline.stages.common import METHODS, Run, method_names
+from pipeline.stages.common import METHODS, Context, Stage, method_names
+from pipeline.stages.results import Evaluated, Ingested, Merged
 
 log = logging.getLogger("pipeline.stages.evaluate")
 
@@ -73,35 +74,34 @@ def label_misses(qrels: dict, qids: np.ndarray, spans: dict) -> tuple[int, int, 
 
 def warn_label_misses(pairs: int, bad_q: int, bad_d: int) -> None:
     if bad_q or bad_d:
-        log.warning("data.labels: of %d labels, %d name a query that is not in "
-                    "data.eval_queries and %d a document outside the corpus's ids; they can "
+        log.warning("eval.labels: of %d labels, %d name a query that is not in "
+                    "eval.queries and %d a document outside the corpus's ids; they can "
                     "never be found, and MRR and label recall count them as misses",
                     pairs, bad_q, bad_d)
 
 
-def run(run: Run) -> dict:
+def run(ctx: Context) -> Evaluated:
     """The exact neighbours of the evaluation queries, then one search task per method. The
     queries are read by tasks, block by block, as the teacher reads the training queries."""
-    cfg = run.cfg
-    plan = run.stage_info("ingest")
-    files = readers.query_files("data.eval_queries", cfg.data.eval_queries, plan["d"])
+    cfg = ctx.cfg
+    plan: Ingested = ctx.inputs["ingest"]
+    merged: Merged = ctx.inputs["merge"]
+    files = readers.query_files("eval.queries", cfg.eval.queries, plan.d)
     blocks = [b.to_dict() for b in plan_blocks(files, cfg.teacher.query_block,
-                                                cfg.data.max_eval_queries)]
+                                                cfg.eval.max_queries)]
     k = max(cfg.eval.k, 10)
-    gt = distributed_topk(cfg, plan["shards"], blocks, plan["d"], k,
-                          run.stage_path("evaluate", "gt"),
-                          "evaluate: exact top-k of data.eval_queries",
-                          key=run.resume_key("evaluate"))
-    check_unique_ids(cfg, gt["spans"], blocks, "data.eval_queries")
-    names = method_names(cfg)
-    merged = run.stage_info("merge")
-    search = _search_merged.options(resources=placement(cfg, Group.CPU))
+    gt = distributed_topk(cfg.ray, cfg.data.metric, plan.shards, blocks, plan.d, k,
+                          ctx.path("gt"), "evaluate: exact top-k of eval.queries",
+                          key=ctx.resume_key)
+    check_unique_ids(cfg.ray, gt["spans"], blocks, "eval.queries")
+    names = method_names(cfg.index)
+    search = _search_merged.options(resources=placement(cfg.ray, Group.CPU))
     # (method, searched as fast-scan): the on-disk index; with build.fastscan, its fast-scan
     # export too (same codes, 8-bit quantized look-up tables: the rows show what that costs).
     variants = [(m, fs) for m in METHODS for fs in ((False, True) if cfg.build.fastscan
                                                      else (False,))]
-    refs = [search.remote(merged[m]["uri"], gt["all"], k, cfg.eval.nprobe, cfg.data.labels,
-                          plan["spans"], fs) for m, fs in variants]
+    refs = [search.remote(merged.indexes[m].uri, gt["all"], k, cfg.eval.nprobe, cfg.eval.labels,
+                          plan.spans, fs) for m, fs in variants]
     results = wait_all(refs, "evaluate: searches")
     if results[0]["labels"]:
         warn_label_misses(*results[0]["labels"])
@@ -110,4 +110,10 @@ def run(run: Run) -> dict:
         base = {"method": names[method] + ("-fs" if fs else ""),
                 "bytes_per_vector": build.bytes_per_vector(cfg.index), "nlist": cfg.index.nlist}
         rows += metrics.rows_from_sums(res["sums"], base)
-    return {"rows": rows, "queries": gt["rows"]["all"]}
+    return Evaluated(rows=rows, queries=gt["rows"]["all"])
+
+
+# The evaluation queries and labels and the sweep (eval), with what names and sizes the rows
+# (index, build) and the blocks its exact search reads the queries in (teacher.query_block).
+STAGE = Stage("evaluate", sections=("eval", "index", "build", "teacher", "data"),
+              needs=("ingest", "merge"), result=Evaluated, run=run)

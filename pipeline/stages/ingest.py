@@ -12,19 +12,22 @@ import numpy as np
 import ray
 
 from pipeline import keys, storage
-from pipeline.config import PipelineConfig, Verify
+from pipeline.config import PipelineConfig, RayConfig, Verify
 from pipeline.data import readers
 from pipeline.data.plan import Shard, first_rows, plan_blocks, plan_shards
 from pipeline.distributed.placement import Group, placement
 from pipeline.distributed.tasks import check_unique_ids, trim_heap
 from pipeline.index.build import check_shape
-from pipeline.stages.common import Run
+from pipeline.stages.common import Context, Stage
+from pipeline.stages.results import Ingested, Plan
 
 log = logging.getLogger("pipeline.stages.ingest")
 
 
-def preflight(cfg: PipelineConfig) -> dict:
-    """Shard plan plus corpus size and dimension, from file metadata alone."""
+def preflight(cfg: PipelineConfig) -> Plan:
+    """Shard plan plus corpus size and dimension, from file metadata alone. It checks the
+    whole config against the data, so it reads every section: it is the job's boundary, not a
+    stage, and records nothing."""
     files = readers.list_inputs(cfg.data.corpus, "data.corpus")
     probed = [(f, *readers.probe(f)) for f in files]
     n = sum(rows for _, rows, _ in probed)
@@ -47,25 +50,27 @@ def preflight(cfg: PipelineConfig) -> dict:
             f"teacher.k={cfg.teacher.k} / eval.k={cfg.eval.k} exceed the corpus size {n}; "
             "lower them"
         )
-    check_shape(cfg.index, d, min(n, cfg.init.train_sample))
+    check_shape(cfg.index, d, min(n, cfg.data.train_sample))
     content = cfg.data.verify == Verify.CONTENT
     log.info("input identity: %s (data.verify=%s)", "size, mtime, inode, ctime and a sha256 "
              "of the content" if content else "size, mtime, inode and ctime (S3: size and "
              "ETag)", cfg.data.verify)
-    fingerprints = {"corpus": [(f, readers.fingerprint(f, content)) for f, _, _ in probed]}
+    fingerprints = {"data.corpus": [(f, readers.fingerprint(f, content))
+                                    for f, _, _ in probed]}
     query_files = {}
-    for name in ("train_queries", "eval_queries", "labels"):
-        uri = getattr(cfg.data, name)
+    for name in ("data.train_queries", "eval.queries", "eval.labels"):
+        section, field = name.split(".")
+        uri = getattr(getattr(cfg, section), field)
         if uri:
-            query_files[name] = readers.query_files(f"data.{name}", uri, d, content)
+            query_files[name] = readers.query_files(name, uri, d, content)
             fingerprints[name] = [(f, fp) for f, _, fp in query_files[name]]
-    if cfg.data.eval_queries:  # NaN, inf or duplicate ids: found now, not after training
-        readers.read_all(cfg.data.eval_queries, "data.eval_queries", cfg.data.max_eval_queries)
+    if cfg.eval.queries:  # NaN, inf or duplicate ids: found now, not after training
+        readers.read_all(cfg.eval.queries, "eval.queries", cfg.eval.max_queries)
     shards = plan_shards([(f, rows, fp) for (f, rows, _), (_, fp) in
-                          zip(probed, fingerprints["corpus"])], cfg.data.rows_per_shard)
-    return {"n": n, "d": d, "shards": [s.to_dict() for s in shards],
-            "train_query_files": query_files.get("train_queries", []),
-            "inputs": {k: keys.input_digest(v) for k, v in fingerprints.items()}}
+                          zip(probed, fingerprints["data.corpus"])], cfg.data.rows_per_shard)
+    return Plan(n=n, d=d, shards=[s.to_dict() for s in shards],
+                train_query_files=[list(f) for f in query_files.get("data.train_queries", [])],
+                inputs={k: keys.input_digest(v) for k, v in fingerprints.items()})
 
 
 def scan_shard(shard: dict, d: int, sample_p: float, seed: int) -> dict:
@@ -90,19 +95,18 @@ def _scan_or_report(shard: dict, d: int, sample_p: float, seed: int) -> dict:
                 "max_abs": 0.0, "sample": np.zeros((0, d), np.float32), "error": str(e)}
 
 
-def pseudo_queries(run: Run, sample: np.ndarray) -> list[tuple]:
+def pseudo_queries(ctx: Context, sample: np.ndarray) -> list[list]:
     """The symmetric case (no data.train_queries): corpus samples stand in for queries,
     written beside the sample as a .npy file that the teacher's tasks read like any query
-    file (ids 0..n-1). Returns its [(file, rows, fingerprint)]."""
-    n = min(run.cfg.data.pseudo_queries, len(sample))
+    file (ids 0..n-1). Returns its [[file, rows, fingerprint]]."""
+    n = min(ctx.cfg.data.pseudo_queries, len(sample))
     log.info("no data.train_queries: using %d corpus samples as pseudo-queries", n)
-    uri = run.stage_path("ingest", "pseudo_queries.npy")
+    uri = ctx.path("pseudo_queries.npy")
     storage.save_npy(uri, sample[:n])
-    return [(uri, n, readers.fingerprint(uri))]
+    return [[uri, n, readers.fingerprint(uri)]]
 
 
-def _scan(cfg: PipelineConfig, items: list[tuple[dict, float]], d: int,
-          seed: int) -> list[dict]:
+def _scan(cfg: RayConfig, items: list[tuple[dict, float]], d: int, seed: int) -> list[dict]:
     """Validates (shard, sample probability) items with Ray Data; raises the first bad-input
     error as a ValueError. Stats come back in the order of `items`."""
     rows = [{"at": i, "shard": sh, "p": p} for i, (sh, p) in enumerate(items)]
@@ -120,59 +124,65 @@ def _spans(stats: list[dict]) -> dict:
     return {Shard(**s).key: [st["id_min"], st["id_max"]] for s, st in stats}
 
 
-def run_incremental(run: Run, plan: dict) -> dict:
+def run_incremental(ctx: Context) -> Ingested:
     """Ingest for an incremental rebuild: only shards that are new or changed since the last
-    run are read and validated; the training sample and queries of that run are kept (the
-    quantizers are frozen)."""
+    run (ctx.inputs["previous"]) are read and validated; the training sample and queries of
+    that run are kept (the quantizers are frozen)."""
     t0 = time.time()
-    prev = run.stage_info("ingest")
-    spans = dict(prev["spans"])
-    fresh = [s for s in plan["shards"] if Shard(**s).key not in spans]
-    max_abs = prev["max_abs"]
+    plan: Plan = ctx.inputs["preflight"]
+    prev: Ingested = ctx.inputs["previous"]
+    spans = dict(prev.spans)
+    fresh = [s for s in plan.shards if Shard(**s).key not in spans]
+    max_abs = prev.max_abs
     if fresh:
-        stats = _scan(run.cfg, [(s, 0.0) for s in fresh], plan["d"], run.cfg.init.seed)
+        stats = _scan(ctx.cfg.ray, [(s, 0.0) for s in fresh], plan.d, ctx.cfg.data.seed)
         spans.update(_spans(zip(fresh, stats)))
         max_abs = max([max_abs] + [s["max_abs"] for s in stats])
-    current = [Shard(**s).key for s in plan["shards"]]
+    current = [Shard(**s).key for s in plan.shards]
     spans = {k: spans[k] for k in current}
-    check_unique_ids(run.cfg, [spans[k] for k in current], plan["shards"], "data.corpus")
+    check_unique_ids(ctx.cfg.ray, [spans[k] for k in current], plan.shards, "data.corpus")
     log.info("ingest (incremental): %d of %d shards new or changed, %d vectors (%.1fs)",
-             len(fresh), len(current), plan["n"], time.time() - t0)
-    return {**plan, "sample": prev["sample"], "train_queries": prev["train_queries"],
-            "train_query_files": prev["train_query_files"], "spans": spans,
-            "changed_shards": len(fresh), "max_abs": max_abs}
+             len(fresh), len(current), plan.n, time.time() - t0)
+    return Ingested(n=plan.n, d=plan.d, shards=plan.shards, inputs=plan.inputs,
+                    train_query_files=prev.train_query_files, sample=prev.sample,
+                    train_queries=prev.train_queries, spans=spans, max_abs=max_abs,
+                    changed_shards=len(fresh))
 
 
-def run(run: Run, plan: dict) -> dict:
+def run(ctx: Context) -> Ingested:
     """Validates every corpus row and every training query (read by tasks, in blocks: the
     driver holds neither), and draws the training sample."""
-    cfg = run.cfg
+    cfg, plan = ctx.cfg, ctx.inputs["preflight"]
     t0 = time.time()
-    p = min(1.0, cfg.init.train_sample / plan["n"])
-    qfiles = first_rows([tuple(f) for f in plan["train_query_files"]],
-                        cfg.data.max_train_queries)
+    p = min(1.0, cfg.data.train_sample / plan.n)
+    qfiles = first_rows([tuple(f) for f in plan.train_query_files], cfg.data.max_train_queries)
     qblocks = [b.to_dict() for b in plan_blocks(qfiles, cfg.data.rows_per_shard)]
-    stats = _scan(cfg, [(s, p) for s in plan["shards"]] + [(b, 0.0) for b in qblocks],
-                  plan["d"], cfg.init.seed)
-    stats, qstats = stats[:len(plan["shards"])], stats[len(plan["shards"]):]
+    stats = _scan(cfg.ray, [(s, p) for s in plan.shards] + [(b, 0.0) for b in qblocks],
+                  plan.d, cfg.data.seed)
+    stats, qstats = stats[:len(plan.shards)], stats[len(plan.shards):]
     rows = sum(s["rows"] for s in stats)
-    assert rows == plan["n"], f"scanned {rows} rows, metadata says {plan['n']}"
-    check_unique_ids(cfg, [(s["id_min"], s["id_max"]) for s in stats], plan["shards"],
+    assert rows == plan.n, f"scanned {rows} rows, metadata says {plan.n}"
+    check_unique_ids(cfg.ray, [(s["id_min"], s["id_max"]) for s in stats], plan.shards,
                      "data.corpus")
-    check_unique_ids(cfg, [(s["id_min"], s["id_max"]) for s in qstats], qblocks,
+    check_unique_ids(cfg.ray, [(s["id_min"], s["id_max"]) for s in qstats], qblocks,
                      "data.train_queries")
     # The sample is the driver's largest transient: at most two copies at a time (the
     # shards' pieces are dropped once joined, and the join is float32 already).
     sample = np.concatenate([s.pop("sample") for s in stats], dtype=np.float32)
-    sample = sample[np.random.default_rng(cfg.init.seed).permutation(len(sample))]
-    check_shape(cfg.index, plan["d"], len(sample))
-    if not qfiles:
-        qfiles = pseudo_queries(run, sample)
-    storage.save_npz(run.stage_path("ingest", "sample.npz"), x=sample)
+    sample = sample[np.random.default_rng(cfg.data.seed).permutation(len(sample))]
+    qfiles = [list(f) for f in qfiles] or pseudo_queries(ctx, sample)
+    storage.save_npz(ctx.path("sample.npz"), x=sample)
     n_queries = sum(rows for _, rows, _ in qfiles)
     log.info("ingest: %d vectors of d=%d in %d shards validated, %d sampled, %d training "
-             "queries (%.1fs)", plan["n"], plan["d"], len(plan["shards"]), len(sample),
+             "queries (%.1fs)", plan.n, plan.d, len(plan.shards), len(sample),
              n_queries, time.time() - t0)
-    return {**plan, "sample": len(sample), "spans": _spans(zip(plan["shards"], stats)),
-            "train_query_files": qfiles, "train_queries": n_queries,
-            "max_abs": max(s["max_abs"] for s in stats)}
+    return Ingested(n=plan.n, d=plan.d, shards=plan.shards, inputs=plan.inputs,
+                    train_query_files=qfiles, sample=len(sample), train_queries=n_queries,
+                    spans=_spans(zip(plan.shards, stats)),
+                    max_abs=max(s["max_abs"] for s in stats), changed_shards=len(plan.shards))
+
+
+# ingest 2: it records the training query files, which tasks read, instead of the queries
+# themselves. 3: it records the corpus's largest coordinate (the teacher's vector dtype
+# follows it). 4: its result is typed (pipeline.stages.results.Ingested).
+STAGE = Stage("ingest", sections=("data",), needs=(), result=Ingested, run=run, format=4)

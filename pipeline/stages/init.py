@@ -12,18 +12,20 @@ from pipeline import storage
 from pipeline.distributed.placement import Group, largest_node_cpus, placement
 from pipeline.distributed.tasks import pin_threads
 from pipeline.index import build, ondisk
-from pipeline.stages.common import Run
+from pipeline.stages.common import Context, Stage
+from pipeline.stages.results import Initialized
 
 log = logging.getLogger("pipeline.stages.init")
 
 
 @ray.remote
-def _train_baseline(sample_uri: str, out_uri: str, index_cfg, init_cfg, use_gpu: bool) -> dict:
+def _train_baseline(sample_uri: str, out_uri: str, index_cfg, init_cfg, use_gpu: bool,
+                    metric) -> dict:
     pin_threads()
     xt = storage.load_npz(sample_uri)["x"]
     t0 = time.time()
     index = build.train_baseline(xt, index_cfg, niter=init_cfg.niter, seed=init_cfg.seed,
-                                 use_gpu=use_gpu, opq_niter=init_cfg.opq_niter)
+                                 use_gpu=use_gpu, opq_niter=init_cfg.opq_niter, metric=metric)
     with storage.scratch("init") as scratch:
         local = os.path.join(scratch, "baseline.index")
         faiss.write_index(index, local)
@@ -31,8 +33,10 @@ def _train_baseline(sample_uri: str, out_uri: str, index_cfg, init_cfg, use_gpu:
     return {"train_seconds": time.time() - t0, "n_train": len(xt)}
 
 
-def run(run: Run) -> dict:
-    cfg = run.cfg
+def run(ctx: Context) -> Initialized:
+    cfg, ingested = ctx.cfg, ctx.inputs["ingest"]
+    # The sample is a Bernoulli draw: it can fall short of what preflight expected.
+    build.check_shape(cfg.index, ingested.d, ingested.sample)
     # With GPUs configured (ray.gpus_per_task > 0), k-means runs in the GPU group on one GPU
     # (faiss-gpu); otherwise on every core of the largest node of the CPU group.
     gpus = cfg.ray.gpus_per_task
@@ -40,11 +44,14 @@ def run(run: Run) -> dict:
     if gpus and not ondisk.gpu_count():
         log.warning("init: ray.gpus_per_task=%s but this faiss has no GPU support "
                     "(faiss-cpu): k-means runs on the CPU", gpus)
-    task = _train_baseline.options(num_cpus=largest_node_cpus(cfg, group),
-                                   num_gpus=1 if gpus else 0, resources=placement(cfg, group))
-    info = ray.get(task.remote(
-        run.stage_path("ingest", "sample.npz"), run.stage_path("init", "baseline.index"),
-        cfg.index, cfg.init, bool(gpus)))
+    task = _train_baseline.options(num_cpus=largest_node_cpus(cfg.ray, group),
+                                   num_gpus=1 if gpus else 0, resources=placement(cfg.ray, group))
+    info = ray.get(task.remote(ctx.upstream("ingest", "sample.npz"), ctx.path("baseline.index"),
+                               cfg.index, cfg.init, bool(gpus), cfg.data.metric))
     log.info("init: faiss baseline trained on %d vectors in %.1fs", info["n_train"],
              info["train_seconds"])
-    return info
+    return Initialized(**info)
+
+
+STAGE = Stage("init", sections=("index", "init", "data"), needs=("ingest",), result=Initialized,
+              run=run)

@@ -24,11 +24,12 @@ from pipeline import checkpoint, storage
 from pipeline.data.teacher_parts import load_parts
 from pipeline.data.teacher_stream import TeacherStream
 from pipeline.distributed.placement import Group, placement
-from pipeline.distributed.tasks import fault_point, pin_threads
+from pipeline.distributed.tasks import fault_point, keep_freed_memory, pin_threads
 from pipeline.index import build
-from pipeline.quant.fit import fit, keep_freed_memory
+from pipeline.quant.fit import fit
 from pipeline.quant.loop import TrainData
-from pipeline.stages.common import Run
+from pipeline.stages.common import Context, Stage
+from pipeline.stages.results import Taught, Trained
 
 log = logging.getLogger("pipeline.stages.train")
 
@@ -44,28 +45,28 @@ def _worker_loop(config: dict) -> None:
     import torch.distributed as dist
 
     pin_threads()
-    run: Run = config["run"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cfg = run.cfg.train
-    device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
-    teacher = run.stage_info("teacher")
-    pool = storage.load_npz(run.stage_path("ingest", "sample.npz"))["x"]
+    ctx: Context = config["ctx"]
+    train_ctx = ray.train.get_context()
+    rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
+    cfg = ctx.cfg.train
+    device = "cuda" if ctx.cfg.ray.train_gpu and torch.cuda.is_available() else "cpu"
+    teacher: Taught = ctx.inputs["teacher"]
+    pool = storage.load_npz(ctx.upstream("ingest", "sample.npz"))["x"]
 
     def gather(xq):
         out = [None] * world
         dist.all_gather_object(out, xq)
         return out
 
-    data = TeacherStream(teacher["train"], pool, cfg.streams, rank, world, cfg.shuffle_buffer,
+    data = TeacherStream(teacher.train, pool, cfg.streams, rank, world, cfg.shuffle_buffer,
                          gather)
-    held = load_parts(teacher["val"], cfg.max_val_queries)
+    held = load_parts(teacher.val, cfg.max_val_queries)
     val = TrainData(held["xq"], held["V"], pool)
-    params = build.extract_params(storage.read_index(run.stage_path("init", "baseline.index")))
-    ckpt_uri = run.stage_path("train", CHECKPOINT)
+    params = build.extract_params(storage.read_index(ctx.upstream("init", "baseline.index")))
+    ckpt_uri = ctx.path(CHECKPOINT)
     # Any checkpoint of this key continues this training: the driver set other ones aside.
     state = _load_state(ckpt_uri) if storage.exists(ckpt_uri) else None
-    if state is not None and state.get("stage_key") != config["key"]:
+    if state is not None and state.get("stage_key") != ctx.key:
         state = None
     if state is not None and rank == 0:
         log.info("train: worker starts from the checkpoint after epoch %d", state["epoch"])
@@ -82,21 +83,22 @@ def _worker_loop(config: dict) -> None:
         if rank == 0:
             # The one checkpoint: a restarted worker resumes from it, not from Ray Train's
             # own checkpoints, which would be a second copy of every epoch.
-            storage.write_bytes(ckpt_uri, checkpoint.dumps({**st, "stage_key": config["key"]}))
+            storage.write_bytes(ckpt_uri, checkpoint.dumps({**st, "stage_key": ctx.key}))
             fault_point("train-epoch")
         # Scalars only: the per-step curve stays in the checkpoint's history.
         ray.train.report({k: v for k, v in metrics.items() if not isinstance(v, list)})
 
     keep_freed_memory()  # this training process keeps its peak anyway: no re-faulting
-    fit(params, data, val, run.cfg, rank, world, reduce_grads, state, on_epoch, device)
-    storage.write_json(run.stage_path("train", "reads", f"rank-{rank}.json"),
+    fit(params, data, val, ctx.cfg, rank, world, reduce_grads, state, on_epoch, device)
+    storage.write_json(ctx.path("reads", f"rank-{rank}.json"),
                        {"bytes": data.bytes_read, "rows": data.rows_read,
                         "total_rows": data.parts.rows, "epochs": len(epochs_here)})
 
 
-def _resumable(run: Run, ckpt_uri: str) -> bool:
+def _resumable(ctx: Context, ckpt_uri: str) -> bool:
     """Whether the checkpoint left in the run folder continues this very training: written
-    under this stage key, and training not forced. Any other is moved aside, never resumed."""
+    under this stage key, and training not forced (ctx.resume_key is then ""). Any other is
+    moved aside, never resumed."""
     if not storage.exists(ckpt_uri):
         return False
     try:
@@ -104,32 +106,33 @@ def _resumable(run: Run, ckpt_uri: str) -> bool:
     except ValueError as e:
         state, why = {}, f"unreadable: {e}"
     key = state.get("stage_key")
-    if key is not None and key == run.keys.get("train", "") and "train" not in run.forced:
+    if key is not None and key == ctx.resume_key:
         log.info("train: resuming from %s after epoch %d", ckpt_uri, state["epoch"])
         return True
-    aside = run.stage_path("train", "set-aside", f"checkpoint-{key}-{time.time_ns()}.npz")
+    aside = ctx.path("set-aside", f"checkpoint-{key}-{time.time_ns()}.npz")
     storage.copy(ckpt_uri, aside)
     storage.delete(ckpt_uri)
     log.info("train: %s set aside (%s); training starts from the warm start", ckpt_uri,
-             "--from-stage" if "train" in run.forced else why)
+             why if ctx.resume_key else "--from-stage")
     return False
 
 
-def run(run: Run) -> dict:
-    cfg = run.cfg.train
+def run(ctx: Context) -> Trained:
+    ray_cfg = ctx.cfg.ray
     t0 = time.time()
-    ckpt_uri = run.stage_path("train", CHECKPOINT)
-    _resumable(run, ckpt_uri)  # sets a checkpoint of other settings aside
-    storage.delete(run.stage_path("train", "reads"))
-    fs, path = storage.pyarrow_fs(run.stage_path("train", "ray"))
+    ckpt_uri = ctx.path(CHECKPOINT)
+    _resumable(ctx, ckpt_uri)  # sets a checkpoint of other settings aside
+    storage.delete(ctx.path("reads"))
+    fs, path = storage.pyarrow_fs(ctx.path("ray"))
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"run": run, "key": run.keys.get("train", "")},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+        train_loop_config={"ctx": ctx},
+        scaling_config=ScalingConfig(num_workers=ray_cfg.train_workers,
+                                     use_gpu=ray_cfg.train_gpu,
                                      resources_per_worker={
-                                         "CPU": 1, **placement(run.cfg, Group.GPU)}),
+                                         "CPU": 1, **placement(ray_cfg, Group.GPU)}),
         run_config=RunConfig(name="distill", storage_path=path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
                              # Ray Train runs the loop in a thread of its own: with one
                              # arena it allocates where keep_freed_memory applies
                              worker_runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "1"}}),
@@ -137,17 +140,24 @@ def run(run: Run) -> dict:
     trainer.fit()
     assert storage.exists(ckpt_uri), "every epoch writes a checkpoint, and epochs >= 1"
     state = _load_state(ckpt_uri)
-    storage.save_npz(run.stage_path("train", "params.npz"), **state["best"].arrays())
+    storage.save_npz(ctx.path("params.npz"), **state["best"].arrays())
     secs = time.time() - t0
     improved = state["best_val"] > state["warm_val"]
     log.info("train: %d epochs in %.1fs; validation recall %.4f -> %.4f%s", state["epoch"], secs,
              state["warm_val"], state["best_val"],
              "" if improved else " (no gain: exporting the warm start)")
-    reads = [storage.read_json(run.stage_path("train", "reads", f"rank-{r}.json"))
-             for r in range(cfg.num_workers)]
+    reads = [storage.read_json(ctx.path("reads", f"rank-{r}.json"))
+             for r in range(ray_cfg.train_workers)]
     shares = [r["rows"] / max(r["total_rows"] * r["epochs"], 1) for r in reads]
     log.info("train: each worker read %s of the training rows per epoch",
              ", ".join(f"{x:.0%}" for x in shares))
-    return {"history": state["history"], "warm_val": state["warm_val"],
-            "best_val": state["best_val"], "seconds": secs, "worker_read_shares": shares,
-            "worker_read_bytes": [r["bytes"] for r in reads]}
+    return Trained(history=state["history"], warm_val=state["warm_val"],
+                   best_val=state["best_val"], seconds=secs, worker_read_shares=shares,
+                   worker_read_bytes=[r["bytes"] for r in reads])
+
+
+# The loss, negatives and optimisation it distils with, the teacher it learns from, the index
+# structure and metric its student has. Its workers (ray.train_workers) are in no key: W
+# workers take exactly the steps one takes (tests/test_stages.py checks it).
+STAGE = Stage("train", sections=("loss", "negatives", "train", "teacher", "index", "data"),
+              needs=("ingest", "init", "teacher"), result=Trained, run=run)
