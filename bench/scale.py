@@ -170,8 +170,8 @@ def bare_faiss(out: str, corpus: str, k: int) -> dict:
 
 
 def read_bytes_so_far(stats_dir: str) -> int:
-    """Corpus bytes read so far by every process of the run (pipeline.data.readers writes
-    one running total per process into PIPELINE_READ_STATS)."""
+    """Corpus bytes read so far by every process of the run (bench/read_stats.py writes one
+    running total per process into PIPELINE_READ_STATS)."""
     total = 0
     for name in os.listdir(stats_dir):
         try:
@@ -199,11 +199,13 @@ def run_one(n: int, data_root: str, config: str, overrides: list[str], nodes: in
     make_corpus(corpus, n)
     log.info("corpus of %d vectors ready in %.0fs", n, time.time() - t0)
     stats_dir = tempfile.mkdtemp(prefix="vq-reads-")
-    os.environ["PIPELINE_READ_STATS"] = stats_dir  # the local cluster's workers inherit it
+    # bench/read_stats.py counts the bytes each process reads; the workers inherit this
+    watch = {"PIPELINE_READ_STATS": stats_dir, "PIPELINE_HOOKS": "bench.read_stats"}
+    os.environ.update(watch)
     if nodes:
         from infra import local_cluster
 
-        local_cluster.start(nodes, cpus_per_node, env={"PIPELINE_READ_STATS": stats_dir})
+        local_cluster.start(nodes, cpus_per_node, env=watch)
         overrides = [f"ray.gpu_group={local_cluster.GPU_GROUP}",
                      f"ray.cpu_group={local_cluster.CPU_GROUP}", *overrides]
     cfg = load_config(config, [f"data.corpus={corpus}", *overrides])

@@ -35,6 +35,9 @@ BY_NAME = {s.name: s for s in GRAPH}
 STAGES = [s.name for s in GRAPH]
 # The stages whose results an incremental rebuild keeps: the trained quantizers.
 FROZEN = ["init", "teacher", "train", "export"]
+# What an incremental rebuild is for: the corpus's files and how they are cut into shards
+# may change under the kept quantizers; any other setting of theirs may not.
+CORPUS = {"inputs.data.corpus", "data.corpus", "data.rows_per_shard", "data.verify"}
 
 
 class Interrupted(BaseException):
@@ -98,11 +101,11 @@ def init_ray(cfg: PipelineConfig) -> None:
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
     if address:
-        # Fault injection (pipeline.distributed.tasks.fault_point, for the fault tests) must reach
-        # the job's workers on whichever node they run: their environment is the node's.
-        faults = {k: v for k, v in os.environ.items() if k.startswith("PIPELINE_FAULT_")}
+        # The watchers of pipeline.events (and their settings) must reach the job's workers on
+        # whichever node they run: a worker's environment is its node's.
+        watch = {k: v for k, v in os.environ.items() if k.startswith("PIPELINE_")}
         ray.init(address=address, log_to_driver=True,
-                 runtime_env={"env_vars": faults} if faults else None)
+                 runtime_env={"env_vars": watch} if watch else None)
         return
     # Ray Train's controller needs a CPU slot beside the workers: on a 2-core machine a cluster
     # of exactly 2 CPUs with 2 training workers hangs waiting for it.
@@ -181,7 +184,7 @@ def _check_incremental(cfg: PipelineConfig, run: Run, plan: Plan) -> None:
                              "quantizers are reused): run once without --incremental first")
         stage = BY_NAME[name]
         own = keys.fields(cfg, stage.sections, plan.inputs, stage.format)
-        changed = [k for k in own if own[k] != record["fields"].get(k)]
+        changed = [k for k in own if own[k] != record["fields"].get(k) and k not in CORPUS]
         if changed:
             raise ValueError(f"--incremental keeps the trained quantizers, but "
                              f"{', '.join(changed)} changed since they were trained; rerun "

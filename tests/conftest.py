@@ -125,7 +125,7 @@ def open_published(out: str, local_dir, what: str = "index"):
 class NodeLoss:
     """A worker node doomed to be lost mid-work, on the session's cluster: it alone offers the
     custom resource `group` (the test points ray.cpu_group or ray.gpu_group at it), and its
-    tasks stop at the fault point `point` (pipeline.distributed.tasks.fault_point, hold mode). As
+    tasks stop at the event `point` (pipeline.events, tests/fault_hooks.py in hold mode). As
     soon as one stops there, a watcher thread removes the node, as a cloud provider takes a
     machine back, and adds a replacement offering `group` that runs normally."""
 
@@ -137,7 +137,8 @@ class NodeLoss:
         self.cluster, self.group, self.hold_dir = cluster, group, str(hold_dir)
         os.makedirs(self.hold_dir, exist_ok=True)
         self.doomed = local_cluster.add_worker(
-            cluster, group, env={"PIPELINE_FAULT_HOLD": f"{point}:{self.hold_dir}"})
+            cluster, group, env={"PIPELINE_FAULT_HOLD": f"{point}:{self.hold_dir}",
+                                 "PIPELINE_HOOKS": "tests.fault_hooks"})
         self.replacement = None
         self.held: list[str] = []
         self._thread = threading.Thread(target=self._watch, daemon=True)

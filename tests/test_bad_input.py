@@ -184,28 +184,28 @@ def test_contrastive_weight_is_refused_by_the_pipeline(tmp_path, capsys):
 
 def test_epochs_below_one(tmp_path, capsys):
     corpus, _ = good(tmp_path)
-    assert "train.epochs must be >= 1" in run_job(capsys, corpus, str(tmp_path / "o"),
-                                                  "--set", "train.epochs=0")
+    err = run_job(capsys, corpus, str(tmp_path / "o"), "--set", "train.epochs=0")
+    assert "train.epochs and train.batch_size must be >= 1" in err
 
 
-@pytest.mark.parametrize("which", ["eval_queries", "train_queries", "labels"])
+@pytest.mark.parametrize("which", ["eval.queries", "data.train_queries", "eval.labels"])
 def test_empty_query_or_label_file(where, which, capsys):
     corpus = storage.join(where, "c")
     put_table(storage.join(corpus, "a.parquet"), pa.table({"id": np.arange(2000),
                                                            "embedding": emb(2000)}))
     empty = storage.join(where, which, "part.parquet")
-    if which == "labels":
+    if which == "eval.labels":
         put_table(empty, pa.table({"query_id": pa.array([], pa.int64()),
                                    "doc_id": pa.array([], pa.int64())}))
     else:
         put_table(empty, pa.table({"id": pa.array([], pa.int64()), "embedding": emb(0)}))
-    extra = ["--set", f"data.{which}={storage.join(where, which)}"]
-    if which == "labels":
+    extra = ["--set", f"{which}={storage.join(where, which)}"]
+    if which == "eval.labels":
         put_table(storage.join(where, "q", "a.parquet"), pa.table({"id": np.arange(10),
                                                                    "embedding": emb(10)}))
         extra += ["--set", f"eval.queries={storage.join(where, 'q')}"]
     err = run_job(capsys, corpus, storage.join(where, "o"), *extra)
-    assert f"data.{which}" in err and "holds no rows" in err, err
+    assert which in err and "holds no rows" in err, err
 
 
 def test_output_is_a_file(where, capsys):

@@ -27,6 +27,7 @@ from pipeline import checkpoint, publish, storage
 from pipeline.data import readers
 from pipeline.index import build, ondisk
 
+from . import fault_hooks
 from .conftest import open_published
 from .test_e2e import ROOT, job_args
 
@@ -107,6 +108,7 @@ class DisturbedJob:
                        env={**os.environ, **self.env}, capture_output=True)
         self.proc = start_job(job_args(self.data, self.out, groups=False), tmp / "log",
                               {**self.env, "PIPELINE_FAULT_KILL": f"encode:{tmp}",
+                               "PIPELINE_HOOKS": fault_hooks.HOOKS,
                                "RAY_ADDRESS": ""})
         self.outage = threading.Thread(target=self._outage, daemon=True)
         self.outage.start()
@@ -245,7 +247,8 @@ def test_job_killed_in_training_resumes_from_checkpoint(smoke_data, eval_x, tmp_
     ckpt = os.path.join(out, "stages", "train", "checkpoint.npz")
     hold = tmp_path / "hold"
     hold.mkdir()
-    job = start_job(args, tmp_path / "log1", {"PIPELINE_FAULT_HOLD": f"train-epoch:{hold}"})
+    job = start_job(args, tmp_path / "log1", {"PIPELINE_FAULT_HOLD": f"train-epoch:{hold}",
+                                              "PIPELINE_HOOKS": fault_hooks.HOOKS})
     kill_when(job, str(hold / "train-epoch-*"))
     killed = checkpoint.loads(open(ckpt, "rb").read())
     assert killed["epoch"] == 1

@@ -79,7 +79,7 @@ def test_benchmarks_and_layers_below_import_no_stage():
 
 # Lowest first. A module imports only modules of its own layer or of lower ones.
 LAYERS = [
-    ("foundation", ["pipeline.config", "pipeline.storage", "pipeline.console",
+    ("foundation", ["pipeline.config", "pipeline.storage", "pipeline.console", "pipeline.events",
                     "pipeline.report"]),
     ("math and data", ["pipeline.index", "pipeline.quant", "pipeline.data",
                        "pipeline.checkpoint"]),

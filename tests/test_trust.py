@@ -335,7 +335,7 @@ def test_a_corpus_without_bucket_is_refused(s3, tmp_path, capsys):
 def test_a_local_version_reaches_the_disk_before_the_pointer(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     synced = []
-    monkeypatch.setattr(storage, "fsync_path", lambda p: synced.append(os.path.abspath(p)))
+    monkeypatch.setattr(storage.local, "fsync_path", lambda p: synced.append(os.path.abspath(p)))
     pointer = os.path.join(out, publish.POINTER)
     real_replace = os.replace
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline import events, storage
 
 SUFFIXES = (".parquet", ".npy", ".fvecs", ".bvecs")
 
@@ -138,24 +138,6 @@ def _embedding_to_numpy(col: pa.ChunkedArray, uri: str) -> np.ndarray:
     return values.astype(np.float32, copy=False).reshape(len(arr), d)
 
 
-_read_total = 0
-
-
-def _count_read(nbytes: int) -> None:
-    """With PIPELINE_READ_STATS=DIR (bench/scale.py), keeps this process's running total of
-    the bytes read_rows fetched in DIR/<pid>, so that a benchmark can add up what every task
-    of a stage read."""
-    global _read_total
-    where = os.environ.get("PIPELINE_READ_STATS")
-    if not where:
-        return
-    _read_total += nbytes
-    tmp = os.path.join(where, f".{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(str(_read_total))
-    os.replace(tmp, os.path.join(where, str(os.getpid())))
-
-
 def read_rows(uri: str, start: int, stop: int, id_offset: int = 0,
               columns=("id", "embedding")) -> tuple[np.ndarray, np.ndarray]:
     """Rows [start, stop) of one file: (ids (n,) int64, x (n, d) float32)."""
@@ -173,8 +155,9 @@ def read_rows(uri: str, start: int, stop: int, id_offset: int = 0,
             table = pf.read_row_groups(groups, columns=list(columns))
         except (OSError, pa.ArrowException) as e:
             raise ValueError(_unreadable(f"{uri} rows {start}-{stop}", e)) from None
-        _count_read(sum(pf.metadata.row_group(g).column(c).total_compressed_size
-                        for g in groups for c in range(pf.metadata.num_columns)))
+        events.emit("read", nbytes=sum(
+            pf.metadata.row_group(g).column(c).total_compressed_size
+            for g in groups for c in range(pf.metadata.num_columns)))
         table = table.slice(start - first, stop - start)
         ids = checked_ids(table.column(columns[0]), uri, columns[0])
         return ids, _embedding_to_numpy(table.column(columns[1]), uri)
@@ -185,14 +168,14 @@ def read_rows(uri: str, start: int, stop: int, id_offset: int = 0,
             rowbytes = shape[1] * dtype.itemsize
             f.seek(offset + start * rowbytes)
             raw = f.read((stop - start) * rowbytes)
-            _count_read(len(raw))
+            events.emit("read", nbytes=len(raw))
             return ids, np.frombuffer(raw, dtype=dtype).reshape(-1, shape[1]).astype(np.float32)
         (d,) = struct.unpack("<i", f.read(4))
         itemsize = 4 if uri.endswith(".fvecs") else 1
         row = 4 + d * itemsize
         f.seek(start * row)
         raw = np.frombuffer(f.read((stop - start) * row), dtype=np.uint8).reshape(-1, row)
-        _count_read(raw.nbytes)
+        events.emit("read", nbytes=raw.nbytes)
     body = raw[:, 4:]
     x = body.copy().view(np.float32) if itemsize == 4 else body.astype(np.float32)
     return ids, x

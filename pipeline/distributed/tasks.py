@@ -1,11 +1,10 @@
 """What every task and the driver share: thread pinning and heap trimming, waiting with
-progress lines, the cross-file id check, and the fault points the fault tests use."""
+progress lines, and the cross-file id check."""
 from __future__ import annotations
 
 import ctypes
 import logging
 import os
-import signal
 import time
 
 import numpy as np
@@ -112,26 +111,3 @@ def wait_all(refs: list, what: str, every: float = 10.0) -> list:
         if isinstance(e.cause, ValueError):
             raise ValueError(str(e.cause.args[0]) if e.cause.args else str(e.cause)) from None
         raise
-
-
-def fault_point(name: str) -> None:
-    """Fault injection for the fault tests, a no-op otherwise.
-
-    PIPELINE_FAULT_KILL="name:DIR": the first process to reach this point SIGKILLs itself (as
-    the OOM killer would), leaving DIR/name as the evidence. PIPELINE_FAULT_HOLD="name:DIR"
-    (set on one node of a test cluster): every process that reaches it writes
-    DIR/name-<pid> and waits there, until the test takes its node away."""
-    hold = os.environ.get("PIPELINE_FAULT_HOLD", "")
-    if hold.startswith(name + ":"):
-        open(os.path.join(hold.split(":", 1)[1], f"{name}-{os.getpid()}"), "w").close()
-        while True:
-            time.sleep(1)
-    spec = os.environ.get("PIPELINE_FAULT_KILL", "")
-    if not spec.startswith(name + ":"):
-        return
-    flag = os.path.join(spec.split(":", 1)[1], name)
-    try:
-        os.close(os.open(flag, os.O_CREAT | os.O_EXCL))
-    except FileExistsError:
-        return  # killed once already: the retry goes through
-    os.kill(os.getpid(), signal.SIGKILL)

@@ -15,11 +15,11 @@ import faiss
 import numpy as np
 import ray
 
-from pipeline import storage
+from pipeline import events, storage
 from pipeline.data import readers
 from pipeline.data.plan import Shard
 from pipeline.distributed.placement import Group, placement
-from pipeline.distributed.tasks import fault_point, pin_threads, wait_all
+from pipeline.distributed.tasks import pin_threads, wait_all
 from pipeline.index import build, ondisk
 from pipeline.index.params import Params
 from pipeline.stages.common import METHODS, Context, Stage
@@ -93,7 +93,7 @@ def _encode_shard(shard: dict, out_dirs: list[str], gpus: float, *trained: np.nd
         if counts[i] is not None:
             continue
         index = ondisk.encode_shard(faiss.deserialize_index(blob), ids, x, use_gpu=gpus > 0)
-        fault_point("encode")
+        events.emit("encode")  # a shard encoded, not yet written
         with storage.scratch("encode") as scratch:
             local = os.path.join(scratch, "shard.lists")
             with open(local, "wb") as f:

@@ -20,11 +20,11 @@ import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline import checkpoint, storage
+from pipeline import checkpoint, events, storage
 from pipeline.data.teacher_parts import load_parts
 from pipeline.data.teacher_stream import TeacherStream
 from pipeline.distributed.placement import Group, placement
-from pipeline.distributed.tasks import fault_point, keep_freed_memory, pin_threads
+from pipeline.distributed.tasks import keep_freed_memory, pin_threads
 from pipeline.index import build
 from pipeline.quant.fit import fit
 from pipeline.quant.loop import TrainData
@@ -84,7 +84,7 @@ def _worker_loop(config: dict) -> None:
             # The one checkpoint: a restarted worker resumes from it, not from Ray Train's
             # own checkpoints, which would be a second copy of every epoch.
             storage.write_bytes(ckpt_uri, checkpoint.dumps({**st, "stage_key": ctx.key}))
-            fault_point("train-epoch")
+            events.emit("train-epoch")  # a checkpoint written
         # Scalars only: the per-step curve stays in the checkpoint's history.
         ray.train.report({k: v for k, v in metrics.items() if not isinstance(v, list)})
 

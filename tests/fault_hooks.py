@@ -1,0 +1,29 @@
+"""The fault tests' watcher of pipeline.events (PIPELINE_HOOKS=tests.fault_hooks), set in the
+environment of a job or of one node of a test cluster:
+
+- PIPELINE_FAULT_KILL="name:DIR": the first process to reach the event `name` SIGKILLs itself
+  (as the OOM killer would), leaving DIR/name as the evidence; later ones go through.
+- PIPELINE_FAULT_HOLD="name:DIR": every process that reaches `name` writes DIR/name-<pid>
+  and waits there, until the test takes its node away."""
+import os
+import signal
+import time
+
+HOOKS = "tests.fault_hooks"
+
+
+def on_event(name: str, **_info) -> None:
+    hold = os.environ.get("PIPELINE_FAULT_HOLD", "")
+    if hold.startswith(name + ":"):
+        open(os.path.join(hold.split(":", 1)[1], f"{name}-{os.getpid()}"), "w").close()
+        while True:
+            time.sleep(1)
+    spec = os.environ.get("PIPELINE_FAULT_KILL", "")
+    if not spec.startswith(name + ":"):
+        return
+    flag = os.path.join(spec.split(":", 1)[1], name)
+    try:
+        os.close(os.open(flag, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return  # killed once already: the retry goes through
+    os.kill(os.getpid(), signal.SIGKILL)
