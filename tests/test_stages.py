@@ -253,20 +253,29 @@ def test_pseudo_queries_do_not_find_themselves(prepared, tmp_path):
     assert len(rows) == 300 and not any(r in I[n] for n, r in enumerate(rows))
 
 
+def _eval_blocks(prepared, size: int = 40) -> list[dict]:
+    """The evaluation queries as blocks of at most `size` (the files split evenly)."""
+    files = readers.query_files("q", prepared.cfg.eval.queries, corpus(prepared)[1].shape[1])
+    return [b.to_dict() for b in plan_blocks(files, size)]
+
+
 @pytest.mark.parametrize("band", [None, knn.Band(10, 80, 12, seed=5)], ids=["top", "band"])
-def test_teacher_tree_merge_equals_brute_force(prepared, tmp_path, monkeypatch, band):
-    """With a fan-in of 2, the 4 shards' results merge in a two-level tree: same answer, and
-    with a band the same draw of deeper neighbours as one search over the whole corpus."""
+@pytest.mark.parametrize("workers", [1, 3])
+def test_teacher_equals_brute_force_on_any_number_of_workers(prepared, tmp_path, monkeypatch,
+                                                             band, workers):
+    """1 or 3 search workers over the 4 shards, their results merged in a tree of fan-in 2:
+    the same lists and vectors as one search over the whole corpus, and with a band the same
+    draw of deeper neighbours."""
     monkeypatch.setattr(exact_knn, "MERGE_FANIN", 2)
     ids, xb = corpus(prepared)
     qids, xq = readers.read_all(prepared.cfg.eval.queries, "q")
-    # blocks of at most 40 queries (the files split evenly), read by tasks
-    files = readers.query_files("q", prepared.cfg.eval.queries, xb.shape[1])
-    blocks = [b.to_dict() for b in plan_blocks(files, 40)]
+    blocks = _eval_blocks(prepared)
     assert len(blocks) > 1
-    out = exact_knn.distributed_topk(prepared.cfg.ray, "ip", prepared.result("ingest").shards,
+    ray_cfg = dataclasses.replace(prepared.cfg.ray, teacher_workers=workers)
+    out = exact_knn.distributed_topk(ray_cfg, "ip", prepared.result("ingest").shards,
                                      blocks, xb.shape[1], 10, str(tmp_path / "t"), "test",
                                      with_vectors=True, band=band)
+    assert out["workers"] == workers
     assert len(out["all"]) == len(blocks) and out["rows"]["all"] == len(qids)
     got = load_parts(out["all"])
     S, I, V = knn.finish(knn.block_topk(xq, xb, ids, 10, "ip", True, band=band, qids=qids), band)
@@ -276,6 +285,29 @@ def test_teacher_tree_merge_equals_brute_force(prepared, tmp_path, monkeypatch, 
     np.testing.assert_array_equal(got["V"], V)
     np.testing.assert_array_equal(got["qids"], qids)
     assert len(load_parts(out["all"], limit=7)["qids"]) == 7
+
+
+def test_teacher_object_store_bytes_do_not_grow_with_shards(prepared, tmp_path):
+    """The same corpus cut into 8 and into 64 shards, searched by 2 workers with the default
+    band and neighbour vectors: the same lists, and the same bytes through the object store
+    (what moves is each worker's ids and scores per query, and the winners' vectors once),
+    where one result per shard and block would move 8 times more with 64 shards."""
+    moved, lists = {}, {}
+    blocks = _eval_blocks(prepared)
+    band = knn.Band.of(prepared.cfg.teacher)
+    ray_cfg = dataclasses.replace(prepared.cfg.ray, teacher_workers=2)
+    for shards in (8, 64):
+        cfg = prepared.cfg.with_values({"data.rows_per_shard": -(-4000 // shards)})
+        plan = ingest.preflight(cfg).shards
+        assert len(plan) == shards
+        out = exact_knn.distributed_topk(ray_cfg, "ip", plan, blocks, 32, 10,
+                                         str(tmp_path / str(shards)), "test",
+                                         with_vectors=True, band=band)
+        moved[shards], lists[shards] = out["object_store_bytes"], load_parts(out["all"])
+    np.testing.assert_array_equal(lists[8]["I"], lists[64]["I"])
+    np.testing.assert_array_equal(lists[8]["V"], lists[64]["V"])
+    nq, slots = lists[8]["I"].shape
+    assert moved[8] == moved[64] > nq * slots * 32 * 2  # the winners' vectors move once
 
 
 def test_bad_query_block_is_the_users_error(prepared, tmp_path):

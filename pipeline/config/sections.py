@@ -217,6 +217,7 @@ class RayConfig:
     # key: placement changes no result.
     gpu_group: str = ""  # teacher and training run only on nodes offering it; empty: any node
     cpu_group: str = ""  # ingest, init, encode, merge, evaluate run only on nodes offering it
+    teacher_workers: int = 0  # search workers of the exact top-k (teacher, evaluation); 0: one per GPU, or per node of the GPU group
     train_workers: int = 1  # Ray Train workers (data parallel)
     train_gpu: bool = False  # one GPU per training worker (needs a CUDA build of torch)
     max_failures: int = 3  # training worker restarts after a lost worker or node; they resume from the last checkpoint
@@ -225,10 +226,11 @@ class RayConfig:
     def __post_init__(self):
         if self.gpus_per_task < 0:
             raise ValueError("ray.gpus_per_task must be >= 0 (0 runs teacher and encode on CPUs)")
-        if self.train_workers < 1 or self.max_failures < 0 or self.merge_ranges < 0:
+        if self.train_workers < 1 or self.max_failures < 0 or self.merge_ranges < 0 or \
+                self.teacher_workers < 0:
             raise ValueError("ray.train_workers must be >= 1, ray.max_failures >= 0 (0: a lost "
-                             "worker fails the job) and ray.merge_ranges >= 0 (0 picks them by "
-                             "size and CPUs)")
+                             "worker fails the job), ray.merge_ranges and ray.teacher_workers "
+                             ">= 0 (0 picks them from the cluster)")
 
 
 @dataclass(frozen=True)

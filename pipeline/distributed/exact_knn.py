@@ -1,24 +1,30 @@
-"""Exact top-k of a query set over every corpus shard, as Ray tasks: the teacher's training
+"""Exact top-k of a query set over every corpus shard, with Ray: the teacher's training
 targets and the evaluation's ground truth.
 
-The query set comes as blocks (pipeline.data.plan.plan_blocks): a task reads each block from
-storage, so the driver never holds the queries. Shards outer, query blocks inner (as faiss's
-knn_ground_truth): one task per shard reads it once and searches every query block against
-it, returning one result per block: scores, ids and, for training, the vectors of its own
-top-k (taken from that same read). Per block, merge tasks combine the shards' results in a
-tree of fan-in MERGE_FANIN, keeping the winners' vectors, and a last task writes the block as
-a Parquet part (pipeline.data.teacher_parts) with a marker beside it. A rerun under the same
-stage key finds the markers and searches only the blocks still missing (a killed teacher
-resumes).
+Search workers (actors, `ray.teacher_workers` of them: by default one per node of the GPU
+group, or one per GPU) each take a contiguous run of the shards. A worker reads each of its
+shards once, keeps its vectors on its node (a scratch file), and searches every query block
+against it, keeping per block a running top-k of ids and scores only. Per block, the workers'
+results merge in a tree of fan-in MERGE_FANIN; the vectors of the final winners (the top k
+and the band) then come from the workers whose shards hold them, and a last task writes the
+block as a Parquet part (pipeline.data.teacher_parts) with a marker beside it. A rerun under
+the same stage key finds the markers and searches only the blocks still missing.
 
-Memory: a shard task holds its shard, the query blocks and one result per block (nq * k *
-(12 + 2d) bytes over all blocks; with a band, k grows by the most drawn of any query, about
-band_size + 3 sqrt(band_size), plus 4 * band_depth bytes of cut-off scores per query); a
-merge task two results of one block.
+So the bytes that pass through the object store grow with workers x queries (ids and scores)
+plus queries x winners (vectors), never with shards x queries; the corpus is read once. Runs
+are contiguous and merged in order, so ties fall as in one flat search, earlier shards first,
+and any number of workers gives the same lists.
+
+Memory: a worker holds the query blocks, a running result per block (nq * (k + band) * 20
+bytes, plus 4 * band_depth bytes of cut-off scores per query) and one shard at a time; its
+shards' vectors wait on local disk until the winners are gathered.
 """
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -28,30 +34,77 @@ from pipeline import storage
 from pipeline.config import RayConfig
 from pipeline.data import readers, teacher_parts
 from pipeline.data.plan import Shard
-from pipeline.distributed.placement import Group, placement
+from pipeline.distributed.placement import Group, group_nodes, placement
 from pipeline.distributed.tasks import pin_threads, wait_all
 from pipeline.index.knn import Band, block_topk, finish, merge_topk, pick_device
 
 log = logging.getLogger("pipeline.exact_knn")
 
-MERGE_FANIN = 32  # per-shard results merged per task: bounds a merge task's memory
+MERGE_FANIN = 32  # worker results merged per task: bounds a merge task's memory
+ATTEMPTS = 3  # tries of the blocks left when a search worker is lost
+
+
+def _nbytes(result) -> int:
+    return sum(a.nbytes for a in result if isinstance(a, np.ndarray))
 
 
 @ray.remote
-def _search_shard(shard: dict, k: int, metric: str, gpus: float, with_vectors: bool,
-                  band: Band | None, exclude_self: bool, *q_blocks: np.ndarray):
-    """(S, I, V or None) of this shard's top-k for each query block (with a band, the partial
-    (S, I, V, U, T)), one return value each; the shard is read once. q_blocks: each block's
-    ids, then its vectors. exclude_self: block_topk's (the queries are corpus samples)."""
-    pin_threads()
-    s = Shard(**shard)
-    ids, x = readers.read_rows(s.uri, s.start, s.stop, s.id_offset)
-    device = pick_device(gpus)
-    n = len(q_blocks) // 2
-    out = [block_topk(q, x, ids, k, metric, with_vectors, device=device, band=band, qids=qids,
-                      exclude_self=exclude_self)
-           for qids, q in zip(q_blocks[:n], q_blocks[n:])]
-    return out[0] if len(out) == 1 else tuple(out)
+class _Searcher:
+    """One search worker over its run of shards (see the module doc)."""
+
+    def __init__(self, k: int, metric: str, gpus: float, band: Band | None,
+                 exclude_self: bool, keep_vectors: bool):
+        self.k, self.metric, self.band = k, metric, band
+        self.exclude_self, self.keep = exclude_self, keep_vectors
+        self.device = pick_device(gpus)
+        self.folder = tempfile.mkdtemp(prefix="vq-search-")
+        self.held = []  # per shard read: (its ids sorted, their rows, its vectors' file)
+
+    def search(self, shards: list[dict], *q_blocks: np.ndarray):
+        """Per query block, the top-k (with a band, the partial result) of its queries over
+        this worker's shards, ids and scores only, one return value each; then the bytes
+        returned. q_blocks: each block's ids, then its vectors."""
+        pin_threads()
+        n = len(q_blocks) // 2
+        running = [None] * n
+        for shard in shards:
+            s = Shard(**shard)
+            ids, x = readers.read_rows(s.uri, s.start, s.stop, s.id_offset)
+            if self.keep:
+                self._hold(ids, x)
+            for b, (qids, q) in enumerate(zip(q_blocks[:n], q_blocks[n:])):
+                r = block_topk(q, x, ids, self.k, self.metric, False, device=self.device,
+                               band=self.band, qids=qids, exclude_self=self.exclude_self)
+                running[b] = r if running[b] is None else \
+                    merge_topk([running[b], r], self.k, self.band)
+            del x
+        return (*running, sum(_nbytes(r) for r in running))
+
+    def _hold(self, ids: np.ndarray, x: np.ndarray) -> None:
+        path = os.path.join(self.folder, f"{len(self.held)}.npy")
+        np.save(path, x)
+        order = np.argsort(ids, kind="stable")
+        self.held.append((ids[order], order, path))
+
+    def vectors(self, I: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in I.ravel(), their vectors as `dtype`) of the ids in I that this
+        worker's shards hold."""
+        flat = I.ravel()
+        pos, vecs = [], []
+        for ids, order, path in self.held:
+            j = np.minimum(np.searchsorted(ids, flat), len(ids) - 1)
+            hit = np.flatnonzero((ids[j] == flat) & (flat >= 0))
+            if len(hit):
+                rows = order[j[hit]]
+                x = np.load(path, mmap_mode="r")
+                pos.append(hit)
+                vecs.append(np.asarray(x[rows], dtype=dtype))
+        if not pos:
+            return np.zeros(0, np.int64), np.zeros((0, 0), dtype)
+        return np.concatenate(pos), np.concatenate(vecs)
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @ray.remote(num_returns=2)
@@ -63,32 +116,52 @@ def _read_block(block: dict, d: int, what: str) -> tuple[np.ndarray, np.ndarray]
     return ids, np.ascontiguousarray(x)
 
 
-@ray.remote
+@ray.remote(num_returns=2)
 def _merge(k: int, band: Band | None, parts: list) -> tuple:
-    """The top-k of results fetched one at a time: refs inside a list reach a task
-    unresolved, so it holds two results at once whatever the fan-in (docs/scale.md measured
-    what holding them all cost). Merging in order keeps the ties of one flat merge: earlier
-    shards first."""
-    merged = None
+    """The top-k of results fetched one at a time (refs inside a list reach a task
+    unresolved, so it holds two results at once whatever the fan-in), and the bytes it
+    fetched. Merging in order keeps the ties of one flat merge: earlier shards first."""
+    merged, fetched = None, 0
     for ref in parts:
         part = ray.get(ref)
+        fetched += _nbytes(part)
         merged = part if merged is None else merge_topk([merged, part], k, band)
-    return merged
+    return merged, fetched
 
 
-def _tree_merge(merge, parts: list, k: int, band: Band | None):
-    """Merges per-shard result refs in groups of MERGE_FANIN, in order. Returns one ref to
-    the block's merged result."""
+def _tree_merge(merge, parts: list, k: int, band: Band | None, counts: list):
+    """Merges per-worker result refs in groups of MERGE_FANIN, in order. Returns one ref to
+    the block's merged result; appends each merge's fetched-bytes ref to `counts`."""
     while len(parts) > 1:
-        parts = [merge.remote(k, band, parts[i:i + MERGE_FANIN])
+        level = [merge.remote(k, band, parts[i:i + MERGE_FANIN])
                  for i in range(0, len(parts), MERGE_FANIN)]
+        parts = [m for m, _ in level]
+        counts += [c for _, c in level]
     return parts[0]
+
+
+@ray.remote(num_returns=2)
+def _winners(merged: tuple, band: Band | None) -> tuple[np.ndarray, np.ndarray]:
+    """(S, I) of a block's final lists (knn.finish)."""
+    S, I, _ = finish(merged, band)
+    return S, I
 
 
 @ray.remote
 def _write_block(out_dir: str, name: str, qids: np.ndarray, xq: np.ndarray, split: tuple | None,
-                 key: str, band: Band | None, merged: tuple) -> dict:
-    S, I, V = finish(merged, band)
+                 key: str, S: np.ndarray, I: np.ndarray, dtype: str | None,
+                 parts: list) -> dict:
+    """Writes a block's lists, with the winners' vectors gathered from the workers' `parts`
+    (refs of (positions, vectors)); returns its counts and the bytes it fetched."""
+    fetched = S.nbytes + I.nbytes
+    V = None
+    if dtype is not None:
+        V = np.full((I.size, xq.shape[1]), np.nan, dtype=dtype)
+        for ref in parts:
+            pos, vecs = ray.get(ref)
+            fetched += pos.nbytes + vecs.nbytes
+            V[pos] = vecs
+        V = V.reshape(*I.shape, xq.shape[1])
     table = teacher_parts.teacher_table(qids, xq, S, I, V)
     if split is None:
         teacher_parts.write_table(table, storage.join(out_dir, name))
@@ -102,7 +175,7 @@ def _write_block(out_dir: str, name: str, qids: np.ndarray, xq: np.ndarray, spli
         counts = {"train": int((~held).sum()), "val": int(held.sum())}
     counts["span"] = [int(qids.min()), int(qids.max())]
     storage.write_json(_marker(out_dir, name), {"key": key, "counts": counts})  # written last
-    return counts
+    return {**counts, "fetched": fetched}
 
 
 def _marker(out_dir: str, name: str) -> str:
@@ -121,6 +194,35 @@ def _finished(out_dir: str, name: str, key: str) -> dict | None:
     return done["counts"] if done.get("key") == key else None
 
 
+def search_workers(cfg: RayConfig, shards: int) -> tuple[int, float]:
+    """(workers, CPUs each): ray.teacher_workers, or one per GPU (ray.gpus_per_task > 0) or
+    per node of the GPU group; never more than the shards. A worker holds its CPUs until the
+    last block is written, so the workers of a node leave one CPU of it to the reads, merges
+    and writes of the blocks."""
+    nodes = [n for n in group_nodes(cfg, Group.GPU) if n["Resources"].get("CPU", 0) > 0]
+    if cfg.teacher_workers:
+        workers = cfg.teacher_workers
+    elif cfg.gpus_per_task:
+        gpus = sum(n["Resources"].get("GPU", 0) for n in nodes)
+        workers = int(gpus / cfg.gpus_per_task) or len(nodes)
+    else:
+        workers = len(nodes)
+    workers = max(1, min(workers, shards))
+    smallest = min((int(n["Resources"]["CPU"]) for n in nodes), default=2)
+    per_node = -(-workers // max(len(nodes), 1))
+    share = max(smallest - 1, 0.5) / per_node  # a fraction where workers outnumber CPUs
+    return workers, int(share) if share >= 1 else share
+
+
+def _lost_worker(e: BaseException) -> bool:
+    """Whether a failure is (or was caused by) a search worker's death."""
+    while e is not None:
+        if isinstance(e, ray.exceptions.RayActorError):
+            return True
+        e = getattr(e, "cause", None) or e.__cause__
+    return False
+
+
 def distributed_topk(cfg: RayConfig, metric: str, shards: list[dict], blocks: list[dict],
                      d: int, k: int, out_dir: str, what: str, *, with_vectors: bool | str = False,
                      split: tuple | None = None, key: str = "", band: Band | None = None,
@@ -130,14 +232,12 @@ def distributed_topk(cfg: RayConfig, metric: str, shards: list[dict], blocks: li
     query's drawn deeper neighbours follow its top k (pipeline.index.knn.Band).
 
     Returns {"all": [uris]}, or with split=(val_fraction, seed) {"train": [uris], "val":
-    [uris]}; "rows": the row count of each; "spans": each block's (id_min, id_max). With a
-    `key` (the stage's), blocks already written under it are kept. exclude_self: the
-    queries are corpus samples, and a query's own row is no neighbour (knn.without_self).
+    [uris]}; "rows": the row count of each; "spans": each block's (id_min, id_max);
+    "object_store_bytes": what the search results, merges and gathered vectors moved through
+    the object store in this call (the query blocks included); "workers". With a `key` (the
+    stage's), blocks already written under it are kept. exclude_self: the queries are corpus
+    samples, and a query's own row is no neighbour (knn.without_self).
     """
-    gpus = cfg.gpus_per_task
-    # Exact search is the GPU group's work, like training; the reads, merges and writes go
-    # with it, beside the search results they read.
-    where = placement(cfg, Group.GPU)
     names = [f"part-{b:05d}.parquet" for b in range(len(blocks))]
     # A block's marker counts only for the very rows it was written from.
     keys = [f"{key}|{Shard(**b).key}" if key else "" for b in blocks]
@@ -146,25 +246,80 @@ def distributed_topk(cfg: RayConfig, metric: str, shards: list[dict], blocks: li
     if len(todo) < len(blocks):
         log.info("%s: resuming: %d of %d query blocks already done", what,
                  len(blocks) - len(todo), len(blocks))
-    if todo:
-        read = _read_block.options(resources=where)
-        q_refs = [read.remote(blocks[b], d, what) for b in todo]  # [(ids, x)] refs
-        search = _search_shard.options(num_gpus=gpus, resources=where, num_returns=len(todo))
-        q_args = [i for i, _ in q_refs] + [x for _, x in q_refs]
-        per_shard = [search.remote(s, k, metric, gpus, with_vectors, band, exclude_self, *q_args)
-                     for s in shards]
-        if len(todo) == 1:
-            per_shard = [[r] for r in per_shard]
-        merge = _merge.options(resources=where)
-        write = _write_block.options(resources=where)
-        writes = [write.remote(out_dir, names[b], ids, x, split, keys[b], band,
-                               _tree_merge(merge, [r[j] for r in per_shard], k, band))
-                  for j, (b, (ids, x)) in enumerate(zip(todo, q_refs))]
-        for b, c in zip(todo, wait_all(writes, f"{what}: query blocks")):
+    moved, workers = 0, 0
+    for attempt in range(ATTEMPTS):
+        if not todo:
+            break
+        try:
+            workers, got, moved_now = _search(cfg, metric, shards, blocks, todo, d, k, out_dir,
+                                              names, keys, what, with_vectors, split, band,
+                                              exclude_self)
+        except ray.exceptions.RayError as e:
+            if not _lost_worker(e) or attempt + 1 == ATTEMPTS:
+                raise
+            log.warning("%s: a search worker was lost (%s); the blocks not yet written are "
+                        "searched again", what, type(e).__name__)
+            for b in todo:  # blocks written before the loss are kept, under any key
+                done = storage.read_json(_marker(out_dir, names[b])) \
+                    if storage.exists(_marker(out_dir, names[b])) else None
+                if done is not None and done.get("key") == keys[b]:
+                    counts[b] = done["counts"]
+            todo = [b for b in todo if counts[b] is None]
+            continue
+        moved += moved_now
+        for b, c in got.items():
             counts[b] = c
+        todo = []
     groups = ["all"] if split is None else ["train", "val"]
     out = {g: [storage.join(out_dir, name) if g == "all" else storage.join(out_dir, g, name)
                for name in names] for g in groups}
     out["rows"] = {g: sum(c[g] for c in counts) for g in groups}
     out["spans"] = [c["span"] for c in counts]
+    out["object_store_bytes"], out["workers"] = moved, workers
     return out
+
+
+def _search(cfg: RayConfig, metric: str, shards: list[dict], blocks: list[dict],
+            todo: list[int], d: int, k: int, out_dir: str, names: list, keys: list, what: str,
+            with_vectors, split, band, exclude_self) -> tuple[int, dict, int]:
+    """One pass of search workers over the blocks `todo`: (workers, {block: counts}, bytes
+    moved through the object store)."""
+    gpus = cfg.gpus_per_task
+    # Exact search is the GPU group's work, like training; the reads, merges and writes go
+    # with it, beside the search results they read.
+    where = placement(cfg, Group.GPU)
+    workers, cpus = search_workers(cfg, len(shards))
+    dtype = None if not with_vectors else "float16" if with_vectors is True else with_vectors
+    read = _read_block.options(resources=where)
+    q_refs = [read.remote(blocks[b], d, what) for b in todo]  # [(ids, x)] refs
+    q_args = [i for i, _ in q_refs] + [x for _, x in q_refs]
+    runs = [shards[len(shards) * w // workers:len(shards) * (w + 1) // workers]
+            for w in range(workers)]
+    actors = [_Searcher.options(num_cpus=cpus, num_gpus=gpus, resources=where,
+                                scheduling_strategy="SPREAD").remote(
+        k, metric, gpus, band, exclude_self, dtype is not None) for _ in runs]
+    try:
+        per_worker = [a.search.options(num_returns=len(todo) + 1).remote(run, *q_args)
+                      for a, run in zip(actors, runs)]
+        merged_bytes = [r[-1] for r in per_worker]
+        merge = _merge.options(resources=where)
+        winners = _winners.options(resources=where)
+        write = _write_block.options(resources=where)
+        writes = []
+        for j, (b, (ids, x)) in enumerate(zip(todo, q_refs)):
+            merged = _tree_merge(merge, [r[j] for r in per_worker], k, band, merged_bytes)
+            S, I = winners.remote(merged, band)
+            parts = [a.vectors.remote(I, dtype) for a in actors] if dtype else []
+            writes.append(write.remote(out_dir, names[b], ids, x, split, keys[b], S, I, dtype,
+                                       parts))
+        done = wait_all(writes, f"{what}: query blocks ({workers} search workers)")
+        moved = sum(ray.get(merged_bytes)) + sum(c.pop("fetched") for c in done)
+        moved += sum((blocks[b]["stop"] - blocks[b]["start"]) * (4 * d + 8) for b in todo)
+    finally:
+        for a in actors:
+            try:
+                ray.get(a.close.remote(), timeout=60)
+            except Exception:  # noqa: BLE001 - a lost worker leaves nothing to close
+                pass
+            ray.kill(a)
+    return workers, dict(zip(todo, done)), moved

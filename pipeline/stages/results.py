@@ -41,6 +41,8 @@ class Taught:
     val: list  # teacher parts of the held-out queries
     rows: dict  # {"train": rows, "val": rows}
     queries: int  # training queries taught
+    workers: int = 0  # search workers
+    object_store_bytes: int = 0  # search results, merges and vectors that moved through it
 
 
 @dataclass(frozen=True)

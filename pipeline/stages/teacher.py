@@ -40,12 +40,15 @@ def run(ctx: Context) -> Taught:
                            exclude_self=not ctx.cfg.data.train_queries)
     n = plan.train_queries
     secs = time.time() - t0
-    log.info("teacher: top-%d%s of %d queries over %d vectors in %.1fs (%.0f queries/s); "
-             "%d for training, %d held out", te.k,
+    log.info("teacher: top-%d%s of %d queries over %d vectors in %.1fs (%.0f queries/s, %d "
+             "search workers, %.1f MB through the object store); %d for training, %d held out",
+             te.k,
              f" and about {te.band_size} of ranks {te.k + 1}-{te.band_depth}" if band else "",
-             n, plan.n, secs, n / secs, out["rows"]["train"], out["rows"]["val"])
+             n, plan.n, secs, n / secs, out["workers"], out["object_store_bytes"] / 1e6,
+             out["rows"]["train"], out["rows"]["val"])
     # the spans need no keeping: ingest checked the ids
-    return Taught(train=out["train"], val=out["val"], rows=out["rows"], queries=n)
+    return Taught(train=out["train"], val=out["val"], rows=out["rows"], queries=n,
+                  workers=out["workers"], object_store_bytes=out["object_store_bytes"])
 
 
 # teacher 2: pseudo-queries' lists no longer hold the query's own row. 3: typed result.
