@@ -172,8 +172,9 @@ def publish(output: str, indexes: dict, extra: dict, meta: dict, keys: dict, hel
     manifest = {**meta, "version": version, "previous_version": (current or {}).get("version"),
                 "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "index": f"{vrel}/index/index.index", "ivfdata": f"{vrel}/index/index.ivfdata",
-                "baseline_index": f"{vrel}/baseline/index.index", "files": files,
-                "stage_keys": keys}
+                "files": files, "stage_keys": keys}
+    if "baseline" in indexes:
+        manifest["baseline_index"] = f"{vrel}/baseline/index.index"
     if f"{vrel}/index/{FASTSCAN}" in files:
         manifest["fastscan_index"] = f"{vrel}/index/{FASTSCAN}"
     data = storage.json_bytes(manifest)

@@ -275,7 +275,7 @@ def _publish(cfg: PipelineConfig, run: Run, rows: list[dict], seconds: dict,
                      "faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR) after copying "
                      "index.index and index.ivfdata into one folder",
     }
-    indexes = {METHODS[m][1]: (merged.indexes[m].uri, merged.indexes[m].files) for m in METHODS}
+    indexes = {METHODS[m][1]: (i.uri, i.files) for m, i in merged.indexes.items()}
     return publish.publish(run.output, indexes, extra, meta, built_from, held,
                            cfg.publish.keep_versions, cfg.publish.grace_seconds, fresh)
 

@@ -22,6 +22,13 @@ def test_a_moved_key_names_where_it_lives_now(old, new):
         load_config(None, ["data.corpus=/x", old])
 
 
+def test_an_unquoted_off_is_the_mode_off(tmp_path):
+    """YAML 1.1 reads `off` as false: a mode named off still takes it."""
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  corpus: /x\nbuild:\n  baseline: off\n")
+    assert load_config(str(p)).build.baseline == "off"
+
+
 def test_with_values_changes_fields_and_checks_them_again():
     cfg = load_config(None, ["data.corpus=/x"])
     new = cfg.with_values({"loss.kind": "kl", "negatives.per_list": 0, "train.lr": 0.1})

@@ -103,6 +103,27 @@ def test_local_output_reads_with_plain_read_index(ray_cluster, smoke_data, tmp_p
     assert res.stdout.split() == ["4000", "True", "IndexIVFResidualQuantizer"]
 
 
+def test_baseline_on_the_sample_encodes_the_corpus_once(ray_cluster, smoke_data, tmp_path):
+    """build.baseline=sample: only the distilled index is encoded, merged and published; the
+    faiss baseline and the distilled student are compared on the training sample, with its
+    own exact neighbours, in rows named apart."""
+    out = str(tmp_path / "run")
+    assert distill.main(job_args(smoke_data, out, "--set", "build.baseline=sample")) == 0
+    manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
+    assert "baseline_index" not in manifest
+    assert not any("/baseline/" in f for f in manifest["files"])
+    encoded = os.listdir(os.path.join(out, "stages", "encode"))
+    assert [e for e in encoded if not e.startswith("_")] == ["distilled-ivfpq"]
+    report = json.loads(open(published(out, "report.json")).read())
+    by = {(r["method"], r["nprobe"]): r for r in report["rows"]}
+    assert {m for m, _ in by} == {"distilled-ivf-opq", "faiss-ivf-opq-sample",
+                                  "distilled-ivf-opq-sample"}
+    for nprobe in (1, 4, 16):
+        for m in ("faiss-ivf-opq-sample", "distilled-ivf-opq-sample"):
+            assert 0 < by[m, nprobe]["recall_at_10"] <= 1 and by[m, nprobe]["vectors"] == 4000
+            assert by[m, nprobe]["mrr_at_10"] is None  # labels name corpus ids, not the sample's
+
+
 def test_fastscan_export_is_published_and_searched(ray_cluster, smoke_data, tmp_path):
     """build.fastscan: a 4-bit IVF-OPQ run publishes each index also as faiss
     IndexIVFPQFastScan, which plain faiss opens; it answers as the on-disk pair with the same

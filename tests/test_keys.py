@@ -49,6 +49,7 @@ def test_every_section_is_keyed_by_a_stage_or_changes_no_result():
     ("init.niter=3", ["init", "train", "export", "encode", "merge", "evaluate"]),
     ("teacher.k=20", ["teacher", "train", "export", "encode", "merge", "evaluate"]),
     ("teacher.seed=1", ["teacher", "train", "export", "encode", "merge", "evaluate"]),
+    ("build.baseline=off", ["encode", "merge", "evaluate"]),
     ("data.rows_per_shard=7", STAGES),
     ("data.train_sample=5000", STAGES),
     # how a stage runs, not what it makes: no stage runs again
@@ -61,9 +62,11 @@ def test_a_setting_reruns_what_reads_it(override, stages):
     assert changed([override]) == stages
 
 
-def test_the_fastscan_export_reruns_merge_and_below():
+def test_the_build_section_reruns_encode_and_below():
+    """encode reads build.baseline (which indexes it encodes), so build.fastscan, in the same
+    section, reruns it too."""
     four_bit = ("data.corpus=/x", "index.nbits=4", "index.M=16")
-    assert changed(["build.fastscan=true"], base=four_bit) == ["merge", "evaluate"]
+    assert changed(["build.fastscan=true"], base=four_bit) == ["encode", "merge", "evaluate"]
 
 
 def test_input_files_are_part_of_the_keys():

@@ -5,6 +5,7 @@ overrides (loader.py); docs/configuration.md is generated from them (docs.py,
 from pipeline.config.docs import markdown
 from pipeline.config.loader import load_config, validate, validate_for_pipeline
 from pipeline.config.modes import (
+    Baseline,
     Loss,
     LRSchedule,
     Metric,
@@ -27,7 +28,8 @@ from pipeline.config.sections import (
     TrainConfig,
 )
 
-__all__ = ["markdown", "load_config", "validate", "validate_for_pipeline", "LRSchedule", "Loss",
+__all__ = ["markdown", "load_config", "validate", "validate_for_pipeline", "Baseline",
+           "LRSchedule", "Loss",
            "Metric", "NegativeSampler", "Quantizer", "Verify", "BuildConfig", "DataConfig",
            "EvalConfig", "IndexConfig", "InitConfig", "LossConfig", "NegativesConfig",
            "PipelineConfig", "PublishConfig", "RayConfig", "TeacherConfig", "TrainConfig"]

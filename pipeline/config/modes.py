@@ -49,6 +49,13 @@ class Verify(_Mode):
     CONTENT = "content"  # locally also the sha256 of the bytes: every file is read once more
 
 
+class Baseline(_Mode):
+    """Which faiss baseline a run builds beside the distilled index, to compare them."""
+    FULL = "full"  # encoded and merged over the whole corpus, published as baseline/
+    SAMPLE = "sample"  # both indexes over the training sample, with its own exact neighbours
+    OFF = "off"  # none: the corpus is encoded and merged once, for the distilled index only
+
+
 class LRSchedule(_Mode):
     """How the learning rates move over the whole training (on top of the backoff)."""
     CONSTANT = "constant"
@@ -93,6 +100,8 @@ def coerce(value, typ, where: str):
         return float(value)
     if isinstance(typ, type) and issubclass(typ, enum.Enum):
         choices = [m.value for m in typ]
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted off / on as a boolean
+            value = {False: "off", True: "on"}[value]
         if value not in choices:
             raise ValueError(f"{where} must be one of {', '.join(map(repr, choices))}, "
                              f"got {value!r}")

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 
 from pipeline.config.modes import (
+    Baseline,
     Loss,
     LRSchedule,
     Metric,
@@ -190,6 +191,12 @@ class BuildConfig:
     # faiss keeps fast-scan lists in memory only, so the merge keeps the on-disk 4-bit IVF-PQ
     # and one task converts it, holding the whole index (docs/outputs.md: fast-scan).
     fastscan: bool = False  # also publish each index as IndexIVFPQFastScan (needs index.nbits=4, quantizer pq)
+    # At scale the baseline doubles the costliest stages (encode, merge) for one report row:
+    # `sample` compares the two on the training sample instead (docs/outputs.md: baseline).
+    baseline: Baseline = Baseline.FULL  # full, sample or off: the faiss baseline built beside the distilled index
+
+    def __post_init__(self):
+        typed_modes(self)
 
 
 @dataclass(frozen=True)

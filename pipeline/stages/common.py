@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pipeline import storage
-from pipeline.config import IndexConfig, PipelineConfig
+from pipeline.config import Baseline, BuildConfig, IndexConfig, PipelineConfig
 from pipeline.stages import results
 
 log = logging.getLogger("pipeline.stages")
@@ -110,6 +110,12 @@ METHODS = {
     "faiss-ivfpq": (("init", "baseline.index"), "baseline"),
     "distilled-ivfpq": (("export", "trained.index"), "index"),
 }
+
+
+def built_methods(build: BuildConfig) -> list[str]:
+    """The methods whose index a run encodes and merges: the distilled one, and the faiss
+    baseline with build.baseline=full."""
+    return [m for m in METHODS if m == "distilled-ivfpq" or build.baseline == Baseline.FULL]
 
 
 def method_names(index: IndexConfig) -> dict:

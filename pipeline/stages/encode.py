@@ -2,8 +2,9 @@
 one on-disk index per method in the merge stage's folder, which pipeline.publish then
 publishes as a version.
 
-Two indexes go through encode and merge: the faiss baseline ("faiss-ivfpq") and the distilled
-student ("distilled-ivfpq"), so evaluation compares like with like.
+The distilled student ("distilled-ivfpq") goes through encode and merge, and with
+build.baseline=full the faiss baseline ("faiss-ivfpq") too, so that evaluation compares like
+with like over the whole corpus.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pipeline.distributed.placement import Group, placement
 from pipeline.distributed.tasks import pin_threads, wait_all
 from pipeline.index import build, ondisk
 from pipeline.index.params import Params
-from pipeline.stages.common import METHODS, Context, Stage
+from pipeline.stages.common import METHODS, Context, Stage, built_methods
 from pipeline.stages.results import (
     Encoded,
     Exported,
@@ -112,12 +113,13 @@ def run_encode(ctx: Context) -> Encoded:
     if gpus and not ondisk.gpu_count():
         log.warning("encode: ray.gpus_per_task=%s but this faiss has no GPU support "
                     "(faiss-cpu): encoding on the CPU", gpus)
-    layouts = {m: _layout(ctx, m) for m in METHODS}
-    blobs = [put_index(_trained(ctx, m)) for m in METHODS]
+    methods = built_methods(ctx.cfg.build)
+    layouts = {m: _layout(ctx, m) for m in methods}
+    blobs = [put_index(_trained(ctx, m)) for m in methods]
     # One task per shard encodes it for every method: the corpus is read once.
     refs = [encode.remote(s, list(layouts.values()), gpus, *blobs) for s in ingested.shards]
     counts = wait_all(refs, "encode: shards")
-    totals = {m: sum(c[i] for c in counts) for i, m in enumerate(METHODS)}
+    totals = {m: sum(c[i] for c in counts) for i, m in enumerate(methods)}
     for m, t in totals.items():
         assert t == ingested.n, f"{m}: encoded {t} vectors, the corpus has {ingested.n}"
     return Encoded(counts=totals, shards=len(ingested.shards), layouts=layouts)
@@ -183,22 +185,23 @@ def run_merge(ctx: Context) -> Merged:
     ranges = ondisk.list_ranges(ctx.cfg.index.nlist, n_ranges(ctx, n))
     where = placement(ctx.cfg.ray, Group.CPU)
     merge_range = _merge_range.options(resources=where)
+    methods = list(enc.layouts)
     refs = []
-    for method in METHODS:
+    for method in methods:
         uris = [storage.join(enc.layouts[method], f"{k}.lists") for k in keys]
         refs += [merge_range.remote(uris, l0, l1, _slice_uri(ctx, method, r))
                  for r, (l0, l1) in enumerate(ranges)]
     flat = wait_all(refs, "merge: list ranges")
     R = len(ranges)
-    sizes = {m: np.concatenate(flat[i * R:(i + 1) * R]) for i, m in enumerate(METHODS)}
+    sizes = {m: np.concatenate(flat[i * R:(i + 1) * R]) for i, m in enumerate(methods)}
     stitch = _stitch.options(resources=where)
     refs = [stitch.remote(_trained(ctx, m), [_slice_uri(ctx, m, r) for r in range(R)],
-                          sizes[m], ctx.path(m)) for m in METHODS]
-    results = dict(zip(METHODS, wait_all(refs, "merge: stitch")))
+                          sizes[m], ctx.path(m)) for m in methods]
+    results = dict(zip(methods, wait_all(refs, "merge: stitch")))
     if ctx.cfg.build.fastscan:
         export = _export_fastscan.options(resources=where)
-        refs = [export.remote(ctx.path(m)) for m in METHODS]
-        for m, meta in zip(METHODS, wait_all(refs, "merge: fast-scan export")):
+        refs = [export.remote(ctx.path(m)) for m in methods]
+        for m, meta in zip(methods, wait_all(refs, "merge: fast-scan export")):
             results[m]["files"]["fastscan.index"] = meta
     for m, r in results.items():
         assert r["ntotal"] == n, f"{m}: merged {r['ntotal']} vectors, the corpus has {n}"
@@ -217,10 +220,10 @@ def _slice_uri(ctx: Context, method: str, r: int) -> str:
 # export: the student's learned parameters as a faiss index of the configured structure.
 EXPORT = Stage("export", sections=("index", "data"), needs=("train",), result=Exported,
                run=run_export)
-# encode: every corpus shard, once, with each method's trained index. Nothing in its config
-# changes the codes but what its upstream stages already key: it has no sections of its own.
-ENCODE = Stage("encode", sections=(), needs=("ingest", "init", "export"), result=Encoded,
-               run=run_encode)
+# encode: every corpus shard, once, with each built method's trained index (build.baseline
+# says which are built; its other settings change no code).
+ENCODE = Stage("encode", sections=("build",), needs=("ingest", "init", "export"),
+               result=Encoded, run=run_encode)
 # merge: the encoded shards as one on-disk index per method (and its fast-scan export).
 MERGE = Stage("merge", sections=("build", "index"), needs=("ingest", "init", "export", "encode"),
               result=Merged, run=run_merge)

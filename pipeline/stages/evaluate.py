@@ -13,6 +13,7 @@ import numpy as np
 import ray
 
 from pipeline import storage
+from pipeline.config import Baseline
 from pipeline.data import readers
 from pipeline.data.plan import plan_blocks
 from pipeline.data.teacher_parts import load_parts
@@ -20,6 +21,7 @@ from pipeline.distributed.exact_knn import distributed_topk
 from pipeline.distributed.placement import Group, placement
 from pipeline.distributed.tasks import check_unique_ids, pin_threads, wait_all
 from pipeline.index import build, metrics, ondisk
+from pipeline.index.knn import block_topk
 from pipeline.stages.common import METHODS, Context, Stage, method_names
 from pipeline.stages.results import Evaluated, Ingested, Merged
 
@@ -55,6 +57,30 @@ def _search_merged(folder_uri: str, gt_uris: list[str], k: int, nprobes: tuple,
         del index
     labels = label_misses(qrels, np.concatenate(qids), spans) if qrels else None
     return {"sums": sums, "labels": labels}
+
+
+@ray.remote
+def _compare_on_sample(sample_uri: str, trained: dict, queries_uri: str, max_queries: int,
+                       k: int, nprobes: tuple, metric: str) -> dict:
+    """build.baseline=sample: each method's trained index over the training sample (ids
+    0..n-1), searched by the evaluation queries against their exact neighbours in the
+    sample. Returns {method: metric sums}. Memory: the sample, the queries and one index of
+    the sample."""
+    pin_threads()
+    x = storage.load_npz(sample_uri)["x"]
+    qids, xq = readers.read_all(queries_uri, "eval.queries", max_queries)
+    gt = block_topk(xq, x, np.arange(len(x)), k, metric)[1]
+    out = {}
+    for method, uri in trained.items():
+        index = storage.read_index(uri)
+        index.add(x)
+        found = {}
+        for nprobe in nprobes:
+            build.set_nprobe(index, nprobe)
+            found[nprobe] = index.search(xq, k)[1]
+        out[method] = metrics.score_sums(found, gt, qids, None)
+        del index
+    return out
 
 
 def label_misses(qrels: dict, qids: np.ndarray, spans: dict) -> tuple[int, int, int]:
@@ -98,11 +124,17 @@ def run(ctx: Context) -> Evaluated:
     search = _search_merged.options(resources=placement(cfg.ray, Group.CPU))
     # (method, searched as fast-scan): the on-disk index; with build.fastscan, its fast-scan
     # export too (same codes, 8-bit quantized look-up tables: the rows show what that costs).
-    variants = [(m, fs) for m in METHODS for fs in ((False, True) if cfg.build.fastscan
-                                                     else (False,))]
+    variants = [(m, fs) for m in merged.indexes for fs in ((False, True) if cfg.build.fastscan
+                                                            else (False,))]
     refs = [search.remote(merged.indexes[m].uri, gt["all"], k, cfg.eval.nprobe, cfg.eval.labels,
                           plan.spans, fs) for m, fs in variants]
+    if cfg.build.baseline == Baseline.SAMPLE:
+        trained = {m: ctx.upstream(*where) for m, (where, _) in METHODS.items()}
+        refs.append(_compare_on_sample.options(resources=placement(cfg.ray, Group.CPU)).remote(
+            ctx.upstream("ingest", "sample.npz"), trained, cfg.eval.queries,
+            cfg.eval.max_queries, k, cfg.eval.nprobe, cfg.data.metric))
     results = wait_all(refs, "evaluate: searches")
+    on_sample = results.pop() if cfg.build.baseline == Baseline.SAMPLE else {}
     if results[0]["labels"]:
         warn_label_misses(*results[0]["labels"])
     rows = []
@@ -110,10 +142,14 @@ def run(ctx: Context) -> Evaluated:
         base = {"method": names[method] + ("-fs" if fs else ""),
                 "bytes_per_vector": build.bytes_per_vector(cfg.index), "nlist": cfg.index.nlist}
         rows += metrics.rows_from_sums(res["sums"], base)
+    for method, sums in on_sample.items():  # named apart: they search the sample only
+        base = {"method": names[method] + "-sample", "nlist": cfg.index.nlist,
+                "bytes_per_vector": build.bytes_per_vector(cfg.index), "vectors": plan.sample}
+        rows += metrics.rows_from_sums(sums, base)
     return Evaluated(rows=rows, queries=gt["rows"]["all"])
 
 
 # The evaluation queries and labels and the sweep (eval), with what names and sizes the rows
 # (index, build) and the blocks its exact search reads the queries in (teacher.query_block).
 STAGE = Stage("evaluate", sections=("eval", "index", "build", "teacher", "data"),
-              needs=("ingest", "merge"), result=Evaluated, run=run)
+              needs=("ingest", "init", "export", "merge"), result=Evaluated, run=run)
