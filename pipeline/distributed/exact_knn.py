@@ -53,8 +53,8 @@ class _Searcher:
     """One search worker over its run of shards (see the module doc)."""
 
     def __init__(self, k: int, metric: str, gpus: float, band: Band | None,
-                 exclude_self: bool, keep_vectors: bool):
-        self.k, self.metric, self.band = k, metric, band
+                 exclude_self: bool, keep_vectors: bool, threads: int):
+        self.k, self.metric, self.band, self.threads = k, metric, band, threads
         self.exclude_self, self.keep = exclude_self, keep_vectors
         self.device = pick_device(gpus)
         self.folder = tempfile.mkdtemp(prefix="vq-search-")
@@ -64,7 +64,7 @@ class _Searcher:
         """Per query block, the top-k (with a band, the partial result) of its queries over
         this worker's shards, ids and scores only, one return value each; then the bytes
         returned. q_blocks: each block's ids, then its vectors."""
-        pin_threads()
+        pin_threads(self.threads)
         n = len(q_blocks) // 2
         running = [None] * n
         for shard in shards:
@@ -194,11 +194,12 @@ def _finished(out_dir: str, name: str, key: str) -> dict | None:
     return done["counts"] if done.get("key") == key else None
 
 
-def search_workers(cfg: RayConfig, shards: int) -> tuple[int, float]:
-    """(workers, CPUs each): ray.teacher_workers, or one per GPU (ray.gpus_per_task > 0) or
-    per node of the GPU group; never more than the shards. A worker holds its CPUs until the
-    last block is written, so the workers of a node leave one CPU of it to the reads, merges
-    and writes of the blocks."""
+def search_workers(cfg: RayConfig, shards: int) -> tuple[int, float, int]:
+    """(workers, CPUs each, threads each): ray.teacher_workers, or one per GPU
+    (ray.gpus_per_task > 0) or per node of the GPU group; never more than the shards. A
+    worker holds its CPUs until the last block is written, so the workers of a node leave one
+    CPU of it to the reads, merges and writes of the blocks; those run after the search,
+    so the search itself takes the node's every core (threads)."""
     nodes = [n for n in group_nodes(cfg, Group.GPU) if n["Resources"].get("CPU", 0) > 0]
     if cfg.teacher_workers:
         workers = cfg.teacher_workers
@@ -211,7 +212,7 @@ def search_workers(cfg: RayConfig, shards: int) -> tuple[int, float]:
     smallest = min((int(n["Resources"]["CPU"]) for n in nodes), default=2)
     per_node = -(-workers // max(len(nodes), 1))
     share = max(smallest - 1, 0.5) / per_node  # a fraction where workers outnumber CPUs
-    return workers, int(share) if share >= 1 else share
+    return workers, int(share) if share >= 1 else share, max(1, smallest // per_node)
 
 
 def _lost_worker(e: BaseException) -> bool:
@@ -288,7 +289,7 @@ def _search(cfg: RayConfig, metric: str, shards: list[dict], blocks: list[dict],
     # Exact search is the GPU group's work, like training; the reads, merges and writes go
     # with it, beside the search results they read.
     where = placement(cfg, Group.GPU)
-    workers, cpus = search_workers(cfg, len(shards))
+    workers, cpus, threads = search_workers(cfg, len(shards))
     dtype = None if not with_vectors else "float16" if with_vectors is True else with_vectors
     read = _read_block.options(resources=where)
     q_refs = [read.remote(blocks[b], d, what) for b in todo]  # [(ids, x)] refs
@@ -297,7 +298,7 @@ def _search(cfg: RayConfig, metric: str, shards: list[dict], blocks: list[dict],
             for w in range(workers)]
     actors = [_Searcher.options(num_cpus=cpus, num_gpus=gpus, resources=where,
                                 scheduling_strategy="SPREAD").remote(
-        k, metric, gpus, band, exclude_self, dtype is not None) for _ in runs]
+        k, metric, gpus, band, exclude_self, dtype is not None, threads) for _ in runs]
     try:
         per_worker = [a.search.options(num_returns=len(todo) + 1).remote(run, *q_args)
                       for a, run in zip(actors, runs)]

@@ -53,10 +53,11 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 2 << 30))
 
 
-def pin_threads() -> int:
+def pin_threads(threads: int | None = None) -> int:
     """Limits faiss/torch/BLAS threads to the CPUs Ray gave this task (OpenMP threads spin
     badly when cores are oversubscribed), and trims the heap an earlier task of this worker
-    left (trim_heap). Returns the thread count. Every task calls it first."""
+    left (trim_heap). Returns the thread count. Every task calls it first. `threads`: this
+    many instead, for a worker that knows the CPUs it may use beyond what it holds."""
     import faiss
     import torch
 
@@ -66,6 +67,7 @@ def pin_threads() -> int:
         n = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1
     except Exception:  # noqa: BLE001 - outside a Ray worker (driver, tests): use every core
         n = os.cpu_count() or 1
+    n = threads or n
     faiss.omp_set_num_threads(n)
     torch.set_num_threads(n)
     return n
