@@ -223,7 +223,7 @@ def run_one(n: int, data_root: str, config: str, overrides: list[str], nodes: in
     reads["end"] = read_bytes_so_far(stats_dir)
     secs = result["seconds"]
     from pipeline.runner import BY_NAME
-    from pipeline.stages.common import Run
+    from pipeline.workflow.stage import Run
 
     run = Run(out)
     nq = run.result(BY_NAME["teacher"]).queries

@@ -1,7 +1,7 @@
 """Stage keys: what each stage's result depends on, so that a rerun redoes exactly the stages
 whose inputs changed.
 
-A stage's key hashes every field of the config sections it is given (pipeline.stages.common.
+A stage's key hashes every field of the config sections it is given (pipeline.workflow.stage.
 Stage.sections: a stage cannot read any other, so no field it reads is left out), the
 identity of the input files those sections name (size and ETag or mtime: `input_digest`), its
 record format, and the keys its upstream stages finished with. A stage is up to date when its
@@ -57,7 +57,7 @@ def why_rerun(record: dict | None, own: dict, deps: dict) -> str:
 
 
 def stage_keys(cfg, stages: list, inputs: dict) -> dict[str, tuple[str, dict, dict]]:
-    """{stage: (key, its fields, its upstream keys)} for `stages` (pipeline.stages.common.
+    """{stage: (key, its fields, its upstream keys)} for `stages` (pipeline.workflow.stage.
     Stage, each after the stages it needs), in their order."""
     out: dict[str, tuple[str, dict, dict]] = {}
     for stage in stages:

@@ -23,8 +23,8 @@ from pipeline.distributed.placement import check_groups
 from pipeline.distributed.tasks import trim_heap
 from pipeline.index import build
 from pipeline.stages import encode, evaluate, ingest, init, teacher, train
-from pipeline.stages.common import METHODS, Context, Run, Stage, StageConfig
-from pipeline.stages.results import Plan
+from pipeline.workflow.results import Plan
+from pipeline.workflow.stage import METHODS, Context, Run, Stage, StageConfig
 
 log = logging.getLogger("pipeline.runner")
 

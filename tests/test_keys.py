@@ -9,8 +9,8 @@ from pipeline import keys
 from pipeline.config import PipelineConfig, load_config
 from pipeline.runner import GRAPH, STAGES
 from pipeline.stages import teacher
-from pipeline.stages.common import UNKEYED, Context, Run, StageConfig, UndeclaredSection
-from pipeline.stages.results import Ingested
+from pipeline.workflow.results import Ingested
+from pipeline.workflow.stage import UNKEYED, Context, Run, StageConfig, UndeclaredSection
 
 INPUTS = {"data.corpus": "c1", "data.train_queries": "t1", "eval.queries": "e1",
           "eval.labels": "l1"}

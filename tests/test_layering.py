@@ -83,7 +83,7 @@ LAYERS = [
                     "pipeline.report"]),
     ("math and data", ["pipeline.index", "pipeline.quant", "pipeline.data",
                        "pipeline.checkpoint"]),
-    ("runs", ["pipeline.keys", "pipeline.lease", "pipeline.publish"]),
+    ("runs", ["pipeline.keys", "pipeline.lease", "pipeline.publish", "pipeline.workflow"]),
     ("Ray plumbing", ["pipeline.distributed"]),
     ("stages", ["pipeline.stages"]),
     ("runner", ["pipeline.runner"]),
@@ -138,7 +138,8 @@ def test_every_module_imports_only_its_layer_and_below():
 
 
 @pytest.mark.parametrize("module, probe", [
-    ("pipeline/distributed/exact_knn.py", "pipeline.stages.common"),
+    ("pipeline/distributed/exact_knn.py", "pipeline.stages.teacher"),
+    ("pipeline/workflow/stage.py", "pipeline.distributed.tasks"),
     ("pipeline/data/readers.py", "pipeline.distributed.tasks"),
     ("pipeline/publish.py", "ray"),
     ("pipeline/quant/fit.py", "pipeline.storage"),

@@ -18,8 +18,8 @@ from pipeline.index import build, knn, ondisk
 from pipeline.runner import BY_NAME, stage_context
 from pipeline.stages import encode as encode_stage
 from pipeline.stages import ingest
-from pipeline.stages.common import METHODS, Run
-from pipeline.stages.results import Exported
+from pipeline.workflow.results import Exported
+from pipeline.workflow.stage import METHODS, Run
 
 from .conftest import NodeLoss, normalized
 

@@ -24,7 +24,7 @@ from pipeline.data.teacher_parts import table_arrays, teacher_table
 from pipeline.index import knn
 from pipeline.runner import check_output
 from pipeline.stages import train as train_stage
-from pipeline.stages.common import Context, Run, StageConfig
+from pipeline.workflow.stage import Context, Run, StageConfig
 
 from .s3_proxy import Proxy
 from .test_bad_input import good, run_job, write
@@ -61,7 +61,7 @@ HOLDER = """
 import sys, time
 from dataclasses import dataclass
 from pipeline import lease
-from pipeline.stages.common import Run
+from pipeline.workflow.stage import Run
 
 @dataclass(frozen=True)
 class Note:

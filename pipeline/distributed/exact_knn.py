@@ -182,10 +182,11 @@ def _marker(out_dir: str, name: str) -> str:
     return storage.join(out_dir, "_done", name.replace(".parquet", ".json"))
 
 
-def _finished(out_dir: str, name: str, key: str) -> dict | None:
+def _finished(out_dir: str, name: str, key: str, resume: bool = True) -> dict | None:
     """The counts of a block written under this very key (which names the block's rows),
-    or None."""
-    if not key:
+    or None. Without a key nothing an earlier run left is resumed; resume=False: the block
+    may have been written by this very call, under any key."""
+    if not key and resume:
         return None
     try:
         done = storage.read_json(_marker(out_dir, name))
@@ -260,17 +261,14 @@ def distributed_topk(cfg: RayConfig, metric: str, shards: list[dict], blocks: li
                 raise
             log.warning("%s: a search worker was lost (%s); the blocks not yet written are "
                         "searched again", what, type(e).__name__)
-            for b in todo:  # blocks written before the loss are kept, under any key
-                done = storage.read_json(_marker(out_dir, names[b])) \
-                    if storage.exists(_marker(out_dir, names[b])) else None
-                if done is not None and done.get("key") == keys[b]:
-                    counts[b] = done["counts"]
+            for b in todo:  # blocks written before the loss are kept
+                counts[b] = _finished(out_dir, names[b], keys[b], resume=False)
             todo = [b for b in todo if counts[b] is None]
             continue
         moved += moved_now
         for b, c in got.items():
             counts[b] = c
-        todo = []
+        break
     groups = ["all"] if split is None else ["train", "val"]
     out = {g: [storage.join(out_dir, name) if g == "all" else storage.join(out_dir, g, name)
                for name in names] for g in groups}

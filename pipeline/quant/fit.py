@@ -73,16 +73,50 @@ def _clone_state(model: Student) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _start(model: Student, opt, validate, state: dict | None) -> dict:
+    """The training state: a checkpoint's (`state`), loaded into model and optimizer, or a
+    fresh one whose best and warm start are the model as it is."""
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        return state
+    warm_q = validate(model)
+    warm = _mean(warm_q)
+    log.info("train: warm start validation recall %.4f; learning rates %s", warm,
+             ", ".join(f"{g['lr']:.3g}" for g in opt.param_groups))
+    return {"epoch": 0, "best_val": warm, "warm_val": warm, "best": model.export(),
+            "best_model": _clone_state(model), "best_q": warm_q, "backoffs": 0, "history": []}
+
+
+def _check(model: Student, opt, validate, state: dict, cfg, rank: int) -> float:
+    """Validates the model: a new best is kept; a significant fall below the best restores
+    the best and backs the learning rates off (train.lr_backoff). Returns the recall."""
+    v_q = validate(model)
+    v = _mean(v_q)
+    if v > state["best_val"]:
+        state.update(best_val=v, best=model.export(), best_model=_clone_state(model),
+                     best_q=v_q)
+    elif cfg.lr_backoff < 1 and significant_fall(state["best_q"], v_q, cfg.backoff_z):
+        model.load_state_dict(state["best_model"])
+        opt.state.clear()  # fresh moments for the smaller steps
+        for group in opt.param_groups:
+            group["base_lr"] *= cfg.lr_backoff
+        state["backoffs"] += 1
+        if rank == 0:
+            log.info("train: validation recall %.4f < best %.4f: back to the best, "
+                     "learning rates x%g", v, state["best_val"], cfg.lr_backoff)
+    return v
+
+
 def fit(params: Params, data: TrainData, val: TrainData, pcfg,
         rank: int = 0, world: int = 1, reduce_grads=lambda g: None, state: dict | None = None,
         on_epoch=None, device: str = "cpu") -> dict:
     """The training loop of one worker (or of a single process): `pcfg` is the config (or the
     train stage's view of it), of which it reads data, teacher, loss, negatives and train.
-    Epochs, validation
-    (train.val_checks times an epoch), keeping the best student and never one worse than the
-    warm start. A validation below the best restores the best and backs the learning rates
-    off. Every worker validates the same student identically, so all take the same branch.
-    Returns the final state."""
+    Epochs, validation (train.val_checks times an epoch), keeping the best student and never
+    one worse than the warm start. A validation below the best restores the best and backs
+    the learning rates off. Every worker validates the same student identically, so all take
+    the same branch. Returns the final state."""
     # rank_top 0 means the teacher's contiguous top k, not its whole list: a band of deeper
     # neighbours (teacher.band_*) follows the top k in each list.
     cfg = pcfg.train
@@ -94,34 +128,10 @@ def fit(params: Params, data: TrainData, val: TrainData, pcfg,
     calibrate(model, data.pool[:4096])
     opt = make_optimizer(model, cfg)
     validate = IndexValidator(val, pcfg.data.metric)
-    if state is None:
-        warm_q = validate(model)
-        warm = _mean(warm_q)
-        state = {"epoch": 0, "best_val": warm, "warm_val": warm, "best": model.export(),
-                 "best_model": _clone_state(model), "best_q": warm_q, "backoffs": 0,
-                 "history": []}
-        log.info("train: warm start validation recall %.4f; learning rates %s", warm,
-                 ", ".join(f"{g['lr']:.3g}" for g in opt.param_groups))
-    else:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+    state = _start(model, opt, validate, state)
 
     def check() -> float:
-        v_q = validate(model)
-        v = _mean(v_q)
-        if v > state["best_val"]:
-            state.update(best_val=v, best=model.export(), best_model=_clone_state(model),
-                         best_q=v_q)
-        elif cfg.lr_backoff < 1 and significant_fall(state["best_q"], v_q, cfg.backoff_z):
-            model.load_state_dict(state["best_model"])
-            opt.state.clear()  # fresh moments for the smaller steps
-            for group in opt.param_groups:
-                group["base_lr"] *= cfg.lr_backoff
-            state["backoffs"] += 1
-            if rank == 0:
-                log.info("train: validation recall %.4f < best %.4f: back to the best, "
-                         "learning rates x%g", v, state["best_val"], cfg.lr_backoff)
-        return v
+        return _check(model, opt, validate, state, cfg, rank)
 
     for epoch in range(state["epoch"], cfg.epochs):
         t0 = time.time()

@@ -23,14 +23,14 @@ from pipeline.distributed.placement import Group, placement
 from pipeline.distributed.tasks import pin_threads, wait_all
 from pipeline.index import build, ondisk
 from pipeline.index.params import Params
-from pipeline.stages.common import METHODS, Context, Stage, built_methods
-from pipeline.stages.results import (
+from pipeline.workflow.results import (
     Encoded,
     Exported,
     Ingested,
     Merged,
     MergedIndex,
 )
+from pipeline.workflow.stage import METHODS, Context, Stage, built_methods
 
 log = logging.getLogger("pipeline.stages.encode")
 

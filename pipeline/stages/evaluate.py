@@ -22,8 +22,8 @@ from pipeline.distributed.placement import Group, placement
 from pipeline.distributed.tasks import check_unique_ids, pin_threads, wait_all
 from pipeline.index import build, metrics, ondisk
 from pipeline.index.knn import block_topk
-from pipeline.stages.common import METHODS, Context, Stage, method_names
-from pipeline.stages.results import Evaluated, Ingested, Merged
+from pipeline.workflow.results import Evaluated, Ingested, Merged
+from pipeline.workflow.stage import METHODS, Context, Stage, method_names
 
 log = logging.getLogger("pipeline.stages.evaluate")
 

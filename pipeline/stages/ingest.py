@@ -18,8 +18,8 @@ from pipeline.data.plan import Shard, first_rows, plan_blocks, plan_shards
 from pipeline.distributed.placement import Group, placement
 from pipeline.distributed.tasks import check_unique_ids, trim_heap
 from pipeline.index.build import check_shape
-from pipeline.stages.common import Context, Stage
-from pipeline.stages.results import Ingested, Plan
+from pipeline.workflow.results import Ingested, Plan
+from pipeline.workflow.stage import Context, Stage
 
 log = logging.getLogger("pipeline.stages.ingest")
 
@@ -184,5 +184,5 @@ def run(ctx: Context) -> Ingested:
 
 # ingest 2: it records the training query files, which tasks read, instead of the queries
 # themselves. 3: it records the corpus's largest coordinate (the teacher's vector dtype
-# follows it). 4: its result is typed (pipeline.stages.results.Ingested).
+# follows it). 4: its result is typed (pipeline.workflow.results.Ingested).
 STAGE = Stage("ingest", sections=("data",), needs=(), result=Ingested, run=run, format=4)

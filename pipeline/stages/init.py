@@ -12,8 +12,8 @@ from pipeline import storage
 from pipeline.distributed.placement import Group, largest_node_cpus, placement
 from pipeline.distributed.tasks import pin_threads
 from pipeline.index import build, ondisk
-from pipeline.stages.common import Context, Stage
-from pipeline.stages.results import Initialized
+from pipeline.workflow.results import Initialized
+from pipeline.workflow.stage import Context, Stage
 
 log = logging.getLogger("pipeline.stages.init")
 

@@ -10,8 +10,8 @@ import time
 from pipeline.data.plan import plan_blocks
 from pipeline.distributed.exact_knn import distributed_topk
 from pipeline.index.knn import Band
-from pipeline.stages.common import Context, Stage
-from pipeline.stages.results import Ingested, Taught
+from pipeline.workflow.results import Ingested, Taught
+from pipeline.workflow.stage import Context, Stage
 
 F16_MAX = 65504.0  # the largest finite float16
 

@@ -28,8 +28,8 @@ from pipeline.distributed.tasks import keep_freed_memory, pin_threads
 from pipeline.index import build
 from pipeline.quant.fit import fit
 from pipeline.quant.loop import TrainData
-from pipeline.stages.common import Context, Stage
-from pipeline.stages.results import Taught, Trained
+from pipeline.workflow.results import Taught, Trained
+from pipeline.workflow.stage import Context, Stage
 
 log = logging.getLogger("pipeline.stages.train")
 

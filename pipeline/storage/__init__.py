@@ -17,10 +17,10 @@ import numpy as np
 
 from pipeline.storage import s3
 from pipeline.storage.base import Conflict, Store
-from pipeline.storage.local import LocalStore, atomic_write, fsync_path
+from pipeline.storage.local import LocalStore
 from pipeline.storage.s3 import S3Store
 
-__all__ = ["Conflict", "Store", "atomic_write", "fsync_path", "store", "is_s3", "join"]
+__all__ = ["Conflict", "Store"]  # raised and returned to callers, defined in base.py
 
 _LOCAL, _S3 = LocalStore(), S3Store()
 

@@ -2,6 +2,7 @@
 local paths (pipeline.storage.local) and once for s3:// URIs (pipeline.storage.s3)."""
 from __future__ import annotations
 
+import os
 from typing import BinaryIO
 
 
@@ -63,8 +64,6 @@ class Store:
 
     def listdir(self, uri: str) -> list[str]:
         """Names directly under a folder or prefix; empty when there is none."""
-        import os
-
         fs, path = self.get_fs(uri)
         try:
             return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))

@@ -13,7 +13,7 @@ from typing import Callable
 
 from pipeline import storage
 from pipeline.config import Baseline, BuildConfig, IndexConfig, PipelineConfig
-from pipeline.stages import results
+from pipeline.workflow import results
 
 log = logging.getLogger("pipeline.stages")
 

@@ -79,7 +79,7 @@ class MergedIndex:
 
 @dataclass(frozen=True)
 class Merged:
-    indexes: dict[str, MergedIndex]  # by method (pipeline.stages.common.METHODS)
+    indexes: dict[str, MergedIndex]  # by method (pipeline.workflow.stage.METHODS)
     ranges: int  # list ranges merged in parallel
 
 
