@@ -3,6 +3,7 @@
   python bench/scale.py                         # 1M and 4M vectors (about 15 min on 2 cores)
   python bench/scale.py --sizes 200000,800000   # quicker
   python bench/scale.py --nodes 3               # on a multi-node cluster (infra/local_cluster.py)
+  python bench/scale.py --growth parts          # one term alone: shards, queries, nlist, parts
 
 Each size runs in its own process with its own Ray cluster: one local node, or with --nodes N
 a head with no CPUs (it runs the driver) and N worker nodes in two groups, the stages placed by
@@ -20,6 +21,11 @@ corpus_read_passes.
 Throughput units: vectors/s for ingest and init (the training sample), query-document pairs/s
 for the teacher, training queries/s for train, vectors/s for encode and merge (both the faiss
 baseline and the distilled index are encoded and merged, so 2n vectors each).
+
+--growth TERM runs a small proxy (2^18 vectors) at the two ends of one term, everything else
+fixed (GROWTH below), and prints how each stage's figures grow from one end to the other:
+seconds, the driver's and the workers' peak RSS, the teacher's object-store bytes and the
+merge's ranged reads of encoded shards (both counted by the pipeline, from the stage records).
 """
 from __future__ import annotations
 
@@ -41,20 +47,30 @@ sys.path.insert(0, ROOT)
 log = logging.getLogger("bench.scale")
 D = 128
 FILE_ROWS = 250_000
+# --growth: the proxy's size, and per term (dimension, [(label, overrides) at each end]).
+GROWTH_N = 1 << 18
+GROWTH = {
+    "shards": (D, [(str(s), [f"data.rows_per_shard={GROWTH_N // s}"]) for s in (64, 1024)]),
+    "queries": (D, [(str(q), [f"data.pseudo_queries={q}"]) for q in (4096, 65536)]),
+    # nlist at d = 32: k-means over the whole proxy, and 16 B codes
+    "nlist": (32, [(str(n), [f"index.nlist={n}", f"data.train_sample={GROWTH_N}",
+                             "index.M=16", "init.niter=4"]) for n in (1024, 65536)]),
+    "parts": (D, [(str(p), [f"build.output_parts={p}"]) for p in (1, 16)]),
+}
 
 
-def make_corpus(folder: str, n: int, seed: int = 0) -> None:
-    """Clustered, L2-normalised 128-d vectors as .npy files of FILE_ROWS rows (cached)."""
+def make_corpus(folder: str, n: int, seed: int = 0, d: int = D) -> None:
+    """Clustered, L2-normalised vectors as .npy files of FILE_ROWS rows (cached)."""
     done = os.path.join(folder, "_complete")
     if os.path.exists(done):
         return
     os.makedirs(folder, exist_ok=True)
-    centers = np.random.default_rng(seed).standard_normal((1000, D)).astype(np.float32)
+    centers = np.random.default_rng(seed).standard_normal((1000, d)).astype(np.float32)
     for i, a in enumerate(range(0, n, FILE_ROWS)):
         rng = np.random.default_rng([seed, i])
         rows = min(FILE_ROWS, n - a)
         x = centers[rng.integers(0, len(centers), rows)] + \
-            0.7 * rng.standard_normal((rows, D)).astype(np.float32)
+            0.7 * rng.standard_normal((rows, d)).astype(np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         np.save(os.path.join(folder, f"part-{i:05d}.npy"), x.astype(np.float32))
     open(done, "w").close()
@@ -188,15 +204,15 @@ def corpus_bytes(folder: str) -> int:
 
 
 def run_one(n: int, data_root: str, config: str, overrides: list[str], nodes: int,
-            cpus_per_node: int) -> list[dict]:
+            cpus_per_node: int, d: int = D) -> list[dict]:
     import ray
 
     from pipeline.config import load_config
     from pipeline.runner import run_pipeline
 
-    corpus = os.path.join(data_root, f"n{n}")
+    corpus = os.path.join(data_root, f"n{n}" + ("" if d == D else f"-d{d}"))
     t0 = time.time()
-    make_corpus(corpus, n)
+    make_corpus(corpus, n, d=d)
     log.info("corpus of %d vectors ready in %.0fs", n, time.time() - t0)
     stats_dir = tempfile.mkdtemp(prefix="vq-reads-")
     # bench/read_stats.py counts the bytes each process reads; the workers inherit this
@@ -230,6 +246,9 @@ def run_one(n: int, data_root: str, config: str, overrides: list[str], nodes: in
     trained_q = sum(h["queries"] for h in run.result(BY_NAME["train"]).history)
     work = {"ingest": n, "init": run.result(BY_NAME["init"]).n_train, "teacher": nq * n,
             "train": trained_q, "encode": 2 * n, "merge": 2 * n}
+    counted = {"teacher": {"object_store_bytes": run.result(BY_NAME["teacher"]).object_store_bytes},
+               "merge": {"requests": run.result(BY_NAME["merge"]).requests,
+                         "bytes_read": run.result(BY_NAME["merge"]).bytes_read}}
     order = list(reads)
     read_by_stage = {st: reads[order[i + 1]] - reads[st] for i, st in enumerate(order[:-1])}
     one_pass = corpus_bytes(corpus)
@@ -250,7 +269,8 @@ def run_one(n: int, data_root: str, config: str, overrides: list[str], nodes: in
                      "peak_private_driver_mb": round(peak[3], 1),
                      "peak_rss_worker_mb": round(peak[1], 1),
                      "peak_private_worker_mb": round(peak[2], 1),
-                     "corpus_read_passes": round(read_by_stage.get(stage, 0) / one_pass, 3)})
+                     "corpus_read_passes": round(read_by_stage.get(stage, 0) / one_pass, 3),
+                     **counted.get(stage, {})})
     return rows
 
 
@@ -274,17 +294,67 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(t, widths)) for t in table)
 
 
+def child(args, n: int, overrides: list[str], d: int = D) -> list[dict] | None:
+    """One run in its own process (its own Ray cluster); its rows, or None if it failed."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", str(n), "--dim", str(d),
+           "--data", args.data, "--config", args.config, "--nodes", str(args.nodes),
+           "--cpus-per-node", str(args.cpus_per_node)] + \
+        [a for o in args.overrides + overrides for a in ("--set", o)]
+    res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if res.returncode:
+        print(f"run {n} {' '.join(overrides)} failed (exit {res.returncode})", file=sys.stderr)
+        return None
+    return json.loads(next(ln for ln in res.stdout.splitlines() if ln.startswith("ROWS "))[5:])
+
+
+def growth(args) -> int:
+    """--growth TERM: the proxy at both ends of the term; how each stage's figures grow."""
+    d, ends = GROWTH[args.growth]
+    rows = []
+    for label, overrides in ends:
+        got = child(args, GROWTH_N, overrides, d)
+        if got is None:
+            return 1
+        rows += [{**r, "growth": args.growth, "at": label, "overrides": overrides} for r in got]
+    print("\n" + format_rows(rows))
+    lo, hi = ends[0][0], ends[-1][0]
+    print(f"\n{args.growth} {lo} -> {hi} ({GROWTH_N:,} vectors, d={d}): each figure at {lo}, "
+          f"at {hi}, and the ratio")
+    keys = [("seconds", "s"), ("peak_rss_driver_mb", "driver MB"),
+            ("peak_rss_worker_mb", "worker MB"), ("object_store_bytes", "object store B"),
+            ("requests", "ranged reads"), ("bytes_read", "bytes read")]
+    for stage in dict.fromkeys(r["stage"] for r in rows):
+        a = next(r for r in rows if r["stage"] == stage and r["at"] == lo)
+        b = next(r for r in rows if r["stage"] == stage and r["at"] == hi)
+        cells = [f"{name} {a[k]:,.0f} -> {b[k]:,.0f} ({b[k] / max(a[k], 1e-9):.2f}x)"
+                 for k, name in keys if a.get(k) is not None and k in b]
+        print(f"  {stage:<8} " + ";  ".join(cells))
+    write_json(args.json, rows)
+    return 0
+
+
+def write_json(path: str, rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"rows": rows}, f, indent=2)
+    print(f"\nwrote {path}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sizes", default="1000000,4000000")
     ap.add_argument("--config", default=os.path.join(ROOT, "bench", "scale.yaml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--data", default=os.path.join(ROOT, "runs", "bench", "scale-data"))
-    ap.add_argument("--json", default=os.path.join(ROOT, "runs", "bench", "scale.json"))
+    ap.add_argument("--json", default=None,
+                    help="default runs/bench/scale.json (--growth: scale-growth-TERM.json)")
     ap.add_argument("--nodes", type=int, default=0,
                     help="worker nodes of a multi-node cluster (0: one local node)")
     ap.add_argument("--cpus-per-node", type=int, default=2)
+    ap.add_argument("--growth", choices=sorted(GROWTH),
+                    help="grow one term alone on a small proxy (see GROWTH)")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child: one size, JSON out
+    ap.add_argument("--dim", type=int, default=D, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -292,20 +362,20 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.one:
         rows = run_one(args.one, args.data, args.config, args.overrides, args.nodes,
-                       args.cpus_per_node)
+                       args.cpus_per_node, args.dim)
         print("ROWS " + json.dumps(rows))
         return 0
+    args.json = args.json or os.path.join(
+        ROOT, "runs", "bench", f"scale-growth-{args.growth}.json" if args.growth
+        else "scale.json")
+    if args.growth:
+        return growth(args)
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
-        cmd = [sys.executable, os.path.abspath(__file__), "--one", str(n), "--data", args.data,
-               "--config", args.config, "--nodes", str(args.nodes), "--cpus-per-node",
-               str(args.cpus_per_node)] + [a for o in args.overrides for a in ("--set", o)]
-        res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-        if res.returncode:
-            print(f"size {n} failed (exit {res.returncode})", file=sys.stderr)
+        got = child(args, n, [])
+        if got is None:
             return 1
-        rows += json.loads(next(ln for ln in res.stdout.splitlines()
-                                if ln.startswith("ROWS "))[5:])
+        rows += got
     print("\n" + format_rows(rows))
     sizes = sorted({r["n"] for r in rows})
     if len(sizes) > 1:
@@ -322,10 +392,7 @@ def main(argv=None) -> int:
                   f"{grew('peak_private_driver_mb'):.2f}x)  workers "
                   f"{grew('peak_rss_worker_mb'):.2f}x (private "
                   f"{grew('peak_private_worker_mb'):.2f}x)")
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"rows": rows}, f, indent=2)
-    print(f"\nwrote {args.json}")
+    write_json(args.json, rows)
     return 0
 
 

@@ -46,10 +46,10 @@ def copy_run(src: str, dst: str, ttl_s: float, break_lease: bool = False) -> dic
         for rel in sorted(manifest["files"], key=lambda r: r.endswith(".index")):
             _copy_file(src, dst, rel, manifest["files"][rel], tmp, held)
         if not storage.is_s3(dst):  # local copies open with plain faiss.read_index
-            for rel in [r for r in manifest["files"] if r.endswith("/index.index")]:
+            for rel in [r for r in manifest["files"]
+                        if ondisk.HEADER_RE.match(r.rsplit("/", 1)[-1])]:
                 path = storage.get_fs(storage.join(dst, rel))[1]
-                ondisk.retarget(path, os.path.join(os.path.dirname(path), "index.ivfdata"),
-                                path)
+                ondisk.retarget(path, ondisk.data_file(path), path)
                 manifest["files"][rel] = {"sha256": storage.sha256_file(path),
                                           "bytes": os.path.getsize(path)}
         vdir = storage.join(dst, publish.VERSIONS, manifest["version"])

@@ -23,6 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pipeline import publish  # noqa: E402
 from pipeline.config import PublishConfig, load_config  # noqa: E402
 from pipeline.console import Console  # noqa: E402
 from pipeline.lease import LeaseHeld, LeaseLost  # noqa: E402
@@ -65,12 +66,15 @@ def _summary(output: str, result: dict, total: float) -> None:
     if result["rows"]:
         print("\n" + format_table(result["rows"]))
     m = result["manifest"]
-    folder = m["index"].rsplit("/", 1)[0] + "/"
+    parts = m["index_parts"]
+    folder = parts[0].rsplit("/", 1)[0] + "/"
     size = sum(f["bytes"] for n, f in m["files"].items() if n.startswith(folder))
+    root = output.rstrip("/")
+    where = f"{root}/{parts[0]} (+ index.ivfdata)" if len(parts) == 1 else \
+        f"{root}/{folder} ({len(parts)} parts, index.<p>.index + .ivfdata)"
     print(f"\nversion: {m['version']}")
-    print(f"index: {output.rstrip('/')}/{m['index']} (+ index.ivfdata), "
-          f"{m['counts']['vectors']} vectors, {size / 1e6:.1f} MB")
-    report = m["index"].rsplit("/", 2)[0] + "/report.html"
+    print(f"index: {where}, {m['counts']['vectors']} vectors, {size / 1e6:.1f} MB")
+    report = f"{publish.VERSIONS}/{m['version']}/report.html"
     if report in m["files"]:
         print(f"report: {output.rstrip('/')}/{report}")
     print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))

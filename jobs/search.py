@@ -1,16 +1,19 @@
 """Queries a published index: python jobs/search.py --index URI --queries FILE -k 10 --nprobe 32
 
---index is a run folder (the version its manifest.json names is used), an index folder
-(index.index + index.ivfdata), or an .index file, on a local path or s3://. --queries is any
-file in the input contract (Parquet id + embedding, .npy, .fvecs). Prints the top-k ids and
-scores per query (stdout holds nothing else), or writes them as Parquet with --out.
---fastscan searches the version's fast-scan export (fastscan.index, published by runs with
-build.fastscan) instead of the on-disk pair: the same codes, faster, held in memory.
+--index is a run folder (the version its manifest.json names is used), an index folder (its
+parts: index.index + index.ivfdata, or index.<p>.index + .ivfdata each), or one part's .index
+file, which searches that part alone (one server of an index served part by part), on a local
+path or s3://. --queries is any file in the input contract (Parquet id + embedding, .npy,
+.fvecs). Prints the top-k ids and scores per query (stdout holds nothing else), or writes them
+as Parquet with --out. --fastscan searches the version's fast-scan exports (fastscan.index, or
+one per part, published by runs with build.fastscan) instead of the on-disk parts: the same
+codes, faster, held in memory.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 
@@ -24,34 +27,49 @@ from pipeline import publish, storage  # noqa: E402
 from pipeline.data import readers  # noqa: E402
 from pipeline.index import build, ondisk  # noqa: E402
 
+FASTSCAN_RE = re.compile(r"^fastscan(\.\d{5})?\.index$")
 
-def index_folder(uri: str) -> str:
-    """The folder of the index pair to open. A run folder is resolved through its manifest
-    once, so every file read belongs to the version it named at that moment."""
+
+def index_files(uri: str) -> tuple[str, list[str], list[str]]:
+    """(folder, part headers, fast-scan exports) to open. A run folder is resolved through
+    its manifest once, so every file read belongs to the version it named at that moment; an
+    index folder gives all its parts; one part's .index file gives that part alone (one
+    server of a sharded index)."""
     uri = uri.rstrip("/")
     if uri.endswith(".index"):
-        return uri.rsplit("/", 1)[0]
+        folder, name = uri.rsplit("/", 1) if "/" in uri else (".", uri)
+        part = bool(ondisk.HEADER_RE.match(name))
+        return folder, [name] if part else [], [] if part else [name]
     if storage.exists(storage.join(uri, publish.POINTER)):
         manifest = publish.resolve(uri)
-        return storage.join(uri, manifest["index"].rsplit("/", 1)[0])
-    if storage.exists(storage.join(uri, "index.index")):
-        return uri
+        parts = manifest["index_parts"]
+        folder = parts[0].rsplit("/", 1)[0]
+        return (storage.join(uri, folder), [p.rsplit("/", 1)[1] for p in parts],
+                [p.rsplit("/", 1)[1] for p in manifest.get("fastscan_parts", [])])
+    names = storage.listdir(uri)
+    headers = [n for n in names if ondisk.HEADER_RE.match(n)]
+    if headers:
+        return uri, headers, [n for n in names if FASTSCAN_RE.match(n)]
     raise ValueError(f"--index: {uri} holds neither a published run ({publish.POINTER}) nor "
-                     "an index.index")
+                     "an index's parts (index.index, or index.<p>.index)")
 
 
 def open_index(uri: str, cache: str, fastscan: bool = False):
-    """Opens the published pair, or its fast-scan export; S3 files are copied to `cache`
-    first."""
-    folder = index_folder(uri)
+    """Opens the published parts as one index (ondisk.open_parts), or their fast-scan exports
+    (joined in memory); S3 files are copied to `cache` first."""
+    folder, headers, fastscans = index_files(uri)
     if fastscan:
-        if not storage.exists(storage.join(folder, publish.FASTSCAN)):
-            raise ValueError(f"--fastscan: {folder} has no {publish.FASTSCAN}; publish with "
+        if not fastscans:
+            raise ValueError(f"--fastscan: {folder} has no {ondisk.FASTSCAN}; publish with "
                              "--set build.fastscan=true (index.nbits=4)")
-        local = storage.local_folder(folder, (publish.FASTSCAN,), cache)
-        return faiss.read_index(os.path.join(local, publish.FASTSCAN))
-    local = storage.local_folder(folder, publish.INDEX_FILES, cache)
-    return ondisk.read_ondisk(os.path.join(local, "index.index"))
+        local = storage.local_folder(folder, tuple(fastscans), cache)
+        return ondisk.join_fastscan([faiss.read_index(os.path.join(local, f))
+                                     for f in fastscans])
+    if not headers:
+        raise ValueError(f"--index: {uri} is not an on-disk index part (index[.<p>].index)")
+    names = tuple(n for h in headers for n in (ondisk.data_file(h), h))
+    local = storage.local_folder(folder, names, cache)
+    return ondisk.open_parts([os.path.join(local, h) for h in headers])
 
 
 def check_search_args(index, k: int, nprobe: int) -> int:

@@ -1,7 +1,7 @@
 """Named points in the pipeline's work that code outside it may watch: the fault tests stop
-or kill a process at one (tests/fault_hooks.py), the scale benchmark adds up the bytes each
-process read (bench/read_stats.py). The library only says where it is; what happens there
-lives with whoever watches.
+or kill a process at one and record the resources Ray gave each task (tests/fault_hooks.py),
+the scale benchmark adds up the bytes each process read (bench/read_stats.py). The library
+only says where it is; what happens there lives with whoever watches.
 
 A watcher is a module with `on_event(name, **info)`, named in PIPELINE_HOOKS (commas between
 several). The variable reaches every process of a job: the job's workers get the driver's

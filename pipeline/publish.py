@@ -1,10 +1,11 @@
 """Versioned, atomic publishing of finished runs.
 
 Layout under the output URI:
-  versions/<version>/index/index.{index,ivfdata}     the distilled on-disk index
-  versions/<version>/baseline/index.{index,ivfdata}  the faiss k-means baseline
-  versions/<version>/{index,baseline}/fastscan.index with build.fastscan: each as faiss
-                                                     IndexIVFPQFastScan (one plain file)
+  versions/<version>/index/index.{index,ivfdata}     the distilled on-disk index (one part;
+                                                     P parts: index.<p>.{index,ivfdata})
+  versions/<version>/baseline/index.{index,ivfdata}  the faiss k-means baseline (build.baseline)
+  versions/<version>/{index,baseline}/fastscan.index with build.fastscan: each part as faiss
+                                                     IndexIVFPQFastScan (fastscan.<p>.index)
   versions/<version>/report.*, config.json           the evaluation and the resolved config
   versions/<version>/manifest.json                   written last: the version is complete
   manifest.json                                      the pointer: a copy of the current
@@ -43,13 +44,14 @@ log = logging.getLogger("pipeline.publish")
 
 POINTER = "manifest.json"
 VERSIONS = "versions"
-INDEX_FILES = ("index.ivfdata", "index.index")  # in this order: data before its header
-FASTSCAN = ondisk.FASTSCAN
 HISTORY = "_history.json"
 HISTORY_LIMIT = 200  # entries kept in _history.json
 VERSION_RE = re.compile(r"^\d{8}T\d{6}(\.\d{6})?Z-[0-9a-f]{8}$")
-# The manifest fields that name files, beside its "files" table.
+# The manifest fields that name files, beside its "files" table: each index's parts (headers,
+# in list order) and, for a one-part index, its pair by the names plain faiss users open.
 NAMED = ("index", "ivfdata", "baseline_index", "fastscan_index")
+NAMED_LISTS = ("index_parts", "baseline_parts", "fastscan_parts")
+ONE_PART = {"index": "index", "baseline": "baseline_index"}
 
 
 def is_version(name: str) -> bool:
@@ -68,6 +70,11 @@ def checked(manifest: dict, where: str) -> dict:
     if not isinstance(files, dict):
         raise ValueError(f"{where}: the manifest has no files table")
     names = list(files) + [manifest[k] for k in NAMED if k in manifest]
+    for k in NAMED_LISTS:
+        if k in manifest:
+            if not isinstance(manifest[k], list):
+                raise ValueError(f"{where}: the manifest's {k} is not a list of files")
+            names += manifest[k]
     for rel in names:
         if not (isinstance(rel, str) and rel.startswith(prefix) and "\\" not in rel
                 and ":" not in rel and posixpath.normpath(rel) == rel
@@ -103,27 +110,29 @@ def version_name(keys: dict) -> str:
 
 
 def _put_index(src_folder: str, src_files: dict, dst_folder: str, held) -> dict:
-    """Places a merged index pair into a version folder; returns {name: {sha256, bytes}} of
-    what must now be there. src_files: the pair's {name: {sha256, bytes}} as merged. S3 pairs
-    record the bare .ivfdata name and are copied on the server; a local .index is rewritten
-    to record its own version's absolute .ivfdata path, so that plain faiss.read_index(path)
-    opens it."""
-    want = {name: src_files[name] for name in INDEX_FILES}
-    names = list(INDEX_FILES[:1]) + ([FASTSCAN] if FASTSCAN in src_files else [])
+    """Places a merged index (its parts and their fast-scan exports) into a version folder;
+    returns {name: {sha256, bytes}} of what must now be there. src_files: {name: {sha256,
+    bytes}} as the merge wrote them. Data files go first, then the headers that name them.
+    S3 headers record the bare .ivfdata name and are copied on the server; a local header is
+    rewritten to record its own version's absolute .ivfdata path, so that plain
+    faiss.read_index(path) opens it."""
+    headers = sorted(n for n in src_files if ondisk.HEADER_RE.match(n))
+    copied = [n for n in sorted(src_files) if n not in headers]
     if storage.is_s3(dst_folder):
-        names.append(INDEX_FILES[1])
-    for name in names:  # FASTSCAN is self-contained: copied as it is
+        copied += headers
+    want = {}
+    for name in copied:
         held.check(held.timeout)
         storage.copy(storage.join(src_folder, name), storage.join(dst_folder, name))
         want[name] = src_files[name]
     if not storage.is_s3(dst_folder):
-        held.check(held.timeout)
         dst = storage.get_fs(dst_folder)[1]
-        header = os.path.join(dst, INDEX_FILES[1])
-        ondisk.retarget(os.path.join(storage.get_fs(src_folder)[1], INDEX_FILES[1]),
-                        os.path.join(dst, INDEX_FILES[0]), header)
-        want[INDEX_FILES[1]] = {"sha256": storage.sha256_file(header),
-                                "bytes": os.path.getsize(header)}
+        for name in headers:
+            held.check(held.timeout)
+            header = os.path.join(dst, name)
+            ondisk.retarget(os.path.join(storage.get_fs(src_folder)[1], name),
+                            os.path.join(dst, ondisk.data_file(name)), header)
+            want[name] = {"sha256": storage.sha256_file(header), "bytes": os.path.getsize(header)}
     return want
 
 
@@ -131,13 +140,14 @@ def _meta(uri: str) -> dict:
     return {"sha256": storage.sha256_uri(uri), "bytes": storage.size(uri)}
 
 
-def verify(output: str, files: dict) -> None:
-    """Every file of a manifest is there, with its size and sha256. Raises RuntimeError."""
+def verify(output: str, files: dict, read: bool = True) -> None:
+    """Every file of a manifest is there, with its size and, if `read`, its sha256 (each file
+    is read whole). Raises RuntimeError."""
     for rel, want in files.items():
         uri = storage.join(output, rel)
         if not storage.exists(uri):
             raise RuntimeError(f"{uri} is missing")
-        got = _meta(uri)
+        got = _meta(uri) if read else {"sha256": want["sha256"], "bytes": storage.size(uri)}
         if got != want:
             raise RuntimeError(f"{uri}: {got} where {want} was written")
 
@@ -146,8 +156,9 @@ def publish(output: str, indexes: dict, extra: dict, meta: dict, keys: dict, hel
             keep: int, grace: float, fresh: bool = True) -> dict:
     """Publishes a new version and points the manifest at it; returns the manifest.
 
-    indexes: {folder in the version: (folder holding a merged index pair, {name: {sha256,
-    bytes}} of the pair)}; its "index" entry is the distilled index. extra: {file name:
+    indexes: {folder in the version: (folder holding a merged index, {name: {sha256, bytes}}
+    of its files, its part headers, its fast-scan exports)}; its "index" entry is the
+    distilled index. extra: {file name:
     bytes} (report, config). meta: more manifest fields. keys: the stage keys the version
     was built from; unless `fresh` (something was rebuilt), nothing is published when the
     current version was built from the same keys. held: the output's lease; every write is
@@ -161,22 +172,31 @@ def publish(output: str, indexes: dict, extra: dict, meta: dict, keys: dict, hel
     vrel = f"{VERSIONS}/{version}"
     vdir = storage.join(output, vrel)
     files = {}
-    for folder, (src, src_files) in indexes.items():
+    for folder, (src, src_files, _, _) in indexes.items():
         placed = _put_index(src, src_files, storage.join(vdir, folder), held)
         files.update({f"{vrel}/{folder}/{n}": m for n, m in placed.items()})
     for name, data in extra.items():
         held.write(storage.join(vdir, name), data)
         files[f"{vrel}/{name}"] = {"sha256": hashlib.sha256(data).hexdigest(),
                                    "bytes": len(data)}
-    verify(output, files)
+    # The hashes were taken where each file was written (the merge's part tasks, or here), and
+    # every copy above is whole or absent: sizes show that each landed, without reading the
+    # index again.
+    verify(output, files, read=False)
     manifest = {**meta, "version": version, "previous_version": (current or {}).get("version"),
                 "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "index": f"{vrel}/index/index.index", "ivfdata": f"{vrel}/index/index.ivfdata",
                 "files": files, "stage_keys": keys}
-    if "baseline" in indexes:
-        manifest["baseline_index"] = f"{vrel}/baseline/index.index"
-    if f"{vrel}/index/{FASTSCAN}" in files:
-        manifest["fastscan_index"] = f"{vrel}/index/{FASTSCAN}"
+    for folder, (_, _, parts, fastscan) in indexes.items():
+        names = [f"{vrel}/{folder}/{h}" for h in parts]
+        manifest[f"{folder}_parts"] = names
+        if len(names) == 1:  # one part: the pair, named as plain faiss users open it
+            manifest[ONE_PART[folder]] = names[0]
+        if folder == "index" and fastscan:
+            manifest["fastscan_parts"] = [f"{vrel}/index/{f}" for f in fastscan]
+            if len(fastscan) == 1:
+                manifest["fastscan_index"] = manifest["fastscan_parts"][0]
+    if "index" in manifest:
+        manifest["ivfdata"] = ondisk.data_file(manifest["index"])
     data = storage.json_bytes(manifest)
     held.write(storage.join(vdir, POINTER), data)  # the version is complete
     swap(output, data, tag, version, (current or {}).get("version"), held)

@@ -261,7 +261,8 @@ def _publish(cfg: PipelineConfig, run: Run, rows: list[dict], seconds: dict,
     extra = {"config.json": storage.json_bytes({"config": cfg.to_dict(), "hash": cfg.hash()})}
     if rows:
         train_info = dataclasses.asdict(run.result(train.STAGE))
-        summary = {"index": "index/index.index", "vectors": n,
+        summary = {"index": "index/index.index" if merged.parts == 1
+                   else f"index/index.*.index ({merged.parts} parts)", "vectors": n,
                    "bytes_per_vector": build.bytes_per_vector(cfg.index),
                    "config_hash": cfg.hash()}
         extra.update(report.report_files(rows, train_info, seconds, summary))
@@ -272,10 +273,12 @@ def _publish(cfg: PipelineConfig, run: Run, rows: list[dict], seconds: dict,
         "config_hash": cfg.hash(),
         "stage_seconds": seconds,
         "open_with": "faiss.read_index(path) for a local output, or "
-                     "faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR) after copying "
-                     "index.index and index.ivfdata into one folder",
+                     "faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR) after copying a "
+                     "part's .index and .ivfdata into one folder; several parts: "
+                     "pipeline.index.ondisk.open_parts(paths), or one part per server",
     }
-    indexes = {METHODS[m][1]: (i.uri, i.files) for m, i in merged.indexes.items()}
+    indexes = {METHODS[m][1]: (i.uri, i.files, i.parts, i.fastscan)
+               for m, i in merged.indexes.items()}
     return publish.publish(run.output, indexes, extra, meta, built_from, held,
                            cfg.publish.keep_versions, cfg.publish.grace_seconds, fresh)
 

@@ -42,6 +42,18 @@ def s3():
     server.stop()
 
 
+@pytest.fixture
+def proxy(s3, monkeypatch):
+    """The S3 endpoint behind a fault proxy (tests/s3_proxy.py); this process talks to the
+    proxy, which records every request it forwards."""
+    from tests.s3_proxy import Proxy
+
+    p = Proxy(s3)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", p.endpoint)
+    yield p
+    p.stop()
+
+
 @pytest.fixture(scope="session")
 def cluster(s3):
     """The session's multi-node Ray cluster (infra/local_cluster.py), shaped like
@@ -104,7 +116,7 @@ def published(out: str, what: str = "index") -> str:
     from pipeline import publish, storage
 
     m = publish.resolve(out)
-    rel = m[what] if what in m else m["index"].split("/index/")[0] + "/" + what
+    rel = m[what] if what in m else f"{publish.VERSIONS}/{m['version']}/{what}"
     return storage.join(out, rel)
 
 

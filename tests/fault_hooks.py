@@ -4,7 +4,10 @@ environment of a job or of one node of a test cluster:
 - PIPELINE_FAULT_KILL="name:DIR": the first process to reach the event `name` SIGKILLs itself
   (as the OOM killer would), leaving DIR/name as the evidence; later ones go through.
 - PIPELINE_FAULT_HOLD="name:DIR": every process that reaches `name` writes DIR/name-<pid>
-  and waits there, until the test takes its node away."""
+  and waits there, until the test takes its node away.
+- PIPELINE_TASK_LOG=DIR: each task that starts (the event "task") appends its name and the
+  resources Ray gave it to DIR/<pid>.jsonl."""
+import json
 import os
 import signal
 import time
@@ -12,7 +15,12 @@ import time
 HOOKS = "tests.fault_hooks"
 
 
-def on_event(name: str, **_info) -> None:
+def on_event(name: str, **info) -> None:
+    log = os.environ.get("PIPELINE_TASK_LOG", "")
+    if name == "task" and log:
+        with open(os.path.join(log, f"{os.getpid()}.jsonl"), "a") as f:
+            f.write(json.dumps({"name": info["task"], "resources": info["resources"]}) + "\n")
+        return
     hold = os.environ.get("PIPELINE_FAULT_HOLD", "")
     if hold.startswith(name + ":"):
         open(os.path.join(hold.split(":", 1)[1], f"{name}-{os.getpid()}"), "w").close()

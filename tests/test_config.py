@@ -58,7 +58,7 @@ def test_with_values_changes_fields_and_checks_them_again():
     ("train.lr=0", "train.lr"),
     ("train.rotation_lr=-1e-4", "rotation_lr"),
     ("ray.max_failures=-1", "max_failures"),
-    ("ray.merge_ranges=-1", "merge_ranges"),
+    ("build.output_parts=-1", "output_parts"),
     ("teacher.val_fraction=1", "teacher.val_fraction"),
     ("teacher.band_depth=0", "band_size=20 drawn from ranks 11..0"),
     ("teacher.band_depth=25", "needs 0 < band_size < band_depth - teacher.k"),

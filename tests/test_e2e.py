@@ -124,11 +124,14 @@ def test_baseline_on_the_sample_encodes_the_corpus_once(ray_cluster, smoke_data,
             assert by[m, nprobe]["mrr_at_10"] is None  # labels name corpus ids, not the sample's
 
 
-def test_fastscan_export_is_published_and_searched(ray_cluster, smoke_data, tmp_path):
-    """build.fastscan: a 4-bit IVF-OPQ run publishes each index also as faiss
-    IndexIVFPQFastScan, which plain faiss opens; it answers as the on-disk pair with the same
-    codes does (its look-up tables are quantized to 8 bits), evaluate reports both, and the
-    search CLI reads it with --fastscan."""
+def test_an_index_in_parts_with_fastscan_is_published_and_searched(ray_cluster, smoke_data,
+                                                                    tmp_path):
+    """build.output_parts=2 and build.fastscan: each index is published as two parts, each a
+    plain faiss index over its lists (and each part's IndexIVFPQFastScan export). Opened
+    together they answer as the parts searched one by one and merged do (serving each part
+    on its own machine); the fast-scan exports answer as the on-disk parts with the same
+    codes do (8-bit look-up tables); evaluate reports both, and the search CLI reads the
+    run, one part alone, and the fast-scan exports."""
     import faiss
 
     from jobs import search
@@ -137,23 +140,39 @@ def test_fastscan_export_is_published_and_searched(ray_cluster, smoke_data, tmp_
 
     out = str(tmp_path / "run")
     assert distill.main(job_args(smoke_data, out, "--set", "index.nbits=4", "--set",
-                                 "index.M=8", "--set", "build.fastscan=true")) == 0
+                                 "index.M=8", "--set", "build.fastscan=true", "--set",
+                                 "build.output_parts=2")) == 0
     manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
-    fs_path = os.path.join(out, manifest["fastscan_index"])
-    assert f"{manifest['fastscan_index']}" in manifest["files"]
-    assert os.path.exists(fs_path.replace("/index/", "/baseline/"))
+    assert "index" not in manifest and "fastscan_index" not in manifest  # two parts
+    headers = [os.path.join(out, h) for h in manifest["index_parts"]]
+    fs_paths = [os.path.join(out, f) for f in manifest["fastscan_parts"]]
+    assert len(headers) == len(fs_paths) == 2 and len(manifest["baseline_parts"]) == 2
+    assert set(manifest["fastscan_parts"]) <= set(manifest["files"])
     code = ("import faiss, sys; ix = faiss.read_index(sys.argv[1]); "
             "print(ix.ntotal, type(faiss.downcast_index(ix.index)).__name__)")
-    res = subprocess.run([sys.executable, "-c", code, fs_path], capture_output=True,
-                         text=True, cwd="/")
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == ["4000", "IndexIVFPQFastScan"]
+    counts = []
+    for path, kind in [(h, "IndexIVFPQ") for h in headers] + \
+            [(f, "IndexIVFPQFastScan") for f in fs_paths]:
+        res = subprocess.run([sys.executable, "-c", code, path], capture_output=True,
+                             text=True, cwd="/")
+        assert res.returncode == 0, res.stderr
+        n, name = res.stdout.split()[-2:]
+        assert name == kind
+        counts.append(int(n))
+    assert counts[0] + counts[1] == counts[2] + counts[3] == 4000 and min(counts) > 0
 
     xq = np.random.default_rng(1).standard_normal((200, 32)).astype(np.float32)
-    fast, pair = faiss.read_index(fs_path), ondisk.read_ondisk(os.path.join(out, manifest["index"]))
-    for index in (fast, pair):
+    parts = [ondisk.read_ondisk(h) for h in headers]
+    whole = ondisk.open_parts(headers)
+    fast = ondisk.join_fastscan([faiss.read_index(f) for f in fs_paths])
+    for index in parts + [whole, fast]:
         build.set_nprobe(index, 4)
-    assert metrics.overlap_recall(fast.search(xq, 10)[1], pair.search(xq, 10)[1], 10) > 0.9
+    heap = faiss.ResultHeap(len(xq), 10, keep_max=True)
+    for part in parts:
+        heap.add_result(*part.search(xq, 10))
+    heap.finalize()
+    np.testing.assert_array_equal(whole.search(xq, 10)[1], heap.I)
+    assert metrics.overlap_recall(fast.search(xq, 10)[1], heap.I, 10) > 0.9
 
     report = json.loads(open(published(out, "report.json")).read())
     by = {(r["method"], r["nprobe"]): r for r in report["rows"]}
@@ -167,11 +186,16 @@ def test_fastscan_export_is_published_and_searched(ray_cluster, smoke_data, tmp_
                 < 0.05, (m, nprobe)
 
     np.save(tmp_path / "xq.npy", xq)
-    res_uri = str(tmp_path / "res.parquet")
-    assert search.main(["--index", out, "--queries", str(tmp_path / "xq.npy"), "-k", "10",
-                        "--nprobe", "4", "--out", res_uri, "--fastscan"]) == 0
-    got = readers._parquet_file(res_uri).read().to_pydict()
-    np.testing.assert_array_equal(np.array(got["id"]).reshape(-1, 10), fast.search(xq, 10)[1])
+
+    def cli(index, *flags):
+        res_uri = str(tmp_path / "res.parquet")
+        assert search.main(["--index", index, "--queries", str(tmp_path / "xq.npy"), "-k",
+                            "10", "--nprobe", "4", "--out", res_uri, *flags]) == 0
+        return np.array(readers._parquet_file(res_uri).read().to_pydict()["id"]).reshape(-1, 10)
+
+    np.testing.assert_array_equal(cli(out), heap.I)
+    np.testing.assert_array_equal(cli(out, "--fastscan"), fast.search(xq, 10)[1])
+    np.testing.assert_array_equal(cli(headers[1]), parts[1].search(xq, 10)[1])
 
 
 def test_search_cli_answers_from_s3(s3_run, tmp_path):

@@ -1,4 +1,5 @@
 """faiss layer: exact kNN merge, parameter export, on-disk merge of shards."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -256,3 +257,50 @@ def test_fastscan_from_merged_ondisk_lists_outlives_its_source(tmp_path):
     got, want = fs.search(x[:200], 10), direct.search(x[:200], 10)
     np.testing.assert_array_equal(got[1], want[1])
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+
+
+def test_an_hnsw_coarse_quantizer_assigns_as_the_flat_one_does(tmp_path):
+    """index.coarse=hnsw: the trained index (baseline or exported from parameters) carries an
+    HNSW32 graph over the same centroids, survives a round trip through a plain faiss file,
+    and puts almost every vector in the list the exact quantizer picks."""
+    from pipeline.config import Coarse
+
+    rng = np.random.default_rng(3)
+    x = normalized(rng, 20000, 32)
+    cfg = IndexConfig(nlist=512, M=8, nbits=6, opq=False)
+    flat = build.train_baseline(x[:15000], cfg, niter=4)
+    hnsw = build.index_from_params(build.extract_params(flat), "ip", Coarse.HNSW)
+    baseline = build.train_baseline(x[:15000], dataclasses.replace(cfg, coarse=Coarse.HNSW),
+                                    niter=4)
+    for index in (hnsw, baseline):
+        path = str(tmp_path / "hnsw.index")
+        faiss.write_index(index, path)
+        back = faiss.read_index(path)
+        quantizer = faiss.downcast_index(faiss.extract_index_ivf(back).quantizer)
+        assert isinstance(quantizer, faiss.IndexHNSWFlat)
+        assert quantizer.hnsw.efSearch == build.HNSW_EF_SEARCH
+    exact = faiss.extract_index_ivf(flat).quantizer.search(x[15000:], 1)[1]
+    graph = faiss.extract_index_ivf(hnsw).quantizer.search(x[15000:], 1)[1]
+    assert (exact == graph).mean() > 0.95
+    # the same codebooks: vectors in the same list get the same codes
+    np.testing.assert_array_equal(
+        build.extract_params(hnsw).codebooks, build.extract_params(flat).codebooks)
+    np.testing.assert_array_equal(
+        build.extract_params(hnsw).centroids, build.extract_params(flat).centroids)
+
+
+def test_an_hnsw_assignment_grows_slower_than_the_lists():
+    """The cost index.coarse=hnsw bounds: distance computations per assigned vector, counted
+    by faiss, grow far slower than nlist (a flat quantizer computes nlist of them)."""
+    from pipeline.config import Coarse
+
+    rng = np.random.default_rng(4)
+    x = normalized(rng, 2000, 32)
+    per_vector = {}
+    for nlist in (256, 8192):
+        quantizer = build.coarse_quantizer(normalized(rng, nlist, 32), "ip", Coarse.HNSW)
+        faiss.cvar.hnsw_stats.reset()
+        quantizer.search(x, 1)
+        per_vector[nlist] = faiss.cvar.hnsw_stats.ndis / len(x)
+    assert per_vector[8192] < 8192 / 4
+    assert per_vector[8192] / per_vector[256] < (8192 / 256) / 4, per_vector

@@ -50,11 +50,11 @@ def test_every_section_is_keyed_by_a_stage_or_changes_no_result():
     ("teacher.k=20", ["teacher", "train", "export", "encode", "merge", "evaluate"]),
     ("teacher.seed=1", ["teacher", "train", "export", "encode", "merge", "evaluate"]),
     ("build.baseline=off", ["encode", "merge", "evaluate"]),
+    ("build.output_parts=3", ["encode", "merge", "evaluate"]),
     ("data.rows_per_shard=7", STAGES),
     ("data.train_sample=5000", STAGES),
     # how a stage runs, not what it makes: no stage runs again
     ("ray.train_workers=2", []),
-    ("ray.merge_ranges=3", []),
     ("ray.num_cpus=8", []),
     ("publish.keep_versions=5", []),
 ])

@@ -90,47 +90,54 @@ def test_teacher_equals_brute_force(prepared):
     np.testing.assert_array_equal(parts["V"], V)
 
 
-@pytest.mark.parametrize("ranges", [1, 3, 16])
-def test_encode_and_merge_equal_one_index(prepared, tmp_path, ranges):
-    """The Ray encode (per shard, cut by list range) and the parallel range merge give the
-    index one process builds, and the very bytes of the single-process on-disk merge."""
+@pytest.mark.parametrize("parts", [1, 3, 16])
+def test_encode_and_merge_equal_one_index(prepared, tmp_path, parts):
+    """The Ray encode (per shard) and the part writers give the index one process builds:
+    the parts, opened together, answer as it does; one part is byte for byte the single-
+    process on-disk merge, and the parts' data files, one after another, are its .ivfdata.
+    Each part reads each encoded shard in two requests."""
     ids, xb = corpus(prepared)
     trained_uri = prepared.stage_path("init", "baseline.index")
     trained = faiss.read_index(trained_uri)
-    shards = prepared.result("ingest").shards
+    shards = [Shard(**s) for s in prepared.result("ingest").shards]
     assert len(shards) == 4
     layout, nlist = str(tmp_path / "enc"), prepared.cfg.index.nlist
     blob = encode_stage.put_index(trained_uri)
-    counts = ray.get([encode_stage._encode_shard.remote(s, [layout], 0.0, blob) for s in shards])
+    counts = ray.get([encode_stage._encode_shard.remote(dataclasses.asdict(s), [layout], 0.0, blob)
+                      for s in shards])
     assert sum(c for (c,) in counts) == len(xb)
-    uris = [f"{layout}/{Shard(**s).key}.lists" for s in shards]
-    pieces = ondisk.list_ranges(nlist, ranges)
-    assert len(pieces) == ranges
-    slices = [str(tmp_path / f"slice-{r}.ivfdata") for r in range(ranges)]
-    sizes = ray.get([encode_stage._merge_range.remote(uris, l0, l1, slices[r])
-                     for r, (l0, l1) in enumerate(pieces)])
+    listed = [(f"{layout}/{s.key}.lists", s.rows) for s in shards]
+    pieces = ondisk.list_ranges(nlist, parts)
+    assert len(pieces) == parts
     out = str(tmp_path / "published")
-    res = ray.get(encode_stage._stitch.remote(trained_uri, slices, np.concatenate(sizes), out))
-    assert res["ntotal"] == len(xb)
-    merged = ondisk.read_ondisk(os.path.join(out, "index.index"))
+    done = ray.get([encode_stage._write_part.remote(trained_uri, listed, l0, l1, p, parts, out,
+                                                    False)
+                    for p, (l0, l1) in enumerate(pieces)])
+    assert sum(r["ntotal"] for r in done) == len(xb)
+    assert sum(r["requests"] for r in done) == 2 * parts * len(shards)
+    headers = [os.path.join(out, ondisk.part_files(p, parts)[0]) for p in range(parts)]
+    merged = ondisk.open_parts(headers)
     single = ondisk.encode_shard(trained, ids, xb)
     xq = readers.read_all(prepared.cfg.eval.queries, "q")[1]
     for index in (merged, single):
         build.set_nprobe(index, 8)
+    assert merged.ntotal == single.ntotal
     np.testing.assert_array_equal(merged.search(xq, 50)[1], single.search(xq, 50)[1])
-    # byte for byte the single-process merge of the same shards
+    # the single-process merge of the same shards
     shard_files = []
     for s in shards:
-        p = str(tmp_path / f"shard-{s['shard_id']}.index")
-        sid, sx = readers.read_rows(s["uri"], s["start"], s["stop"], s["id_offset"])
+        p = str(tmp_path / f"shard-{s.shard_id}.index")
+        sid, sx = readers.read_rows(s.uri, s.start, s.stop, s.id_offset)
         faiss.write_index(ondisk.encode_shard(trained, sid, sx), p)
         shard_files.append(p)
     os.makedirs(tmp_path / "ref")
     ref = ondisk.merge_ondisk(trained, shard_files, str(tmp_path / "ref"), "index",
                               "index.ivfdata")
-    published = (os.path.join(out, "index.index"), os.path.join(out, "index.ivfdata"))
-    for a, b in zip(ref[:2], published):
-        assert open(a, "rb").read() == open(b, "rb").read(), os.path.basename(a)
+    data = b"".join(open(os.path.join(out, ondisk.part_files(p, parts)[1]), "rb").read()
+                    for p in range(parts))
+    assert data == open(ref[1], "rb").read()
+    if parts == 1:
+        assert open(ref[0], "rb").read() == open(headers[0], "rb").read()
 
 
 def test_encode_is_idempotent_per_shard(prepared, tmp_path):
@@ -331,3 +338,29 @@ def test_bad_query_block_is_the_users_error(prepared, tmp_path):
     msg = str(e.value)
     assert msg.startswith("evaluate: ") and "a.parquet rows 16-33: 1 vector(s) contain NaN" \
         in msg and "Traceback" not in msg, msg
+
+
+def test_a_sample_too_big_for_one_node_is_refused_before_any_read(ray_cluster):
+    """The training sample is joined and trained on by one task: a data.train_sample whose two
+    copies exceed a quarter of the largest node's memory fails at the start of ingest, with
+    the value that fits."""
+    cfg = load_config(None, ["data.corpus=/x", "data.train_sample=1000000000"])
+    with pytest.raises(ValueError, match=r"lower data.train_sample to at most \d+"):
+        ingest.check_sample_budget(cfg, 2_000_000_000, 768)
+    assert "GiB" in ingest.check_sample_budget(cfg.with_values({"data.train_sample": 1000}),
+                                              2_000_000_000, 768)
+
+
+def test_the_driver_holds_a_window_of_task_refs_however_many_tasks(ray_cluster):
+    """windowed (encode's shards) keeps at most `window` tasks submitted: the references the
+    driver holds are the same for 8 and for 64 tasks, and the results keep their order."""
+    from pipeline.distributed import tasks
+
+    square = ray.remote(lambda i: i * i)
+    for n in (8, 64):
+        peak = []
+        out = tasks.windowed([lambda i=i: square.remote(i) for i in range(n)], "squares", 4,
+                             peak=peak)
+        assert out == [i * i for i in range(n)]
+        assert peak == [4]
+    assert tasks.task_window() == 2 * int(ray.cluster_resources()["CPU"])

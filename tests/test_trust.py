@@ -26,19 +26,9 @@ from pipeline.runner import check_output
 from pipeline.stages import train as train_stage
 from pipeline.workflow.stage import Context, Run, StageConfig
 
-from .s3_proxy import Proxy
 from .test_bad_input import good, run_job, write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture
-def proxy(s3, monkeypatch):
-    """The S3 endpoint behind a fault proxy; this process talks to the proxy."""
-    p = Proxy(s3)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", p.endpoint)
-    yield p
-    p.stop()
 
 
 @pytest.fixture(params=["local", "s3"])

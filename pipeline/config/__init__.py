@@ -6,6 +6,7 @@ from pipeline.config.docs import markdown
 from pipeline.config.loader import load_config, validate, validate_for_pipeline
 from pipeline.config.modes import (
     Baseline,
+    Coarse,
     Loss,
     LRSchedule,
     Metric,
@@ -28,7 +29,7 @@ from pipeline.config.sections import (
     TrainConfig,
 )
 
-__all__ = ["markdown", "load_config", "validate", "validate_for_pipeline", "Baseline",
+__all__ = ["markdown", "load_config", "validate", "validate_for_pipeline", "Baseline", "Coarse",
            "LRSchedule", "Loss",
            "Metric", "NegativeSampler", "Quantizer", "Verify", "BuildConfig", "DataConfig",
            "EvalConfig", "IndexConfig", "InitConfig", "LossConfig", "NegativesConfig",

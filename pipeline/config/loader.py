@@ -28,7 +28,8 @@ MOVED = {
     "train.negative_sampler": "negatives.sampler",
     "train.ivf_negative_nprobe": "negatives.ivf_nprobe", "train.in_batch": "negatives.in_batch",
     "train.num_workers": "ray.train_workers", "train.use_gpu": "ray.train_gpu",
-    "train.max_failures": "ray.max_failures", "build.list_ranges": "ray.merge_ranges",
+    "train.max_failures": "ray.max_failures", "build.list_ranges": "build.output_parts",
+    "ray.merge_ranges": "build.output_parts",
 }
 
 

@@ -23,6 +23,12 @@ class Quantizer(_Mode):
     LSQ = "lsq"  # faiss's LocalSearchQuantizer: a benchmark baseline only, never distilled
 
 
+class Coarse(_Mode):
+    """The coarse quantizer that assigns a vector (or a query) to its lists."""
+    FLAT = "flat"  # exact: d x nlist per assignment
+    HNSW = "hnsw"  # faiss IndexHNSWFlat over the centroids (IVF..._HNSW32): about log(nlist)
+
+
 class Loss(_Mode):
     """The distillation loss: which of the two listwise terms it uses."""
     RANKING = "ranking"  # KDindex: keep the teacher's order of the top-k, each above the rest

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from pipeline.config.modes import (
     Baseline,
+    Coarse,
     Loss,
     LRSchedule,
     Metric,
@@ -47,6 +48,9 @@ class IndexConfig:
     opq: bool = True  # learn (and distil) an OPQ rotation in front of the PQ
     quantizer: Quantizer = Quantizer.PQ  # pq (IVF-PQ / IVF-OPQ) or rq (KDindex's additive student; no OPQ)
     rq_beam: int = 1  # RQ only: encoding beam width (1: greedy, as the student trains)
+    # Encode assigns every corpus vector to a list: d x nlist with a flat quantizer, which at
+    # nlist >= 65,536 outweighs the codes' own cost (docs/scale.md).
+    coarse: Coarse = Coarse.FLAT  # flat (exact) or hnsw (HNSW32 graph over the centroids, for nlist >= 65,536)
 
     def __post_init__(self):
         typed_modes(self)
@@ -194,9 +198,15 @@ class BuildConfig:
     # At scale the baseline doubles the costliest stages (encode, merge) for one report row:
     # `sample` compares the two on the training sample instead (docs/outputs.md: baseline).
     baseline: Baseline = Baseline.FULL  # full, sample or off: the faiss baseline built beside the distilled index
+    # Each part is a complete faiss index over one range of inverted lists, written by one
+    # task from two ranged reads per encoded shard (docs/outputs.md: parts).
+    output_parts: int = 0  # parts of each index; 0: one per GiB of codes and ids (one for small corpora)
 
     def __post_init__(self):
         typed_modes(self)
+        if self.output_parts < 0:
+            raise ValueError(f"build.output_parts must be >= 0 (0: one part per GiB of the "
+                             f"index), got {self.output_parts}")
 
 
 @dataclass(frozen=True)
@@ -215,8 +225,7 @@ class EvalConfig:
 @dataclass(frozen=True)
 class RayConfig:
     """How the work is spread: no stage key covers this section, since none of it changes a
-    result (2 training workers train exactly as 1 does; a merge gives the same bytes whatever
-    its ranges)."""
+    result (2 training workers train exactly as 1 does)."""
     address: str = ""  # Ray cluster to attach to; empty: RAY_ADDRESS, or a local cluster
     num_cpus: int = 0  # local cluster only; 0: max(4, cores), so Train's controller gets a slot
     gpus_per_task: float = 0.0  # GPUs per teacher and encode task (and one for init's k-means); 0: CPUs
@@ -226,18 +235,18 @@ class RayConfig:
     cpu_group: str = ""  # ingest, init, encode, merge, evaluate run only on nodes offering it
     teacher_workers: int = 0  # search workers of the exact top-k (teacher, evaluation); 0: one per GPU, or per node of the GPU group
     train_workers: int = 1  # Ray Train workers (data parallel)
+    train_cpus: int = 1  # CPUs each training worker asks for and computes on (its step, validation and pool assignment)
     train_gpu: bool = False  # one GPU per training worker (needs a CUDA build of torch)
     max_failures: int = 3  # training worker restarts after a lost worker or node; they resume from the last checkpoint
-    merge_ranges: int = 0  # inverted-list ranges merged in parallel; 0: one per GiB of codes, at least one per cluster CPU
 
     def __post_init__(self):
         if self.gpus_per_task < 0:
             raise ValueError("ray.gpus_per_task must be >= 0 (0 runs teacher and encode on CPUs)")
-        if self.train_workers < 1 or self.max_failures < 0 or self.merge_ranges < 0 or \
+        if self.train_workers < 1 or self.train_cpus < 1 or self.max_failures < 0 or \
                 self.teacher_workers < 0:
-            raise ValueError("ray.train_workers must be >= 1, ray.max_failures >= 0 (0: a lost "
-                             "worker fails the job), ray.merge_ranges and ray.teacher_workers "
-                             ">= 0 (0 picks them from the cluster)")
+            raise ValueError("ray.train_workers and ray.train_cpus must be >= 1, "
+                             "ray.max_failures >= 0 (0: a lost worker fails the job), "
+                             "ray.teacher_workers >= 0 (0 picks them from the cluster)")
 
 
 @dataclass(frozen=True)

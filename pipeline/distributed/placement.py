@@ -56,3 +56,22 @@ def largest_node_cpus(cfg: RayConfig, group: Group) -> int:
     total, on several nodes) could never be placed, and the job would wait forever."""
     cpus = [int(n["Resources"].get("CPU", 0)) for n in group_nodes(cfg, group)]
     return max(cpus + [1])
+
+
+def largest_node_memory(cfg: RayConfig, group: Group) -> int:
+    """The most memory (bytes, Ray's `memory` resource: what tasks may use) one alive node of
+    `group` offers."""
+    return max([int(n["Resources"].get("memory", 0)) for n in group_nodes(cfg, group)] + [0])
+
+
+# The least a task declares: an interpreter with faiss, torch and numpy loaded.
+BASE_MEMORY = 256 << 20
+
+
+def memory(cfg: RayConfig, group: Group, nbytes: float) -> int:
+    """Ray's `memory` for a task of `group` whose data takes about `nbytes`: BASE_MEMORY more,
+    and never more than the largest node of the group offers (such a task would never run;
+    it runs there and may spill or fail as it would without the declaration)."""
+    need = int(BASE_MEMORY + max(nbytes, 0))
+    most = largest_node_memory(cfg, group)
+    return min(need, most) if most else need

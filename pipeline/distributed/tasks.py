@@ -10,6 +10,7 @@ import time
 import numpy as np
 import ray
 
+from pipeline import events
 from pipeline.config import RayConfig
 from pipeline.data import readers
 from pipeline.distributed.placement import Group, placement
@@ -64,9 +65,13 @@ def pin_threads(threads: int | None = None) -> int:
     trim_heap()
 
     try:
-        n = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1
+        context = ray.get_runtime_context()
+        assigned, task = context.get_assigned_resources(), context.get_task_name()
     except Exception:  # noqa: BLE001 - outside a Ray worker (driver, tests): use every core
-        n = os.cpu_count() or 1
+        assigned, task = {"CPU": os.cpu_count() or 1}, None
+    if task:
+        events.emit("task", task=task, resources=assigned)  # what Ray gave this task
+    n = int(assigned.get("CPU", 1)) or 1
     n = threads or n
     faiss.omp_set_num_threads(n)
     torch.set_num_threads(n)
@@ -91,22 +96,53 @@ def check_unique_ids(cfg: RayConfig, spans: list, blocks: list[dict], what: str)
                          "ids must be unique")
 
 
+def task_window() -> int:
+    """Tasks a stage keeps submitted at once: twice the cluster's CPUs, enough to keep every
+    core busy while finished ones are collected."""
+    return 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
 def wait_all(refs: list, what: str, every: float = 10.0) -> list:
     """ray.get with a progress line (done/total, elapsed, ETA) at most every `every` seconds.
     Results come back in the order of `refs`."""
+    return windowed([lambda r=r: r for r in refs], what, len(refs) or 1, every)
+
+
+def windowed(submits: list, what: str, window: int, every: float = 10.0,
+             peak: list | None = None) -> list:
+    """Runs `submits` (callables, each submitting one task and returning its ref) with at
+    most `window` refs held at a time: the driver's references stay bounded however many
+    tasks a stage has. A progress line (done/total, elapsed, ETA) at most every `every`
+    seconds. Results come back in the order of `submits`; `peak`, if given, receives the most
+    refs held at once."""
     t0 = last = time.time()
-    pending = list(refs)
-    total = len(refs)
-    while pending:
-        _, pending = ray.wait(pending, num_returns=len(pending), timeout=every)
+    total, results, pending, most, done = len(submits), [None] * len(submits), {}, 0, 0
+    upcoming = iter(enumerate(submits))
+    while True:
+        for i, submit in upcoming:
+            pending[submit()] = i
+            if len(pending) >= window:
+                break
+        most = max(most, len(pending))
+        if not pending:
+            break
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=every)
+        for ref in ready:
+            results[pending.pop(ref)] = _get(ref)
+            done += 1
         now = time.time()
-        done = total - len(pending)
-        if pending and now - last >= every or not pending:
-            eta = f"{(now - t0) / done * len(pending):.0f}s" if done else "not yet known"
+        if now - last >= every or done == total:
+            eta = f"{(now - t0) / done * (total - done):.0f}s" if done else "not yet known"
             log.info("%s: %d/%d done, %.0fs elapsed, ETA %s", what, done, total, now - t0, eta)
             last = now
+    if peak is not None:
+        peak.append(most)
+    return results
+
+
+def _get(ref):
     try:
-        return ray.get(refs)
+        return ray.get(ref)
     except ray.exceptions.RayTaskError as e:
         # A task that met bad input raises the ValueError the user should read, without the
         # remote traceback around it.

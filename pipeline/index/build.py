@@ -9,7 +9,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from pipeline.config import IndexConfig, Quantizer
+from pipeline.config import Coarse, IndexConfig, Quantizer
 from pipeline.index.params import Params, QuantizerSpec
 
 
@@ -77,6 +77,8 @@ def train_baseline(xt: np.ndarray, cfg: IndexConfig, niter: int = 20, seed: int 
     if cfg.opq:
         faiss.downcast_VectorTransform(index.chain.at(0)).niter = opq_niter
     index.train(np.ascontiguousarray(xt, dtype=np.float32))
+    if cfg.nlist and cfg.coarse == Coarse.HNSW:  # the same parameters, another assignment
+        return index_from_params(extract_params(index), metric, cfg.coarse)
     return index
 
 
@@ -111,21 +113,21 @@ def extract_params(index) -> Params:
     return Params(spec, centroids, codebooks.astype(np.float32), rotation)
 
 
-def index_from_params(params: Params, metric: str):
+def index_from_params(params: Params, metric: str, coarse: Coarse = Coarse.FLAT):
     """A trained, empty IndexIVFPQ or IndexIVFResidualQuantizer (or their flat forms) behind
-    an OPQMatrix if a rotation is given."""
+    an OPQMatrix if a rotation is given; `coarse` is the quantizer over its centroids."""
     spec, C = params.spec, params.centroids
     nlist, d = C.shape
     M, nbits = spec.M, spec.nbits
     codebooks = np.ascontiguousarray(params.codebooks, dtype=np.float32).ravel()
     if spec.kind == Quantizer.RQ:
-        ivf = _rq_index(C, codebooks, M, nbits, spec.beam, metric, not spec.ivf)
+        ivf = _rq_index(C, codebooks, M, nbits, spec.beam, metric, not spec.ivf, coarse)
     elif not spec.ivf:
         ivf = faiss.IndexPQ(d, M, nbits, faiss_metric(metric))
         faiss.copy_array_to_vector(codebooks, ivf.pq.centroids)
         ivf.is_trained = True
     else:
-        quantizer = _flat_quantizer(C, metric)
+        quantizer = coarse_quantizer(C, metric, coarse)
         ivf = faiss.IndexIVFPQ(quantizer, d, nlist, M, nbits, faiss_metric(metric))
         faiss.copy_array_to_vector(codebooks, ivf.pq.centroids)
         ivf.is_trained = True
@@ -171,14 +173,27 @@ def to_fastscan(index, bbs: int = 32):
     return out
 
 
-def _flat_quantizer(C: np.ndarray, metric: str):
-    quantizer = faiss.IndexFlatIP(C.shape[1]) if metric == "ip" else faiss.IndexFlatL2(C.shape[1])
+# The HNSW coarse quantizer: 32 links per centroid as faiss's IVF..._HNSW32. A search visits
+# max(efSearch, nprobe) candidates; 64 finds the nearest centroid as the exact quantizer
+# does for all but about 1 vector in 1,000 (docs/scale.md).
+HNSW_M, HNSW_EF_SEARCH, HNSW_EF_CONSTRUCTION = 32, 64, 80
+
+
+def coarse_quantizer(C: np.ndarray, metric: str, coarse: Coarse = Coarse.FLAT):
+    """The index over the centroids C that assigns vectors to lists."""
+    d = C.shape[1]
+    if coarse == Coarse.HNSW:
+        quantizer = faiss.IndexHNSWFlat(d, HNSW_M, faiss_metric(metric))
+        quantizer.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        quantizer.hnsw.efSearch = HNSW_EF_SEARCH
+    else:
+        quantizer = faiss.IndexFlatIP(d) if metric == "ip" else faiss.IndexFlatL2(d)
     quantizer.add(np.ascontiguousarray(C, dtype=np.float32))
     return quantizer
 
 
 def _rq_index(C: np.ndarray, codebooks: np.ndarray, M: int, nbits: int, beam: int,
-              metric: str, flat: bool):
+              metric: str, flat: bool, coarse: Coarse = Coarse.FLAT):
     """IndexResidualQuantizer / IndexIVFResidualQuantizer with the given codebooks, searched
     as faiss's factory sets them up (look-up tables for ip, decoding for l2: no norm bytes)."""
     d = C.shape[1]
@@ -187,7 +202,7 @@ def _rq_index(C: np.ndarray, codebooks: np.ndarray, M: int, nbits: int, beam: in
     if flat:
         index = faiss.IndexResidualQuantizer(d, M, nbits, faiss_metric(metric), search)
     else:
-        quantizer = _flat_quantizer(C, metric)
+        quantizer = coarse_quantizer(C, metric, coarse)
         index = faiss.IndexIVFResidualQuantizer(quantizer, d, C.shape[0], M, nbits,
                                                 faiss_metric(metric), search)
         index.own_fields = True

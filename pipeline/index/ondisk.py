@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 from contextlib import contextmanager
@@ -86,12 +87,11 @@ def _write_ondisk_index(index, ondisk, ntotal: int, out_dir: str, name: str,
     return index_path, os.path.join(out_dir, f"{name}.ivfdata"), ntotal
 
 
-# The list-range ("hslice") merge, after faiss's benchs/distributed_ondisk: each encoded shard
-# is one list-major file; one task per list range reads that range of every shard (ranged
-# reads) into its own slice file; a last step concatenates the slices. The slices use the
-# layout of OnDiskInvertedLists.merge_from_multiple (lists in order, exact capacities), so
-# concatenated they are byte for byte the file a single merge writes, and the final metadata
-# follows from the list sizes alone.
+# The index as parts, after faiss's benchs/distributed_ondisk "hslice": part p holds the
+# inverted lists of one range [l0, l1) and is a complete, plain faiss index (the trained
+# quantizer, every other list empty). One task writes each part from a ranged read of each
+# encoded shard, so no step joins the parts into one file, and a part is searched, served or
+# converted on its own. One part is the pair index.index + index.ivfdata.
 
 def list_ranges(nlist: int, n_ranges: int) -> list[tuple[int, int]]:
     """[l0, l1) ranges covering 0..nlist, as even as possible, none empty."""
@@ -100,10 +100,31 @@ def list_ranges(nlist: int, n_ranges: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
-# An encoded shard's inverted lists in one file, list-major, so that any list range is three
-# ranged reads: header (magic, nlist, code_size, ntotal: int64), cum (nlist + 1) int64 running
-# list sizes, ids (ntotal) int64, codes (ntotal, code_size) uint8.
-_MAGIC = 0x4C49515621  # "!VQIL"
+HEADER_RE = re.compile(r"^index(\.\d{5})?\.index$")  # a part's header file name
+
+
+def part_files(p: int, parts: int) -> tuple[str, str]:
+    """(header, data) file names of part p of `parts`."""
+    stem = "index" if parts == 1 else f"index.{p:05d}"
+    return f"{stem}.index", f"{stem}.ivfdata"
+
+
+def fastscan_file(p: int, parts: int) -> str:
+    """The fast-scan export of part p (build.fastscan)."""
+    return FASTSCAN if parts == 1 else f"fastscan.{p:05d}.index"
+
+
+def data_file(header: str) -> str:
+    """The .ivfdata a part's header names."""
+    return header[:-len(".index")] + ".ivfdata"
+
+
+# An encoded shard's inverted lists in one file, so that any list range is two ranged reads:
+# header (magic, nlist, code_size, ntotal: int64), cum (nlist + 1) int64 running list sizes,
+# then per list its codes (n, code_size) uint8 and its ids (n) int64: the entries of lists
+# [l0, l1) are the bytes between cum[l0] and cum[l1] entries.
+LISTS_LAYOUT = 2  # names the folders of encoded shards: another layout is never reused
+_MAGIC = 0x4C49515620 + LISTS_LAYOUT  # "!VQIL" and the layout
 _HEAD = 4 * 8
 
 
@@ -115,71 +136,76 @@ def write_lists(index, f) -> int:
     cum = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     f.write(np.array([_MAGIC, nlist, cs, cum[-1]], dtype=np.int64).tobytes())
     f.write(cum.tobytes())
-    nonempty = np.flatnonzero(sizes)
-    for j in nonempty:
-        f.write(faiss.rev_swig_ptr(il.get_ids(int(j)), int(sizes[j])).tobytes())
-    for j in nonempty:
-        f.write(faiss.rev_swig_ptr(il.get_codes(int(j)), int(sizes[j]) * cs).tobytes())
+    for j in np.flatnonzero(sizes).tolist():
+        f.write(faiss.rev_swig_ptr(il.get_codes(j), int(sizes[j]) * cs).tobytes())
+        f.write(faiss.rev_swig_ptr(il.get_ids(j), int(sizes[j])).tobytes())
     return int(cum[-1])
 
 
-def _read_at(f, offset: int, nbytes: int, dtype) -> np.ndarray:
-    f.seek(offset)
-    raw = f.read(nbytes)
-    assert len(raw) == nbytes, "encoded shard file is truncated"
-    return np.frombuffer(raw, dtype=dtype)
+class ShardLists:
+    """Lists [l0, l1) of one encoded shard file, in two ranged reads: the running sizes, then
+    the entries. `read(start, stop) -> bytes` reads a byte range of the file (one request);
+    `rows` is the shard's vector count, which the sizes are checked against."""
+
+    def __init__(self, read, nlist: int, code_size: int, rows: int, l0: int, l1: int):
+        self.read, self.cs, self.l0, self.l1 = read, code_size, l0, l1
+        # Range 0 starts at the file's head: its one read covers the header too.
+        first = 0 if l0 == 0 else _HEAD + 8 * l0
+        raw = self._get(first, _HEAD + 8 * (l1 + 1))
+        if l0 == 0:
+            magic, n_lists, cs, ntotal = np.frombuffer(raw[:_HEAD], np.int64).tolist()
+            if (magic, n_lists, cs, ntotal) != (_MAGIC, nlist, code_size, rows):
+                raise ValueError("not an encoded shard file of this layout, nlist, code size "
+                                 "and row count")
+            raw = raw[_HEAD:]
+        cum = np.frombuffer(raw, np.int64)
+        if np.any(np.diff(cum) < 0) or cum[0] < 0 or cum[-1] > rows:
+            raise ValueError("an encoded shard file's list offsets are damaged")
+        self.start, self.sizes = int(cum[0]), np.diff(cum)
+        self.data_at = _HEAD + 8 * (nlist + 1)
+
+    def _get(self, start: int, stop: int) -> bytes:
+        raw = self.read(start, stop)
+        if len(raw) != stop - start:
+            raise ValueError(f"an encoded shard file is truncated (bytes {start}..{stop})")
+        return raw
+
+    def entries(self) -> bytes:
+        """The range's entries: per list, its codes then its ids."""
+        entry = self.cs + 8
+        at = self.data_at + entry * self.start
+        return self._get(at, at + entry * int(self.sizes.sum()))
 
 
-def read_range_sizes(f, l0: int, l1: int) -> tuple[np.ndarray, dict]:
-    """Sizes of lists l0..l1 of an encoded shard file, and where its entries lie."""
-    magic, nlist, cs, ntotal = _read_at(f, 0, _HEAD, np.int64).tolist()
-    assert magic == _MAGIC and l1 <= nlist, "not an encoded shard file, or another nlist"
-    cum = _read_at(f, _HEAD + 8 * l0, 8 * (l1 - l0 + 1), np.int64)
-    where = {"start": int(cum[0]), "n": int(cum[-1] - cum[0]), "cs": cs,
-             "ids_at": _HEAD + 8 * (nlist + 1), "codes_at": _HEAD + 8 * (nlist + 1) + 8 * ntotal}
-    return np.diff(cum), where
+def merge_part(shards: list, out_ivfdata: str) -> np.ndarray:
+    """Writes one list range of every encoded shard (ShardLists, in shard order) into the data
+    file `out_ivfdata`, in the layout of OnDiskInvertedLists.merge_from_multiple (per list,
+    codes then ids, exact capacity; shards in order within a list), starting at the range's
+    first list. One shard's range is in memory at a time, and the output is written with
+    pwrite, not mapped, so memory stays flat however big the part.
 
-
-def read_range_entries(f, where: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(ids (n,), codes (n * code_size,)) of a list range, from read_range_sizes's `where`."""
-    start, n, cs = where["start"], where["n"], where["cs"]
-    ids = _read_at(f, where["ids_at"] + 8 * start, 8 * n, np.int64)
-    codes = _read_at(f, where["codes_at"] + cs * start, cs * n, np.uint8)
-    return ids, codes
-
-
-def merge_range(open_shards: list, l0: int, l1: int, out_ivfdata: str) -> np.ndarray:
-    """Merges lists l0..l1 of every encoded shard into the slice file `out_ivfdata`, in the
-    layout OnDiskInvertedLists.merge_from_multiple gives them (per list, codes then ids, exact
-    capacity; shards in order within a list). One shard's range is in memory at a time, and
-    the output is written with pwrite, not mapped, so memory stays flat however big the range.
-
-    open_shards: callables, each returning a binary file object of one encoded shard.
-    Returns the range's list sizes (l1 - l0,) int64.
-    """
-    per_shard = []
-    for opener in open_shards:
-        with opener() as f:
-            per_shard.append(read_range_sizes(f, l0, l1))
-    sizes = np.stack([s for s, _ in per_shard])  # (shards, lists)
-    cs = per_shard[0][1]["cs"]
+    Returns the range's list sizes (l1 - l0,) int64."""
+    if not shards:
+        raise ValueError("a part needs at least one encoded shard")
+    cs = shards[0].cs
+    sizes = np.stack([s.sizes for s in shards])  # (shards, lists)
     cap = sizes.sum(0)
     offset = np.concatenate([[0], np.cumsum(cap * (cs + 8))])
     before = np.cumsum(sizes, axis=0) - sizes  # entries of earlier shards in each list
     fd = os.open(out_ivfdata, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
     try:
         os.ftruncate(fd, int(offset[-1]))
-        for s, opener in enumerate(open_shards):
-            with opener() as f:
-                ids, codes = read_range_entries(f, per_shard[s][1])
+        for s, shard in enumerate(shards):
+            if not sizes[s].any():
+                continue
+            raw = memoryview(shard.entries())
             pos = 0
             for j in np.flatnonzero(sizes[s]).tolist():
                 n, k = int(sizes[s, j]), int(before[s, j])
-                code_at = int(offset[j]) + k * cs
-                id_at = int(offset[j]) + int(cap[j]) * cs + 8 * k
-                os.pwrite(fd, codes[pos * cs:(pos + n) * cs].tobytes(), code_at)
-                os.pwrite(fd, ids[pos:pos + n].tobytes(), id_at)
-                pos += n
+                os.pwrite(fd, raw[pos:pos + n * cs], int(offset[j]) + k * cs)
+                pos += n * cs
+                os.pwrite(fd, raw[pos:pos + 8 * n], int(offset[j]) + int(cap[j]) * cs + 8 * k)
+                pos += 8 * n
     finally:
         os.close(fd)
     return cap.astype(np.int64)
@@ -259,6 +285,61 @@ def read_ondisk(index_path: str):
     with stdout_to_stderr():
         return faiss.read_index(index_path,
                                 faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+
+
+def open_parts(paths: list[str]):
+    """One faiss index over the on-disk parts whose headers are `paths` (each .ivfdata beside
+    its header): part 0's quantizer over every part's lists, stacked with faiss's
+    HStackInvertedLists (a list is the concatenation of that list in each part, and each list
+    lies in one part). It searches as the single-part index of the same shards does."""
+    parts = [read_ondisk(p) for p in paths]
+    if len(parts) == 1:
+        return parts[0]
+    return stack_parts(parts, read_ondisk(paths[0]))
+
+
+def stack_parts(parts: list, shell):
+    """`shell` (a copy of part 0, which it gives up its own lists for) answering over every
+    part's lists. The parts are kept alive by the result."""
+    ivfs = [faiss.extract_index_ivf(p) for p in parts]
+    first = ivfs[0]
+    for p, ivf in zip(parts, ivfs):
+        if (ivf.nlist, ivf.code_size, p.d, p.metric_type) != \
+                (first.nlist, first.code_size, parts[0].d, parts[0].metric_type):
+            raise ValueError("the parts do not come from one trained index")
+    lists = faiss.InvertedListsPtrVector()
+    for ivf in ivfs:
+        lists.push_back(ivf.invlists)
+    stacked = faiss.HStackInvertedLists(lists.size(), lists.data())
+    target = faiss.extract_index_ivf(shell)
+    target.replace_invlists(stacked, True)
+    stacked.this.disown()
+    target.ntotal = shell.ntotal = sum(ivf.ntotal for ivf in ivfs)
+    shell.referenced_objects = parts
+    return shell
+
+
+def join_fastscan(parts: list):
+    """The fast-scan exports of every part (faiss.read_index each) as one in-memory index:
+    part 0 takes the others' lists (faiss's merge_from, which moves them)."""
+    out = parts[0]
+    ivf = faiss.extract_index_ivf(out)
+    for p in parts[1:]:
+        ivf.merge_from(faiss.extract_index_ivf(p), 0)
+    out.ntotal = ivf.ntotal
+    return out
+
+
+def merge_results(results: list[tuple], k: int, metric: str) -> tuple:
+    """The top k per query, (D, I), of several parts' (D, I) results for the same queries
+    (faiss's ResultHeap: largest first for "ip", smallest for "l2")."""
+    if len(results) == 1:
+        return results[0]
+    heap = faiss.ResultHeap(len(results[0][0]), k, keep_max=metric == "ip")
+    for D, I in results:
+        heap.add_result(np.ascontiguousarray(D, np.float32), np.ascontiguousarray(I, np.int64))
+    heap.finalize()
+    return heap.D, heap.I
 
 
 def retarget(index_path: str, ivfdata_path: str, out_path: str) -> None:

@@ -1,6 +1,6 @@
 """export, encode, merge: learned parameters -> trained faiss index -> per-shard indexes ->
-one on-disk index per method in the merge stage's folder, which pipeline.publish then
-publishes as a version.
+one on-disk index per method, in parts, in the merge stage's folder, which pipeline.publish
+then publishes as a version.
 
 The distilled student ("distilled-ivfpq") goes through encode and merge, and with
 build.baseline=full the faiss baseline ("faiss-ivfpq") too, so that evaluation compares like
@@ -19,8 +19,8 @@ import ray
 from pipeline import events, storage
 from pipeline.data import readers
 from pipeline.data.plan import Shard
-from pipeline.distributed.placement import Group, placement
-from pipeline.distributed.tasks import pin_threads, wait_all
+from pipeline.distributed.placement import Group, memory, placement
+from pipeline.distributed.tasks import pin_threads, task_window, wait_all, windowed
 from pipeline.index import build, ondisk
 from pipeline.index.params import Params
 from pipeline.workflow.results import (
@@ -37,7 +37,7 @@ log = logging.getLogger("pipeline.stages.encode")
 
 def run_export(ctx: Context) -> Exported:
     params = Params.from_arrays(storage.load_npz(ctx.upstream("train", "params.npz")))
-    index = build.index_from_params(params, ctx.cfg.data.metric)
+    index = build.index_from_params(params, ctx.cfg.data.metric, ctx.cfg.index.coarse)
     with storage.scratch("export") as scratch:
         local = os.path.join(scratch, "trained.index")
         faiss.write_index(index, local)
@@ -45,16 +45,18 @@ def run_export(ctx: Context) -> Exported:
     return Exported(d=index.d, bytes_per_vector=build.bytes_per_vector(ctx.cfg.index))
 
 
-def n_ranges(ctx: Context, n: int) -> int:
-    """Inverted-list ranges for the parallel merge of `n` vectors: ray.merge_ranges, or one
-    per GiB of codes and ids and at least one per cluster CPU. Range tasks stream, so size
-    bounds no memory."""
+# Parts: about this many bytes of codes and ids each, when build.output_parts is 0.
+PART_BYTES = 1 << 30
+
+
+def n_parts(ctx: Context, n: int) -> int:
+    """Parts of each index: build.output_parts, or one per GiB of codes and ids (so one for
+    small corpora), never more than the lists."""
     cfg = ctx.cfg
-    if cfg.ray.merge_ranges:
-        return min(cfg.ray.merge_ranges, cfg.index.nlist)
+    if cfg.build.output_parts:
+        return min(cfg.build.output_parts, cfg.index.nlist)
     total = n * (build.bytes_per_vector(cfg.index) + 8)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    return min(cfg.index.nlist, max(cpus, -(-total // (1 << 30))))
+    return int(min(cfg.index.nlist, max(1, -(-total // PART_BYTES))))
 
 
 def _trained(ctx: Context, method: str) -> str:
@@ -63,10 +65,10 @@ def _trained(ctx: Context, method: str) -> str:
 
 
 def _layout(ctx: Context, method: str) -> str:
-    """Folder of a method's encoded shards, named by the trained index's content, so that a
-    retrained quantizer never reuses stale codes."""
+    """Folder of a method's encoded shards, named by the trained index's content and the
+    files' layout, so that a retrained quantizer or a new layout never reuses stale codes."""
     digest = hashlib.sha256(storage.read_bytes(_trained(ctx, method))).hexdigest()[:12]
-    return ctx.path(method, digest)
+    return ctx.path(method, f"{digest}.v{ondisk.LISTS_LAYOUT}")
 
 
 def put_index(uri: str) -> ray.ObjectRef:
@@ -109,16 +111,24 @@ def run_encode(ctx: Context) -> Encoded:
     gpus = ctx.cfg.ray.gpus_per_task
     # Encoding on GPUs runs where the GPUs are: the GPU group's nodes.
     group = Group.GPU if gpus else Group.CPU
-    encode = _encode_shard.options(num_gpus=gpus, resources=placement(ctx.cfg.ray, group))
     if gpus and not ondisk.gpu_count():
         log.warning("encode: ray.gpus_per_task=%s but this faiss has no GPU support "
                     "(faiss-cpu): encoding on the CPU", gpus)
     methods = built_methods(ctx.cfg.build)
     layouts = {m: _layout(ctx, m) for m in methods}
+    sizes = [storage.size(_trained(ctx, m)) for m in methods]
     blobs = [put_index(_trained(ctx, m)) for m in methods]
-    # One task per shard encodes it for every method: the corpus is read once.
-    refs = [encode.remote(s, list(layouts.values()), gpus, *blobs) for s in ingested.shards]
-    counts = wait_all(refs, "encode: shards")
+    # A task holds its shard (as read, and as float32), the trained indexes, and for each
+    # method the encoded shard and its file.
+    rows = max(Shard(**s).rows for s in ingested.shards)
+    code = build.bytes_per_vector(ctx.cfg.index) + 8
+    need = rows * (8 * ingested.d + 2 * code * len(methods)) + 2 * sum(sizes)
+    encode = _encode_shard.options(num_gpus=gpus, resources=placement(ctx.cfg.ray, group),
+                                   memory=memory(ctx.cfg.ray, group, need))
+    # One task per shard encodes it for every method: the corpus is read once. The driver
+    # holds the refs of a window of them, not of every shard.
+    counts = windowed([lambda s=s: encode.remote(s, list(layouts.values()), gpus, *blobs)
+                       for s in ingested.shards], "encode: shards", task_window())
     totals = {m: sum(c[i] for c in counts) for i, m in enumerate(methods)}
     for m, t in totals.items():
         assert t == ingested.n, f"{m}: encoded {t} vectors, the corpus has {ingested.n}"
@@ -126,104 +136,103 @@ def run_encode(ctx: Context) -> Encoded:
 
 
 @ray.remote(max_retries=2)
-def _merge_range(shard_uris: list[str], l0: int, l1: int, slice_uri: str) -> np.ndarray:
-    """Lists l0..l1 of every encoded shard -> one slice file; returns the list sizes."""
+def _write_part(trained_uri: str, shards: list[tuple[str, int]], l0: int, l1: int, p: int,
+                parts: int, out_uri: str, fastscan: bool) -> dict:
+    """Part p of an index: lists [l0, l1) of every encoded shard (shards: (uri, rows), in
+    shard order), read with two ranged requests per shard, written as a complete faiss index
+    (out_uri/index[.p].index + .ivfdata, the header recording the bare data name, so the pair
+    opens wherever it is copied, with IO_FLAG_ONDISK_SAME_DIR). With `fastscan` the part is
+    also converted on its own (fastscan[.p].index), so no task holds more than one part.
+    Each file's sha256 is taken here, where it is written. Returns {"ntotal", "files",
+    "requests", "bytes_read"}."""
     pin_threads()
-    with storage.scratch("range") as scratch:
-        local = os.path.join(scratch, "slice.ivfdata")
-        openers = [lambda u=u: storage.open_ranged(u) for u in shard_uris]
-        sizes = ondisk.merge_range(openers, l0, l1, local)
-        storage.upload_file(local, slice_uri)
-    return sizes
+    trained = storage.read_index(trained_uri)
+    ivf = faiss.extract_index_ivf(trained)
+    header, data = ondisk.part_files(p, parts)
+    counted = {"requests": 0, "bytes_read": 0}
 
+    def reader(uri):
+        def read(start, stop):
+            counted["requests"] += stop > start
+            counted["bytes_read"] += stop - start
+            return storage.read_range(uri, start, stop)
+        return read
 
-@ray.remote(max_retries=2)
-def _stitch(trained_uri: str, slice_uris: list[str], sizes: np.ndarray, out_uri: str) -> dict:
-    """Joins the slices into out_uri/index.ivfdata where they lie (storage.concat: S3
-    UploadPartCopy, or copy_file_range locally: no node copies the index) and writes
-    out_uri/index.index, which records the bare name "index.ivfdata": the pair opens wherever
-    it is copied, with IO_FLAG_ONDISK_SAME_DIR (publishing gives local copies their absolute
-    path)."""
-    pin_threads()
-    data_uri = storage.join(out_uri, "index.ivfdata")
-    # The .ivfdata goes first: a reader never finds an .index whose data is missing.
-    moved = storage.concat(slice_uris, data_uri)
-    with storage.scratch("merge") as scratch:
-        index_path, nbytes, ntotal = ondisk.lists_index(
-            storage.read_index(trained_uri), sizes, scratch, "index", "index.ivfdata")
-        assert storage.size(data_uri) == nbytes, "slice files do not add up to the lists"
-        files = {"index.ivfdata": {"sha256": storage.sha256_uri(data_uri), "bytes": nbytes},
-                 "index.index": {"sha256": storage.sha256_file(index_path),
-                                 "bytes": os.path.getsize(index_path)}}
-        storage.upload_file(index_path, storage.join(out_uri, "index.index"))
-    return {"ntotal": ntotal, "files": files, "bytes_through_task": moved["through_here"]}
-
-
-@ray.remote(max_retries=2)
-def _export_fastscan(folder_uri: str) -> dict:
-    """folder_uri's merged on-disk 4-bit IVF-PQ, converted to faiss IndexIVFPQFastScan and
-    written beside it as fastscan.index; returns its {sha256, bytes}. The task holds the
-    whole fast-scan index (codes and ids) in memory: faiss keeps fast-scan lists nowhere
-    else."""
-    pin_threads()
-    with storage.scratch("fastscan") as scratch:
-        folder = storage.local_folder(folder_uri, ondisk.PAIR, scratch)
-        index = build.to_fastscan(ondisk.read_ondisk(os.path.join(folder, "index.index")))
-        local = os.path.join(scratch, ondisk.FASTSCAN)
-        faiss.write_index(index, local)
-        del index
-        meta = {"sha256": storage.sha256_file(local), "bytes": os.path.getsize(local)}
-        storage.upload_file(local, storage.join(folder_uri, ondisk.FASTSCAN))
-    return meta
+    lists = [ondisk.ShardLists(reader(uri), ivf.nlist, ivf.code_size, rows, l0, l1)
+             for uri, rows in shards]
+    files = {}
+    with storage.scratch("part") as scratch:
+        local_data = os.path.join(scratch, data)
+        sizes = np.zeros(ivf.nlist, np.int64)
+        sizes[l0:l1] = ondisk.merge_part(lists, local_data)
+        index_path, nbytes, ntotal = ondisk.lists_index(trained, sizes, scratch,
+                                                        header[:-len(".index")], data)
+        assert os.path.getsize(local_data) == nbytes, "the part's data does not match its lists"
+        # The data goes first: a reader never finds a header whose data is missing.
+        for name, local in ((data, local_data), (header, index_path)):
+            files[name] = {"sha256": storage.sha256_file(local), "bytes": os.path.getsize(local)}
+            storage.upload_file(local, storage.join(out_uri, name))
+        if fastscan:
+            name = ondisk.fastscan_file(p, parts)
+            local = os.path.join(scratch, name)
+            faiss.write_index(build.to_fastscan(ondisk.read_ondisk(index_path)), local)
+            files[name] = {"sha256": storage.sha256_file(local), "bytes": os.path.getsize(local)}
+            storage.upload_file(local, storage.join(out_uri, name))
+    return {"ntotal": ntotal, "files": files, **counted}
 
 
 def run_merge(ctx: Context) -> Merged:
     ingested: Ingested = ctx.inputs["ingest"]
     enc: Encoded = ctx.inputs["encode"]
     n = ingested.n
-    keys = [Shard(**s).key for s in ingested.shards]
-    ranges = ondisk.list_ranges(ctx.cfg.index.nlist, n_ranges(ctx, n))
-    where = placement(ctx.cfg.ray, Group.CPU)
-    merge_range = _merge_range.options(resources=where)
+    shards = [Shard(**s) for s in ingested.shards]
+    parts = n_parts(ctx, n)
+    ranges = ondisk.list_ranges(ctx.cfg.index.nlist, parts)
+    # A part task holds one shard's range at a time (at most the whole shard) and the trained
+    # index; its part is written to disk, not held, except as a fast-scan export.
+    code = build.bytes_per_vector(ctx.cfg.index) + 8
+    trained = max(storage.size(_trained(ctx, m)) for m in enc.layouts)
+    need = max(s.rows for s in shards) * code + 2 * trained + \
+        (2 * code * -(-n // parts) if ctx.cfg.build.fastscan else 0)
+    write = _write_part.options(resources=placement(ctx.cfg.ray, Group.CPU),
+                                memory=memory(ctx.cfg.ray, Group.CPU, need))
     methods = list(enc.layouts)
     refs = []
     for method in methods:
-        uris = [storage.join(enc.layouts[method], f"{k}.lists") for k in keys]
-        refs += [merge_range.remote(uris, l0, l1, _slice_uri(ctx, method, r))
-                 for r, (l0, l1) in enumerate(ranges)]
-    flat = wait_all(refs, "merge: list ranges")
-    R = len(ranges)
-    sizes = {m: np.concatenate(flat[i * R:(i + 1) * R]) for i, m in enumerate(methods)}
-    stitch = _stitch.options(resources=where)
-    refs = [stitch.remote(_trained(ctx, m), [_slice_uri(ctx, m, r) for r in range(R)],
-                          sizes[m], ctx.path(m)) for m in methods]
-    results = dict(zip(methods, wait_all(refs, "merge: stitch")))
-    if ctx.cfg.build.fastscan:
-        export = _export_fastscan.options(resources=where)
-        refs = [export.remote(ctx.path(m)) for m in methods]
-        for m, meta in zip(methods, wait_all(refs, "merge: fast-scan export")):
-            results[m]["files"]["fastscan.index"] = meta
-    for m, r in results.items():
-        assert r["ntotal"] == n, f"{m}: merged {r['ntotal']} vectors, the corpus has {n}"
-    storage.delete(ctx.path("slices"))  # copied into the indexes
-    log.info("merge: %d vectors per index, %d list ranges; stitched where they lie (%d bytes "
-             "passed through the stitch tasks)", n, R,
-             sum(r["bytes_through_task"] for r in results.values()))
-    return Merged(indexes={m: MergedIndex(folder=METHODS[m][1], uri=ctx.path(m), **r)
-                           for m, r in results.items()}, ranges=R)
-
-
-def _slice_uri(ctx: Context, method: str, r: int) -> str:
-    return ctx.path("slices", method, f"slice-{r:05d}.ivfdata")
+        # A fresh run's folder: parts of an earlier, differently cut run never mix in.
+        storage.delete(ctx.path(method))
+        listed = [(storage.join(enc.layouts[method], f"{s.key}.lists"), s.rows) for s in shards]
+        refs += [write.remote(_trained(ctx, method), listed, l0, l1, p, parts, ctx.path(method),
+                              ctx.cfg.build.fastscan)
+                 for p, (l0, l1) in enumerate(ranges)]
+    done = wait_all(refs, "merge: parts")
+    indexes, requests, read = {}, 0, 0
+    for i, m in enumerate(methods):
+        mine = done[i * parts:(i + 1) * parts]
+        ntotal = sum(r["ntotal"] for r in mine)
+        assert ntotal == n, f"{m}: merged {ntotal} vectors, the corpus has {n}"
+        files = {name: meta for r in mine for name, meta in r["files"].items()}
+        indexes[m] = MergedIndex(
+            folder=METHODS[m][1], uri=ctx.path(m), ntotal=ntotal, files=files,
+            parts=[ondisk.part_files(p, parts)[0] for p in range(parts)],
+            fastscan=[ondisk.fastscan_file(p, parts) for p in range(parts)]
+            if ctx.cfg.build.fastscan else [])
+        requests += sum(r["requests"] for r in mine)
+        read += sum(r["bytes_read"] for r in mine)
+    log.info("merge: %d vectors per index in %d part(s); %d ranged reads of encoded shards "
+             "(%d bytes)", n, parts, requests, read)
+    return Merged(indexes=indexes, parts=parts, requests=requests, bytes_read=read)
 
 
 # export: the student's learned parameters as a faiss index of the configured structure.
 EXPORT = Stage("export", sections=("index", "data"), needs=("train",), result=Exported,
                run=run_export)
 # encode: every corpus shard, once, with each built method's trained index (build.baseline
-# says which are built; its other settings change no code).
-ENCODE = Stage("encode", sections=("build",), needs=("ingest", "init", "export"),
-               result=Encoded, run=run_encode)
-# merge: the encoded shards as one on-disk index per method (and its fast-scan export).
+# says which are built; its other settings change no code). It reads index for the size of
+# a code, which its upstream keys cover already.
+ENCODE = Stage("encode", sections=("build", "index"), needs=("ingest", "init", "export"),
+               result=Encoded, run=run_encode, format=2)
+# merge: the encoded shards as one on-disk index per method, in build.output_parts parts (and
+# their fast-scan exports).
 MERGE = Stage("merge", sections=("build", "index"), needs=("ingest", "init", "export", "encode"),
-              result=Merged, run=run_merge)
+              result=Merged, run=run_merge, format=2)

@@ -1,5 +1,6 @@
 """evaluate: the merged on-disk indexes answer the held-out queries; recall against the exact
-neighbours (computed shard by shard) and, where labels exist, MRR and label recall.
+neighbours (computed shard by shard) and, where labels exist, MRR and label recall. Each part
+of an index is searched by its own task, and the parts' results are merged per query.
 
 It searches the merge stage's output, the very files that publishing then places in a new
 version, so the report describes the version it ships with."""
@@ -18,7 +19,7 @@ from pipeline.data import readers
 from pipeline.data.plan import plan_blocks
 from pipeline.data.teacher_parts import load_parts
 from pipeline.distributed.exact_knn import distributed_topk
-from pipeline.distributed.placement import Group, placement
+from pipeline.distributed.placement import Group, memory, placement
 from pipeline.distributed.tasks import check_unique_ids, pin_threads, wait_all
 from pipeline.index import build, metrics, ondisk
 from pipeline.index.knn import block_topk
@@ -29,34 +30,50 @@ log = logging.getLogger("pipeline.stages.evaluate")
 
 
 @ray.remote
-def _search_merged(folder_uri: str, gt_uris: list[str], k: int, nprobes: tuple,
-                   labels_uri: str, spans: dict, fastscan: bool = False) -> dict:
-    """Searches one merged index with the evaluation queries, block by block (each ground-
-    truth part holds its block's queries and exact neighbours): the on-disk pair, or with
-    `fastscan` the fast-scan export beside it. Returns the metrics' sums ({"sums"},
-    pipeline.index.metrics.score_sums) and the label check's counts ({"labels"}): no query
-    set or result list travels back to the driver."""
+def _search_part(folder_uri: str, files: tuple[str, ...], gt_uris: list[str], k: int,
+                 nprobes: tuple) -> dict:
+    """One part of a merged index searched by the evaluation queries, block by block (each
+    ground-truth part holds its block's queries and exact neighbours). files: the part's
+    (data, header) pair, or its one fast-scan export. A task reads its part and nothing else
+    of the index. Returns {"found": [{nprobe: (D, I)} per block], "bytes": the part's
+    size}."""
     pin_threads()
     with storage.scratch("eval") as scratch:
-        if fastscan:
-            folder = storage.local_folder(folder_uri, (ondisk.FASTSCAN,), scratch)
-            index = faiss.read_index(os.path.join(folder, ondisk.FASTSCAN))
-        else:
-            folder = storage.local_folder(folder_uri, ondisk.PAIR, scratch)
-            index = ondisk.read_ondisk(os.path.join(folder, "index.index"))
-        qrels = readers.read_labels(labels_uri) if labels_uri else None
-        sums, qids = {}, []
+        folder = storage.local_folder(folder_uri, files, scratch)
+        path = os.path.join(folder, files[-1])
+        index = ondisk.read_ondisk(path) if len(files) == 2 else faiss.read_index(path)
+        nbytes = sum(os.path.getsize(os.path.join(folder, f)) for f in files)
+        found = []
         for uri in gt_uris:
-            part = load_parts([uri])
-            found = {}
+            xq = load_parts([uri])["xq"]
+            block = {}
             for nprobe in nprobes:
                 build.set_nprobe(index, nprobe)
-                found[nprobe] = index.search(part["xq"], k)[1]
-            metrics.add_sums(sums, metrics.score_sums(found, part["I"], part["qids"], qrels))
-            qids.append(part["qids"])
+                block[nprobe] = index.search(xq, k)
+            found.append(block)
         del index
+    return {"found": found, "bytes": nbytes}
+
+
+@ray.remote
+def _score(gt_uris: list[str], k: int, metric: str, labels_uri: str, spans: dict,
+           *parts: dict) -> dict:
+    """The parts' results merged into the index's top k per query (each list lies in one
+    part, so this is what the whole index answers), scored against the exact neighbours.
+    Returns the metrics' sums ({"sums"}, pipeline.index.metrics.score_sums), the label check's
+    counts ({"labels"}) and the bytes the part searches read: no query set or result list
+    travels back to the driver."""
+    pin_threads()
+    qrels = readers.read_labels(labels_uri) if labels_uri else None
+    sums, qids = {}, []
+    for b, uri in enumerate(gt_uris):
+        gt = load_parts([uri])
+        found = {nprobe: ondisk.merge_results([p["found"][b][nprobe] for p in parts], k, metric)[1]
+                 for nprobe in parts[0]["found"][b]}
+        metrics.add_sums(sums, metrics.score_sums(found, gt["I"], gt["qids"], qrels))
+        qids.append(gt["qids"])
     labels = label_misses(qrels, np.concatenate(qids), spans) if qrels else None
-    return {"sums": sums, "labels": labels}
+    return {"sums": sums, "labels": labels, "bytes": sum(p["bytes"] for p in parts)}
 
 
 @ray.remote
@@ -121,13 +138,28 @@ def run(ctx: Context) -> Evaluated:
                           key=ctx.resume_key)
     check_unique_ids(cfg.ray, gt["spans"], blocks, "eval.queries")
     names = method_names(cfg.index)
-    search = _search_merged.options(resources=placement(cfg.ray, Group.CPU))
+    cpu = placement(cfg.ray, Group.CPU)
+    # A search holds its part (a fast-scan export in memory; on-disk lists mapped), a query
+    # block and its results for every block; the score task every part's results.
+    nq = min(cfg.teacher.query_block, gt["rows"]["all"])
+    per_part = max(i.files[f]["bytes"] for i in merged.indexes.values() for f in i.files)
+    results_bytes = 12 * k * len(cfg.eval.nprobe) * gt["rows"]["all"]
+    search = _search_part.options(resources=cpu, memory=memory(
+        cfg.ray, Group.CPU, per_part + nq * 4 * plan.d + results_bytes))
+    score = _score.options(resources=cpu, memory=memory(
+        cfg.ray, Group.CPU, 2 * results_bytes * merged.parts))
     # (method, searched as fast-scan): the on-disk index; with build.fastscan, its fast-scan
     # export too (same codes, 8-bit quantized look-up tables: the rows show what that costs).
     variants = [(m, fs) for m in merged.indexes for fs in ((False, True) if cfg.build.fastscan
                                                             else (False,))]
-    refs = [search.remote(merged.indexes[m].uri, gt["all"], k, cfg.eval.nprobe, cfg.eval.labels,
-                          plan.spans, fs) for m, fs in variants]
+    refs = []
+    for m, fs in variants:
+        index = merged.indexes[m]
+        files = [(f,) for f in index.fastscan] if fs else \
+            [(ondisk.data_file(h), h) for h in index.parts]
+        found = [search.remote(index.uri, f, gt["all"], k, cfg.eval.nprobe) for f in files]
+        refs.append(score.remote(gt["all"], k, cfg.data.metric, cfg.eval.labels, plan.spans,
+                                 *found))
     if cfg.build.baseline == Baseline.SAMPLE:
         trained = {m: ctx.upstream(*where) for m, (where, _) in METHODS.items()}
         refs.append(_compare_on_sample.options(resources=placement(cfg.ray, Group.CPU)).remote(
@@ -135,6 +167,8 @@ def run(ctx: Context) -> Evaluated:
             cfg.eval.max_queries, k, cfg.eval.nprobe, cfg.data.metric))
     results = wait_all(refs, "evaluate: searches")
     on_sample = results.pop() if cfg.build.baseline == Baseline.SAMPLE else {}
+    log.info("evaluate: the searches read %d bytes of index parts",
+             sum(r["bytes"] for r in results))
     if results[0]["labels"]:
         warn_label_misses(*results[0]["labels"])
     rows = []

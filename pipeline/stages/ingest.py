@@ -15,8 +15,8 @@ from pipeline import keys, storage
 from pipeline.config import PipelineConfig, RayConfig, Verify
 from pipeline.data import readers
 from pipeline.data.plan import Shard, first_rows, plan_blocks, plan_shards
-from pipeline.distributed.placement import Group, placement
-from pipeline.distributed.tasks import check_unique_ids, trim_heap
+from pipeline.distributed.placement import Group, largest_node_memory, memory, placement
+from pipeline.distributed.tasks import check_unique_ids, pin_threads, trim_heap
 from pipeline.index.build import check_shape
 from pipeline.workflow.results import Ingested, Plan
 from pipeline.workflow.stage import Context, Stage
@@ -84,35 +84,71 @@ def scan_shard(shard: dict, d: int, sample_p: float, seed: int) -> dict:
             "id_max": int(ids.max()), "max_abs": float(np.abs(x).max()), "sample": x[keep]}
 
 
-def _scan_or_report(shard: dict, d: int, sample_p: float, seed: int) -> dict:
+def _scan_or_report(shard: dict, d: int, sample_p: float, seed: int, piece: str) -> dict:
+    """scan_shard, its sample written to `piece` (a .npy file) where it is drawn: the stats
+    that come back hold its size only."""
     # Ray Data keeps only the text of a UDF's exception, so a bad-input error travels back as
     # data and the driver raises it as the ValueError the user should see.
     trim_heap()  # a Ray Data worker scans many shards: start each without the last one's heap
     try:
-        return {**scan_shard(shard, d, sample_p, seed), "error": ""}
+        stats = scan_shard(shard, d, sample_p, seed)
     except ValueError as e:
         return {"shard_id": shard["shard_id"], "rows": 0, "id_min": 0, "id_max": 0,
-                "max_abs": 0.0, "sample": np.zeros((0, d), np.float32), "error": str(e)}
+                "max_abs": 0.0, "sampled": 0, "error": str(e)}
+    sample = stats.pop("sample")
+    if len(sample):
+        storage.save_npy(piece, np.ascontiguousarray(sample, dtype=np.float32))
+    return {**stats, "sampled": len(sample), "error": ""}
 
 
-def pseudo_queries(ctx: Context, sample: np.ndarray) -> list[list]:
-    """The symmetric case (no data.train_queries): corpus samples stand in for queries,
-    written beside the sample as a .npy file that the teacher's tasks read like any query
-    file (ids 0..n-1). Returns its [[file, rows, fingerprint]]."""
-    n = min(ctx.cfg.data.pseudo_queries, len(sample))
-    log.info("no data.train_queries: using %d corpus samples as pseudo-queries", n)
-    uri = ctx.path("pseudo_queries.npy")
-    storage.save_npy(uri, sample[:n])
-    return [[uri, n, readers.fingerprint(uri)]]
+@ray.remote
+def _join_sample(pieces: list[str], out_uri: str, seed: int, pseudo_uri: str,
+                 n_pseudo: int) -> int:
+    """The shards' sample pieces as one shuffled sample (out_uri, sample.npz), and with
+    `pseudo_uri` its first n_pseudo rows as the pseudo-queries. Holds two copies of the
+    sample; the driver holds none."""
+    pin_threads()
+    sample = np.concatenate([storage.load_npy(p) for p in pieces], dtype=np.float32) \
+        if pieces else np.zeros((0, 0), np.float32)
+    sample = sample[np.random.default_rng(seed).permutation(len(sample))]
+    storage.save_npz(out_uri, x=sample)
+    if pseudo_uri:
+        storage.save_npy(pseudo_uri, sample[:n_pseudo])
+    return len(sample)
 
 
-def _scan(cfg: RayConfig, items: list[tuple[dict, float]], d: int, seed: int) -> list[dict]:
+def check_sample_budget(cfg: PipelineConfig, n: int, d: int) -> str:
+    """The training sample is joined, then trained on, by one task holding two float32 copies:
+    it must fit in a quarter of the largest CPU-group node's memory. Raises ValueError naming
+    the setting; returns the budget line for the log. (Capping the sample instead would make
+    the sample depend on the cluster, which no stage key covers.)"""
+    rows = min(cfg.data.train_sample, n)
+    need, memory = 2 * 4 * d * rows, largest_node_memory(cfg.ray, Group.CPU)
+    if memory and need > memory // 4:
+        raise ValueError(
+            f"data.train_sample={cfg.data.train_sample}: two copies of {rows} vectors of "
+            f"d={d} take {need / 2**30:.1f} GiB in one task, more than a quarter of the "
+            f"largest node's {memory / 2**30:.1f} GiB; lower data.train_sample to at most "
+            f"{memory // 4 // (8 * d)}, or use larger nodes")
+    return (f"{need / 2**30:.2f} GiB for two copies, within a quarter of the largest node's "
+            f"{memory / 2**30:.1f} GiB")
+
+
+def _scan(cfg: RayConfig, items: list[tuple[dict, float]], d: int, seed: int,
+          pieces: str = "") -> list[dict]:
     """Validates (shard, sample probability) items with Ray Data; raises the first bad-input
-    error as a ValueError. Stats come back in the order of `items`."""
-    rows = [{"at": i, "shard": sh, "p": p} for i, (sh, p) in enumerate(items)]
+    error as a ValueError. Item i's sample is written to pieces/<i>.npy. Stats come back in
+    the order of `items`."""
+    rows = [{"at": i, "shard": sh, "p": p,
+             "piece": storage.join(pieces, f"{i:06d}.npy") if p else ""}
+            for i, (sh, p) in enumerate(items)]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    stats = ds.map(lambda r: {"at": r["at"], **_scan_or_report(r["shard"], d, r["p"], seed)},
-                   resources=placement(cfg, Group.CPU)).take_all()
+    # A scan holds its shard as read and as float32, and its sample.
+    most = max(sh["stop"] - sh["start"] for sh, _ in items)
+    stats = ds.map(lambda r: {"at": r["at"], "piece": r["piece"],
+                              **_scan_or_report(r["shard"], d, r["p"], seed, r["piece"])},
+                   resources=placement(cfg, Group.CPU),
+                   memory=memory(cfg, Group.CPU, 3 * 4 * d * most)).take_all()
     errors = sorted(s["error"] for s in stats if s["error"])
     if errors:
         more = f" (and {len(errors) - 1} more shards)" if errors[1:] else ""
@@ -154,11 +190,15 @@ def run(ctx: Context) -> Ingested:
     driver holds neither), and draws the training sample."""
     cfg, plan = ctx.cfg, ctx.inputs["preflight"]
     t0 = time.time()
+    budget = check_sample_budget(cfg, plan.n, plan.d)
+    log.info("ingest: training sample of about %d vectors (data.train_sample; %s)",
+             min(cfg.data.train_sample, plan.n), budget)
     p = min(1.0, cfg.data.train_sample / plan.n)
     qfiles = first_rows([tuple(f) for f in plan.train_query_files], cfg.data.max_train_queries)
     qblocks = [b.to_dict() for b in plan_blocks(qfiles, cfg.data.rows_per_shard)]
+    pieces = ctx.path("sample-pieces")
     stats = _scan(cfg.ray, [(s, p) for s in plan.shards] + [(b, 0.0) for b in qblocks],
-                  plan.d, cfg.data.seed)
+                  plan.d, cfg.data.seed, pieces)
     stats, qstats = stats[:len(plan.shards)], stats[len(plan.shards):]
     rows = sum(s["rows"] for s in stats)
     assert rows == plan.n, f"scanned {rows} rows, metadata says {plan.n}"
@@ -166,18 +206,26 @@ def run(ctx: Context) -> Ingested:
                      "data.corpus")
     check_unique_ids(cfg.ray, [(s["id_min"], s["id_max"]) for s in qstats], qblocks,
                      "data.train_queries")
-    # The sample is the driver's largest transient: at most two copies at a time (the
-    # shards' pieces are dropped once joined, and the join is float32 already).
-    sample = np.concatenate([s.pop("sample") for s in stats], dtype=np.float32)
-    sample = sample[np.random.default_rng(cfg.data.seed).permutation(len(sample))]
-    qfiles = [list(f) for f in qfiles] or pseudo_queries(ctx, sample)
-    storage.save_npz(ctx.path("sample.npz"), x=sample)
-    n_queries = sum(rows for _, rows, _ in qfiles)
+    # Drawn and written by the scan tasks, joined by one more: the driver holds no sample.
+    sampled = sum(s["sampled"] for s in stats)
+    n_pseudo = 0 if qfiles else min(cfg.data.pseudo_queries, sampled)
+    pseudo = ctx.path("pseudo_queries.npy") if n_pseudo else ""
+    task = _join_sample.options(memory=memory(cfg.ray, Group.CPU, 2 * 4 * plan.d * sampled),
+                                resources=placement(cfg.ray, Group.CPU))
+    assert ray.get(task.remote([s["piece"] for s in stats if s["sampled"]],
+                               ctx.path("sample.npz"), cfg.data.seed, pseudo,
+                               n_pseudo)) == sampled
+    storage.delete(pieces)
+    if pseudo:
+        log.info("no data.train_queries: using %d corpus samples as pseudo-queries", n_pseudo)
+        qfiles = [[pseudo, n_pseudo, readers.fingerprint(pseudo)]]
+    qfiles = [list(f) for f in qfiles]
+    n_queries = sum(r for _, r, _ in qfiles)
     log.info("ingest: %d vectors of d=%d in %d shards validated, %d sampled, %d training "
-             "queries (%.1fs)", plan.n, plan.d, len(plan.shards), len(sample),
+             "queries (%.1fs)", plan.n, plan.d, len(plan.shards), sampled,
              n_queries, time.time() - t0)
     return Ingested(n=plan.n, d=plan.d, shards=plan.shards, inputs=plan.inputs,
-                    train_query_files=qfiles, sample=len(sample), train_queries=n_queries,
+                    train_query_files=qfiles, sample=sampled, train_queries=n_queries,
                     spans=_spans(zip(plan.shards, stats)),
                     max_abs=max(s["max_abs"] for s in stats), changed_shards=len(plan.shards))
 

@@ -9,7 +9,7 @@ import faiss
 import ray
 
 from pipeline import storage
-from pipeline.distributed.placement import Group, largest_node_cpus, placement
+from pipeline.distributed.placement import Group, largest_node_cpus, memory, placement
 from pipeline.distributed.tasks import pin_threads
 from pipeline.index import build, ondisk
 from pipeline.workflow.results import Initialized
@@ -37,6 +37,10 @@ def run(ctx: Context) -> Initialized:
     cfg, ingested = ctx.cfg, ctx.inputs["ingest"]
     # The sample is a Bernoulli draw: it can fall short of what preflight expected.
     build.check_shape(cfg.index, ingested.d, ingested.sample)
+    if ingested.sample < 39 * cfg.index.nlist:
+        log.warning("init: %d training vectors for index.nlist=%d, fewer than the 39 per list "
+                    "faiss's k-means wants (%d); raise data.train_sample", ingested.sample,
+                    cfg.index.nlist, 39 * cfg.index.nlist)
     # With GPUs configured (ray.gpus_per_task > 0), k-means runs in the GPU group on one GPU
     # (faiss-gpu); otherwise on every core of the largest node of the CPU group.
     gpus = cfg.ray.gpus_per_task
@@ -44,8 +48,11 @@ def run(ctx: Context) -> Initialized:
     if gpus and not ondisk.gpu_count():
         log.warning("init: ray.gpus_per_task=%s but this faiss has no GPU support "
                     "(faiss-cpu): k-means runs on the CPU", gpus)
+    # The sample as loaded and as trained on (OPQ rotates a copy), and k-means's assignments.
+    need = 3 * 4 * ingested.d * ingested.sample
     task = _train_baseline.options(num_cpus=largest_node_cpus(cfg.ray, group),
-                                   num_gpus=1 if gpus else 0, resources=placement(cfg.ray, group))
+                                   num_gpus=1 if gpus else 0, resources=placement(cfg.ray, group),
+                                   memory=memory(cfg.ray, group, need))
     info = ray.get(task.remote(ctx.upstream("ingest", "sample.npz"), ctx.path("baseline.index"),
                                cfg.index, cfg.init, bool(gpus), cfg.data.metric))
     log.info("init: faiss baseline trained on %d vectors in %.1fs", info["n_train"],

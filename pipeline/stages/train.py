@@ -23,7 +23,7 @@ from ray.train.torch import TorchTrainer
 from pipeline import checkpoint, events, storage
 from pipeline.data.teacher_parts import load_parts
 from pipeline.data.teacher_stream import TeacherStream
-from pipeline.distributed.placement import Group, placement
+from pipeline.distributed.placement import Group, largest_node_cpus, placement
 from pipeline.distributed.tasks import keep_freed_memory, pin_threads
 from pipeline.index import build
 from pipeline.quant.fit import fit
@@ -119,6 +119,10 @@ def _resumable(ctx: Context, ckpt_uri: str) -> bool:
 
 def run(ctx: Context) -> Trained:
     ray_cfg = ctx.cfg.ray
+    most = largest_node_cpus(ray_cfg, Group.GPU)
+    if ray_cfg.train_cpus > most:  # such a worker could never be placed
+        raise ValueError(f"ray.train_cpus={ray_cfg.train_cpus}: no node of the training group "
+                         f"offers more than {most} CPUs; lower it")
     t0 = time.time()
     ckpt_uri = ctx.path(CHECKPOINT)
     _resumable(ctx, ckpt_uri)  # sets a checkpoint of other settings aside
@@ -130,7 +134,8 @@ def run(ctx: Context) -> Trained:
         scaling_config=ScalingConfig(num_workers=ray_cfg.train_workers,
                                      use_gpu=ray_cfg.train_gpu,
                                      resources_per_worker={
-                                         "CPU": 1, **placement(ray_cfg, Group.GPU)}),
+                                         "CPU": ray_cfg.train_cpus,
+                                         **placement(ray_cfg, Group.GPU)}),
         run_config=RunConfig(name="distill", storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
                              # Ray Train runs the loop in a thread of its own: with one

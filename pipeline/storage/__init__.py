@@ -1,8 +1,7 @@
 """Local paths and s3:// URIs behind one interface: `store(uri)` is the Store
-(pipeline.storage.base) of a URI, a LocalStore (local.py) or an S3Store (s3.py, with its
-multipart joins in multipart.py). The functions here are what the pipeline calls; each
-passes the URI to its store. Formats (JSON, npz, faiss indexes) and scratch folders are the
-same for every store and live here."""
+(pipeline.storage.base) of a URI, a LocalStore (local.py) or an S3Store (s3.py). The
+functions here are what the pipeline calls; each passes the URI to its store. Formats (JSON,
+npz, faiss indexes) and scratch folders are the same for every store and live here."""
 from __future__ import annotations
 
 import hashlib
@@ -54,6 +53,11 @@ def read_bytes(uri: str) -> bytes:
     return store(uri).read_bytes(uri)
 
 
+def read_range(uri: str, start: int, stop: int) -> bytes:
+    """Bytes [start, stop) of a file, in one request (S3: one ranged GET)."""
+    return store(uri).read_range(uri, start, stop)
+
+
 def write_bytes(uri: str, data: bytes, timeout: float | None = None) -> None:
     store(uri).write_bytes(uri, data, timeout)
 
@@ -79,12 +83,6 @@ def copy(src: str, dst: str) -> None:
     if is_s3(src) != is_s3(dst):
         raise ValueError(f"copy {src} -> {dst}: both must be in one store")
     store(src).copy(src, dst)
-
-
-def concat(srcs: list[str], dst: str) -> dict:
-    """Writes dst as the sources one after another, without this process copying them (S3:
-    UploadPartCopy; locally copy_file_range)."""
-    return store(dst).concat(srcs, dst)
 
 
 def size(uri: str) -> int:
@@ -168,6 +166,10 @@ def save_npy(uri: str, x: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, x)
     write_bytes(uri, buf.getvalue())
+
+
+def load_npy(uri: str) -> np.ndarray:
+    return np.load(io.BytesIO(read_bytes(uri)), allow_pickle=False)
 
 
 def load_npz(uri: str) -> dict:

@@ -28,6 +28,14 @@ class Store:
         fs, path = self.get_fs(uri)
         return fs.cat_file(path)
 
+    def read_range(self, uri: str, start: int, stop: int) -> bytes:
+        """Bytes [start, stop) in one read (S3: one GET with a Range header); none for an
+        empty range."""
+        if stop <= start:
+            return b""
+        fs, path = self.get_fs(uri)
+        return fs.cat_file(path, start=start, end=stop)
+
     def write_bytes(self, uri: str, data: bytes, timeout: float | None = None) -> None:
         """Writes atomically: a reader sees the old content or the whole new one."""
         raise NotImplementedError
@@ -51,11 +59,6 @@ class Store:
     def copy(self, src: str, dst: str) -> None:
         """Copies one file within the store without passing its bytes through this process
         where the store allows."""
-        raise NotImplementedError
-
-    def concat(self, srcs: list[str], dst: str) -> dict:
-        """Writes dst as the sources one after another. Returns {"server_side": bytes the
-        store copied, "through_here": bytes this process read}."""
         raise NotImplementedError
 
     def size(self, uri: str) -> int:

@@ -84,26 +84,6 @@ class LocalStore(Store):
                 raise
             atomic_write(dpath, lambda tmp: shutil.copyfile(spath, tmp))
 
-    def concat(self, srcs: list[str], dst: str) -> dict:
-        """os.copy_file_range: the kernel copies, without user-space buffers."""
-        paths = [os.path.abspath(s) for s in srcs]
-
-        def write(tmp):
-            with open(tmp, "wb") as out:
-                for src in paths:
-                    with open(src, "rb") as f:
-                        left = os.fstat(f.fileno()).st_size
-                        while left:
-                            done = os.copy_file_range(f.fileno(), out.fileno(),
-                                                      min(left, 1 << 30))
-                            if not done:
-                                raise OSError(f"{src}: copy_file_range stopped {left} bytes "
-                                              "short")
-                            left -= done
-
-        atomic_write(os.path.abspath(dst), write)
-        return {"server_side": sum(os.path.getsize(s) for s in paths), "through_here": 0}
-
     def sync_tree(self, uri: str) -> None:
         for folder, _, files in os.walk(os.path.abspath(uri)):
             for name in files:

@@ -11,7 +11,6 @@ import os
 import time
 import uuid
 
-from pipeline.storage import multipart
 from pipeline.storage.base import Conflict, Store
 
 PREFIX = "s3://"
@@ -85,10 +84,6 @@ class S3Store(Store):
         """A server-side copy (multipart for large objects)."""
         fs, spath = self.get_fs(src)
         fs.copy(spath, self.get_fs(dst)[1])
-
-    def concat(self, srcs, dst):
-        fs, dpath = self.get_fs(dst)
-        return multipart.concat(fs, [self.get_fs(s)[1] for s in srcs], dpath)
 
     def pyarrow_fs(self, uri):
         from pyarrow.fs import FSSpecHandler, PyFileSystem

@@ -71,16 +71,19 @@ class Encoded:
 @dataclass(frozen=True)
 class MergedIndex:
     folder: str  # its folder in a published version
-    uri: str  # the merged pair in the run folder
+    uri: str  # the merged parts in the run folder
     ntotal: int
-    files: dict  # {name: {"sha256", "bytes"}}
-    bytes_through_task: int  # bytes the stitch task moved itself (0 where storage copies)
+    files: dict  # {name: {"sha256", "bytes"}}, taken where each file was written
+    parts: list[str]  # each part's header (pipeline.index.ondisk.part_files), in list order
+    fastscan: list[str]  # each part's fast-scan export (build.fastscan), else empty
 
 
 @dataclass(frozen=True)
 class Merged:
     indexes: dict[str, MergedIndex]  # by method (pipeline.workflow.stage.METHODS)
-    ranges: int  # list ranges merged in parallel
+    parts: int  # parts per index (build.output_parts)
+    requests: int  # ranged reads of encoded shards: 2 per part and shard
+    bytes_read: int  # what they read
 
 
 @dataclass(frozen=True)
