@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import tempfile
 
@@ -26,8 +25,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline import publish, storage  # noqa: E402
 from pipeline.data import readers  # noqa: E402
 from pipeline.index import build, ondisk  # noqa: E402
-
-FASTSCAN_RE = re.compile(r"^fastscan(\.\d{5})?\.index$")
 
 
 def index_files(uri: str) -> tuple[str, list[str], list[str]]:
@@ -49,7 +46,7 @@ def index_files(uri: str) -> tuple[str, list[str], list[str]]:
     names = storage.listdir(uri)
     headers = [n for n in names if ondisk.HEADER_RE.match(n)]
     if headers:
-        return uri, headers, [n for n in names if FASTSCAN_RE.match(n)]
+        return uri, headers, [n for n in names if ondisk.FASTSCAN_RE.match(n)]
     raise ValueError(f"--index: {uri} holds neither a published run ({publish.POINTER}) nor "
                      "an index's parts (index.index, or index.<p>.index)")
 

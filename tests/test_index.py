@@ -304,3 +304,25 @@ def test_an_hnsw_assignment_grows_slower_than_the_lists():
         per_vector[nlist] = faiss.cvar.hnsw_stats.ndis / len(x)
     assert per_vector[8192] < 8192 / 4
     assert per_vector[8192] / per_vector[256] < (8192 / 256) / 4, per_vector
+
+
+@pytest.mark.parametrize("opq", [False, True])
+def test_two_level_kmeans_trains_centroids_as_good_as_flat(opq):
+    """init.kmeans=two-level: the coarse quantizer holds nlist centroids found by faiss's
+    two-level clustering (in the OPQ rotation's space when there is one), which put the
+    sample about as close to its centroids as flat k-means does."""
+    from pipeline.config import Kmeans
+
+    rng = np.random.default_rng(5)
+    centers = normalized(rng, 300, 32)
+    x = centers[rng.integers(0, 300, 20000)] + 0.3 * normalized(rng, 20000, 32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cfg = IndexConfig(nlist=256, M=8, nbits=6, opq=opq)
+    closeness = {}
+    for kmeans in Kmeans:
+        index = build.train_baseline(x, cfg, niter=6, kmeans=kmeans, opq_niter=5)
+        ivf = faiss.extract_index_ivf(index)
+        assert ivf.quantizer.ntotal == 256 and index.is_trained
+        rotated = index.chain.at(0).apply(x) if opq else x
+        closeness[kmeans] = ivf.quantizer.search(rotated, 1)[0].mean()
+    assert closeness[Kmeans.TWO_LEVEL] > 0.97 * closeness[Kmeans.FLAT], closeness

@@ -7,6 +7,7 @@ from pipeline.config.loader import load_config, validate, validate_for_pipeline
 from pipeline.config.modes import (
     Baseline,
     Coarse,
+    Kmeans,
     Loss,
     LRSchedule,
     Metric,
@@ -30,7 +31,7 @@ from pipeline.config.sections import (
 )
 
 __all__ = ["markdown", "load_config", "validate", "validate_for_pipeline", "Baseline", "Coarse",
-           "LRSchedule", "Loss",
-           "Metric", "NegativeSampler", "Quantizer", "Verify", "BuildConfig", "DataConfig",
-           "EvalConfig", "IndexConfig", "InitConfig", "LossConfig", "NegativesConfig",
-           "PipelineConfig", "PublishConfig", "RayConfig", "TeacherConfig", "TrainConfig"]
+           "Kmeans", "LRSchedule", "Loss", "Metric", "NegativeSampler", "Quantizer", "Verify",
+           "BuildConfig", "DataConfig", "EvalConfig", "IndexConfig", "InitConfig", "LossConfig",
+           "NegativesConfig", "PipelineConfig", "PublishConfig", "RayConfig", "TeacherConfig",
+           "TrainConfig"]

@@ -29,6 +29,12 @@ class Coarse(_Mode):
     HNSW = "hnsw"  # faiss IndexHNSWFlat over the centroids (IVF..._HNSW32): about log(nlist)
 
 
+class Kmeans(_Mode):
+    """How init clusters the sample into the coarse centroids."""
+    FLAT = "flat"  # faiss k-means: sample x nlist distances per iteration
+    TWO_LEVEL = "two-level"  # sqrt(nlist) clusters, each split in turn (faiss.contrib.clustering)
+
+
 class Loss(_Mode):
     """The distillation loss: which of the two listwise terms it uses."""
     RANKING = "ranking"  # KDindex: keep the teacher's order of the top-k, each above the rest

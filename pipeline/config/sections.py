@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pipeline.config.modes import (
     Baseline,
     Coarse,
+    Kmeans,
     Loss,
     LRSchedule,
     Metric,
@@ -68,6 +69,10 @@ class InitConfig:
     niter: int = 20  # k-means iterations of the coarse quantizer
     opq_niter: int = 50  # OPQ rotation iterations (faiss's default); the demo takes fewer
     seed: int = 0  # seed of k-means
+    # Flat k-means costs sample x nlist distances per iteration; two-level about
+    # sample x 2 sqrt(nlist), which at nlist >= 65,536 on CPUs is the difference between hours
+    # and minutes (docs/scale.md). With ray.gpus_per_task, k-means runs flat on the GPUs.
+    kmeans: Kmeans = Kmeans.FLAT  # flat, or two-level (sqrt(nlist) clusters, then each split), for large nlist on CPUs
 
 
 @dataclass(frozen=True)

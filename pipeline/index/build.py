@@ -9,7 +9,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from pipeline.config import Coarse, IndexConfig, Quantizer
+from pipeline.config import Coarse, IndexConfig, Kmeans, Quantizer
 from pipeline.index.params import Params, QuantizerSpec
 
 
@@ -43,13 +43,15 @@ def _codec(cfg: IndexConfig) -> str:
 
 
 def train_baseline(xt: np.ndarray, cfg: IndexConfig, niter: int = 20, seed: int = 0,
-                   use_gpu: bool = False, opq_niter: int = 50, metric: str = "ip"):
+                   use_gpu: bool = False, opq_niter: int = 50, metric: str = "ip",
+                   kmeans: Kmeans = Kmeans.FLAT):
     """faiss's own k-means IVF + PQ (+ OPQ) trained on xt: the baseline and the warm start.
 
     use_gpu (with faiss-gpu and a GPU): the coarse k-means, the slow step at scale (nlist
     65,536 on a 1M sample), assigns points on every GPU; faiss's algorithm, seed and
     iterations are unchanged. Without GPUs in this faiss it trains on the CPU. opq_niter: the
-    OPQ rotation's alternating iterations (faiss's default 50). metric: data.metric."""
+    OPQ rotation's alternating iterations (faiss's default 50). metric: data.metric. kmeans:
+    init.kmeans; two-level clusters on the CPU (with GPUs, flat k-means runs there)."""
     d = xt.shape[1]
     key = _codec(cfg)
     if cfg.nlist:
@@ -74,12 +76,33 @@ def train_baseline(xt: np.ndarray, cfg: IndexConfig, niter: int = 20, seed: int 
         codec.rq.cp.seed = seed
     else:
         codec.pq.cp.seed = seed
+    xt = np.ascontiguousarray(xt, dtype=np.float32)
     if cfg.opq:
         faiss.downcast_VectorTransform(index.chain.at(0)).niter = opq_niter
-    index.train(np.ascontiguousarray(xt, dtype=np.float32))
+    if cfg.nlist and kmeans == Kmeans.TWO_LEVEL and codec.clustering_index is None:
+        _two_level(index, codec, xt, niter, seed, metric)
+    index.train(xt)
     if cfg.nlist and cfg.coarse == Coarse.HNSW:  # the same parameters, another assignment
         return index_from_params(extract_params(index), metric, cfg.coarse)
     return index
+
+
+def _two_level(index, codec, xt: np.ndarray, niter: int, seed: int, metric: str) -> None:
+    """Fills the IVF's coarse quantizer with faiss's two-level clustering of xt (in the OPQ
+    rotation's space, which it trains first): index.train then skips k-means (a quantizer
+    holding nlist centroids needs no training) and trains the codes on the residuals."""
+    from faiss.contrib.clustering import two_level_clustering
+
+    x = xt
+    if isinstance(index, faiss.IndexPreTransform):
+        rotation = index.chain.at(0)
+        rotation.train(x)
+        x = rotation.apply(x)
+    # niter for the first level; the second level's small problems take faiss's default 25
+    centroids, _ = two_level_clustering(x, int(np.sqrt(codec.nlist)), codec.nlist,
+                                        clustering_niter=niter, seed=seed,
+                                        spherical=metric == "ip")
+    codec.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
 
 
 def _inner(index):

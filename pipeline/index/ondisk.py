@@ -101,6 +101,7 @@ def list_ranges(nlist: int, n_ranges: int) -> list[tuple[int, int]]:
 
 
 HEADER_RE = re.compile(r"^index(\.\d{5})?\.index$")  # a part's header file name
+FASTSCAN_RE = re.compile(r"^fastscan(\.\d{5})?\.index$")  # a part's fast-scan export
 
 
 def part_files(p: int, parts: int) -> tuple[str, str]:

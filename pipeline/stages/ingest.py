@@ -123,15 +123,15 @@ def check_sample_budget(cfg: PipelineConfig, n: int, d: int) -> str:
     the setting; returns the budget line for the log. (Capping the sample instead would make
     the sample depend on the cluster, which no stage key covers.)"""
     rows = min(cfg.data.train_sample, n)
-    need, memory = 2 * 4 * d * rows, largest_node_memory(cfg.ray, Group.CPU)
-    if memory and need > memory // 4:
+    need, node = 2 * 4 * d * rows, largest_node_memory(cfg.ray, Group.CPU)
+    if node and need > node // 4:
         raise ValueError(
             f"data.train_sample={cfg.data.train_sample}: two copies of {rows} vectors of "
             f"d={d} take {need / 2**30:.1f} GiB in one task, more than a quarter of the "
-            f"largest node's {memory / 2**30:.1f} GiB; lower data.train_sample to at most "
-            f"{memory // 4 // (8 * d)}, or use larger nodes")
+            f"largest node's {node / 2**30:.1f} GiB; lower data.train_sample to at most "
+            f"{node // 4 // (8 * d)}, or use larger nodes")
     return (f"{need / 2**30:.2f} GiB for two copies, within a quarter of the largest node's "
-            f"{memory / 2**30:.1f} GiB")
+            f"{node / 2**30:.1f} GiB")
 
 
 def _scan(cfg: RayConfig, items: list[tuple[dict, float]], d: int, seed: int,
