@@ -10,8 +10,6 @@ from contextlib import contextmanager
 import faiss
 import numpy as np
 
-# A merged on-disk index: the header faiss reads, and its inverted lists' data file.
-PAIR = ("index.index", "index.ivfdata")
 # With build.fastscan, beside the pair: the same index as IndexIVFPQFastScan, self-contained
 # (faiss holds fast-scan lists in memory only).
 FASTSCAN = "fastscan.index"
@@ -296,12 +294,7 @@ def open_parts(paths: list[str]):
     parts = [read_ondisk(p) for p in paths]
     if len(parts) == 1:
         return parts[0]
-    return stack_parts(parts, read_ondisk(paths[0]))
-
-
-def stack_parts(parts: list, shell):
-    """`shell` (a copy of part 0, which it gives up its own lists for) answering over every
-    part's lists. The parts are kept alive by the result."""
+    shell = read_ondisk(paths[0])  # part 0 once more: it gives up its lists for the stack
     ivfs = [faiss.extract_index_ivf(p) for p in parts]
     first = ivfs[0]
     for p, ivf in zip(parts, ivfs):
@@ -316,7 +309,7 @@ def stack_parts(parts: list, shell):
     target.replace_invlists(stacked, True)
     stacked.this.disown()
     target.ntotal = shell.ntotal = sum(ivf.ntotal for ivf in ivfs)
-    shell.referenced_objects = parts
+    shell.referenced_objects = parts  # the stack points into them
     return shell
 
 

@@ -64,16 +64,16 @@ def _trained(ctx: Context, method: str) -> str:
     return ctx.upstream(*METHODS[method][0])
 
 
-def _layout(ctx: Context, method: str) -> str:
+def _layout(ctx: Context, method: str, trained: bytes) -> str:
     """Folder of a method's encoded shards, named by the trained index's content and the
     files' layout, so that a retrained quantizer or a new layout never reuses stale codes."""
-    digest = hashlib.sha256(storage.read_bytes(_trained(ctx, method))).hexdigest()[:12]
+    digest = hashlib.sha256(trained).hexdigest()[:12]
     return ctx.path(method, f"{digest}.v{ondisk.LISTS_LAYOUT}")
 
 
-def put_index(uri: str) -> ray.ObjectRef:
-    """The index file at `uri`, read once into the object store for _encode_shard tasks."""
-    return ray.put(np.frombuffer(storage.read_bytes(uri), np.uint8))
+def put_index(trained: bytes) -> ray.ObjectRef:
+    """A serialized index, put once into the object store for _encode_shard tasks."""
+    return ray.put(np.frombuffer(trained, np.uint8))
 
 
 @ray.remote(max_retries=3)
@@ -115,14 +115,15 @@ def run_encode(ctx: Context) -> Encoded:
         log.warning("encode: ray.gpus_per_task=%s but this faiss has no GPU support "
                     "(faiss-cpu): encoding on the CPU", gpus)
     methods = built_methods(ctx.cfg.build)
-    layouts = {m: _layout(ctx, m) for m in methods}
-    sizes = [storage.size(_trained(ctx, m)) for m in methods]
-    blobs = [put_index(_trained(ctx, m)) for m in methods]
+    trained = {m: storage.read_bytes(_trained(ctx, m)) for m in methods}  # read once each
+    layouts = {m: _layout(ctx, m, trained[m]) for m in methods}
+    blobs = [put_index(trained[m]) for m in methods]
     # A task holds its shard (as read, and as float32), the trained indexes, and for each
     # method the encoded shard and its file.
     rows = max(Shard(**s).rows for s in ingested.shards)
     code = build.bytes_per_vector(ctx.cfg.index) + 8
-    need = rows * (8 * ingested.d + 2 * code * len(methods)) + 2 * sum(sizes)
+    need = rows * (8 * ingested.d + 2 * code * len(methods)) + \
+        2 * sum(len(t) for t in trained.values())
     encode = _encode_shard.options(num_gpus=gpus, resources=placement(ctx.cfg.ray, group),
                                    memory=memory(ctx.cfg.ray, group, need))
     # One task per shard encodes it for every method: the corpus is read once. The driver
