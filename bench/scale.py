@@ -158,10 +158,11 @@ class Sampler(threading.Thread):
             time.sleep(0.2)
 
 
-def bare_faiss(out: str, corpus: str, k: int) -> dict:
+def bare_faiss(out: str, corpus: str, k: int, rows: int = 0) -> dict:
     """Single-process faiss on the same data: brute-force kNN of the pipeline's training
     queries (faiss.knn, IndexFlat's kernel), and add into the pipeline's trained baseline
-    index."""
+    index; on the corpus's first `rows` vectors (0: all of it), since both costs are linear
+    in the corpus and a second pass over a 100M corpus doubles the benchmark."""
     import faiss
 
     from pipeline import storage
@@ -169,7 +170,7 @@ def bare_faiss(out: str, corpus: str, k: int) -> dict:
     from pipeline.storage import read_index
 
     faiss.omp_set_num_threads(os.cpu_count() or 1)
-    ids, xb = readers.read_all(corpus, "corpus")
+    ids, xb = readers.read_all(corpus, "corpus", rows)
     info = storage.read_json(os.path.join(out, "stages", "ingest", "_manifest.json"))["info"]
     xq = np.concatenate([readers.read_rows(f, 0, rows)[1]
                          for f, rows, _ in info["train_query_files"]])
@@ -203,8 +204,38 @@ def corpus_bytes(folder: str) -> int:
                if f.endswith(".npy"))
 
 
+def search_published(out: str, corpus: str, nq: int, k: int, nprobe: int) -> dict:
+    """The published index, opened as a user opens it (jobs/search.py), searched with `nq`
+    corpus vectors spread over the corpus: queries/s, and how often a query's own id is in
+    its top k (each vector's exact nearest neighbour under inner product is itself)."""
+    from jobs import search
+    from pipeline.index import build
+
+    files = sorted(f for f in os.listdir(corpus) if f.endswith(".npy"))
+    per = max(1, nq // len(files))
+    xq, qid, first = [], [], 0
+    for f in files:
+        x = np.load(os.path.join(corpus, f), mmap_mode="r")
+        take = np.arange(0, len(x), max(1, len(x) // per))[:per]
+        xq.append(np.asarray(x[take], dtype=np.float32))
+        qid.append(first + take)
+        first += len(x)
+    xq, qid = np.concatenate(xq)[:nq], np.concatenate(qid)[:nq]
+    t0 = time.time()
+    index = search.open_index(out, tempfile.mkdtemp(prefix="vq-search-"))
+    opened = time.time() - t0
+    build.set_nprobe(index, nprobe)
+    t0 = time.time()
+    _, found = index.search(xq, k)
+    secs = time.time() - t0
+    return {"queries": len(xq), "seconds": secs, "qps": len(xq) / secs, "open_s": opened,
+            "self_in_top_k": float(np.mean([q in row for q, row in zip(qid, found)])),
+            "nprobe": nprobe, "k": k}
+
+
 def run_one(n: int, data_root: str, config: str, overrides: list[str], nodes: int,
-            cpus_per_node: int, d: int = D) -> list[dict]:
+            cpus_per_node: int, d: int = D, faiss_rows: int = 0,
+            search_queries: int = 0) -> list[dict]:
     import ray
 
     from pipeline.config import load_config
@@ -244,17 +275,19 @@ def run_one(n: int, data_root: str, config: str, overrides: list[str], nodes: in
     run = Run(out)
     nq = run.result(BY_NAME["teacher"]).queries
     trained_q = sum(h["queries"] for h in run.result(BY_NAME["train"]).history)
+    merged = run.result(BY_NAME["merge"])
+    built = sum(m.ntotal for m in merged.indexes.values())  # n per index built
     work = {"ingest": n, "init": run.result(BY_NAME["init"]).n_train, "teacher": nq * n,
-            "train": trained_q, "encode": 2 * n, "merge": 2 * n}
+            "train": trained_q, "encode": built, "merge": built}
     counted = {"teacher": {"object_store_bytes": run.result(BY_NAME["teacher"]).object_store_bytes},
-               "merge": {"requests": run.result(BY_NAME["merge"]).requests,
-                         "bytes_read": run.result(BY_NAME["merge"]).bytes_read}}
+               "merge": {"requests": merged.requests, "bytes_read": merged.bytes_read,
+                         "parts": merged.parts}}
     order = list(reads)
     read_by_stage = {st: reads[order[i + 1]] - reads[st] for i, st in enumerate(order[:-1])}
     one_pass = corpus_bytes(corpus)
     ray.shutdown()
     # the search the teacher runs per shard: the top k, or the top band_depth with a band
-    bare = bare_faiss(out, corpus, max(cfg.teacher.k, cfg.teacher.band_depth))
+    bare = bare_faiss(out, corpus, max(cfg.teacher.k, cfg.teacher.band_depth), faiss_rows)
     rows = []
     for stage, s in secs.items():
         if stage not in work:
@@ -270,7 +303,14 @@ def run_one(n: int, data_root: str, config: str, overrides: list[str], nodes: in
                      "peak_rss_worker_mb": round(peak[1], 1),
                      "peak_private_worker_mb": round(peak[2], 1),
                      "corpus_read_passes": round(read_by_stage.get(stage, 0) / one_pass, 3),
-                     **counted.get(stage, {})})
+                     **counted.get(stage, {}),
+                     **({"faiss_rows": faiss_rows} if faiss_rows and ref else {})})
+    if search_queries:
+        got = search_published(out, corpus, search_queries, 10, 16)
+        log.info("search: %s", got)
+        rows.append({"stage": "search", "n": n, "queries": got["queries"], "nodes": nodes,
+                     "seconds": got["seconds"], "throughput_per_s": got["qps"],
+                     "faiss_throughput_per_s": None, "ratio": None, **got})
     return rows
 
 
@@ -289,7 +329,7 @@ def format_rows(rows: list[dict]) -> str:
             return f"{v:.3g}" if v < 1000 else f"{v:,.0f}"
         return str(v)
 
-    table = [head] + [[fmt(r[k]) for k in keys] for r in rows]
+    table = [head] + [[fmt(r.get(k)) for k in keys] for r in rows]
     widths = [max(len(t[i]) for t in table) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(t, widths)) for t in table)
 
@@ -297,6 +337,7 @@ def format_rows(rows: list[dict]) -> str:
 def child(args, n: int, overrides: list[str], d: int = D) -> list[dict] | None:
     """One run in its own process (its own Ray cluster); its rows, or None if it failed."""
     cmd = [sys.executable, os.path.abspath(__file__), "--one", str(n), "--dim", str(d),
+           "--faiss-rows", str(args.faiss_rows), "--search", str(args.search),
            "--data", args.data, "--config", args.config, "--nodes", str(args.nodes),
            "--cpus-per-node", str(args.cpus_per_node)] + \
         [a for o in args.overrides + overrides for a in ("--set", o)]
@@ -354,7 +395,11 @@ def main(argv=None) -> int:
     ap.add_argument("--growth", choices=sorted(GROWTH),
                     help="grow one term alone on a small proxy (see GROWTH)")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child: one size, JSON out
-    ap.add_argument("--dim", type=int, default=D, help=argparse.SUPPRESS)
+    ap.add_argument("--dim", type=int, default=D, help="the corpus's dimension")
+    ap.add_argument("--faiss-rows", type=int, default=0,
+                    help="bare faiss on the corpus's first N vectors (0: all of them)")
+    ap.add_argument("--search", type=int, default=0,
+                    help="after the run, search the published index with N corpus vectors")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -362,7 +407,7 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.one:
         rows = run_one(args.one, args.data, args.config, args.overrides, args.nodes,
-                       args.cpus_per_node, args.dim)
+                       args.cpus_per_node, args.dim, args.faiss_rows, args.search)
         print("ROWS " + json.dumps(rows))
         return 0
     args.json = args.json or os.path.join(
@@ -372,7 +417,7 @@ def main(argv=None) -> int:
         return growth(args)
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
-        got = child(args, n, [])
+        got = child(args, n, [], args.dim)
         if got is None:
             return 1
         rows += got
@@ -382,7 +427,7 @@ def main(argv=None) -> int:
         lo, hi = sizes[0], sizes[-1]
         print(f"\npeak RSS at {hi:,} relative to {lo:,} (targets: driver <= 1.1x, workers "
               "<= 1.2x):")
-        for stage in dict.fromkeys(r["stage"] for r in rows):
+        for stage in dict.fromkeys(r["stage"] for r in rows if r["stage"] != "search"):
             a = next(r for r in rows if r["stage"] == stage and r["n"] == lo)
             b = next(r for r in rows if r["stage"] == stage and r["n"] == hi)
             def grew(key):
