@@ -60,12 +60,24 @@ def dumps(state) -> bytes:
 
 def loads(data: bytes):
     """The state dumps() stored. Raises ValueError for anything else, pickles included."""
+    return _load(io.BytesIO(data), arrays=True)
+
+
+def load_meta(f):
+    """The state stored in the seekable binary file `f`, without its arrays (each is None):
+    only the structure is read (the .npz is a zip, whose members read on their own), so the
+    cost does not grow with the model. Raises ValueError as loads() does."""
+    return _load(f, arrays=False)
+
+
+def _load(f, arrays: bool):
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        with np.load(f, allow_pickle=False) as z:
+            tree = json.loads(z[TREE].tobytes()) if TREE in z.files else None
+            arrays = {k: z[k] for k in z.files} if arrays else None
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:  # pickles: ValueError
         raise ValueError(f"not a checkpoint of arrays and JSON ({e})") from None
-    if TREE not in arrays:
+    if tree is None:
         raise ValueError("not a checkpoint of arrays and JSON (no structure)")
 
     def dec(x):
@@ -76,6 +88,8 @@ def loads(data: bytes):
         if len(x) != 1:
             raise ValueError("not a checkpoint: an entry of several kinds")
         (kind, v), = x.items()
+        if arrays is None and kind in ("tensor", "array", "params"):
+            return None
         if kind == "tensor":
             name, dtype = v
             return torch.from_numpy(np.array(arrays[name])).to(
@@ -90,7 +104,7 @@ def loads(data: bytes):
             return tuple(dec(e) for e in v)
         raise ValueError(f"not a checkpoint: unknown entry {kind!r}")
 
-    return dec(json.loads(arrays[TREE].tobytes()))
+    return dec(tree)
 
 
 def _key(k):

@@ -1,5 +1,6 @@
 """The student model and the training kernel, checked against faiss and against themselves."""
 import dataclasses
+import threading
 
 import faiss
 import numpy as np
@@ -235,6 +236,71 @@ def test_data_parallel_gradients_sum_to_the_global_batch(setup):
     for g1, g2 in zip(summed_grads(1), summed_grads(2)):
         # float32 sums over 64 queries in two orders: ~1e-7 apart in absolute terms
         np.testing.assert_allclose(g1.numpy(), g2.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def _run_workers(world, fn):
+    """fn(rank, gather, reduce) on `world` threads that gather and sum like torch.distributed
+    (every worker calls each collective in the same order); their results by rank."""
+    barrier, slots, out = threading.Barrier(world), [None] * world, [None] * world
+
+    def gather(rank):
+        def call(t):
+            slots[rank] = t.clone()
+            barrier.wait()
+            got = list(slots)
+            barrier.wait()
+            return got
+        return call
+
+    def reduce(rank):
+        def call(t):
+            t.copy_(sum(gather(rank)(t)))
+        return call
+
+    threads = [threading.Thread(target=lambda r=r: out.__setitem__(
+        r, fn(r, gather(r), reduce(r)))) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+@pytest.mark.parametrize("nlist", [256, 4096])
+def test_centroid_gradient_is_summed_as_the_rows_a_step_touched(setup, nlist):
+    """Three workers' centroid gradients summed as touched rows equal the dense sum on every
+    worker, and the numbers each sends are bounded by the batch (the lists its candidates and
+    negatives fall in), not by nlist: the same at nlist 256 and 4,096."""
+    xb, xq, _, V = setup
+    trained = build.train_baseline(xb, IndexConfig(nlist=nlist, M=4, nbits=6, opq=False),
+                                   niter=1)
+    params, world, b, n_neg = build.extract_params(trained), 3, 8, 16
+    grads = []
+    for r in range(world):
+        model = Student(params, "ip")
+        idx = np.arange(r * b, (r + 1) * b)
+        neg = torch.as_tensor(xb[np.random.default_rng(r).choice(1000, n_neg, replace=False)])
+        parts = objective.batch_loss(model, torch.as_tensor(xq[idx]),
+                                     torch.as_tensor(V[idx].astype(np.float32)), neg,
+                                     LossConfig(), in_batch=False)
+        (parts["pq"] + parts["ivf"]).backward()
+        grads.append(model.centroids.grad.clone())
+    dense = sum(grads)
+    touched = [len(loop.touched_rows(g)) for g in grads]
+    assert 0 < max(touched) <= b * V.shape[1] + n_neg  # the lists of its candidates
+    mine = [g.clone() for g in grads]
+    sent = _run_workers(world, lambda r, gather, reduce: loop.sum_touched_rows(
+        mine[r], gather, reduce))
+    for g in mine:
+        torch.testing.assert_close(g, dense, rtol=1e-6, atol=1e-9)
+    assert sent == [1 + max(touched) * (1 + xb.shape[1])] * world
+    # as many rows touched as there are: the dense sum goes instead
+    full = [torch.randn(8, 4) for _ in range(world)]
+    total = sum(full)
+    assert _run_workers(world, lambda r, gather, reduce: loop.sum_touched_rows(
+        full[r], gather, reduce)) == [32] * world
+    for g in full:
+        torch.testing.assert_close(g, total)
 
 
 @pytest.mark.parametrize("d,dtype", [(16, np.float32), (64, np.float32), (16, np.float64)])

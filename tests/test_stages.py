@@ -102,7 +102,7 @@ def test_encode_and_merge_equal_one_index(prepared, tmp_path, parts):
     shards = [Shard(**s) for s in prepared.result("ingest").shards]
     assert len(shards) == 4
     layout, nlist = str(tmp_path / "enc"), prepared.cfg.index.nlist
-    blob = encode_stage.put_index(storage.read_bytes(trained_uri))
+    blob = encode_stage._load_index.remote(trained_uri)[1]
     counts = ray.get([encode_stage._encode_shard.remote(dataclasses.asdict(s), [layout], 0.0, blob)
                       for s in shards])
     assert sum(c for (c,) in counts) == len(xb)
@@ -146,7 +146,7 @@ def test_encode_is_idempotent_per_shard(prepared, tmp_path):
     trained_uri = prepared.stage_path("init", "baseline.index")
     s = prepared.result("ingest").shards[0]
     layout = str(tmp_path / "enc")
-    blob = encode_stage.put_index(storage.read_bytes(trained_uri))
+    blob = encode_stage._load_index.remote(trained_uri)[1]
     n = ray.get(encode_stage._encode_shard.remote(s, [layout], 0.0, blob))
     part = f"{layout}/{Shard(**s).key}.lists"
     before = os.path.getmtime(part)

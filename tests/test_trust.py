@@ -187,6 +187,35 @@ def test_a_planted_pickle_checkpoint_is_set_aside_unexecuted(tmp_path, caplog):
     assert back["t"] == (1, 2) and torch.equal(back["model"]["w"], torch.ones(2))
 
 
+class _CountingFile(io.BytesIO):
+    def __init__(self, data):
+        super().__init__(data)
+        self.read_bytes = 0
+
+    def read(self, n=-1):
+        got = super().read(n)
+        self.read_bytes += len(got)
+        return got
+
+
+def test_the_driver_reads_a_checkpoints_structure_not_its_model():
+    """load_meta (what the train stage's driver reads) returns the epoch, key and history with
+    every array left out, and reads the same bytes whether the model holds 1K or 4M numbers:
+    what the driver holds does not grow with nlist."""
+    read = []
+    for n in (1 << 10, 1 << 22):
+        state = {"epoch": 2, "stage_key": "k", "history": [{"loss": 0.5}],
+                 "model": {"centroids": torch.ones(n // 64, 64)}, "pool": np.zeros(n)}
+        data = checkpoint.dumps(state)
+        f = _CountingFile(data)
+        meta = checkpoint.load_meta(f)
+        assert meta["epoch"] == 2 and meta["history"] == [{"loss": 0.5}]
+        assert meta["model"] == {"centroids": None} and meta["pool"] is None
+        read.append(f.read_bytes)
+        assert f.read_bytes < 4096
+    assert read[0] == read[1]
+
+
 # --- 3. names from manifests ---------------------------------------------------------------
 
 def fake_version(output: str, version: str, held, files=("report.json",)) -> bytes:

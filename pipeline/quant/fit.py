@@ -109,8 +109,8 @@ def _check(model: Student, opt, validate, state: dict, cfg, rank: int) -> float:
 
 
 def fit(params: Params, data: TrainData, val: TrainData, pcfg,
-        rank: int = 0, world: int = 1, reduce_grads=lambda g: None, state: dict | None = None,
-        on_epoch=None, device: str = "cpu") -> dict:
+        rank: int = 0, world: int = 1, reduce_grads=lambda grads, row_sparse: None,
+        state: dict | None = None, on_epoch=None, device: str = "cpu") -> dict:
     """The training loop of one worker (or of a single process): `pcfg` is the config (or the
     train stage's view of it), of which it reads data, teacher, loss, negatives and train.
     Epochs, validation (train.val_checks times an epoch), keeping the best student and never

@@ -3,7 +3,9 @@ training data, the optimiser and its schedule, the step unit (calibration).
 
 Workers see equal slices of the same global batch; `reduce_grads` (a callable passed in by the
 caller, identity for one worker) sums gradients across workers, and every worker applies the
-same update.
+same update. The centroids' gradient is row-sparse (a step touches the lists of its batch's
+candidates, not all nlist), so it is summed as rows (sum_touched_rows), which keeps the bytes a
+step exchanges independent of nlist.
 """
 from __future__ import annotations
 
@@ -81,18 +83,51 @@ def schedule(opt: torch.optim.Optimizer, kind: LRSchedule, progress: float) -> N
         group["lr"] = group["base_lr"] * factor
 
 
+def touched_rows(g: torch.Tensor) -> torch.Tensor:
+    """The rows of a 2-D gradient that are not all zero (the centroids a step touched)."""
+    return torch.nonzero(g.ne(0).any(1)).flatten()
+
+
+def sum_touched_rows(g: torch.Tensor, gather: Callable[[torch.Tensor], list[torch.Tensor]],
+                     reduce: Callable[[torch.Tensor], None]) -> int:
+    """Sums a row-sparse gradient across workers in place, every worker calling it together:
+    `gather(t)` returns every worker's t (same shape on each), `reduce(t)` sums t densely. Each
+    worker sends its touched rows and their indices, padded to the most any worker touched;
+    when the workers touch as many rows as there are, the dense sum is sent instead. The sum
+    runs over workers in rank order on every worker, so all hold the same result. Returns the
+    numbers this worker sent."""
+    rows = touched_rows(g)
+    counts = [int(c) for c in gather(g.new_tensor([len(rows)], dtype=torch.int64))]
+    if sum(counts) >= len(g):
+        reduce(g)
+        return g.numel()
+    most = max(counts)
+    idx = rows.new_zeros(most)
+    idx[:len(rows)] = rows
+    vals = g.new_zeros((most, g.shape[1]))
+    vals[:len(rows)] = g[rows]  # the padding adds zeros to row 0
+    g.zero_()
+    for i, v in zip(gather(idx), gather(vals)):
+        g.index_add_(0, i, v)
+    return 1 + most * (1 + g.shape[1])
+
+
 def train_epoch(model: Student, opt: torch.optim.Optimizer, data: TrainData,
                 recipe: Recipe, epoch: int, rank: int = 0, world: int = 1,
-                reduce_grads: Callable[[list[torch.Tensor]], None] = lambda grads: None,
+                reduce_grads: Callable[[list[torch.Tensor], list[bool]], int | None] =
+                lambda grads, row_sparse: None,
                 device: str = "cpu", log: Callable[[int, int, float], None] | None = None,
                 after_step: Callable[[int, int], None] | None = None,
                 slot_weights: np.ndarray | None = None) -> dict:
     """One pass over data.batches(...) in global batches of train.batch_size, of which this
     worker trains on its own share (B / world queries). `after_step(step, steps)` runs after
     every optimizer step (mid-epoch validation). slot_weights: batch_loss's.
+    `reduce_grads(grads, row_sparse)` sums the gradients across workers (row_sparse marks the
+    centroids', see sum_touched_rows) and returns how many numbers it sent.
 
     Returns the per-query average of the loss and of each term ("loss_pq", "loss_ivf", ...)
-    over the epoch, "steps", "queries", and "step_losses", the loss of every step.
+    over the epoch, "steps", "queries", "step_losses" (the loss of every step) and "sent" (the
+    numbers this worker sent to sum gradients).
     """
     cfg, lcfg, ncfg = recipe.train, recipe.loss, recipe.negatives
     B = cfg.batch_size
@@ -100,6 +135,8 @@ def train_epoch(model: Student, opt: torch.optim.Optimizer, data: TrainData,
     local = B // world
     steps = data.steps(B)
     params = [p for p in model.parameters() if p.requires_grad]
+    row_sparse = [p is model.centroids for p in params]
+    sent = 0
     recon0 = model.recon_scale
     sampler = NegativeSampler(data.pool, ncfg, cfg.seed)
     sampler.start_epoch(model, device)
@@ -131,7 +168,7 @@ def train_epoch(model: Student, opt: torch.optim.Optimizer, data: TrainData,
         loss = total_loss(parts, lcfg, recon0) / B
         opt.zero_grad(set_to_none=False)
         loss.backward()
-        reduce_grads([p.grad for p in params])
+        sent += reduce_grads([p.grad for p in params], row_sparse) or 0
         opt.step()
         for k in LOSS_TERMS:
             totals[k] += float(parts[k].item()) / B
@@ -146,7 +183,7 @@ def train_epoch(model: Student, opt: torch.optim.Optimizer, data: TrainData,
     scale = world / max(steps, 1)  # per-query averages (this worker's share x world)
     out = {f"loss_{k}": v * scale for k, v in totals.items()}
     return {"loss": total * scale, **out, "steps": steps, "queries": steps * B,
-            "step_losses": step_losses}
+            "step_losses": step_losses, "sent": sent}
 
 
 @torch.no_grad()

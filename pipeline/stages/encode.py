@@ -35,14 +35,29 @@ from pipeline.workflow.stage import METHODS, Context, Stage, built_methods
 log = logging.getLogger("pipeline.stages.encode")
 
 
-def run_export(ctx: Context) -> Exported:
-    params = Params.from_arrays(storage.load_npz(ctx.upstream("train", "params.npz")))
-    index = build.index_from_params(params, ctx.cfg.data.metric, ctx.cfg.index.coarse)
+@ray.remote(max_retries=2)
+def _export(params_uri: str, metric: str, coarse, out_uri: str) -> int:
+    """The student's parameters as a trained (empty) faiss index at out_uri; returns its d.
+    A task, so that the driver never holds the centroids (nlist x d)."""
+    pin_threads()
+    params = Params.from_arrays(storage.load_npz(params_uri))
+    index = build.index_from_params(params, metric, coarse)
     with storage.scratch("export") as scratch:
         local = os.path.join(scratch, "trained.index")
         faiss.write_index(index, local)
-        storage.upload_file(local, ctx.path("trained.index"))
-    return Exported(d=index.d, bytes_per_vector=build.bytes_per_vector(ctx.cfg.index))
+        storage.upload_file(local, out_uri)
+    return index.d
+
+
+def run_export(ctx: Context) -> Exported:
+    params = ctx.upstream("train", "params.npz")
+    # the parameters, the index built from them and its serialized copy
+    need = 3 * storage.size(params)
+    task = _export.options(resources=placement(ctx.cfg.ray, Group.CPU),
+                           memory=memory(ctx.cfg.ray, Group.CPU, need))
+    d = ray.get(task.remote(params, ctx.cfg.data.metric, ctx.cfg.index.coarse,
+                            ctx.path("trained.index")))
+    return Exported(d=d, bytes_per_vector=build.bytes_per_vector(ctx.cfg.index))
 
 
 # Parts: about this many bytes of codes and ids each, when build.output_parts is 0.
@@ -64,16 +79,19 @@ def _trained(ctx: Context, method: str) -> str:
     return ctx.upstream(*METHODS[method][0])
 
 
-def _layout(ctx: Context, method: str, trained: bytes) -> str:
+def _layout(ctx: Context, method: str, digest: str) -> str:
     """Folder of a method's encoded shards, named by the trained index's content and the
     files' layout, so that a retrained quantizer or a new layout never reuses stale codes."""
-    digest = hashlib.sha256(trained).hexdigest()[:12]
-    return ctx.path(method, f"{digest}.v{ondisk.LISTS_LAYOUT}")
+    return ctx.path(method, f"{digest[:12]}.v{ondisk.LISTS_LAYOUT}")
 
 
-def put_index(trained: bytes) -> ray.ObjectRef:
-    """A serialized index, put once into the object store for _encode_shard tasks."""
-    return ray.put(np.frombuffer(trained, np.uint8))
+@ray.remote(num_returns=2)
+def _load_index(uri: str) -> tuple[str, np.ndarray]:
+    """A serialized index read once: (its sha256, its bytes). The bytes stay in the object
+    store for _encode_shard tasks (shared zero-copy by the tasks of a node); the driver
+    fetches the digest only, so it never holds the index (nlist x d centroids)."""
+    data = storage.read_bytes(uri)
+    return hashlib.sha256(data).hexdigest(), np.frombuffer(data, np.uint8)
 
 
 @ray.remote(max_retries=3)
@@ -115,15 +133,18 @@ def run_encode(ctx: Context) -> Encoded:
         log.warning("encode: ray.gpus_per_task=%s but this faiss has no GPU support "
                     "(faiss-cpu): encoding on the CPU", gpus)
     methods = built_methods(ctx.cfg.build)
-    trained = {m: storage.read_bytes(_trained(ctx, m)) for m in methods}  # read once each
-    layouts = {m: _layout(ctx, m, trained[m]) for m in methods}
-    blobs = [put_index(trained[m]) for m in methods]
+    sizes = [storage.size(_trained(ctx, m)) for m in methods]
+    load = [_load_index.options(resources=placement(ctx.cfg.ray, group),
+                                memory=memory(ctx.cfg.ray, group, 2 * size))
+            .remote(_trained(ctx, m)) for m, size in zip(methods, sizes)]
+    blobs = [blob for _, blob in load]
+    layouts = {m: _layout(ctx, m, digest)
+               for m, digest in zip(methods, ray.get([digest for digest, _ in load]))}
     # A task holds its shard (as read, and as float32), the trained indexes, and for each
     # method the encoded shard and its file.
     rows = max(Shard(**s).rows for s in ingested.shards)
     code = build.bytes_per_vector(ctx.cfg.index) + 8
-    need = rows * (8 * ingested.d + 2 * code * len(methods)) + \
-        2 * sum(len(t) for t in trained.values())
+    need = rows * (8 * ingested.d + 2 * code * len(methods)) + 2 * sum(sizes)
     encode = _encode_shard.options(num_gpus=gpus, resources=placement(ctx.cfg.ray, group),
                                    memory=memory(ctx.cfg.ray, group, need))
     # One task per shard encodes it for every method: the corpus is read once. The driver

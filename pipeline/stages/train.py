@@ -3,11 +3,13 @@
 The per-worker loop is wiring only: it streams its own share of the teacher's Parquet parts
 (pipeline.data.teacher_stream) and runs `pipeline.quant.fit.fit` with an all-reduce passed in.
 Rank 0 checkpoints every epoch to the run folder, tagged with the stage key, as arrays and
-JSON (pipeline.checkpoint: nothing read back is unpickled). A worker that starts finds the
-checkpoint of its own key and resumes from it: after a rerun, or after Ray Train restarted the
-workers because one (or its node) was lost. A checkpoint of another key, one that does not
-read as a checkpoint, or any when --from-stage forces training, is set aside before training
-starts.
+JSON (pipeline.checkpoint: nothing read back is unpickled), and at the end writes the best
+student (params.npz) and the training's record (summary.json): the driver reads that record
+and the checkpoint's structure, never the model, so it holds nothing that grows with nlist.
+A worker that starts finds the checkpoint of its own key and resumes from it: after a rerun,
+or after Ray Train restarted the workers because one (or its node) was lost. A checkpoint of
+another key, one that does not read as a checkpoint, or any when --from-stage forces
+training, is set aside before training starts.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from pipeline.distributed.placement import Group, largest_node_cpus, placement
 from pipeline.distributed.tasks import keep_freed_memory, pin_threads
 from pipeline.index import build
 from pipeline.quant.fit import fit
-from pipeline.quant.loop import TrainData
+from pipeline.quant.loop import TrainData, sum_touched_rows
 from pipeline.workflow.results import Taught, Trained
 from pipeline.workflow.stage import Context, Stage
 
@@ -35,10 +37,18 @@ log = logging.getLogger("pipeline.stages.train")
 
 
 CHECKPOINT = "checkpoint.npz"
+PARAMS = "params.npz"
+SUMMARY = "summary.json"  # history, warm_val, best_val, epoch: the Trained result's inputs
 
 
 def _load_state(uri: str) -> dict:
     return checkpoint.loads(storage.read_bytes(uri))
+
+
+def _load_meta(uri: str) -> dict:
+    """The checkpoint's structure (stage key, epoch, history) without its arrays."""
+    with storage.open_ranged(uri) as f:
+        return checkpoint.load_meta(f)
 
 
 def _worker_loop(config: dict) -> None:
@@ -71,10 +81,23 @@ def _worker_loop(config: dict) -> None:
     if state is not None and rank == 0:
         log.info("train: worker starts from the checkpoint after epoch %d", state["epoch"])
 
-    def reduce_grads(grads):
-        if world > 1:
-            for g in grads:
-                dist.all_reduce(g)  # SUM: losses are already divided by the global batch
+    def gather(t):
+        out = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(out, t)
+        return out
+
+    def reduce_grads(grads, row_sparse):
+        """SUM (losses are already divided by the global batch); returns the numbers sent."""
+        if world == 1:
+            return 0
+        sent = 0
+        for g, sparse in zip(grads, row_sparse):
+            if sparse:
+                sent += sum_touched_rows(g, gather, dist.all_reduce)
+            else:
+                dist.all_reduce(g)
+                sent += g.numel()
+        return sent
 
     epochs_here = []  # epochs this process trained (a restarted worker trains the rest)
 
@@ -89,7 +112,11 @@ def _worker_loop(config: dict) -> None:
         ray.train.report({k: v for k, v in metrics.items() if not isinstance(v, list)})
 
     keep_freed_memory()  # this training process keeps its peak anyway: no re-faulting
-    fit(params, data, val, ctx.cfg, rank, world, reduce_grads, state, on_epoch, device)
+    state = fit(params, data, val, ctx.cfg, rank, world, reduce_grads, state, on_epoch, device)
+    if rank == 0:
+        storage.save_npz(ctx.path(PARAMS), **state["best"].arrays())
+        storage.write_json(ctx.path(SUMMARY), {k: state[k] for k in
+                                               ("epoch", "warm_val", "best_val", "history")})
     storage.write_json(ctx.path("reads", f"rank-{rank}.json"),
                        {"bytes": data.bytes_read, "rows": data.rows_read,
                         "total_rows": data.parts.rows, "epochs": len(epochs_here)})
@@ -102,7 +129,9 @@ def _resumable(ctx: Context, ckpt_uri: str) -> bool:
     if not storage.exists(ckpt_uri):
         return False
     try:
-        state, why = _load_state(ckpt_uri), "written under other settings"
+        state, why = _load_meta(ckpt_uri), "written under other settings"
+        if not isinstance(state, dict):
+            raise ValueError("not a training state")
     except ValueError as e:
         state, why = {}, f"unreadable: {e}"
     key = state.get("stage_key")
@@ -126,7 +155,8 @@ def run(ctx: Context) -> Trained:
     t0 = time.time()
     ckpt_uri = ctx.path(CHECKPOINT)
     _resumable(ctx, ckpt_uri)  # sets a checkpoint of other settings aside
-    storage.delete(ctx.path("reads"))
+    for stale in ("reads", PARAMS, SUMMARY):  # this training writes them anew
+        storage.delete(ctx.path(stale))
     fs, path = storage.pyarrow_fs(ctx.path("ray"))
     trainer = TorchTrainer(
         _worker_loop,
@@ -143,9 +173,8 @@ def run(ctx: Context) -> Trained:
                              worker_runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "1"}}),
     )
     trainer.fit()
-    assert storage.exists(ckpt_uri), "every epoch writes a checkpoint, and epochs >= 1"
-    state = _load_state(ckpt_uri)
-    storage.save_npz(ctx.path("params.npz"), **state["best"].arrays())
+    assert storage.exists(ctx.path(SUMMARY)), "rank 0 writes it when training ends"
+    state = storage.read_json(ctx.path(SUMMARY))
     secs = time.time() - t0
     improved = state["best_val"] > state["warm_val"]
     log.info("train: %d epochs in %.1fs; validation recall %.4f -> %.4f%s", state["epoch"], secs,
