@@ -303,6 +303,27 @@ def test_centroid_gradient_is_summed_as_the_rows_a_step_touched(setup, nlist):
         torch.testing.assert_close(g, total)
 
 
+def test_pool_reassignment_is_split_across_workers(setup):
+    """Three workers each assign a third of the pool (counted) and all end with the lists one
+    process computes for the whole pool."""
+    xb, _, trained, _ = setup
+    model, pool = Student(build.extract_params(trained), "ip"), xb[:1000]
+    whole = negatives.pool_lists(model, pool, "cpu")
+    counted = [0, 0, 0]
+
+    def on(r, gather, reduce):
+        share = negatives.Share(r, 3, gather)
+
+        def fn(x):
+            counted[r] += len(x)
+            return negatives.pool_lists(model, x, "cpu")
+        return negatives.shared_rows(fn, pool, share)
+
+    for got in _run_workers(3, on):
+        np.testing.assert_array_equal(got, whole)
+    assert counted == [333, 333, 334]
+
+
 @pytest.mark.parametrize("d,dtype", [(16, np.float32), (64, np.float32), (16, np.float64)])
 def test_unique_rows_groups_exact_copies(d, dtype):
     """Copies are grouped, a row one ulp away from another is not a copy: by the row keys

@@ -172,6 +172,7 @@ class TrainConfig:
     lr_backoff: float = 0.5  # learning-rate factor after a significant fall (1: never)
     backoff_z: float = 2.0  # standard errors a fall must exceed to count (0: any fall)
     max_val_queries: int = 5000  # held-out queries each worker keeps in memory
+    val_pool: int = 100000  # sample vectors each validation encodes and searches (its cost), the first of the sample
     shuffle_buffer: int = 16384  # rows shuffled together, over all streams (0: file order)
     # Worker r of W reads the streams s with s % W == r, and each global batch takes
     # batch_size / streams rows from every stream (pipeline.data.teacher_stream), so results
@@ -193,6 +194,9 @@ class TrainConfig:
         if self.backoff_z < 0:
             raise ValueError(
                 f"train.backoff_z must be >= 0 (0: any fall backs off), got {self.backoff_z}")
+        if self.val_pool < 1000:
+            raise ValueError(f"train.val_pool must be >= 1000 (a validation index needs "
+                             f"vectors to search), got {self.val_pool}")
 
 
 @dataclass(frozen=True)

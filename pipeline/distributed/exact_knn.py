@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +42,7 @@ from pipeline.index.knn import Band, block_topk, finish, merge_topk, pick_device
 log = logging.getLogger("pipeline.exact_knn")
 
 MERGE_FANIN = 32  # worker results merged per task: bounds a merge task's memory
+PROGRESS_EVERY = 30.0  # seconds between a search worker's progress lines
 ATTEMPTS = 3  # tries of the blocks left when a search worker is lost
 
 
@@ -67,7 +69,12 @@ class _Searcher:
         pin_threads(self.threads)
         n = len(q_blocks) // 2
         running = [None] * n
-        for shard in shards:
+        t0 = last = time.time()
+        for i, shard in enumerate(shards):
+            if time.time() - last >= PROGRESS_EVERY:  # a worker's run can take hours
+                last = time.time()
+                log.info("search worker: %d/%d shards searched, %.0fs elapsed, ETA %.0fs", i,
+                         len(shards), last - t0, (last - t0) / i * (len(shards) - i))
             s = Shard(**shard)
             ids, x = readers.read_rows(s.uri, s.start, s.stop, s.id_offset)
             if self.keep:

@@ -37,12 +37,15 @@ def build_student(params: Params, cfg) -> Student:
 
 
 class IndexValidator:
-    """Validation as the product is used: the exported faiss index over the sample pool,
-    searched by held-out queries at nprobe = nlist / 8, against the exact top-k in the pool.
-    Returns each query's recall, so that two students can be compared query by query."""
+    """Validation as the product is used: the exported faiss index over the sample pool (its
+    first `pool_size` vectors, a random subset that bounds each validation's cost however large
+    the sample), searched by held-out queries at nprobe = nlist / 8, against the exact top-k
+    in that pool. Returns each query's recall, so that two students can be compared query by
+    query."""
 
-    def __init__(self, val: TrainData, metric: str, k: int = 10):
-        self.xq, self.pool, self.metric, self.k = val.xq, val.pool, metric, k
+    def __init__(self, val: TrainData, metric: str, k: int = 10, pool_size: int | None = None):
+        self.xq, self.metric, self.k = val.xq, metric, k
+        self.pool = val.pool[:pool_size]
         self.gt = block_topk(val.xq, val.pool, np.arange(len(val.pool)), k, metric)[1]
 
     def __call__(self, model: Student) -> np.ndarray:
@@ -110,13 +113,14 @@ def _check(model: Student, opt, validate, state: dict, cfg, rank: int) -> float:
 
 def fit(params: Params, data: TrainData, val: TrainData, pcfg,
         rank: int = 0, world: int = 1, reduce_grads=lambda grads, row_sparse: None,
-        state: dict | None = None, on_epoch=None, device: str = "cpu") -> dict:
+        state: dict | None = None, on_epoch=None, device: str = "cpu", gather=None) -> dict:
     """The training loop of one worker (or of a single process): `pcfg` is the config (or the
     train stage's view of it), of which it reads data, teacher, loss, negatives and train.
     Epochs, validation (train.val_checks times an epoch), keeping the best student and never
     one worse than the warm start. A validation below the best restores the best and backs
     the learning rates off. Every worker validates the same student identically, so all take
-    the same branch. Returns the final state."""
+    the same branch. `reduce_grads` and `gather` combine the workers (loop.train_epoch).
+    Returns the final state."""
     # rank_top 0 means the teacher's contiguous top k, not its whole list: a band of deeper
     # neighbours (teacher.band_*) follows the top k in each list.
     cfg = pcfg.train
@@ -127,7 +131,7 @@ def fit(params: Params, data: TrainData, val: TrainData, pcfg,
     model = build_student(params, pcfg).to(device)
     calibrate(model, data.pool[:4096])
     opt = make_optimizer(model, cfg)
-    validate = IndexValidator(val, pcfg.data.metric)
+    validate = IndexValidator(val, pcfg.data.metric, pool_size=cfg.val_pool)
     state = _start(model, opt, validate, state)
 
     def check() -> float:
@@ -150,7 +154,7 @@ def fit(params: Params, data: TrainData, val: TrainData, pcfg,
             schedule(opt, cfg.lr_schedule, (_epoch * steps + step) / (cfg.epochs * steps))
 
         m = train_epoch(model, opt, data, recipe, epoch, rank, world, reduce_grads, device,
-                        progress, after_step, slot_weights)
+                        progress, after_step, slot_weights, gather)
         m["val_recall"] = check()
         m["seconds"] = time.time() - t0
         m["queries_per_s_per_worker"] = m["queries"] / world / max(m["seconds"], 1e-9)

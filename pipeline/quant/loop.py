@@ -18,7 +18,7 @@ import torch
 
 from pipeline.config import LossConfig, LRSchedule, NegativesConfig, TrainConfig
 from pipeline.quant.model import Student
-from pipeline.quant.negatives import ListNegatives, NegativeSampler
+from pipeline.quant.negatives import ListNegatives, NegativeSampler, Share
 from pipeline.quant.objective import LOSS_TERMS, batch_loss, total_loss
 
 
@@ -118,12 +118,13 @@ def train_epoch(model: Student, opt: torch.optim.Optimizer, data: TrainData,
                 lambda grads, row_sparse: None,
                 device: str = "cpu", log: Callable[[int, int, float], None] | None = None,
                 after_step: Callable[[int, int], None] | None = None,
-                slot_weights: np.ndarray | None = None) -> dict:
+                slot_weights: np.ndarray | None = None, gather=None) -> dict:
     """One pass over data.batches(...) in global batches of train.batch_size, of which this
     worker trains on its own share (B / world queries). `after_step(step, steps)` runs after
     every optimizer step (mid-epoch validation). slot_weights: batch_loss's.
     `reduce_grads(grads, row_sparse)` sums the gradients across workers (row_sparse marks the
-    centroids', see sum_touched_rows) and returns how many numbers it sent.
+    centroids', see sum_touched_rows) and returns how many numbers it sent. `gather(t)`, every
+    worker's tensor t (negatives.Share), splits the pool's re-assignments across the workers.
 
     Returns the per-query average of the loss and of each term ("loss_pq", "loss_ivf", ...)
     over the epoch, "steps", "queries", "step_losses" (the loss of every step) and "sent" (the
@@ -138,9 +139,10 @@ def train_epoch(model: Student, opt: torch.optim.Optimizer, data: TrainData,
     row_sparse = [p is model.centroids for p in params]
     sent = 0
     recon0 = model.recon_scale
-    sampler = NegativeSampler(data.pool, ncfg, cfg.seed)
+    share = Share(rank, world, gather) if gather is not None else Share()
+    sampler = NegativeSampler(data.pool, ncfg, cfg.seed, share)
     sampler.start_epoch(model, device)
-    near = ListNegatives(data.pool, ncfg.per_list, cfg.seed) if ncfg.per_list and \
+    near = ListNegatives(data.pool, ncfg.per_list, cfg.seed, share) if ncfg.per_list and \
         model.spec.ivf and len(data.pool) else None
     if slot_weights is not None:
         slot_weights = torch.as_tensor(slot_weights, dtype=torch.float32, device=device)

@@ -4,12 +4,39 @@ worker holds identically, so all workers draw the same."""
 from __future__ import annotations
 
 import hashlib
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 
 from pipeline.config import NegativesConfig
 from pipeline.quant.model import Student, similarity
+
+
+class Share(NamedTuple):
+    """This worker's place among the data-parallel workers, for work they split: its rank,
+    their number, and gather(t), which returns every worker's tensor t in rank order (all
+    workers call it together). One worker by default."""
+    rank: int = 0
+    world: int = 1
+    gather: Callable[[torch.Tensor], list[torch.Tensor]] | None = None
+
+
+def shared_rows(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, share: Share,
+                device: str = "cpu") -> np.ndarray:
+    """fn(x) for a row-wise fn (one value per row), each worker computing it for its
+    contiguous share of the rows and gathering the others': every worker gets all of it for
+    1 / world of the work."""
+    if share.world == 1:
+        return fn(x)
+    n, world = len(x), share.world
+    bounds = [n * r // world for r in range(world + 1)]
+    mine = fn(x[bounds[share.rank]:bounds[share.rank + 1]])
+    padded = np.zeros(-(-n // world), mine.dtype)  # gathered tensors have one shape
+    padded[:len(mine)] = mine
+    got = share.gather(torch.from_numpy(padded).to(device))
+    return np.concatenate([g.cpu().numpy()[:bounds[r + 1] - bounds[r]]
+                           for r, g in enumerate(got)])
 
 
 class NegativeSampler:
@@ -24,14 +51,15 @@ class NegativeSampler:
       The pool's lists are refreshed at every epoch start; too few fill up with random ones.
     """
 
-    def __init__(self, pool: np.ndarray, cfg: NegativesConfig, seed: int):
-        self.pool, self.cfg, self.seed = pool, cfg, seed
+    def __init__(self, pool: np.ndarray, cfg: NegativesConfig, seed: int,
+                 share: Share = Share()):
+        self.pool, self.cfg, self.seed, self.share = pool, cfg, seed, share
         self.lists = None  # (P,) list of every pool vector, for "ivf"
 
     def start_epoch(self, model: Student, device: str) -> None:
         if self.cfg.sampler != "ivf" or not model.spec.ivf or not self.cfg.corpus:
             return
-        self.lists = _pool_lists(model, self.pool, device)
+        self.lists = pool_lists(model, self.pool, device, self.share)
 
     def draw(self, model: Student, xq: np.ndarray, epoch: int, step: int,
              device: str) -> np.ndarray:
@@ -52,12 +80,17 @@ class NegativeSampler:
 
 
 @torch.no_grad()
-def _pool_lists(model: Student, pool: np.ndarray, device: str) -> np.ndarray:
-    """(P,) the coarse list of every pool vector under the current student."""
+def pool_lists(model: Student, pool: np.ndarray, device: str,
+               share: Share = Share()) -> np.ndarray:
+    """(P,) the coarse list of every pool vector under the current student: P x nlist scores,
+    split across the workers (shared_rows)."""
     R = model.rotation() if model.has_rotation else None
-    return np.concatenate([model.assign(model.rotate(torch.as_tensor(
-        pool[i:i + 8192], dtype=torch.float32, device=device), R)).cpu().numpy()
-        for i in range(0, len(pool), 8192)])
+
+    def assign(x):
+        return np.concatenate([model.assign(model.rotate(torch.as_tensor(
+            x[i:i + 8192], dtype=torch.float32, device=device), R)).cpu().numpy()
+            for i in range(0, len(x), 8192)] or [np.zeros(0, np.int64)])
+    return shared_rows(assign, pool, share, device)
 
 
 class ListNegatives:
@@ -73,7 +106,8 @@ class ListNegatives:
 
     A draw at or above the query's `top`-th neighbour is a copy of one of its top documents
     (or, for a corpus pseudo-query, itself) and is left out (an empty, NaN slot). The pool's
-    lists are re-assigned every REFRESH steps, as the centroids move. Draws depend on
+    lists are re-assigned every REFRESH steps, as the centroids move, each worker assigning
+its share of the pool. Draws depend on
     (seed, epoch, step), the query itself and the model, which every worker holds
     identically: the same queries draw the same vectors on any number of workers."""
 
@@ -81,12 +115,12 @@ class ListNegatives:
     # re-assignment scores the whole pool against every centroid.
     REFRESH = 50
 
-    def __init__(self, pool: np.ndarray, n: int, seed: int):
-        self.pool, self.n, self.seed = pool, n, seed
+    def __init__(self, pool: np.ndarray, n: int, seed: int, share: Share = Share()):
+        self.pool, self.n, self.seed, self.share = pool, n, seed, share
         self.order = self.starts = self.counts = None
 
     def refresh(self, model: Student, device: str) -> None:
-        lists = _pool_lists(model, self.pool, device)
+        lists = pool_lists(model, self.pool, device, self.share)
         self.order = np.argsort(lists, kind="stable")
         self.counts = np.bincount(lists, minlength=model.centroids.shape[0])
         self.starts = np.cumsum(self.counts) - self.counts

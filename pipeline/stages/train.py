@@ -81,7 +81,7 @@ def _worker_loop(config: dict) -> None:
     if state is not None and rank == 0:
         log.info("train: worker starts from the checkpoint after epoch %d", state["epoch"])
 
-    def gather(t):
+    def gather_tensors(t):
         out = [torch.empty_like(t) for _ in range(world)]
         dist.all_gather(out, t)
         return out
@@ -93,7 +93,7 @@ def _worker_loop(config: dict) -> None:
         sent = 0
         for g, sparse in zip(grads, row_sparse):
             if sparse:
-                sent += sum_touched_rows(g, gather, dist.all_reduce)
+                sent += sum_touched_rows(g, gather_tensors, dist.all_reduce)
             else:
                 dist.all_reduce(g)
                 sent += g.numel()
@@ -112,7 +112,8 @@ def _worker_loop(config: dict) -> None:
         ray.train.report({k: v for k, v in metrics.items() if not isinstance(v, list)})
 
     keep_freed_memory()  # this training process keeps its peak anyway: no re-faulting
-    state = fit(params, data, val, ctx.cfg, rank, world, reduce_grads, state, on_epoch, device)
+    state = fit(params, data, val, ctx.cfg, rank, world, reduce_grads, state, on_epoch, device,
+                gather_tensors if world > 1 else None)
     if rank == 0:
         storage.save_npz(ctx.path(PARAMS), **state["best"].arrays())
         storage.write_json(ctx.path(SUMMARY), {k: state[k] for k in
