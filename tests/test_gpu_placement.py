@@ -38,9 +38,10 @@ def test_training_on_gpus_needs_a_cuda_torch(tmp_path, capsys):
 
 def test_tasks_that_hold_data_declare_their_memory(smoke_data, tmp_path):
     """A job on a cluster of its own, its tasks' starts logged by the test watcher of
-    pipeline.events (tests/fault_hooks.py): the sample join, k-means, encode, the part
-    writers, the evaluation's searches and scoring each ran with a Ray `memory` resource of
-    at least BASE_MEMORY, and the encode and part tasks with more (their data)."""
+    pipeline.events (tests/fault_hooks.py): the sample join, k-means, the teacher's search
+    workers, the export, encode, the part writers, the evaluation's searches and scoring each
+    ran with a Ray `memory` resource of at least BASE_MEMORY, and the search workers, encode
+    and part tasks with more (their data)."""
     from pipeline.distributed.placement import BASE_MEMORY
 
     from . import fault_hooks
@@ -63,6 +64,6 @@ def test_tasks_that_hold_data_declare_their_memory(smoke_data, tmp_path):
     assert holders <= set(seen), sorted(seen)
     for name in holders:
         assert min(seen[name]) >= BASE_MEMORY, (name, seen[name])
-    for name in ("_encode_shard", "_write_part"):
+    for name in ("_Searcher.search", "_encode_shard", "_write_part"):
         assert min(seen[name]) > BASE_MEMORY, (name, seen[name])
     assert len(seen["_write_part"]) == 4  # two parts of each of two indexes

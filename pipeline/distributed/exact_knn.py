@@ -35,7 +35,7 @@ from pipeline import storage
 from pipeline.config import RayConfig
 from pipeline.data import readers, teacher_parts
 from pipeline.data.plan import Shard
-from pipeline.distributed.placement import Group, group_nodes, placement
+from pipeline.distributed.placement import Group, group_nodes, memory, placement
 from pipeline.distributed.tasks import pin_threads, wait_all
 from pipeline.index.knn import Band, block_topk, finish, merge_topk, pick_device
 
@@ -301,14 +301,24 @@ def _search(cfg: RayConfig, metric: str, shards: list[dict], blocks: list[dict],
     q_args = [i for i, _ in q_refs] + [x for _, x in q_refs]
     runs = [shards[len(shards) * w // workers:len(shards) * (w + 1) // workers]
             for w in range(workers)]
+    # A worker holds one shard (as read and as float32), the query blocks, and per query a
+    # running result, the shard's and their merge: depth columns of score, row and id.
+    depth = band.depth if band else k
+    queries = sum(blocks[b]["stop"] - blocks[b]["start"] for b in todo)
+    rows = max(sh["stop"] - sh["start"] for sh in shards)
+    need = 8 * rows * d + queries * (4 * d + 8) + 3 * queries * depth * 20
     actors = [_Searcher.options(num_cpus=cpus, num_gpus=gpus, resources=where,
+                                memory=memory(cfg, Group.GPU, need),
                                 scheduling_strategy="SPREAD").remote(
         k, metric, gpus, band, exclude_self, dtype is not None, threads) for _ in runs]
     try:
         per_worker = [a.search.options(num_returns=len(todo) + 1).remote(run, *q_args)
                       for a, run in zip(actors, runs)]
         merged_bytes = [r[-1] for r in per_worker]
-        merge = _merge.options(resources=where)
+        # a merge holds two results of one block and their merge
+        most = max(blocks[b]["stop"] - blocks[b]["start"] for b in todo)
+        merge = _merge.options(resources=where,
+                               memory=memory(cfg, Group.GPU, 3 * most * depth * 20))
         winners = _winners.options(resources=where)
         write = _write_block.options(resources=where)
         writes = []
