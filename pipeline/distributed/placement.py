@@ -58,6 +58,11 @@ def largest_node_cpus(cfg: RayConfig, group: Group) -> int:
     return max(cpus + [1])
 
 
+def largest_node_gpus(cfg: RayConfig, group: Group) -> int:
+    """The most GPUs one alive node of `group` offers (0 without GPUs)."""
+    return max([int(n["Resources"].get("GPU", 0)) for n in group_nodes(cfg, group)] + [0])
+
+
 def largest_node_memory(cfg: RayConfig, group: Group) -> int:
     """The most memory (bytes, Ray's `memory` resource: what tasks may use) one alive node of
     `group` offers."""

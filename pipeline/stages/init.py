@@ -9,7 +9,13 @@ import faiss
 import ray
 
 from pipeline import storage
-from pipeline.distributed.placement import Group, largest_node_cpus, memory, placement
+from pipeline.distributed.placement import (
+    Group,
+    largest_node_cpus,
+    largest_node_gpus,
+    memory,
+    placement,
+)
 from pipeline.distributed.tasks import pin_threads
 from pipeline.index import build, ondisk
 from pipeline.workflow.results import Initialized
@@ -42,8 +48,9 @@ def run(ctx: Context) -> Initialized:
         log.warning("init: %d training vectors for index.nlist=%d, fewer than the 39 per list "
                     "faiss's k-means wants (%d); raise data.train_sample", ingested.sample,
                     cfg.index.nlist, 39 * cfg.index.nlist)
-    # With GPUs configured (ray.gpus_per_task > 0), k-means runs in the GPU group on one GPU
-    # (faiss-gpu); otherwise on every core of the largest node of the CPU group.
+    # With GPUs configured (ray.gpus_per_task > 0), k-means runs in the GPU group on every GPU
+    # of its largest node (faiss-gpu shards the centroids over them); otherwise on every core
+    # of the largest node of the CPU group.
     gpus = cfg.ray.gpus_per_task
     group = Group.GPU if gpus else Group.CPU
     if gpus and not ondisk.gpu_count():
@@ -52,7 +59,8 @@ def run(ctx: Context) -> Initialized:
     # The sample as loaded and as trained on (OPQ rotates a copy), and k-means's assignments.
     need = 3 * 4 * ingested.d * ingested.sample
     task = _train_baseline.options(num_cpus=largest_node_cpus(cfg.ray, group),
-                                   num_gpus=1 if gpus else 0, resources=placement(cfg.ray, group),
+                                   num_gpus=largest_node_gpus(cfg.ray, group) if gpus else 0,
+                                   resources=placement(cfg.ray, group),
                                    memory=memory(cfg.ray, group, need))
     info = ray.get(task.remote(ctx.upstream("ingest", "sample.npz"), ctx.path("baseline.index"),
                                cfg.index, cfg.init, bool(gpus), cfg.data.metric))
