@@ -1,5 +1,6 @@
 """The student model and the training kernel, checked against faiss and against themselves."""
 import dataclasses
+import os
 import threading
 
 import faiss
@@ -322,6 +323,41 @@ def test_pool_reassignment_is_split_across_workers(setup):
     for got in _run_workers(3, on):
         np.testing.assert_array_equal(got, whole)
     assert counted == [333, 333, 334]
+
+
+POOL_LISTS_RSS = """
+import resource, sys
+import numpy as np, torch
+from pipeline.distributed.tasks import keep_freed_memory
+from pipeline.index.params import Params, QuantizerSpec
+from pipeline.quant import negatives
+from pipeline.quant.model import Student
+torch.set_num_threads(1)
+rng = np.random.default_rng(0)
+nlist, d, P = 4096, 16, 200_000
+spec = QuantizerSpec("pq", ivf=True, rotation=False, M=4, nbits=4)
+params = Params(spec, rng.standard_normal((nlist, d)).astype("float32"),
+                rng.standard_normal((4, 16, d // 4)).astype("float32"), None)
+model, pool = Student(params, "ip"), rng.standard_normal((P, d)).astype("float32")
+negatives.pool_lists(model, pool[:1000], "cpu")
+assert keep_freed_memory()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+negatives.pool_lists(model, pool, "cpu")
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) << 10)
+"""
+
+
+def test_pool_assignment_memory_does_not_grow_with_the_pool():
+    """In a training worker's allocator (tasks.keep_freed_memory, one arena), assigning a pool
+    of 200,000 vectors to 4,096 lists takes about one chunk's scores (SCORES_BYTES), not the
+    pool x nlist scores (3.3 GB) that chunk results kept between chunks once cost."""
+    import subprocess
+    import sys
+    env = {**os.environ, "MALLOC_ARENA_MAX": "1"}
+    out = subprocess.run([sys.executable, "-c", POOL_LISTS_RSS], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    grew = int(out.split()[-1])
+    assert grew < 4 * negatives.SCORES_BYTES, f"pool assignment grew the process by {grew} B"
 
 
 @pytest.mark.parametrize("d,dtype", [(16, np.float32), (64, np.float32), (16, np.float64)])

@@ -12,6 +12,9 @@ import torch
 from pipeline.config import NegativesConfig
 from pipeline.quant.model import Student, similarity
 
+# The (rows, nlist) scores of one chunk of the pool when it is assigned to its lists.
+SCORES_BYTES = 64 << 20
+
 
 class Share(NamedTuple):
     """This worker's place among the data-parallel workers, for work they split: its rank,
@@ -85,11 +88,17 @@ def pool_lists(model: Student, pool: np.ndarray, device: str,
     """(P,) the coarse list of every pool vector under the current student: P x nlist scores,
     split across the workers (shared_rows)."""
     R = model.rotation() if model.has_rotation else None
+    rows = max(1, SCORES_BYTES // (4 * model.centroids.shape[0]))
 
     def assign(x):
-        return np.concatenate([model.assign(model.rotate(torch.as_tensor(
-            x[i:i + 8192], dtype=torch.float32, device=device), R)).cpu().numpy()
-            for i in range(0, len(x), 8192)] or [np.zeros(0, np.int64)])
+        # Into one array allocated up front: a training worker serves large temporaries from
+        # its heap (tasks.keep_freed_memory), and results kept between them would split each
+        # freed chunk, so that every chunk's scores took fresh memory.
+        out = np.empty(len(x), np.int64)
+        for i in range(0, len(x), rows):
+            out[i:i + rows] = model.assign(model.rotate(torch.as_tensor(
+                x[i:i + rows], dtype=torch.float32, device=device), R)).cpu().numpy()
+        return out
     return shared_rows(assign, pool, share, device)
 
 
