@@ -56,6 +56,9 @@ class _Searcher:
 
     def __init__(self, k: int, metric: str, gpus: float, band: Band | None,
                  exclude_self: bool, keep_vectors: bool, threads: int):
+        # Its progress lines reach the driver's console through Ray's log forwarding; a worker
+        # process has no logging handler of its own.
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
         self.k, self.metric, self.band, self.threads = k, metric, band, threads
         self.exclude_self, self.keep = exclude_self, keep_vectors
         self.device = pick_device(gpus)
@@ -71,7 +74,7 @@ class _Searcher:
         running = [None] * n
         t0 = last = time.time()
         for i, shard in enumerate(shards):
-            if time.time() - last >= PROGRESS_EVERY:  # a worker's run can take hours
+            if i and time.time() - last >= PROGRESS_EVERY:  # a worker's run can take hours
                 last = time.time()
                 log.info("search worker: %d/%d shards searched, %.0fs elapsed, ETA %.0fs", i,
                          len(shards), last - t0, (last - t0) / i * (len(shards) - i))
