@@ -212,15 +212,12 @@ def search_published(out: str, corpus: str, nq: int, k: int, nprobe: int) -> dic
     from pipeline.index import build
 
     files = sorted(f for f in os.listdir(corpus) if f.endswith(".npy"))
-    per = max(1, nq // len(files))
-    xq, qid, first = [], [], 0
-    for f in files:
-        x = np.load(os.path.join(corpus, f), mmap_mode="r")
-        take = np.arange(0, len(x), max(1, len(x) // per))[:per]
-        xq.append(np.asarray(x[take], dtype=np.float32))
-        qid.append(first + take)
-        first += len(x)
-    xq, qid = np.concatenate(xq)[:nq], np.concatenate(qid)[:nq]
+    xs = [np.load(os.path.join(corpus, f), mmap_mode="r") for f in files]
+    starts = np.cumsum([0] + [len(x) for x in xs])
+    qid = np.linspace(0, starts[-1] - 1, nq).astype(np.int64)
+    where = np.searchsorted(starts, qid, side="right") - 1
+    xq = np.stack([np.asarray(xs[f][i - starts[f]], dtype=np.float32)
+                   for f, i in zip(where, qid)])
     t0 = time.time()
     index = search.open_index(out, tempfile.mkdtemp(prefix="vq-search-"))
     opened = time.time() - t0
