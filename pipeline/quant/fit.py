@@ -46,7 +46,7 @@ class IndexValidator:
     def __init__(self, val: TrainData, metric: str, k: int = 10, pool_size: int | None = None):
         self.xq, self.metric, self.k = val.xq, metric, k
         self.pool = val.pool[:pool_size]
-        self.gt = block_topk(val.xq, val.pool, np.arange(len(val.pool)), k, metric)[1]
+        self.gt = block_topk(val.xq, self.pool, np.arange(len(self.pool)), k, metric)[1]
 
     def __call__(self, model: Student) -> np.ndarray:
         if not len(self.xq):
