@@ -61,16 +61,19 @@ STRUCTURES = {"pq": (False, False, "pq"), "opq": (False, True, "pq"),
               "rq": (False, False, "rq"), "ivf-rq": (True, False, "rq"),
               "ivf-rq-b16": (True, False, "rq"), "ivf-rq-fs": (True, False, "rq"),
               "lsq": (False, False, "lsq"), "ivf-lsq": (True, False, "lsq"),
+              "ivf-lsq-fs": (True, False, "lsq"),
               "ivf-pq-fs": (True, False, "pq"), "ivf-opq-fs": (True, True, "pq")}
 # The additive baselines (faiss's strongest quantizers at a code size), all searched with
 # look-up tables (inner product: no norm bytes; faiss's factory sets them up so). IVF-RQ is
 # trained and encoded greedily (beam 1, as the RQ student trains) or with a beam of 16 (the
 # middle of the 8-32 that faiss users take; its encode cost grows with the beam, and the
-# table's encode column shows it). ivf-rq-fs is faiss's IndexIVFResidualQuantizerFastScan:
-# 4-bit codebooks, M = 2 x bytes, SIMD-scanned with quantized tables.
-ADDITIVE = {"ivf-rq", "ivf-rq-b16", "ivf-rq-fs", "ivf-lsq", "rq", "lsq"}
+# table's encode column shows it). ivf-rq-fs and ivf-lsq-fs are faiss's
+# IndexIVFResidualQuantizerFastScan and IndexIVFLocalSearchQuantizerFastScan: 4-bit codebooks,
+# M = 2 x bytes, SIMD-scanned with quantized tables.
+ADDITIVE = {"ivf-rq", "ivf-rq-b16", "ivf-rq-fs", "ivf-lsq", "ivf-lsq-fs", "rq", "lsq"}
 RQ_BEAM = {"ivf-rq-b16": 16}
-FAISS_ONLY = {"lsq", "ivf-lsq", "ivf-rq-fs"}  # baselines only: no student of their form
+ADDITIVE_FASTSCAN = {"ivf-rq-fs", "ivf-lsq-fs"}
+FAISS_ONLY = {"lsq", "ivf-lsq"} | ADDITIVE_FASTSCAN  # baselines only: no student of their form
 # Fast-scan: 4-bit PQ codes (M = 2 x bytes, by residual), trained as IVF-PQ and searched as
 # faiss IndexIVFPQFastScan (pipeline.index.build.to_fastscan). A distilled fast-scan index is
 # also searched as the plain 4-bit IVF-PQ it was trained as (`-floatlut` rows: float look-up
@@ -258,11 +261,12 @@ def train_faiss(xb: np.ndarray, icfg: IndexConfig, cfg: PipelineConfig, opq_cach
     rng = np.random.default_rng(cfg.data.seed)
     xt = xb[rng.choice(len(xb), min(cfg.data.train_sample, len(xb)), replace=False)]
     metric = cfg.data.metric
-    if icfg.quantizer == "lsq" or name == "ivf-rq-fs":
-        if name == "ivf-rq-fs" and metric != "ip":
-            raise SystemExit("ivf-rq-fs is set up for inner products: with l2 it needs norm "
+    if icfg.quantizer == "lsq" or name in ADDITIVE_FASTSCAN:
+        if name in ADDITIVE_FASTSCAN and metric != "ip":
+            raise SystemExit(f"{name} is set up for inner products: with l2 it needs norm "
                              "bytes, which this benchmark does not count yet")
-        codec = f"RQ{icfg.M}x4fs" if name == "ivf-rq-fs" else f"LSQ{icfg.M}x{icfg.nbits}"
+        codec = f"{icfg.quantizer.upper()}{icfg.M}x4fs" if name in ADDITIVE_FASTSCAN \
+            else f"LSQ{icfg.M}x{icfg.nbits}"
         key = f"IVF{icfg.nlist},{codec}" if icfg.nlist else codec
         index = faiss.index_factory(xb.shape[1], key, build.faiss_metric(metric))
         if icfg.nlist:
@@ -439,7 +443,7 @@ def main(argv=None) -> int:
     for size in sizes:
         for name in dict.fromkeys(baselines + distilled):
             has_ivf, has_opq, quantizer = STRUCTURES[name]
-            nbits = 4 if name in FASTSCAN or name == "ivf-rq-fs" else cfg.index.nbits
+            nbits = 4 if name in FASTSCAN | ADDITIVE_FASTSCAN else cfg.index.nbits
             icfg = dataclasses.replace(cfg.index, M=size * 8 // nbits, nbits=nbits,
                                        opq=has_opq, quantizer=quantizer,
                                        nlist=cfg.index.nlist if has_ivf else 0,
