@@ -265,8 +265,8 @@ def train_faiss(xb: np.ndarray, icfg: IndexConfig, cfg: PipelineConfig, opq_cach
         if name in ADDITIVE_FASTSCAN and metric != "ip":
             raise SystemExit(f"{name} is set up for inner products: with l2 it needs norm "
                              "bytes, which this benchmark does not count yet")
-        codec = f"{icfg.quantizer.upper()}{icfg.M}x4fs" if name in ADDITIVE_FASTSCAN \
-            else f"LSQ{icfg.M}x{icfg.nbits}"
+        codec = f"{icfg.quantizer.upper()}{icfg.M}x{icfg.nbits}" + \
+            ("fs" if name in ADDITIVE_FASTSCAN else "")
         key = f"IVF{icfg.nlist},{codec}" if icfg.nlist else codec
         index = faiss.index_factory(xb.shape[1], key, build.faiss_metric(metric))
         if icfg.nlist:

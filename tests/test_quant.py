@@ -653,3 +653,19 @@ def test_only_a_significant_fall_backs_off():
     assert fit.significant_fall(best, worse, 2.0)
     assert not fit.significant_fall(best, best.copy(), 0.0)
     assert not fit.significant_fall(best, best + 0.1, 2.0)
+
+
+def test_validation_ground_truth_comes_from_the_pool_it_searches():
+    """With `pool_size` smaller than the sample, validation searches an index over the first
+    pool_size vectors, so its exact top-k must come from those same vectors: a validator
+    over a bounded pool agrees with one given only that pool, and its top-k ids stay in it."""
+    rng = np.random.default_rng(5)
+    xb, xq = normalized(rng, 3000, 16), normalized(rng, 200, 16)
+    trained = build.train_baseline(xb, IndexConfig(nlist=8, M=4, nbits=6, opq=False), niter=5)
+    V = knn.block_topk(xq, xb, np.arange(len(xb)), 8, "ip", with_vectors=True)[2]
+    bounded = fit.IndexValidator(loop.TrainData(xq, V, xb), "ip", pool_size=1000)
+    alone = fit.IndexValidator(loop.TrainData(xq, V, xb[:1000]), "ip")
+    assert bounded.gt.max() < 1000
+    np.testing.assert_array_equal(bounded.gt, alone.gt)
+    model = Student(build.extract_params(trained))
+    np.testing.assert_array_equal(bounded(model), alone(model))
