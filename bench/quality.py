@@ -55,7 +55,7 @@ from pipeline.report import TABLE_COLUMNS, format_table  # noqa: E402
 
 log = logging.getLogger("bench.quality")
 
-# structure -> (has IVF, has OPQ rotation, quantizer). "lsq" is a faiss-only baseline.
+# structure -> (has IVF, has OPQ rotation, quantizer).
 STRUCTURES = {"pq": (False, False, "pq"), "opq": (False, True, "pq"),
               "ivf-pq": (True, False, "pq"), "ivf-opq": (True, True, "pq"),
               "rq": (False, False, "rq"), "ivf-rq": (True, False, "rq"),
@@ -73,7 +73,7 @@ STRUCTURES = {"pq": (False, False, "pq"), "opq": (False, True, "pq"),
 ADDITIVE = {"ivf-rq", "ivf-rq-b16", "ivf-rq-fs", "ivf-lsq", "ivf-lsq-fs", "rq", "lsq"}
 RQ_BEAM = {"ivf-rq-b16": 16}
 ADDITIVE_FASTSCAN = {"ivf-rq-fs", "ivf-lsq-fs"}
-FAISS_ONLY = {"lsq", "ivf-lsq"} | ADDITIVE_FASTSCAN  # baselines only: no student of their form
+FAISS_ONLY = ADDITIVE_FASTSCAN  # baselines only: no student of their form
 # Fast-scan: 4-bit PQ codes (M = 2 x bytes, by residual), trained as IVF-PQ and searched as
 # faiss IndexIVFPQFastScan (pipeline.index.build.to_fastscan). A distilled fast-scan index is
 # also searched as the plain 4-bit IVF-PQ it was trained as (`-floatlut` rows: float look-up
@@ -399,7 +399,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--symmetric", action="store_true",
                     help="queries drawn from the corpus (held out of it); no query files")
     ap.add_argument("--baselines", default=None, help=f"faiss structures, from {list(STRUCTURES)}")
-    ap.add_argument("--distilled", default=None, help="distilled structures (no lsq)")
+    ap.add_argument("--distilled", default=None,
+                    help="distilled structures (not the additive fast-scan ones)")
     ap.add_argument("--ablations", action="store_true", help="the ablations (--full runs them)")
     ap.add_argument("--ablation-size", type=int, default=0,
                     help="bytes per vector of the ablations (default: the smallest size)")
@@ -428,7 +429,7 @@ def main(argv=None) -> int:
     distilled = _names(args.distilled, FULL_DISTILLED if args.full else DEFAULT_DISTILLED)
     if FAISS_ONLY & set(distilled):
         raise SystemExit(f"{sorted(FAISS_ONLY & set(distilled))} are faiss baselines only: "
-                         "distil rq, ivf-rq or ivf-rq-b16 instead")
+                         "distil ivf-rq or ivf-lsq instead")
     run_ablations = args.full or args.ablations
     ablation_size = args.ablation_size or min(sizes)
     t0 = time.time()

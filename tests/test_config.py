@@ -49,7 +49,7 @@ def test_with_values_changes_fields_and_checks_them_again():
     ("loss.kind=listmle", "loss.kind"),
     ("negatives.sampler=hard", "negatives.sampler"),
     ("index.quantizer=rq", "index.opq=false"),
-    ("index.quantizer=lsq", "index.quantizer"),
+    ("index.quantizer=lsq", "index.quantizer=lsq takes no OPQ rotation"),
     ("loss.balance_weight=-1", "_weight"),
     ("negatives.per_list=-1", "per_list"),
     ("train.lr_backoff=0", "lr_backoff"),
@@ -67,6 +67,12 @@ def test_with_values_changes_fields_and_checks_them_again():
 def test_bad_config_is_a_clear_error(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, ["data.corpus=/x", "ray.train_workers=2", override])
+
+
+def test_lsq_needs_four_codes():
+    with pytest.raises(ValueError, match="index.M >= 4"):
+        load_config(None, ["data.corpus=/x", "index.quantizer=lsq", "index.opq=false",
+                           "index.M=2"])
 
 
 @pytest.mark.parametrize("overrides", [["train.streams=3"], ["train.batch_size=36"],

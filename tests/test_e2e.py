@@ -81,18 +81,22 @@ def test_rerun_skips_finished_stages(s3_run, caplog):
     assert storage.read_bytes(storage.join(out, "manifest.json")) == before  # no new version
 
 
-def test_local_output_reads_with_plain_read_index(ray_cluster, smoke_data, tmp_path):
-    """The whole job to a local folder with the KDindex-style student: a residual (AQ)
-    quantizer, the ranking loss, IVF-aware negatives and Sinkhorn balancing, trained by one
-    Ray Train worker; plain faiss opens the IVF-RQ index it publishes."""
+@pytest.mark.parametrize("quantizer, M, faiss_type", [
+    ("rq", 3, "IndexIVFResidualQuantizer"), ("lsq", 4, "IndexIVFLocalSearchQuantizer")])
+def test_local_output_reads_with_plain_read_index(ray_cluster, smoke_data, tmp_path, quantizer,
+                                                  M, faiss_type):
+    """The whole job to a local folder with the KDindex-style students: an additive quantizer
+    (residual, or LSQ's joint codes), the ranking loss, IVF-aware negatives and Sinkhorn
+    balancing, trained by one Ray Train worker; plain faiss opens the index it publishes."""
     out = str(tmp_path / "run")
     assert distill.main(job_args(
-        smoke_data, out, "--set", "train.epochs=1", "--set", "index.quantizer=rq",
-        "--set", "index.opq=false", "--set", "index.M=3", "--set", "loss.kind=ranking",
+        smoke_data, out, "--set", "train.epochs=1", "--set", f"index.quantizer={quantizer}",
+        "--set", "index.opq=false", "--set", f"index.M={M}", "--set", "loss.kind=ranking",
         "--set", "negatives.sampler=ivf", "--set", "loss.balance_weight=0.1")) == 0
     manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
     report = json.loads(open(published(out, "report.json")).read())
-    assert {r["method"] for r in report["rows"]} == {"faiss-ivf-rq", "distilled-ivf-rq"}
+    assert {r["method"] for r in report["rows"]} == {f"faiss-ivf-{quantizer}",
+                                                     f"distilled-ivf-{quantizer}"}
     code = ("import faiss, numpy as np, sys; ix = faiss.read_index(sys.argv[1]); "
             "faiss.extract_index_ivf(ix).nprobe = 4; "
             "D, I = ix.search(np.ones((3, 32), 'float32'), 5); "
@@ -100,7 +104,7 @@ def test_local_output_reads_with_plain_read_index(ray_cluster, smoke_data, tmp_p
     res = subprocess.run([sys.executable, "-c", code, os.path.join(out, manifest["index"])],
                          capture_output=True, text=True, cwd="/")
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == ["4000", "True", "IndexIVFResidualQuantizer"]
+    assert res.stdout.split() == ["4000", "True", faiss_type]
 
 
 def test_baseline_on_the_sample_encodes_the_corpus_once(ray_cluster, smoke_data, tmp_path):

@@ -455,9 +455,45 @@ def test_rq_student_scores_like_the_exported_faiss_index(setup, nlist, metric):
     np.testing.assert_array_equal(base.search(xq[:20], 5)[1], I)
 
 
-def test_rq_student_learns_and_exports_the_learned_codebooks(setup):
+@pytest.mark.parametrize("nlist", [16, 0])
+def test_lsq_student_encodes_jointly_as_faiss_decodes(setup, nlist):
+    """The LSQ student's codes: each ICM sweep keeps or lowers every vector's reconstruction
+    error from the greedy codes, the codes lower it on the whole, and faiss's
+    LocalSearchQuantizer of the exported index decodes them to the student's reconstruction
+    (the same codebooks, in the same layout). faiss encodes what is added with its own,
+    stronger search: its error is no higher than the student's."""
+    xb, _, _, _ = setup
+    icfg = IndexConfig(nlist=nlist, M=4, nbits=8, opq=False, quantizer="lsq")
+    params = build.extract_params(build.train_baseline(xb[:3000], icfg, niter=5))
+    assert params.codebooks.shape == (4, 256, 32) and params.spec.kind == "lsq"
+    model = Student(params, "ip")
+    x = torch.as_tensor(xb[:2000])
+    with torch.no_grad():
+        c, r_hat, codes = model.quantize(x)
+        r = x - c
+        errors = []
+        for sweeps in range(4):
+            got = model._icm_codes(r, model.codebooks, sweeps)
+            rec = sum(model.codebooks[m][got[:, m]] for m in range(4))
+            errors.append(((r - rec) ** 2).sum(1))
+    for before, after in zip(errors, errors[1:]):
+        assert (after <= before + 1e-5).all()
+    assert errors[-1].mean() < 0.99 * errors[0].mean()
+    index = build.index_from_params(model.export(), "ip")
+    assert type(index).__name__ == ("IndexIVFLocalSearchQuantizer" if nlist
+                                     else "IndexLocalSearchQuantizer")
+    lsq = build.ivfpq_of(index).lsq if nlist else index.lsq
+    decoded = lsq.decode(codes.numpy().astype(np.uint8))
+    np.testing.assert_allclose(decoded, r_hat.numpy(), rtol=1e-5, atol=1e-5)
+    theirs = lsq.decode(lsq.compute_codes(np.ascontiguousarray(r.numpy())))
+    assert ((r.numpy() - theirs) ** 2).sum(1).mean() <= \
+        ((r - r_hat) ** 2).sum(1).mean().item() * 1.001
+
+
+@pytest.mark.parametrize("quantizer", ["rq", "lsq"])
+def test_additive_student_learns_and_exports_the_learned_codebooks(setup, quantizer):
     xb, xq, _, V = setup
-    icfg = IndexConfig(nlist=16, M=3, nbits=5, opq=False, quantizer="rq")
+    icfg = IndexConfig(nlist=16, M=3, nbits=5, opq=False, quantizer=quantizer)
     params = build.extract_params(build.train_baseline(xb[:3000], icfg, niter=5))
     cfg = loop.Recipe(TrainConfig(batch_size=50, epochs=2), negatives=NegativesConfig(corpus=64),
                       loss=LossConfig(kind="ranking", balance_weight=0.1))
@@ -470,8 +506,8 @@ def test_rq_student_learns_and_exports_the_learned_codebooks(setup):
     out = model.export()
     assert not np.allclose(out.codebooks, params.codebooks)
     index = build.index_from_params(out, "ip")
-    got = faiss.vector_to_array(build.ivfpq_of(index).rq.codebooks)
-    np.testing.assert_array_equal(got, out.codebooks.ravel())
+    aq = getattr(build.ivfpq_of(index), quantizer)
+    np.testing.assert_array_equal(faiss.vector_to_array(aq.codebooks), out.codebooks.ravel())
 
 
 def test_ranking_loss_prefers_the_teacher_order():

@@ -7,7 +7,7 @@ import typing
 
 import yaml
 
-from pipeline.config.modes import Quantizer, coerce
+from pipeline.config.modes import coerce
 from pipeline.config.sections import PipelineConfig
 
 # Keys that an earlier layout of the config had, and where they live now: a config written
@@ -121,12 +121,9 @@ def validate_for_pipeline(cfg: PipelineConfig) -> None:
 
 def validate(cfg: PipelineConfig) -> None:
     """What a config loaded for the pipeline needs beyond its sections' own checks (which ran
-    when they were made): an index with lists, a quantizer the pipeline distils, a corpus.
+    when they were made): an index with lists, a corpus.
     Checks against the data's dimension live in ingest."""
     if cfg.index.nlist < 1:
         raise ValueError("index.nlist must be >= 1: the pipeline builds IVF indexes")
-    if cfg.index.quantizer == Quantizer.LSQ:
-        raise ValueError("index.quantizer=lsq is a faiss baseline of the quality benchmark "
-                         "only (bench/quality.py --baselines lsq); distil pq or rq")
     if not cfg.data.corpus:
         raise ValueError("data.corpus is empty: set it to a local path or s3:// prefix")

@@ -20,7 +20,9 @@ class Metric(_Mode):
 class Quantizer(_Mode):
     PQ = "pq"  # product quantizer (IndexIVFPQ), behind an OPQ rotation if index.opq
     RQ = "rq"  # residual (additive) quantizer of M full-width codebooks (IndexIVFResidualQuantizer)
-    LSQ = "lsq"  # faiss's LocalSearchQuantizer: a benchmark baseline only, never distilled
+    # RQ's codebooks with the M codes picked jointly (IndexIVFLocalSearchQuantizer): better
+    # codes, at about 13 times RQ's encode cost (docs/method.md)
+    LSQ = "lsq"
 
 
 class Coarse(_Mode):

@@ -47,7 +47,7 @@ class IndexConfig:
     M: int = 8  # sub-quantizers (PQ) or stages (RQ); bytes per vector = M * nbits / 8
     nbits: int = 8  # bits per code; 4 with M = 2 x bytes for fast-scan
     opq: bool = True  # learn (and distil) an OPQ rotation in front of the PQ
-    quantizer: Quantizer = Quantizer.PQ  # pq (IVF-PQ / IVF-OPQ) or rq (KDindex's additive student; no OPQ)
+    quantizer: Quantizer = Quantizer.PQ  # pq (IVF-PQ / IVF-OPQ), rq or lsq (KDindex's additive students; no OPQ)
     rq_beam: int = 1  # RQ only: encoding beam width (1: greedy, as the student trains)
     # Encode assigns every corpus vector to a list: d x nlist with a flat quantizer, which at
     # nlist >= 65,536 outweighs the codes' own cost (docs/scale.md).
@@ -58,8 +58,12 @@ class IndexConfig:
         # nlist 0 is a flat index, which the benchmark compares; the pipeline needs lists.
         if self.nbits not in range(1, 17) or self.M < 1 or self.nlist < 0:
             raise ValueError("index.M must be >= 1, index.nlist >= 1 and index.nbits in 1..16")
-        if self.quantizer == Quantizer.RQ and self.opq:
-            raise ValueError("index.quantizer=rq takes no OPQ rotation: set index.opq=false")
+        if self.quantizer != Quantizer.PQ and self.opq:
+            raise ValueError(f"index.quantizer={self.quantizer} takes no OPQ rotation: set "
+                             "index.opq=false")
+        if self.quantizer == Quantizer.LSQ and self.M < 4:
+            raise ValueError("index.quantizer=lsq needs index.M >= 4 (faiss's LSQ encoder "
+                             "perturbs 4 codes at a time); use rq below 4 bytes")
         if self.rq_beam < 1:
             raise ValueError("index.rq_beam must be >= 1 (1 encodes greedily)")
 

@@ -1,7 +1,7 @@
 """faiss index construction: the k-means-trained baseline, and the round trip between a
 faiss index and its learned parameters (pipeline.index.params.Params).
 
-IndexConfig.nlist == 0 asks for a flat PQ/OPQ/RQ structure (benchmarks; the pipeline's on-disk
+IndexConfig.nlist == 0 asks for a flat PQ/OPQ/RQ/LSQ structure (benchmarks; the pipeline's on-disk
 index always has IVF).
 """
 from __future__ import annotations
@@ -11,6 +11,9 @@ import numpy as np
 
 from pipeline.config import Coarse, IndexConfig, Kmeans, Quantizer
 from pipeline.index.params import Params, QuantizerSpec
+
+# the flat (list-less) forms of the codecs
+FLAT_CODECS = (faiss.IndexPQ, faiss.IndexResidualQuantizer, faiss.IndexLocalSearchQuantizer)
 
 
 def faiss_metric(metric: str) -> int:
@@ -33,13 +36,13 @@ def check_shape(cfg: IndexConfig, d: int, n_train: int) -> None:
 
 
 def ivfpq_of(index):
-    """The IndexIVFPQ or IndexIVFResidualQuantizer inside `index` (which may sit behind a
-    pre-transform)."""
+    """The IndexIVFPQ, IndexIVFResidualQuantizer or IndexIVFLocalSearchQuantizer inside `index`
+    (which may sit behind a pre-transform)."""
     return faiss.downcast_index(faiss.extract_index_ivf(index))
 
 
 def _codec(cfg: IndexConfig) -> str:
-    return f"{'RQ' if cfg.quantizer == 'rq' else 'PQ'}{cfg.M}x{cfg.nbits}"
+    return f"{str(cfg.quantizer).upper()}{cfg.M}x{cfg.nbits}"
 
 
 def train_baseline(xt: np.ndarray, cfg: IndexConfig, niter: int = 20, seed: int = 0,
@@ -71,9 +74,11 @@ def train_baseline(xt: np.ndarray, cfg: IndexConfig, niter: int = 20, seed: int 
         # codes approximate the true ones, for polysemous search, which nothing here uses; ADC
         # search is unchanged by it, and it takes most of the warm start's time.
         codec.do_polysemous_training = False
-    if cfg.quantizer == "rq":
+    if cfg.quantizer == Quantizer.RQ:
         codec.rq.max_beam_size = cfg.rq_beam
         codec.rq.cp.seed = seed
+    elif cfg.quantizer == Quantizer.LSQ:
+        codec.lsq.random_seed = seed
     else:
         codec.pq.cp.seed = seed
     xt = np.ascontiguousarray(xt, dtype=np.float32)
@@ -110,9 +115,9 @@ def _inner(index):
 
 
 def extract_params(index) -> Params:
-    """The parameters of a trained faiss index (IVF or flat, PQ or RQ, OPQ or not)."""
+    """The parameters of a trained faiss index (IVF or flat, PQ, RQ or LSQ, OPQ or not)."""
     inner = faiss.downcast_index(_inner(index))
-    flat = isinstance(inner, (faiss.IndexPQ, faiss.IndexResidualQuantizer))
+    flat = isinstance(inner, FLAT_CODECS)
     if flat:
         codec = inner
         centroids = np.zeros((1, inner.d), np.float32)
@@ -124,6 +129,10 @@ def extract_params(index) -> Params:
         rq = codec.rq
         nbits, beam, kind = rq.nbits.at(0), rq.max_beam_size, Quantizer.RQ
         codebooks = faiss.vector_to_array(rq.codebooks).reshape(rq.M, 1 << nbits, rq.d)
+    elif hasattr(codec, "lsq"):
+        lsq = codec.lsq
+        nbits, beam, kind = lsq.nbits.at(0), 1, Quantizer.LSQ
+        codebooks = faiss.vector_to_array(lsq.codebooks).reshape(lsq.M, 1 << nbits, lsq.d)
     else:
         pq = codec.pq
         nbits, beam, kind = pq.nbits, 1, Quantizer.PQ
@@ -137,14 +146,15 @@ def extract_params(index) -> Params:
 
 
 def index_from_params(params: Params, metric: str, coarse: Coarse = Coarse.FLAT):
-    """A trained, empty IndexIVFPQ or IndexIVFResidualQuantizer (or their flat forms) behind
-    an OPQMatrix if a rotation is given; `coarse` is the quantizer over its centroids."""
+    """A trained, empty IndexIVFPQ, IndexIVFResidualQuantizer or IndexIVFLocalSearchQuantizer
+    (or their flat forms) behind an OPQMatrix if a rotation is given; `coarse` is the
+    quantizer over its centroids."""
     spec, C = params.spec, params.centroids
     nlist, d = C.shape
     M, nbits = spec.M, spec.nbits
     codebooks = np.ascontiguousarray(params.codebooks, dtype=np.float32).ravel()
-    if spec.kind == Quantizer.RQ:
-        ivf = _rq_index(C, codebooks, M, nbits, spec.beam, metric, not spec.ivf, coarse)
+    if spec.kind in (Quantizer.RQ, Quantizer.LSQ):
+        ivf = _additive_index(spec, C, codebooks, metric, coarse)
     elif not spec.ivf:
         ivf = faiss.IndexPQ(d, M, nbits, faiss_metric(metric))
         faiss.copy_array_to_vector(codebooks, ivf.pq.centroids)
@@ -215,26 +225,31 @@ def coarse_quantizer(C: np.ndarray, metric: str, coarse: Coarse = Coarse.FLAT):
     return quantizer
 
 
-def _rq_index(C: np.ndarray, codebooks: np.ndarray, M: int, nbits: int, beam: int,
-              metric: str, flat: bool, coarse: Coarse = Coarse.FLAT):
-    """IndexResidualQuantizer / IndexIVFResidualQuantizer with the given codebooks, searched
-    as faiss's factory sets them up (look-up tables for ip, decoding for l2: no norm bytes)."""
+def _additive_index(spec: QuantizerSpec, C: np.ndarray, codebooks: np.ndarray, metric: str,
+                    coarse: Coarse = Coarse.FLAT):
+    """An RQ or LSQ index, IVF or flat, with the given codebooks, searched as faiss's factory
+    sets them up (look-up tables for ip, decoding for l2: no norm bytes). faiss encodes what
+    is added: RQ greedily or with spec.beam, LSQ with its own ICM search."""
     d = C.shape[1]
+    M, nbits, metric_type = spec.M, spec.nbits, faiss_metric(metric)
     search = faiss.AdditiveQuantizer.ST_LUT_nonorm if metric == "ip" \
         else faiss.AdditiveQuantizer.ST_decompress
-    if flat:
-        index = faiss.IndexResidualQuantizer(d, M, nbits, faiss_metric(metric), search)
+    rq = spec.kind == Quantizer.RQ
+    if not spec.ivf:
+        index = (faiss.IndexResidualQuantizer if rq else faiss.IndexLocalSearchQuantizer)(
+            d, M, nbits, metric_type, search)
     else:
         quantizer = coarse_quantizer(C, metric, coarse)
-        index = faiss.IndexIVFResidualQuantizer(quantizer, d, C.shape[0], M, nbits,
-                                                faiss_metric(metric), search)
+        index = (faiss.IndexIVFResidualQuantizer if rq else faiss.IndexIVFLocalSearchQuantizer)(
+            quantizer, d, C.shape[0], M, nbits, metric_type, search)
         index.own_fields = True
         quantizer.this.disown()
-    rq = index.rq
-    faiss.copy_array_to_vector(codebooks, rq.codebooks)
-    rq.max_beam_size = beam
-    rq.is_trained = True
-    rq.compute_codebook_tables()
+    aq = index.rq if rq else index.lsq
+    faiss.copy_array_to_vector(codebooks, aq.codebooks)
+    if rq:
+        aq.max_beam_size = spec.beam
+    aq.is_trained = True
+    aq.compute_codebook_tables()
     index.is_trained = True
     return index
 
@@ -249,8 +264,7 @@ def opq_matrix(rotation: np.ndarray, M: int) -> faiss.OPQMatrix:
 
 def set_nprobe(index, nprobe: int) -> None:
     """Sets nprobe on an IVF index; a flat PQ index has no lists and ignores it."""
-    if not isinstance(faiss.downcast_index(_inner(index)),
-                      (faiss.IndexPQ, faiss.IndexResidualQuantizer)):
+    if not isinstance(faiss.downcast_index(_inner(index)), FLAT_CODECS):
         faiss.extract_index_ivf(index).nprobe = nprobe
 
 

@@ -18,7 +18,7 @@ from pipeline.config import Quantizer
 @dataclass(frozen=True)
 class QuantizerSpec:
     """What kind of index the parameters make."""
-    kind: Quantizer  # PQ: M sub-quantizers of d/M dims; RQ: M full-width residual stages
+    kind: Quantizer  # PQ: M sub-quantizers of d/M dims; RQ, LSQ: M full-width additive codebooks
     ivf: bool  # an inverted file in front (IVF-PQ / IVF-RQ); False: one flat code space
     rotation: bool  # an OPQ rotation in front of everything
     M: int
@@ -33,7 +33,7 @@ class QuantizerSpec:
 class Params:
     """float32 arrays, all in the rotated space:
       centroids (nlist, d): the IVF lists; a flat index has one zero centroid that never moves
-      codebooks (M, ksub, d / M) for PQ, (M, ksub, d) for RQ: the quantizer of the residual
+      codebooks (M, ksub, d / M) for PQ, (M, ksub, d) for RQ and LSQ: the quantizer of the residual
                 x_rot - centroid
       rotation  (d, d) or None: x_rot = x @ rotation.T (faiss OPQMatrix.A)
     """
@@ -46,8 +46,9 @@ class Params:
         M, ksub, dsub = self.codebooks.shape
         d = self.centroids.shape[1]
         assert (M, ksub) == (self.spec.M, 1 << self.spec.nbits), "codebooks disagree with spec"
-        assert dsub == (d if self.spec.kind == Quantizer.RQ else d // M) and \
-            (self.spec.kind == Quantizer.RQ or M * dsub == d), "codebooks must tile d"
+        additive = self.spec.kind in (Quantizer.RQ, Quantizer.LSQ)
+        assert dsub == (d if additive else d // M) and (additive or M * dsub == d), \
+            "codebooks must tile d"
         assert (self.rotation is not None) == self.spec.rotation, "rotation disagrees with spec"
         assert self.spec.ivf or len(self.centroids) == 1, "a flat index has one centroid"
 

@@ -60,7 +60,7 @@ class TrainData:
 def make_optimizer(model: Student, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Adam over the learned parameters. Codebook and centroid steps are cfg.lr (rq_lr) in
     units of model.step_unit (see calibrate); the rotation's are in radians."""
-    lr = (cfg.rq_lr if model.residual else cfg.lr) * model.step_unit
+    lr = (cfg.rq_lr if model.additive else cfg.lr) * model.step_unit
     # Adam's epsilon scales as 1 / the data's scale, like the gradients it is added to, so
     # that data 128 times larger trains the same (test_training_is_scale_free). It is 1e-8
     # for unit-norm vectors.

@@ -1,5 +1,5 @@
-"""The student: a differentiable IVF + PQ or IVF + RQ (additive) quantizer, optionally behind a
-learned orthogonal rotation.
+"""The student: a differentiable IVF + PQ or IVF + additive (RQ, LSQ) quantizer, optionally
+behind a learned orthogonal rotation.
 
 Knows nothing of distribution or devices: the caller moves it and reduces its gradients.
 
@@ -7,6 +7,9 @@ Shapes: d dimension, nlist coarse centroids, M sub-quantizers of ksub codewords.
 - PQ: codebooks (M, ksub, d / M); sub-vector m of the residual picks a codeword of book m.
 - RQ: codebooks (M, ksub, d); stage m quantizes what stages < m left over, greedily (faiss's
   ResidualQuantizer with a beam of 1), and the reconstruction is the sum of the M codewords.
+- LSQ: RQ's codebooks and reconstruction, but the M codes are chosen jointly, as faiss's
+  LocalSearchQuantizer encodes: from the greedy codes, ICM sweeps re-pick each code with the
+  other M - 1 fixed (each sweep lowers the reconstruction error or keeps it).
 Rotation convention matches faiss's OPQMatrix: x_rot = x @ R.T.
 """
 from __future__ import annotations
@@ -105,6 +108,10 @@ class _PQStraightThrough(torch.autograd.Function):
         return grad_r, grad_B, None
 
 
+# ICM sweeps after the greedy codes when an LSQ student encodes in training (Student._icm_codes)
+ICM_SWEEPS = 3
+
+
 class Student(nn.Module):
     def __init__(self, params: Params, metric: str = "ip", learn_ivf: bool = True,
                  learn_pq: bool = True, learn_rotation: bool = True,
@@ -116,7 +123,9 @@ class Student(nn.Module):
         self.spec = params.spec
         C = torch.as_tensor(np.asarray(params.centroids, dtype=np.float32))
         B = torch.as_tensor(np.asarray(params.codebooks, dtype=np.float32))
-        self.residual = params.spec.kind == Quantizer.RQ
+        # RQ and LSQ: M full-width codebooks whose codewords add up (additive quantizers)
+        self.additive = params.spec.kind in (Quantizer.RQ, Quantizer.LSQ)
+        self.joint = params.spec.kind == Quantizer.LSQ
         # A flat PQ/OPQ/RQ student has one zero centroid that never moves.
         self.centroids = nn.Parameter(C.clone(), requires_grad=learn_ivf and params.spec.ivf)
         self.codebooks = nn.Parameter(B.clone(), requires_grad=learn_pq)
@@ -186,6 +195,29 @@ class Student(nn.Module):
             hard = hard + soft - soft.detach()
         return hard, logits
 
+    def _icm_codes(self, r: torch.Tensor, B: torch.Tensor,
+                   sweeps: int = ICM_SWEEPS) -> torch.Tensor:
+        """Joint codes (n, M) of the residuals r under the additive codebooks B: the greedy
+        (residual) codes, then `sweeps` sweeps that each re-pick code m as the nearest
+        codeword to what the other codes leave over. faiss's LSQ encoder runs the same sweeps
+        from random starts with perturbations (16 x 4 sweeps): stronger and about 20 times
+        the cost; a few sweeps from the greedy start reach most of its gain per step of
+        training, and faiss encodes the index itself (pipeline.index.build)."""
+        with torch.no_grad():
+            B = B.detach()
+            sq = (B * B).sum(-1)  # (M, ksub)
+            codes = torch.empty(r.shape[0], self.M, dtype=torch.int64, device=r.device)
+            left = r.detach().clone()
+            for m in range(self.M):
+                codes[:, m] = (sq[m][None] - 2 * left @ B[m].T).argmin(1)
+                left -= B[m].index_select(0, codes[:, m])
+            for _ in range(sweeps):
+                for m in range(self.M):
+                    left += B[m].index_select(0, codes[:, m])
+                    codes[:, m] = (sq[m][None] - 2 * left @ B[m].T).argmin(1)
+                    left -= B[m].index_select(0, codes[:, m])
+        return codes
+
     def quantize(self, x_rot: torch.Tensor, with_logits: bool = False,
                  lists: torch.Tensor | None = None):
         """(coarse centroid (n, d), quantized residual (n, d), codes (n, M)) and, with
@@ -203,7 +235,23 @@ class Student(nn.Module):
         r = x_rot - c
         B = self.codebooks
         parts, codes, logits = [], [], []
-        if self.residual:
+        if self.joint:
+            codes = self._icm_codes(r, B)
+            hard_all = [B[m].index_select(0, codes[:, m]) for m in range(self.M)]
+            total = torch.stack(hard_all, 0).sum(0)
+            for m in range(self.M):
+                # what code m quantizes once the others are fixed; its soft assignment over
+                # that target carries the gradient, the ICM code is the value
+                left = r - (total - hard_all[m])
+                dist = ((left * left).sum(1, keepdim=True) - 2 * left @ B[m].T
+                        + (B[m] * B[m]).sum(1)[None])
+                hard, logit = self._straight_through(dist, hard_all[m],
+                                                     lambda p, book=B[m]: p @ book)
+                parts.append(hard)
+                logits.append(logit)
+            codes = list(codes.unbind(1))
+            r_hat = torch.stack(parts, 0).sum(0)
+        elif self.additive:
             left = r
             for m in range(self.M):
                 dist = ((left * left).sum(1, keepdim=True) - 2 * left @ B[m].T

@@ -120,8 +120,9 @@ def built_methods(build: BuildConfig) -> list[str]:
 
 def method_names(index: IndexConfig) -> dict:
     """Report names by structure: faiss-ivf-opq / distilled-ivf-opq when a rotation is
-    learned, -ivf-rq for the residual quantizer, -ivf-pq otherwise."""
-    suffix = "ivf-rq" if index.quantizer == "rq" else "ivf-opq" if index.opq else "ivf-pq"
+    learned, -ivf-rq and -ivf-lsq for the additive quantizers, -ivf-pq otherwise."""
+    suffix = f"ivf-{index.quantizer}" if index.quantizer != "pq" else \
+        "ivf-opq" if index.opq else "ivf-pq"
     return {"faiss-ivfpq": f"faiss-{suffix}", "distilled-ivfpq": f"distilled-{suffix}"}
 
 
