@@ -322,7 +322,11 @@ def distill(trained, data: Data, teacher: tuple, cfg: PipelineConfig,
     tr = TrainData(data.xt[n_val:], V[n_val:], pool, labeled)
     val = TrainData(data.xt[:n_val], V[:n_val], pool)
     keep_freed_memory()
-    state = fit(build.extract_params(trained), tr, val, cfg)
+    params = build.extract_params(trained)
+    if params.spec.kind != cfg.index.quantizer:  # an LSQ student from RQ's codebooks
+        params = dataclasses.replace(
+            params, spec=dataclasses.replace(params.spec, kind=cfg.index.quantizer, beam=1))
+    state = fit(params, tr, val, cfg)
     index = build.index_from_params(state["best"], cfg.data.metric)
     return index, time.time() - t0, state
 
@@ -401,6 +405,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--baselines", default=None, help=f"faiss structures, from {list(STRUCTURES)}")
     ap.add_argument("--distilled", default=None,
                     help="distilled structures (not the additive fast-scan ones)")
+    ap.add_argument("--lsq-warm-start", choices=["lsq", "rq"], default="lsq",
+                    help="what a distilled LSQ starts from: faiss's LSQ, or faiss's greedy RQ "
+                         "codebooks (the same form; cheaper to train)")
     ap.add_argument("--ablations", action="store_true", help="the ablations (--full runs them)")
     ap.add_argument("--ablation-size", type=int, default=0,
                     help="bytes per vector of the ablations (default: the smallest size)")
@@ -459,7 +466,12 @@ def main(argv=None) -> int:
             if name not in distilled:
                 continue
             pcfg = dataclasses.replace(cfg, index=icfg)
-            index, dsecs, state = distill(trained, data, teacher, pcfg, labeled)
+            warm = trained
+            if quantizer == "lsq" and args.lsq_warm_start == "rq":
+                warm, rq_secs = train_faiss(data.xb, dataclasses.replace(icfg, quantizer="rq"),
+                                            cfg, opq_cache)
+                log.info("LSQ warm start: faiss-ivf-rq %dB trained in %.0fs", size, rq_secs)
+            index, dsecs, state = distill(warm, data, teacher, pcfg, labeled)
             qps = np.mean([h["queries_per_s_per_worker"] for h in state["history"]])
             rows += evaluate(searched(index), data, cfg.eval.nprobe, {
                 "method": f"distilled-{name}", **base, "train_seconds": dsecs + teacher_s,
