@@ -21,7 +21,7 @@ class Quantizer(_Mode):
     PQ = "pq"  # product quantizer (IndexIVFPQ), behind an OPQ rotation if index.opq
     RQ = "rq"  # residual (additive) quantizer of M full-width codebooks (IndexIVFResidualQuantizer)
     # RQ's codebooks with the M codes picked jointly (IndexIVFLocalSearchQuantizer): better
-    # codes, at about 13 times RQ's encode cost (docs/method.md)
+    # codes, at 10 to 26 times RQ's encode cost (docs/scale.md); index.M >= 4
     LSQ = "lsq"
 
 
