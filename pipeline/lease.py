@@ -101,7 +101,7 @@ class Lease:
 
     def _take_over(self, break_lease: bool, start: float) -> bool:
         """Takes the existing lease when it is dead (or broken); False when it vanished
-        meanwhile (acquire tries the create again)."""
+        meanwhile, or its holder renewed it while this job broke it (acquire tries again)."""
         raw, tag = storage.read_tagged(self.uri, self.timeout)
         if raw is None:
             return False
@@ -124,6 +124,12 @@ class Lease:
         try:
             self.tag = storage.replace_if(self.uri, self._data(), tag, self.timeout)
         except storage.Conflict:
+            if break_lease:
+                # A live holder renews every period, and its renewal may land between the
+                # read and this write: the same holder, so breaking it is tried again.
+                raw, _ = storage.read_tagged(self.uri, self.timeout)
+                if raw is None or json.loads(raw).get("token") == current.get("token"):
+                    return False
             raise LeaseHeld(f"another job took the lease {self.uri} at the same moment; "
                             "rerun to see who holds it") from None
         self._valid_from = start

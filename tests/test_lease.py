@@ -63,6 +63,31 @@ def test_break_lease_takes_a_live_lease_and_the_old_holder_notices(out):
     b.release()
 
 
+def test_break_lease_retries_when_the_holder_renews_meanwhile(out, monkeypatch):
+    """A live holder's renewal that lands between the breaker's read and its conditional
+    write is the same holder: --break-lease tries again and takes the lease, where another
+    job's lease would stop it."""
+    a = lease.Lease(out, ttl_s=60)
+    a.acquire()
+    real = storage.replace_if
+    renewals = []
+
+    def renew_first(uri, data, tag, timeout):
+        if not renewals:  # the holder's renewal wins the race once
+            renewals.append(real(uri, a._data(), a.tag, timeout))
+            a.tag = renewals[-1]
+        return real(uri, data, tag, timeout)
+
+    monkeypatch.setattr(lease.storage, "replace_if", renew_first)
+    b = lease.Lease(out, ttl_s=60)
+    b.acquire(break_lease=True)
+    assert len(renewals) == 1
+    assert json.loads(storage.read_bytes(storage.join(out, lease.LEASE)))["token"] == \
+        b.body["token"]
+    b.release()
+    a.release()
+
+
 def wait_for(path_or_uri: str, proc, timeout: float = 300) -> None:
     t0 = time.time()
     while not storage.exists(path_or_uri):

@@ -493,7 +493,7 @@ def test_lsq_student_encodes_jointly_as_faiss_decodes(setup, nlist):
 @pytest.mark.parametrize("quantizer", ["rq", "lsq"])
 def test_additive_student_learns_and_exports_the_learned_codebooks(setup, quantizer):
     xb, xq, _, V = setup
-    icfg = IndexConfig(nlist=16, M=3, nbits=5, opq=False, quantizer=quantizer)
+    icfg = IndexConfig(nlist=16, M=4, nbits=5, opq=False, quantizer=quantizer)
     params = build.extract_params(build.train_baseline(xb[:3000], icfg, niter=5))
     cfg = loop.Recipe(TrainConfig(batch_size=50, epochs=2), negatives=NegativesConfig(corpus=64),
                       loss=LossConfig(kind="ranking", balance_weight=0.1))
