@@ -447,7 +447,16 @@ def main(argv=None) -> int:
     t1 = time.time()
     teacher = teacher_lists(data, cfg)
     teacher_s = time.time() - t1
-    rows, opq_cache, extra = [], {}, {}
+    rows, opq_cache, extra, trained_by = [], {}, {}, {}
+
+    def trained_once(icfg: IndexConfig, name: str = ""):
+        """train_faiss's (index, seconds), trained once per structure: the LSQ student's RQ
+        warm start is the IVF-RQ baseline when both run."""
+        key = (icfg, name in ADDITIVE_FASTSCAN)
+        if key not in trained_by:
+            trained_by[key] = train_faiss(data.xb, icfg, cfg, opq_cache, name)
+        return trained_by[key]
+
     for size in sizes:
         for name in dict.fromkeys(baselines + distilled):
             has_ivf, has_opq, quantizer = STRUCTURES[name]
@@ -458,7 +467,7 @@ def main(argv=None) -> int:
                                        rq_beam=RQ_BEAM.get(name, cfg.index.rq_beam))
             base = {"bytes_per_vector": size, "nlist": icfg.nlist}
             searched = build.to_fastscan if name in FASTSCAN else (lambda index: index)
-            trained, secs = train_faiss(data.xb, icfg, cfg, opq_cache, name)
+            trained, secs = trained_once(icfg, name)
             log.info("faiss-%s %dB trained in %.0fs", name, size, secs)
             if name in baselines:
                 rows += evaluate(searched(trained), data, cfg.eval.nprobe,
@@ -468,8 +477,7 @@ def main(argv=None) -> int:
             pcfg = dataclasses.replace(cfg, index=icfg)
             warm = trained
             if quantizer == "lsq" and args.lsq_warm_start == "rq":
-                warm, rq_secs = train_faiss(data.xb, dataclasses.replace(icfg, quantizer="rq"),
-                                            cfg, opq_cache)
+                warm, rq_secs = trained_once(dataclasses.replace(icfg, quantizer="rq"))
                 log.info("LSQ warm start: faiss-ivf-rq %dB trained in %.0fs", size, rq_secs)
             index, dsecs, state = distill(warm, data, teacher, pcfg, labeled)
             qps = np.mean([h["queries_per_s_per_worker"] for h in state["history"]])

@@ -24,6 +24,11 @@ class Quantizer(_Mode):
     # codes, at 10 to 26 times RQ's encode cost (docs/scale.md); index.M >= 4
     LSQ = "lsq"
 
+    @property
+    def additive(self) -> bool:
+        """M full-width codebooks whose codewords add up (RQ, LSQ), not sub-vector ones."""
+        return self in (Quantizer.RQ, Quantizer.LSQ)
+
 
 class Coarse(_Mode):
     """The coarse quantizer that assigns a vector (or a query) to its lists."""

@@ -153,7 +153,7 @@ def index_from_params(params: Params, metric: str, coarse: Coarse = Coarse.FLAT)
     nlist, d = C.shape
     M, nbits = spec.M, spec.nbits
     codebooks = np.ascontiguousarray(params.codebooks, dtype=np.float32).ravel()
-    if spec.kind in (Quantizer.RQ, Quantizer.LSQ):
+    if spec.kind.additive:
         ivf = _additive_index(spec, C, codebooks, metric, coarse)
     elif not spec.ivf:
         ivf = faiss.IndexPQ(d, M, nbits, faiss_metric(metric))

@@ -46,7 +46,7 @@ class Params:
         M, ksub, dsub = self.codebooks.shape
         d = self.centroids.shape[1]
         assert (M, ksub) == (self.spec.M, 1 << self.spec.nbits), "codebooks disagree with spec"
-        additive = self.spec.kind in (Quantizer.RQ, Quantizer.LSQ)
+        additive = self.spec.kind.additive
         assert dsub == (d if additive else d // M) and (additive or M * dsub == d), \
             "codebooks must tile d"
         assert (self.rotation is not None) == self.spec.rotation, "rotation disagrees with spec"

@@ -123,8 +123,7 @@ class Student(nn.Module):
         self.spec = params.spec
         C = torch.as_tensor(np.asarray(params.centroids, dtype=np.float32))
         B = torch.as_tensor(np.asarray(params.codebooks, dtype=np.float32))
-        # RQ and LSQ: M full-width codebooks whose codewords add up (additive quantizers)
-        self.additive = params.spec.kind in (Quantizer.RQ, Quantizer.LSQ)
+        self.additive = params.spec.kind.additive
         self.joint = params.spec.kind == Quantizer.LSQ
         # A flat PQ/OPQ/RQ student has one zero centroid that never moves.
         self.centroids = nn.Parameter(C.clone(), requires_grad=learn_ivf and params.spec.ivf)
