@@ -13,7 +13,8 @@ Prints a table, writes JSON (--json) in report.json's row schema plus `train_sec
 `codes_scanned_per_query` and `qps_1thread` (the search cost, measured in the same run: one
 thread, the whole evaluation set, top 100), and a PNG of recall@10 against that QPS, one
 panel per code size (--png): compare methods at equal cost, not only at equal nprobe (learned
-centroids make lists of other sizes).
+centroids make lists of other sizes). The "at equal recall" table does that comparison: for
+each faiss row, the fastest distilled row with no more bytes and no less recall.
 
 ScaNN, the peer, adds rows at every size when it is installed (pip install '.[bench]';
 --no-scann leaves it out): a tree of index.nlist leaves, 4-bit and 8-bit AH codes residual to
@@ -100,6 +101,12 @@ class Data:
     qrels: dict | None
     gt: np.ndarray  # (nq, 100) exact neighbours of xq
     pseudo: bool = False  # the training queries are corpus samples (their own row is no neighbour)
+    xp: np.ndarray | None = None  # corpus samples trained on beside the training queries
+
+    @property
+    def train_queries(self) -> np.ndarray:
+        """Every query trained on: the training queries, then the extra pseudo-queries."""
+        return self.xt if self.xp is None else np.concatenate([self.xt, self.xp])
 
 
 def default_data(cache: str) -> list[str]:
@@ -112,9 +119,12 @@ def default_data(cache: str) -> list[str]:
             f"eval.queries={cache}/eval_queries", f"eval.labels={cache}/labels"]
 
 
-def load(cfg: PipelineConfig, symmetric: bool = False,
-         train_labels: str = "") -> tuple[Data, np.ndarray | None]:
+def load(cfg: PipelineConfig, symmetric: bool = False, train_labels: str = "",
+         extra_pseudo: int = 0) -> tuple[Data, np.ndarray | None]:
     """The benchmark's data, and each training query's labeled document (or None).
+
+    extra_pseudo: as many corpus samples are trained on beside data.train_queries, as
+    pseudo-queries (their own row is no neighbour); validation stays on the training queries.
 
     symmetric: no query set is read. `eval.max_queries` (default 2,000) corpus vectors,
     removed from the corpus, are the eval queries; `data.pseudo_queries` others are the
@@ -141,9 +151,16 @@ def load(cfg: PipelineConfig, symmetric: bool = False,
         qrels = readers.read_labels(cfg.eval.labels) if cfg.eval.labels else None
         if train_labels:
             labeled = labeled_vectors(tids, ids, xb, readers.read_labels(train_labels))
+    pseudo = symmetric or not cfg.data.train_queries
+    xp = None
+    if extra_pseudo:
+        if pseudo or train_labels:
+            raise SystemExit("--extra-pseudo adds corpus samples beside data.train_queries: "
+                             "it needs a training query set, and no --symmetric or "
+                             "--train-labels")
+        xp = xb[rng.choice(len(xb), min(extra_pseudo, len(xb)), replace=False)]
     _, gt, _ = knn.block_topk(xq, xb, ids, 100, cfg.data.metric)
-    return Data(ids, xb, xt, eval_ids, xq, qrels, gt, symmetric or not cfg.data.train_queries), \
-        labeled
+    return Data(ids, xb, xt, eval_ids, xq, qrels, gt, pseudo, xp), labeled
 
 
 def labeled_vectors(tids, ids: np.ndarray, xb: np.ndarray, qrels: dict) -> np.ndarray:
@@ -297,10 +314,17 @@ def teacher_lists(data: Data, cfg: PipelineConfig) -> tuple:
     """(S, I, V) of the training queries, as the pipeline's teacher draws them: the exact top
     teacher.k and, with teacher.band_*, the band of deeper neighbours."""
     band = knn.Band.of(cfg.teacher)
-    return knn.finish(knn.block_topk(data.xt, data.xb, data.ids, cfg.teacher.k,
-                                     cfg.data.metric, True, band=band,
-                                     qids=np.arange(len(data.xt)),
-                                     exclude_self=data.pseudo), band)
+
+    def lists(xq: np.ndarray, first: int, pseudo: bool) -> tuple:
+        return knn.finish(knn.block_topk(xq, data.xb, data.ids, cfg.teacher.k,
+                                         cfg.data.metric, True, band=band,
+                                         qids=first + np.arange(len(xq)),
+                                         exclude_self=pseudo), band)
+
+    out = lists(data.xt, 0, data.pseudo)
+    if data.xp is None:
+        return out
+    return tuple(np.concatenate(pair) for pair in zip(out, lists(data.xp, len(data.xt), True)))
 
 
 def distill(trained, data: Data, teacher: tuple, cfg: PipelineConfig,
@@ -308,7 +332,7 @@ def distill(trained, data: Data, teacher: tuple, cfg: PipelineConfig,
     """Distils a faiss-trained index with the pipeline's kernel; returns (index, secs, state).
     The first queries (teacher.val_fraction) are held out for validation and early stopping."""
     t0 = time.time()
-    V = teacher[2]
+    V, xt = teacher[2], data.train_queries
     n_val = int(round(len(data.xt) * cfg.teacher.val_fraction))
     rng = np.random.default_rng(cfg.data.seed)
     pool = data.xb[rng.choice(len(data.xb), min(cfg.data.train_sample, len(data.xb)),
@@ -319,8 +343,8 @@ def distill(trained, data: Data, teacher: tuple, cfg: PipelineConfig,
         labeled = labeled[n_val:]
     else:
         labeled = None
-    tr = TrainData(data.xt[n_val:], V[n_val:], pool, labeled)
-    val = TrainData(data.xt[:n_val], V[:n_val], pool)
+    tr = TrainData(xt[n_val:], V[n_val:], pool, labeled)
+    val = TrainData(xt[:n_val], V[:n_val], pool)
     keep_freed_memory()
     params = build.extract_params(trained)
     if params.spec.kind != cfg.index.quantizer:  # an LSQ student from RQ's codebooks
@@ -408,6 +432,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lsq-warm-start", choices=["lsq", "rq"], default="lsq",
                     help="what a distilled LSQ starts from: faiss's LSQ, or faiss's greedy RQ "
                          "codebooks (the same form; cheaper to train)")
+    ap.add_argument("--extra-pseudo", type=int, default=0, metavar="N",
+                    help="also train on N corpus samples as pseudo-queries, beside "
+                         "data.train_queries (validation stays on the training queries)")
     ap.add_argument("--ablations", action="store_true", help="the ablations (--full runs them)")
     ap.add_argument("--ablation-size", type=int, default=0,
                     help="bytes per vector of the ablations (default: the smallest size)")
@@ -426,7 +453,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     overrides = list(args.overrides)
     if not any(o.startswith("data.corpus=") for o in overrides):
         overrides = default_data(os.path.join(ROOT, "runs", "bench", "data")) + overrides
@@ -440,9 +467,10 @@ def main(argv=None) -> int:
     run_ablations = args.full or args.ablations
     ablation_size = args.ablation_size or min(sizes)
     t0 = time.time()
-    data, labeled = load(cfg, args.symmetric, args.train_labels)
-    log.info("data: %d x %d corpus, %d training queries, %d eval queries%s (%.0fs)",
-             *data.xb.shape, len(data.xt), len(data.xq),
+    data, labeled = load(cfg, args.symmetric, args.train_labels, args.extra_pseudo)
+    log.info("data: %d x %d corpus, %d training queries (%d more from the corpus), "
+             "%d eval queries%s (%.0fs)", *data.xb.shape, len(data.xt),
+             0 if data.xp is None else len(data.xp), len(data.xq),
              " (symmetric: corpus samples)" if args.symmetric else "", time.time() - t0)
     t1 = time.time()
     teacher = teacher_lists(data, cfg)
@@ -516,6 +544,7 @@ def write_results(args, rows: list[dict], extra: dict) -> None:
     print("\n" + format_table(rows, COLUMNS))
     print_gains(rows)
     print_against_additive(rows)
+    print_at_equal_recall(rows)
     print_training(rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
@@ -569,6 +598,31 @@ def print_against_additive(rows: list[dict]) -> None:
             parts.append(f"{(r[key] / b[key] - 1) * 100:+.1f}% vs {b['method']} "
                          f"(QPS x{r['qps_1thread'] / b['qps_1thread']:.2f})")
         print(f"  {r['method']:<26} {r['bytes_per_vector']:>3}B nprobe {r['nprobe']:>4}: "
+              + ";  ".join(parts))
+
+
+def print_at_equal_recall(rows: list[dict]) -> None:
+    """Each faiss row against the fastest distilled row that has no more bytes per vector and
+    no less recall: the search speed-up at equal quality (recall@10, then recall@100), which
+    compares indexes whose nprobe or code layout differ (fast-scan against 8-bit codes)."""
+    base = [r for r in rows if r["method"].startswith("faiss-")]
+    ours = [r for r in rows if r["method"].startswith("distilled-")]
+    if not base or not ours:
+        return
+    print("\nat equal recall: the fastest distilled row with no more bytes and no less recall "
+          "(which, nprobe, QPS ratio; '-' when none reaches it):")
+    for b in base:
+        parts = []
+        for key, label in (("recall_at_10", "R@10"), ("recall_at_100", "R@100")):
+            good = [r for r in ours if r["bytes_per_vector"] <= b["bytes_per_vector"]
+                    and r[key] >= b[key]]
+            if not good:
+                parts.append(f"{label} {b[key]:.4f}: -")
+                continue
+            r = max(good, key=lambda r: r["qps_1thread"])
+            parts.append(f"{label} {b[key]:.4f}: {r['method']} {r['bytes_per_vector']}B nprobe "
+                         f"{r['nprobe']} x{r['qps_1thread'] / b['qps_1thread']:.2f}")
+        print(f"  {b['method']:<18} {b['bytes_per_vector']:>3}B nprobe {b['nprobe']:>4}: "
               + ";  ".join(parts))
 
 
