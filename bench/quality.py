@@ -449,11 +449,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+def resolve(args: argparse.Namespace) -> tuple[PipelineConfig, list[int], list[str], list[str]]:
+    """The run's config (the shared data unless data.corpus is set), sizes and structures."""
     overrides = list(args.overrides)
     if not any(o.startswith("data.corpus=") for o in overrides):
         overrides = default_data(os.path.join(ROOT, "runs", "bench", "data")) + overrides
@@ -464,6 +461,15 @@ def main(argv=None) -> int:
     if FAISS_ONLY & set(distilled):
         raise SystemExit(f"{sorted(FAISS_ONLY & set(distilled))} are faiss baselines only: "
                          "distil ivf-rq or ivf-lsq instead")
+    return cfg, sizes, baselines, distilled
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    cfg, sizes, baselines, distilled = resolve(args)
     run_ablations = args.full or args.ablations
     ablation_size = args.ablation_size or min(sizes)
     t0 = time.time()
