@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[cpu,dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -33,13 +33,27 @@ lint: install
 
 # The demo: the shared data (or DATA=folder of the same layout) goes onto a local S3 endpoint
 # (127.0.0.1), the job runs on a local Ray cluster, and the published index and report are
-# copied to $(DEMO_OUT). Ray's and faiss's own messages go to $(DEMO_OUT).log.
+# copied to $(DEMO_OUT). Ray's and faiss's own messages go to $(DEMO_OUT).log. A clone without
+# the shared data runs the same job on a seeded synthetic clustered set instead, says so, and
+# copies it to $(DEMO_OUT)-synthetic: its figures show that the pipeline runs, not its gains.
+DEMO_SYNTHETIC ?= --synthetic 30000 --dim 64
 demo: install
-	$(PY) infra/local_s3.py --bucket demo -- sh -c '\
-	  $(PY) jobs/prepare_data.py --source $(DATA) --out s3://demo/debian-minilm && \
+	@if [ -f "$(DATA)/corpus.npy" ]; then \
+	  src="--source $(DATA)"; prefix=s3://demo/debian-minilm; out="$(DEMO_OUT)"; \
+	else \
+	  echo "demo: no shared data at $(DATA) (corpus.npy, queries.npy, train_query_ids.npy,"; \
+	  echo "demo: eval_query_ids.npy); running on a SYNTHETIC clustered set instead"; \
+	  echo "demo: ($(DEMO_SYNTHETIC)). For real data: make demo DATA=folder"; \
+	  src="$(DEMO_SYNTHETIC)"; prefix=s3://demo/synthetic; out="$(DEMO_OUT)-synthetic"; \
+	fi; \
+	$(PY) infra/local_s3.py --bucket demo -- sh -c "\
+	  $(PY) jobs/prepare_data.py $$src --out $$prefix && \
 	  $(PY) jobs/distill.py --config jobs/configs/demo.yaml --output s3://demo/runs/demo \
-	    --log $(DEMO_OUT).log && \
-	  $(PY) jobs/copy_run.py s3://demo/runs/demo $(DEMO_OUT)'
+	    --set data.corpus=$$prefix/corpus --set data.train_queries=$$prefix/train_queries \
+	    --set eval.queries=$$prefix/eval_queries --set eval.labels=$$prefix/labels \
+	    --log $$out.log && \
+	  $(PY) jobs/copy_run.py s3://demo/runs/demo $$out" && \
+	echo "demo: the published version is in $$out; open $$out/versions/*/report.html"
 
 bench: install
 	$(PY) bench/quality.py --json runs/bench/quality.json

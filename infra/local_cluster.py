@@ -99,6 +99,118 @@ def stop_node_process(proc: subprocess.Popen, grace_s: float = 10) -> None:
         proc.wait(timeout=30)
 
 
+# Ray's wheel ships the fake multi-node provider without the defaults file that autoscaler v2
+# fills a cluster config from; this is the part of it the provider reads.
+FAKE_PROVIDER_DEFAULTS = {
+    "cluster_name": "fake_multinode", "max_workers": 8, "upscaling_speed": 1.0,
+    "idle_timeout_minutes": 5, "docker": {}, "auth": {"ssh_user": "ubuntu"},
+    "provider": {"type": "fake_multinode", "use_node_id_as_ip": True,
+                 "disable_node_updaters": True, "disable_launch_config_check": True},
+    "available_node_types": {"ray.head.default": {"resources": {}, "node_config": {},
+                                                  "max_workers": 0}},
+    "head_node_type": "ray.head.default", "file_mounts": {}, "cluster_synced_files": [],
+    "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+    **{k: [] for k in ("initialization_commands", "setup_commands", "head_setup_commands",
+                       "worker_setup_commands", "head_start_ray_commands",
+                       "worker_start_ray_commands")}}
+
+
+def aws_shaped_node_types(cpus: int = 2, gpus: int = 1, max_workers: int = 1) -> dict:
+    """infra/cluster-aws.yaml's worker groups, small: the same custom resources and
+    min_workers, `cpus` CPUs a node, `gpus` logical GPUs on the GPU group's nodes."""
+    import yaml
+
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "cluster-aws.yaml")) as f:
+        aws = yaml.safe_load(f)
+    types = {}
+    for name, t in aws["available_node_types"].items():
+        if name == aws["head_node_type"]:
+            continue
+        resources = {"CPU": cpus, **t["resources"]}
+        if GPU_GROUP in t["resources"]:
+            resources["GPU"] = gpus
+        types[name] = {"resources": resources, "node_config": {},
+                       "min_workers": t.get("min_workers", 0),
+                       "max_workers": min(t.get("max_workers", 1), max_workers)}
+    return types
+
+
+class AutoscalingCluster:
+    """A head with no CPUs and an autoscaler (v2, Ray's fake multi-node provider) that starts
+    worker nodes on this machine as tasks ask for them, from `node_types` (a cluster YAML's
+    available_node_types, minus the head). Unlike ray.cluster_utils.AutoscalingCluster it never
+    runs `ray stop`: it stops only its own processes (its head's process group, and the nodes
+    that run in its temp dir), so it can run beside another cluster on the same machine.
+    `address` is the GCS address RAY_ADDRESS takes; `env` the environment a job needs."""
+
+    def __init__(self, node_types: dict, idle_timeout_minutes: float = 5):
+        import json
+        import time
+
+        from ray.autoscaler._private.fake_multi_node import node_provider
+
+        from infra.local_s3 import free_port
+
+        defaults = os.path.join(os.path.dirname(node_provider.__file__), "example.yaml")
+        if not os.path.exists(defaults):
+            with open(defaults, "w") as f:
+                json.dump(FAKE_PROVIDER_DEFAULTS, f)  # JSON is YAML
+        self.temp_dir = tempfile.mkdtemp(prefix="vq-as-")
+        port = free_port()
+        head_id = node_provider.FAKE_HEAD_NODE_ID
+        config = {**FAKE_PROVIDER_DEFAULTS, "idle_timeout_minutes": idle_timeout_minutes,
+                  "max_workers": sum(t["max_workers"] for t in node_types.values()),
+                  "provider": {**FAKE_PROVIDER_DEFAULTS["provider"], "launch_multiple": True,
+                               "head_node_id": head_id, "gcs_address": f"127.0.0.1:{port}"},
+                  "available_node_types": {**FAKE_PROVIDER_DEFAULTS["available_node_types"],
+                                           **node_types}}
+        path = os.path.join(self.temp_dir, "autoscaling.json")
+        with open(path, "w") as f:
+            json.dump(config, f)
+        self.env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token",
+                    "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                    "RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": head_id,
+                    "RAY_OVERRIDE_NODE_ID_FOR_TESTING": head_id}
+        ports = [f"--{flag}={free_port()}" for flag in (
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+            "metrics-export-port", "ray-client-server-port")]
+        ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+        self.log = os.path.join(self.temp_dir, "head.log")
+        with open(self.log, "w") as out:
+            self.head = subprocess.Popen(
+                [ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=0",
+                 "--node-ip-address=127.0.0.1", f"--autoscaling-config={path}",
+                 "--include-dashboard=false", "--disable-usage-stats",
+                 f"--temp-dir={self.temp_dir}", *ports],
+                env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.address = self.env["RAY_ADDRESS"]
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.head.poll() is not None:
+                raise RuntimeError(f"the autoscaling head stopped: {open(self.log).read()[-3000:]}")
+            if "--block" in open(self.log).read() and _gcs_answers(self.address):
+                return
+            time.sleep(1)
+        raise RuntimeError("the autoscaling head did not come up in 120 s")
+
+    def stop(self) -> None:
+        try:
+            stop_node_process(self.head, grace_s=10)
+        except ProcessLookupError:
+            pass
+        # The nodes the autoscaler started run in the head's temp dir, outside its group.
+        subprocess.run(["pkill", "-KILL", "-f", self.temp_dir], check=False)
+
+
+def _gcs_answers(address: str) -> bool:
+    import socket
+
+    host, port = address.rsplit(":", 1)
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((host, int(port))) == 0
+
+
 def _scratch(root: str, name: str) -> str:
     path = os.path.join(root, name)
     os.makedirs(path, exist_ok=True)

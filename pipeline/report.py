@@ -123,7 +123,8 @@ def _gains(rows: list[dict]) -> list[str]:
             _table(["method", "nprobe", "R@10", "R@100", "MRR@10", "labelR@10"], body)]
 
 
-def render(rows: list[dict], train_info: dict | None, wall_seconds: dict, summary: dict) -> dict:
+def render(rows: list[dict], train_info: dict | None, wall_seconds: dict, summary: dict,
+           devices: dict | None = None) -> dict:
     """Returns {file name: bytes}: report.html plus the PNGs it shows.
 
     summary: {"index": URI, "vectors": n, "bytes_per_vector": b, "config_hash": h}.
@@ -164,8 +165,12 @@ def render(rows: list[dict], train_info: dict | None, wall_seconds: dict, summar
         ]
     parts += ["<h2>Stage seconds</h2>",
               _table(list(wall_seconds), [[float(v) for v in wall_seconds.values()]],
-                     ["{:.1f}"] * len(wall_seconds)),
-              "</body></html>"]
+                     ["{:.1f}"] * len(wall_seconds))]
+    if devices:
+        parts += ["<h2>Where each stage ran</h2>",
+                  _table(["stage", "device; library"], [[s, d] for s, d in devices.items()],
+                         ["", ""])]
+    parts += ["</body></html>"]
     files["report.html"] = "\n".join(parts).encode()
     return files
 
@@ -189,9 +194,10 @@ def format_table(rows: list[dict], columns: dict | None = None) -> str:
 
 
 def report_files(rows: list[dict], train_info: dict | None, wall_seconds: dict,
-                 summary: dict) -> dict:
-    """{file name: bytes}: report.json ({"rows", "wall_seconds"}), report.html and its PNGs."""
-    files = {"report.json": json.dumps({"rows": rows, "wall_seconds": wall_seconds},
-                                       indent=2).encode()}
-    files.update(render(rows, train_info, wall_seconds, summary))
+                 summary: dict, devices: dict | None = None) -> dict:
+    """{file name: bytes}: report.json ({"rows", "wall_seconds", "devices"}), report.html and
+    its PNGs."""
+    files = {"report.json": json.dumps({"rows": rows, "wall_seconds": wall_seconds,
+                                        "devices": devices or {}}, indent=2).encode()}
+    files.update(render(rows, train_info, wall_seconds, summary, devices))
     return files

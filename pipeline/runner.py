@@ -19,7 +19,7 @@ import ray
 
 from pipeline import keys, lease, publish, report, storage
 from pipeline.config import PipelineConfig, validate_for_pipeline
-from pipeline.distributed.placement import check_groups
+from pipeline.distributed.autoscale import ensure_groups
 from pipeline.distributed.tasks import trim_heap
 from pipeline.index import build
 from pipeline.stages import encode, evaluate, ingest, init, teacher, train
@@ -163,7 +163,7 @@ def run_pipeline(cfg: PipelineConfig, output: str, from_stage: str | None = None
         if incremental:
             _check_incremental(cfg, run, plan)
         init_ray(cfg)
-        check_groups(cfg.ray)
+        ensure_groups(cfg.ray)
         arm()
         planned = keys.stage_keys(cfg, GRAPH, plan.inputs)
         seconds, ran = _run_stages(cfg, run, plan, planned, from_stage, incremental, on_stage,
@@ -265,13 +265,15 @@ def _publish(cfg: PipelineConfig, run: Run, rows: list[dict], seconds: dict,
                    else f"index/index.*.index ({merged.parts} parts)", "vectors": n,
                    "bytes_per_vector": build.bytes_per_vector(cfg.index),
                    "config_hash": cfg.hash()}
-        extra.update(report.report_files(rows, train_info, seconds, summary))
+        extra.update(report.report_files(rows, train_info, seconds, summary,
+                                         _devices(run)))
     meta = {
         "counts": {"vectors": n, "shards": len(ingested.shards), "d": ingested.d},
         "parameters": {**cfg.to_dict()["index"],
                        "bytes_per_vector": build.bytes_per_vector(cfg.index)},
         "config_hash": cfg.hash(),
         "stage_seconds": seconds,
+        "devices": _devices(run),
         "open_with": "faiss.read_index(path) for a local output, or "
                      "faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR) after copying a "
                      "part's .index and .ivfdata into one folder; several parts: "
@@ -281,6 +283,16 @@ def _publish(cfg: PipelineConfig, run: Run, rows: list[dict], seconds: dict,
                for m, i in merged.indexes.items()}
     return publish.publish(run.output, indexes, extra, meta, built_from, held,
                            cfg.publish.keep_versions, cfg.publish.grace_seconds, fresh)
+
+
+def _devices(run: Run) -> dict:
+    """{stage: the device and library it ran on}, for the stages that record one."""
+    out = {}
+    for stage in STAGES:
+        result = run.result(BY_NAME[stage]) if run.record(stage) else None
+        if getattr(result, "device", ""):
+            out[stage] = result.device
+    return out
 
 
 def rollback(output: str, version: str, lease_seconds: float, break_lease: bool) -> dict:

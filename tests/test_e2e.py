@@ -10,6 +10,7 @@ import pytest
 from jobs import distill
 from pipeline import storage
 
+from .answers import assert_same_answers
 from .conftest import open_published, published
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -175,7 +176,7 @@ def test_an_index_in_parts_with_fastscan_is_published_and_searched(ray_cluster, 
     for part in parts:
         heap.add_result(*part.search(xq, 10))
     heap.finalize()
-    np.testing.assert_array_equal(whole.search(xq, 10)[1], heap.I)
+    assert_same_answers(whole.search(xq, 10), (heap.D, heap.I))
     assert metrics.overlap_recall(fast.search(xq, 10)[1], heap.I, 10) > 0.9
 
     report = json.loads(open(published(out, "report.json")).read())
@@ -195,11 +196,12 @@ def test_an_index_in_parts_with_fastscan_is_published_and_searched(ray_cluster, 
         res_uri = str(tmp_path / "res.parquet")
         assert search.main(["--index", index, "--queries", str(tmp_path / "xq.npy"), "-k",
                             "10", "--nprobe", "4", "--out", res_uri, *flags]) == 0
-        return np.array(readers._parquet_file(res_uri).read().to_pydict()["id"]).reshape(-1, 10)
+        got = readers._parquet_file(res_uri).read().to_pydict()
+        return (np.array(got["score"]).reshape(-1, 10), np.array(got["id"]).reshape(-1, 10))
 
-    np.testing.assert_array_equal(cli(out), heap.I)
-    np.testing.assert_array_equal(cli(out, "--fastscan"), fast.search(xq, 10)[1])
-    np.testing.assert_array_equal(cli(headers[1]), parts[1].search(xq, 10)[1])
+    assert_same_answers(cli(out), (heap.D, heap.I))
+    assert_same_answers(cli(out, "--fastscan"), fast.search(xq, 10))
+    assert_same_answers(cli(headers[1]), parts[1].search(xq, 10))
 
 
 def test_search_cli_answers_from_s3(s3_run, tmp_path):
@@ -216,7 +218,8 @@ def test_search_cli_answers_from_s3(s3_run, tmp_path):
     assert len(got["id"]) == len(qids) * 5
     index = open_published(out, tmp_path)
     build.set_nprobe(index, 4)
-    np.testing.assert_array_equal(np.array(got["id"]).reshape(-1, 5), index.search(xq, 5)[1])
+    assert_same_answers((np.array(got["score"]).reshape(-1, 5), np.array(got["id"]).reshape(-1, 5)),
+                        index.search(xq, 5))
 
 
 def _download_index(out, tmp_path):

@@ -28,6 +28,7 @@ from pipeline.data import readers
 from pipeline.index import build, ondisk
 
 from . import fault_hooks
+from .answers import assert_same_answers
 from .conftest import open_published
 from .test_e2e import ROOT, job_args
 
@@ -56,19 +57,19 @@ def kill_when(proc: subprocess.Popen, path: str, timeout: float = 300) -> None:
     proc.wait()
 
 
-def search(out: str, xq: np.ndarray, nprobe: int = 8, local_dir=None) -> np.ndarray:
+def search(out: str, xq: np.ndarray, nprobe: int = 8, local_dir=None) -> tuple:
     index = open_published(out, local_dir)
     build.set_nprobe(index, nprobe)
-    return index.search(xq, 20)[1]
+    return index.search(xq, 20)
 
 
-def expected_index(out: str, data: str, xq: np.ndarray) -> np.ndarray:
+def expected_index(out: str, data: str, xq: np.ndarray) -> tuple:
     """What the run's trained index answers when one process encodes the whole corpus."""
     trained = faiss.read_index(storage.join(out, "stages", "export", "trained.index"))
     ids, xb = readers.read_all(f"{data}/corpus", "corpus")
     index = ondisk.encode_shard(trained, ids, xb)
     build.set_nprobe(index, 8)
-    return index.search(xq, 20)[1]
+    return index.search(xq, 20)
 
 
 @pytest.fixture
@@ -194,7 +195,7 @@ def test_s3_endpoint_restart_mid_run(disturbed):
                               *readers.read_all(f"{data}/corpus", "corpus"))
     build.set_nprobe(ref, 8)
     _, xq = readers.read_all(f"{data}/eval_queries", "q")
-    np.testing.assert_array_equal(got.search(xq, 20)[1], ref.search(xq, 20)[1])
+    assert_same_answers(got.search(xq, 20), ref.search(xq, 20))
 
 
 def test_credentials_never_written_or_logged(disturbed):
@@ -270,7 +271,7 @@ def test_job_killed_in_training_resumes_from_checkpoint(smoke_data, eval_x, tmp_
     assert got.keys() == want.keys() and got["spec"] == want["spec"]
     for key in ("centroids", "codebooks", "rotation"):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
-    np.testing.assert_array_equal(search(out, eval_x), expected_index(out, smoke_data, eval_x))
+    assert_same_answers(search(out, eval_x), expected_index(out, smoke_data, eval_x))
 
 
 def test_job_killed_between_stages_skips_finished_ones(smoke_data, eval_x, trained_then_killed,
@@ -290,7 +291,7 @@ def test_job_killed_between_stages_skips_finished_ones(smoke_data, eval_x, train
                if f"stage {s}: skipped (unchanged)" in caplog.text]
     assert skipped == ["ingest", "init", "teacher", "train"], caplog.text[-3000:]
     assert "taking over a live lease (--break-lease)" in caplog.text
-    np.testing.assert_array_equal(search(out, eval_x), expected_index(out, smoke_data, eval_x))
+    assert_same_answers(search(out, eval_x), expected_index(out, smoke_data, eval_x))
 
 
 @pytest.mark.parametrize("damage", ["truncate-parquet", "corrupt-parquet", "truncate-npy"])

@@ -22,6 +22,7 @@ from pipeline.quant import fit, loop, negatives, objective
 from pipeline.quant.losses import ListLosses, sinkhorn_balance, sinkhorn_plan
 from pipeline.quant.model import Student
 
+from .answers import assert_same_answers
 from .conftest import normalized
 
 
@@ -452,7 +453,7 @@ def test_rq_student_scores_like_the_exported_faiss_index(setup, nlist, metric):
     base = faiss.clone_index(trained)
     base.add(xb)
     build.set_nprobe(base, max(nlist, 1))
-    np.testing.assert_array_equal(base.search(xq[:20], 5)[1], I)
+    assert_same_answers(base.search(xq[:20], 5), (D, I), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("nlist", [16, 0])
@@ -705,3 +706,34 @@ def test_validation_ground_truth_comes_from_the_pool_it_searches():
     np.testing.assert_array_equal(bounded.gt, alone.gt)
     model = Student(build.extract_params(trained))
     np.testing.assert_array_equal(bounded(model), alone(model))
+
+
+@pytest.mark.parametrize("quantizer", ["pq", "rq"])
+def test_the_training_kernel_keeps_every_tensor_on_the_models_device(quantizer):
+    """fit on a device (tests/device_double.py: CUDA's rules, kept on the CPU): calibration,
+    the warm-start validation, negatives, steps and checkpoints never hand the model a CPU
+    tensor nor read a device tensor as numpy; and the student it trains is the one the CPU
+    trains (the device changes no arithmetic here)."""
+    from .device_double import DeviceMix, OnDevice
+
+    rng = np.random.default_rng(2)
+    xb, xq = normalized(rng, 2000, 16), normalized(rng, 160, 16)
+    cfg_index = IndexConfig(nlist=8, M=4, nbits=4, opq=quantizer == "pq", quantizer=quantizer)
+    trained = build.train_baseline(xb, cfg_index, niter=4)
+    V = knn.block_topk(xq, xb, np.arange(len(xb)), 8, "ip", with_vectors=True)[2]
+    data, val = loop.TrainData(xq[40:], V[40:], xb), loop.TrainData(xq[:40], V[:40], xb)
+    cfg = load_config(None, ["data.corpus=/x", "train.epochs=1", "train.batch_size=40",
+                             "teacher.k=8", "teacher.band_depth=0", "teacher.band_size=0",
+                             f"index.quantizer={quantizer}", "index.M=4", "index.nbits=4",
+                             f"index.opq={str(quantizer == 'pq').lower()}"])
+    params = build.extract_params(trained)
+    on_cpu = fit.fit(params, data, val, cfg)
+    with OnDevice():
+        on_device = fit.fit(params, data, val, cfg, device=OnDevice.DEVICE)
+    for key in ("centroids", "codebooks"):
+        np.testing.assert_allclose(getattr(on_device["best"], key), getattr(on_cpu["best"], key),
+                                   rtol=0, atol=1e-5, err_msg=key)
+    # the double does catch what a GPU refuses
+    with OnDevice(), pytest.raises(DeviceMix):
+        model = fit.build_student(params, cfg).to(OnDevice.DEVICE)
+        model.coarse_scores(torch.as_tensor(xb[:10]))  # a CPU batch, as calibration had

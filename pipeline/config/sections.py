@@ -251,15 +251,17 @@ class RayConfig:
     train_cpus: int = 1  # CPUs each training worker asks for and computes on (its step, validation and pool assignment)
     train_gpu: bool = False  # one GPU per training worker (needs a CUDA build of torch)
     max_failures: int = 3  # training worker restarts after a lost worker or node; they resume from the last checkpoint
+    node_wait_seconds: float = 900.0  # at start, how long to wait for an autoscaler to start a node of each configured group (then exit 2)
 
     def __post_init__(self):
         if self.gpus_per_task < 0:
             raise ValueError("ray.gpus_per_task must be >= 0 (0 runs teacher and encode on CPUs)")
         if self.train_workers < 1 or self.train_cpus < 1 or self.max_failures < 0 or \
-                self.teacher_workers < 0:
+                self.teacher_workers < 0 or self.node_wait_seconds < 0:
             raise ValueError("ray.train_workers and ray.train_cpus must be >= 1, "
                              "ray.max_failures >= 0 (0: a lost worker fails the job), "
-                             "ray.teacher_workers >= 0 (0 picks them from the cluster)")
+                             "ray.teacher_workers >= 0 (0 picks them from the cluster), "
+                             "ray.node_wait_seconds >= 0")
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,10 @@ from pipeline import storage
 from pipeline.config import RayConfig
 from pipeline.data import readers, teacher_parts
 from pipeline.data.plan import Shard
+from pipeline.distributed.autoscale import autoscaler_runs
 from pipeline.distributed.placement import Group, group_nodes, memory, placement
 from pipeline.distributed.tasks import pin_threads, wait_all
+from pipeline.index import gpu
 from pipeline.index.knn import Band, block_topk, finish, merge_topk, pick_device
 
 log = logging.getLogger("pipeline.exact_knn")
@@ -64,6 +66,13 @@ class _Searcher:
         self.device = pick_device(gpus)
         self.folder = tempfile.mkdtemp(prefix="vq-search-")
         self.held = []  # per shard read: (its ids sorted, their rows, its vectors' file)
+
+    def where(self) -> str:
+        """The device it searches on and the library that does it."""
+        import torch
+
+        return f"{self.device}; " + (gpu.library() if self.device == "cpu" else
+                                     f"torch {torch.__version__}")
 
     def search(self, shards: list[dict], *q_blocks: np.ndarray):
         """Per query block, the top-k (with a band, the partial result) of its queries over
@@ -258,14 +267,14 @@ def distributed_topk(cfg: RayConfig, metric: str, shards: list[dict], blocks: li
     if len(todo) < len(blocks):
         log.info("%s: resuming: %d of %d query blocks already done", what,
                  len(blocks) - len(todo), len(blocks))
-    moved, workers = 0, 0
+    moved, workers, devices = 0, 0, []
     for attempt in range(ATTEMPTS):
         if not todo:
             break
         try:
-            workers, got, moved_now = _search(cfg, metric, shards, blocks, todo, d, k, out_dir,
-                                              names, keys, what, with_vectors, split, band,
-                                              exclude_self)
+            workers, got, moved_now, devices = _search(
+                cfg, metric, shards, blocks, todo, d, k, out_dir, names, keys, what,
+                with_vectors, split, band, exclude_self)
         except ray.exceptions.RayError as e:
             if not _lost_worker(e) or attempt + 1 == ATTEMPTS:
                 raise
@@ -285,19 +294,24 @@ def distributed_topk(cfg: RayConfig, metric: str, shards: list[dict], blocks: li
     out["rows"] = {g: sum(c[g] for c in counts) for g in groups}
     out["spans"] = [c["span"] for c in counts]
     out["object_store_bytes"], out["workers"] = moved, workers
+    out["device"] = ", ".join(sorted(set(devices))) or "nothing left to search"
     return out
 
 
 def _search(cfg: RayConfig, metric: str, shards: list[dict], blocks: list[dict],
             todo: list[int], d: int, k: int, out_dir: str, names: list, keys: list, what: str,
-            with_vectors, split, band, exclude_self) -> tuple[int, dict, int]:
+            with_vectors, split, band, exclude_self) -> tuple[int, dict, int, list]:
     """One pass of search workers over the blocks `todo`: (workers, {block: counts}, bytes
-    moved through the object store)."""
+    moved through the object store, each worker's device)."""
     gpus = cfg.gpus_per_task
     # Exact search is the GPU group's work, like training; the reads, merges and writes go
     # with it, beside the search results they read.
     where = placement(cfg, Group.GPU)
     workers, cpus, threads = search_workers(cfg, len(shards))
+    if not cfg.teacher_workers and autoscaler_runs():
+        log.warning("%s: ray.teacher_workers=0 on an autoscaling cluster: %d search workers, "
+                    "from the GPU group's nodes up now; set ray.teacher_workers to size it",
+                    what, workers)
     dtype = None if not with_vectors else "float16" if with_vectors is True else with_vectors
     read = _read_block.options(resources=where)
     q_refs = [read.remote(blocks[b], d, what) for b in todo]  # [(ids, x)] refs
@@ -315,6 +329,7 @@ def _search(cfg: RayConfig, metric: str, shards: list[dict], blocks: list[dict],
                                 scheduling_strategy="SPREAD").remote(
         k, metric, gpus, band, exclude_self, dtype is not None, threads) for _ in runs]
     try:
+        devices = ray.get([a.where.remote() for a in actors])
         per_worker = [a.search.options(num_returns=len(todo) + 1).remote(run, *q_args)
                       for a, run in zip(actors, runs)]
         merged_bytes = [r[-1] for r in per_worker]
@@ -341,4 +356,4 @@ def _search(cfg: RayConfig, metric: str, shards: list[dict], blocks: list[dict],
             except Exception:  # noqa: BLE001 - a lost worker leaves nothing to close
                 pass
             ray.kill(a)
-    return workers, dict(zip(todo, done)), moved
+    return workers, dict(zip(todo, done)), moved, devices

@@ -1,5 +1,5 @@
 """Where tasks go: node groups told apart by custom resources (ray.gpu_group / ray.cpu_group),
-and the checks that a group can run anything at all."""
+and the size of a group's nodes (pipeline.distributed.autoscale waits for groups at zero)."""
 from __future__ import annotations
 
 from enum import Enum
@@ -36,37 +36,40 @@ def group_nodes(cfg: RayConfig, group: Group) -> list[dict]:
     return [n for n in ray.nodes() if n.get("Alive") and (not name or name in n["Resources"])]
 
 
-def check_groups(cfg: RayConfig) -> None:
-    """Fails at once, naming the setting, when a configured group has no node with CPUs (its
-    tasks would wait forever)."""
-    for group in Group:
-        name = group_resource(cfg, group)
-        if name and not any(n["Resources"].get("CPU", 0) > 0 for n in group_nodes(cfg, group)):
-            offered = sorted({r for n in ray.nodes() if n.get("Alive") for r in n["Resources"]
-                              if r not in ("CPU", "GPU", "memory", "object_store_memory")
-                              and not r.startswith("node:")})
-            raise ValueError(f"ray.{group.value}_group: no alive node with CPUs offers the "
-                             f"resource {name!r} (custom resources offered: "
-                             f"{', '.join(offered) or 'none'}). Give the nodes it in their "
-                             "`resources` (infra/cluster-aws.yaml), or leave it empty.")
+# The largest node seen per group resource ({resource: {"CPU", "GPU", "memory"}}): a group
+# that an autoscaler scaled down between stages keeps the shape its nodes had, so a stage is
+# sized by the group's nodes, not by which of them happen to be up when it starts.
+_seen: dict[str, dict] = {}
+
+
+def remember(cfg: RayConfig, group: Group) -> dict:
+    """The largest node of `group` seen so far, counting the alive ones now."""
+    seen = _seen.setdefault(group_resource(cfg, group), {})
+    for n in group_nodes(cfg, group):
+        for key in ("CPU", "GPU", "memory"):
+            seen[key] = max(seen.get(key, 0), int(n["Resources"].get(key, 0)))
+    return seen
+
+
+def _largest(cfg: RayConfig, group: Group, key: str) -> int:
+    return remember(cfg, group).get(key, 0)
 
 
 def largest_node_cpus(cfg: RayConfig, group: Group) -> int:
-    """The most CPUs one alive node of `group` offers. A task asking for more (the cluster's
-    total, on several nodes) could never be placed, and the job would wait forever."""
-    cpus = [int(n["Resources"].get("CPU", 0)) for n in group_nodes(cfg, group)]
-    return max(cpus + [1])
+    """The most CPUs one node of `group` offers (alive now or seen before). A task asking for
+    more (the cluster's total, on several nodes) could never be placed."""
+    return max(_largest(cfg, group, "CPU"), 1)
 
 
 def largest_node_gpus(cfg: RayConfig, group: Group) -> int:
-    """The most GPUs one alive node of `group` offers (0 without GPUs)."""
-    return max([int(n["Resources"].get("GPU", 0)) for n in group_nodes(cfg, group)] + [0])
+    """The most GPUs one node of `group` offers (0 without GPUs)."""
+    return _largest(cfg, group, "GPU")
 
 
 def largest_node_memory(cfg: RayConfig, group: Group) -> int:
-    """The most memory (bytes, Ray's `memory` resource: what tasks may use) one alive node of
+    """The most memory (bytes, Ray's `memory` resource: what tasks may use) one node of
     `group` offers."""
-    return max([int(n["Resources"].get("memory", 0)) for n in group_nodes(cfg, group)] + [0])
+    return _largest(cfg, group, "memory")
 
 
 # The least a task declares: an interpreter with faiss, torch and numpy loaded.

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 import faiss
 import numpy as np
 
+from pipeline.index import gpu
+
 # With build.fastscan, beside the pair: the same index as IndexIVFPQFastScan, self-contained
 # (faiss holds fast-scan lists in memory only).
 FASTSCAN = "fastscan.index"
@@ -18,24 +20,11 @@ FASTSCAN = "fastscan.index"
 def encode_shard(trained, ids: np.ndarray, x: np.ndarray, use_gpu: bool = False):
     """A copy of the trained empty index holding x under its global ids.
 
-    use_gpu encodes on GPU 0 with faiss-gpu when this faiss has GPUs (the codes are the same
-    up to float rounding ties); otherwise, and with faiss-cpu, on the CPU.
+    use_gpu encodes on GPU 0 where faiss-gpu can hold the index (pipeline.index.gpu: the
+    codes are the same up to float rounding ties); otherwise on the CPU.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
-    ids = ids.astype(np.int64)
-    if use_gpu and gpu_count() > 0:
-        res = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(res, 0, trained)
-        index.add_with_ids(x, ids)
-        return faiss.index_gpu_to_cpu(index)
-    index = faiss.clone_index(trained)
-    index.add_with_ids(x, ids)
-    return index
-
-
-def gpu_count() -> int:
-    """GPUs this faiss can use (0 for faiss-cpu)."""
-    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    return gpu.encode(trained, ids.astype(np.int64), x, use_gpu)[0]
 
 
 def merge_ondisk(trained, shard_paths: list[str], out_dir: str,

@@ -208,6 +208,6 @@ def calibrate(model: Student, x: np.ndarray) -> None:
 @torch.no_grad()
 def reconstruction_error(model: Student, x: np.ndarray) -> float:
     """Mean squared reconstruction error of x (n, d) under the model."""
-    xr = model.rotate(torch.as_tensor(x, dtype=torch.float32))
+    xr = model.rotate(torch.as_tensor(x, dtype=torch.float32, device=model.device))
     c, r_hat, _ = model.quantize(xr)
     return float(((xr - c - r_hat) ** 2).sum(1).mean())

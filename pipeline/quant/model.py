@@ -146,6 +146,11 @@ class Student(nn.Module):
         self.skew = nn.Parameter(torch.zeros(d, d), requires_grad=learn_rot)
 
     @property
+    def device(self) -> torch.device:
+        """Where its parameters are: every tensor it meets must be there too."""
+        return self.codebooks.device
+
+    @property
     def M(self) -> int:
         return self.codebooks.shape[0]
 

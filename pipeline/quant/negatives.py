@@ -139,7 +139,7 @@ its share of the pool. Draws depend on
         """(b, n, d) list negatives of the local queries q (b, d); pos (b, K, d) their
         teacher lists."""
         if self.order is None or step % self.REFRESH == 0:
-            self.refresh(model, q.device.type)
+            self.refresh(model, q.device)
         with torch.no_grad():
             lists = model.assign(model.rotate(q)).cpu().numpy()
             # Each query's draw is keyed by its own bytes, not its place in the batch: where

@@ -21,7 +21,7 @@ from pipeline.data import readers
 from pipeline.data.plan import Shard
 from pipeline.distributed.placement import Group, memory, placement
 from pipeline.distributed.tasks import pin_threads, task_window, wait_all, windowed
-from pipeline.index import build, ondisk
+from pipeline.index import build, gpu, ondisk
 from pipeline.index.params import Params
 from pipeline.workflow.results import (
     Encoded,
@@ -95,11 +95,12 @@ def _load_index(uri: str) -> tuple[str, np.ndarray]:
 
 
 @ray.remote(max_retries=3)
-def _encode_shard(shard: dict, out_dirs: list[str], gpus: float, *trained: np.ndarray) -> list:
+def _encode_shard(shard: dict, out_dirs: list[str], gpus: float, *trained: np.ndarray) -> dict:
     """Reads one shard once and encodes it with each trained index into its out_dir:
     <shard key>.lists (ondisk.write_lists), then done/<shard key>.json. A shard whose marker
     exists in an out_dir is already encoded there (a retry, a resumed run, or an unchanged
-    shard in an incremental rebuild). Returns the vectors encoded per out_dir.
+    shard in an incremental rebuild). Returns {"counts": vectors encoded per out_dir,
+    "device": where it encoded (pipeline.index.gpu.encode; "" when nothing was left to do)}.
 
     trained: the serialized trained indexes (uint8), put in the object store once each and
     shared zero-copy by the tasks of a node."""
@@ -107,13 +108,14 @@ def _encode_shard(shard: dict, out_dirs: list[str], gpus: float, *trained: np.nd
     markers = [storage.join(d, "done", f"{s.key}.json") for d in out_dirs]
     counts = [storage.read_json(m)["ntotal"] if storage.exists(m) else None for m in markers]
     if all(c is not None for c in counts):
-        return counts
+        return {"counts": counts, "device": ""}
     pin_threads()
+    device = ""
     ids, x = readers.read_rows(s.uri, s.start, s.stop, s.id_offset)
     for i, (out_dir, blob) in enumerate(zip(out_dirs, trained)):
         if counts[i] is not None:
             continue
-        index = ondisk.encode_shard(faiss.deserialize_index(blob), ids, x, use_gpu=gpus > 0)
+        index, device = gpu.encode(faiss.deserialize_index(blob), ids, x, use_gpu=gpus > 0)
         events.emit("encode")  # a shard encoded, not yet written
         with storage.scratch("encode") as scratch:
             local = os.path.join(scratch, "shard.lists")
@@ -121,7 +123,7 @@ def _encode_shard(shard: dict, out_dirs: list[str], gpus: float, *trained: np.nd
                 counts[i] = ondisk.write_lists(index, f)
             storage.upload_file(local, storage.join(out_dir, f"{s.key}.lists"))
         storage.write_json(markers[i], {"ntotal": counts[i], "shard": shard})
-    return counts
+    return {"counts": counts, "device": device}
 
 
 def run_encode(ctx: Context) -> Encoded:
@@ -129,9 +131,6 @@ def run_encode(ctx: Context) -> Encoded:
     gpus = ctx.cfg.ray.gpus_per_task
     # Encoding on GPUs runs where the GPUs are: the GPU group's nodes.
     group = Group.GPU if gpus else Group.CPU
-    if gpus and not ondisk.gpu_count():
-        log.warning("encode: ray.gpus_per_task=%s but this faiss has no GPU support "
-                    "(faiss-cpu): encoding on the CPU", gpus)
     methods = built_methods(ctx.cfg.build)
     sizes = [storage.size(_trained(ctx, m)) for m in methods]
     load = [_load_index.options(resources=placement(ctx.cfg.ray, group),
@@ -149,12 +148,15 @@ def run_encode(ctx: Context) -> Encoded:
                                    memory=memory(ctx.cfg.ray, group, need))
     # One task per shard encodes it for every method: the corpus is read once. The driver
     # holds the refs of a window of them, not of every shard.
-    counts = windowed([lambda s=s: encode.remote(s, list(layouts.values()), gpus, *blobs)
-                       for s in ingested.shards], "encode: shards", task_window())
-    totals = {m: sum(c[i] for c in counts) for i, m in enumerate(methods)}
+    done = windowed([lambda s=s: encode.remote(s, list(layouts.values()), gpus, *blobs)
+                     for s in ingested.shards], "encode: shards", task_window())
+    totals = {m: sum(d["counts"][i] for d in done) for i, m in enumerate(methods)}
+    devices = sorted({d["device"] for d in done if d["device"]})
     for m, t in totals.items():
         assert t == ingested.n, f"{m}: encoded {t} vectors, the corpus has {ingested.n}"
-    return Encoded(counts=totals, shards=len(ingested.shards), layouts=layouts)
+    where = f"{', '.join(devices) or 'nothing new to encode'}; {gpu.library()}"
+    log.info("encode: %d shards on %s", len(ingested.shards), where)
+    return Encoded(counts=totals, shards=len(ingested.shards), layouts=layouts, device=where)
 
 
 @ray.remote(max_retries=2)

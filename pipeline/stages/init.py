@@ -17,7 +17,7 @@ from pipeline.distributed.placement import (
     placement,
 )
 from pipeline.distributed.tasks import pin_threads
-from pipeline.index import build, ondisk
+from pipeline.index import build, gpu
 from pipeline.workflow.results import Initialized
 from pipeline.workflow.stage import Context, Stage
 
@@ -37,7 +37,13 @@ def _train_baseline(sample_uri: str, out_uri: str, index_cfg, init_cfg, use_gpu:
         local = os.path.join(scratch, "baseline.index")
         faiss.write_index(index, local)
         storage.upload_file(local, out_uri)
-    return {"train_seconds": time.time() - t0, "n_train": len(xt)}
+    # The node's faiss decides, not the driver's: the head may have no GPU.
+    where = f"cuda ({gpu.gpu_count()} GPUs)" if use_gpu and gpu.gpu_count() else "cpu"
+    if use_gpu and where == "cpu":
+        log.warning("init: GPUs were asked for (ray.gpus_per_task > 0), but this node's faiss "
+                    "sees none (%s): k-means runs on the CPU", gpu.library())
+    return {"train_seconds": time.time() - t0, "n_train": len(xt),
+            "device": f"{where}; {gpu.library()}"}
 
 
 def run(ctx: Context) -> Initialized:
@@ -53,19 +59,20 @@ def run(ctx: Context) -> Initialized:
     # of the largest node of the CPU group.
     gpus = cfg.ray.gpus_per_task
     group = Group.GPU if gpus else Group.CPU
-    if gpus and not ondisk.gpu_count():
-        log.warning("init: ray.gpus_per_task=%s but this faiss has no GPU support "
-                    "(faiss-cpu): k-means runs on the CPU", gpus)
+    most = largest_node_gpus(cfg.ray, group) if gpus else 0
+    if gpus and not most:
+        log.warning("init: ray.gpus_per_task=%s, but no node of the GPU group offers GPUs: "
+                    "k-means runs on the CPU", gpus)
     # The sample as loaded and as trained on (OPQ rotates a copy), and k-means's assignments.
     need = 3 * 4 * ingested.d * ingested.sample
     task = _train_baseline.options(num_cpus=largest_node_cpus(cfg.ray, group),
-                                   num_gpus=largest_node_gpus(cfg.ray, group) if gpus else 0,
+                                   num_gpus=most,
                                    resources=placement(cfg.ray, group),
                                    memory=memory(cfg.ray, group, need))
     info = ray.get(task.remote(ctx.upstream("ingest", "sample.npz"), ctx.path("baseline.index"),
                                cfg.index, cfg.init, bool(gpus), cfg.data.metric))
-    log.info("init: faiss baseline trained on %d vectors in %.1fs", info["n_train"],
-             info["train_seconds"])
+    log.info("init: faiss baseline trained on %d vectors in %.1fs (%s)", info["n_train"],
+             info["train_seconds"], info["device"])
     return Initialized(**info)
 
 

@@ -48,7 +48,8 @@ def run(ctx: Context) -> Taught:
              out["rows"]["train"], out["rows"]["val"])
     # the spans need no keeping: ingest checked the ids
     return Taught(train=out["train"], val=out["val"], rows=out["rows"], queries=n,
-                  workers=out["workers"], object_store_bytes=out["object_store_bytes"])
+                  workers=out["workers"], object_store_bytes=out["object_store_bytes"],
+                  device=out["device"])
 
 
 # teacher 2: pseudo-queries' lists no longer hold the query's own row. 3: typed result.

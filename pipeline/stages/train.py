@@ -60,6 +60,9 @@ def _worker_loop(config: dict) -> None:
     rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
     cfg = ctx.cfg.train
     device = "cuda" if ctx.cfg.ray.train_gpu and torch.cuda.is_available() else "cpu"
+    if ctx.cfg.ray.train_gpu and device == "cpu" and rank == 0:
+        log.warning("train: ray.train_gpu=true, but torch in the training workers sees no "
+                    "CUDA device (a CPU build of torch, or no GPU given): training on the CPU")
     teacher: Taught = ctx.inputs["teacher"]
     pool = storage.load_npz(ctx.upstream("ingest", "sample.npz"))["x"]
 
@@ -120,7 +123,8 @@ def _worker_loop(config: dict) -> None:
                                                ("epoch", "warm_val", "best_val", "history")})
     storage.write_json(ctx.path("reads", f"rank-{rank}.json"),
                        {"bytes": data.bytes_read, "rows": data.rows_read,
-                        "total_rows": data.parts.rows, "epochs": len(epochs_here)})
+                        "total_rows": data.parts.rows, "epochs": len(epochs_here),
+                        "device": f"{device}; torch {torch.__version__}"})
 
 
 def _resumable(ctx: Context, ckpt_uri: str) -> bool:
@@ -186,9 +190,11 @@ def run(ctx: Context) -> Trained:
     shares = [r["rows"] / max(r["total_rows"] * r["epochs"], 1) for r in reads]
     log.info("train: each worker read %s of the training rows per epoch",
              ", ".join(f"{x:.0%}" for x in shares))
+    device = ", ".join(sorted({r.get("device", "") for r in reads}))
+    log.info("train: %d workers on %s", ray_cfg.train_workers, device)
     return Trained(history=state["history"], warm_val=state["warm_val"],
                    best_val=state["best_val"], seconds=secs, worker_read_shares=shares,
-                   worker_read_bytes=[r["bytes"] for r in reads])
+                   worker_read_bytes=[r["bytes"] for r in reads], device=device)
 
 
 # The loss, negatives and optimisation it distils with, the teacher it learns from, the index

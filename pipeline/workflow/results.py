@@ -33,6 +33,7 @@ class Ingested(Plan):
 class Initialized:
     train_seconds: float  # k-means and PQ / OPQ / RQ training
     n_train: int  # vectors it trained on
+    device: str = ""  # where k-means ran, and the faiss that ran it
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Taught:
     queries: int  # training queries taught
     workers: int = 0  # search workers
     object_store_bytes: int = 0  # search results, merges and vectors that moved through it
+    device: str = ""  # where the search workers searched, and with what
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class Trained:
     seconds: float
     worker_read_shares: list  # each worker's share of the rows, per epoch
     worker_read_bytes: list
+    device: str = ""  # where the workers trained, and the torch that did it
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class Encoded:
     counts: dict  # {method: vectors encoded}
     shards: int
     layouts: dict  # {method: folder of its encoded shards}
+    device: str = ""  # where the shards were encoded, and the faiss that did it
 
 
 @dataclass(frozen=True)

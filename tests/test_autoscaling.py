@@ -1,0 +1,56 @@
+"""The job on an autoscaling cluster shaped like infra/cluster-aws.yaml: a head with no CPUs,
+a GPU group (one logical GPU a node) and a CPU group, both at min_workers 0, started by Ray's
+autoscaler (v2, its fake multi-node provider) only as the job asks for them."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from infra import local_cluster
+from pipeline import publish, storage
+
+from .test_e2e import ROOT, job_args
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def autoscaling():
+    c = local_cluster.AutoscalingCluster(local_cluster.aws_shaped_node_types())
+    yield c
+    c.stop()
+
+
+def _job(cluster, args, timeout=900):
+    env = {**cluster.env, "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "jobs/distill.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_job_scales_both_groups_up_from_zero_and_says_where_it_ran(autoscaling,
+                                                                        smoke_data, tmp_path):
+    out = str(tmp_path / "run")
+    res = _job(autoscaling, job_args(smoke_data, out, "--set", "ray.gpus_per_task=1",
+                                     "--set", "ray.node_wait_seconds=300"))
+    text = res.stdout + res.stderr
+    assert res.returncode == 0, text[-4000:]
+    assert "waiting for" in text or "group (gpu_group) is up" in text, text[-3000:]
+    manifest = storage.read_json(os.path.join(out, "manifest.json"))
+    report = json.load(open(os.path.join(out, publish.VERSIONS, manifest["version"],
+                                         "report.json")))
+    devices = report["devices"]
+    # no faiss-gpu and a CPU torch here: every stage says it ran on the CPU, and with what
+    for stage in ("init", "teacher", "train", "encode"):
+        assert devices[stage].startswith("cpu") and "faiss-cpu" in devices[stage], devices
+
+
+def test_a_group_no_node_type_offers_fails_at_once(autoscaling, smoke_data, tmp_path):
+    t0 = time.time()
+    res = _job(autoscaling, job_args(smoke_data, str(tmp_path / "run"), "--set",
+                                     "ray.gpu_group=no_such_group"), timeout=120)
+    assert res.returncode == 2, (res.stdout + res.stderr)[-3000:]
+    assert "ray.gpu_group" in res.stderr and "no node type" in res.stderr, res.stderr[-2000:]
+    assert time.time() - t0 < 30 + 15  # the job's own start (Ray, imports) beside the 30 s
