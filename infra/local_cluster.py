@@ -195,7 +195,7 @@ class AutoscalingCluster:
 
     def stop(self) -> None:
         try:
-            stop_node_process(self.head, grace_s=10)
+            stop_node_process(self.head, grace_s=3)
         except ProcessLookupError:
             pass
         # The nodes the autoscaler started run in the head's temp dir, outside its group.

@@ -54,6 +54,13 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 2 << 30))
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def pin_threads(threads: int | None = None) -> int:
     """Limits faiss/torch/BLAS threads to the CPUs Ray gave this task (OpenMP threads spin
     badly when cores are oversubscribed), and trims the heap an earlier task of this worker
@@ -72,7 +79,10 @@ def pin_threads(threads: int | None = None) -> int:
     if task:
         events.emit("task", task=task, resources=assigned)  # what Ray gave this task
     n = int(assigned.get("CPU", 1)) or 1
-    n = threads or n
+    # Never more threads than cores this process may run on: a local cluster declares at
+    # least 4 CPUs (Train's controller needs a slot), and on 2 cores 4 spinning OpenMP
+    # threads run k-means and the exact search several times slower than 2.
+    n = min(threads or n, _cores())
     faiss.omp_set_num_threads(n)
     torch.set_num_threads(n)
     return n
