@@ -55,3 +55,17 @@ def test_a_group_no_node_type_offers_fails_at_once(autoscaling, smoke_data, tmp_
     assert res.returncode == 2, (res.stdout + res.stderr)[-3000:]
     assert "ray.gpu_group" in res.stderr and "no node type" in res.stderr, res.stderr[-2000:]
     assert time.time() - t0 < 30 + 15  # the job's own start (Ray, imports) beside the 30 s
+
+
+def test_without_an_autoscaler_a_missing_group_fails_at_once(ray_cluster):
+    """The session's cluster has no autoscaler: nothing could start a node of a group that no
+    alive node offers, so the job does not wait for one."""
+    from pipeline.config import RayConfig
+    from pipeline.distributed import autoscale
+
+    assert not autoscale.autoscaler_runs()
+    t0 = time.time()
+    with pytest.raises(ValueError, match=r"ray.cpu_group: .*no autoscaler runs.*'elsewhere'"):
+        autoscale.ensure_groups(RayConfig(gpu_group="gpu_group", cpu_group="elsewhere"))
+    assert time.time() - t0 < 5
+    assert autoscale.ensure_groups(RayConfig(gpu_group="gpu_group", cpu_group="cpu_group")) == {}

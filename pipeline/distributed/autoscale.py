@@ -46,14 +46,22 @@ def _v2_state():
 
 
 def autoscaler_runs() -> bool:
-    """Whether an autoscaler watches this cluster (v1 leaves its status in the GCS's key-value
-    store; v2 reports its state)."""
-    from ray.experimental.internal_kv import _internal_kv_exists
+    """Whether an autoscaler can add nodes to this cluster. Every head runs a monitor that
+    leaves a status in the GCS's key-value store. On a cluster of fixed nodes (`ray start`,
+    a local cluster) its provider is read-only and names each node's type after the node
+    ("node_<id>"); an autoscaler from a cluster config names the config's types. v2 reports
+    its state instead."""
+    import json
+
+    from ray.experimental.internal_kv import _internal_kv_get
 
     try:
-        if _internal_kv_exists("__autoscaling_status"):
+        status = _internal_kv_get("__autoscaling_status")
+        report = json.loads(status).get("autoscaler_report") if status else None
+        types = (report or {}).get("node_type_mapping") or {}
+        if any(t != f"node_{node}" for node, t in types.items()):
             return True
-    except Exception:  # noqa: BLE001 - no key-value store reachable: ask v2
+    except Exception:  # noqa: BLE001 - no key-value store reachable, or no JSON: ask v2
         pass
     return _v2_state() is not None
 
