@@ -72,6 +72,7 @@ class IndexConfig:
 class InitConfig:
     niter: int = 20  # k-means iterations of the coarse quantizer
     opq_niter: int = 50  # OPQ rotation iterations (faiss's default); the demo takes fewer
+    opq_train_points: int = 65536  # sample vectors the OPQ rotation trains on (faiss's default); its cost grows with them
     seed: int = 0  # seed of k-means
     # Flat k-means costs sample x nlist distances per iteration; two-level about
     # sample x 2 sqrt(nlist), which at nlist >= 65,536 on CPUs is the difference between hours

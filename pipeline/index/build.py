@@ -47,13 +47,14 @@ def _codec(cfg: IndexConfig) -> str:
 
 def train_baseline(xt: np.ndarray, cfg: IndexConfig, niter: int = 20, seed: int = 0,
                    use_gpu: bool = False, opq_niter: int = 50, metric: str = "ip",
-                   kmeans: Kmeans = Kmeans.FLAT):
+                   kmeans: Kmeans = Kmeans.FLAT, opq_points: int = 65536):
     """faiss's own k-means IVF + PQ (+ OPQ) trained on xt: the baseline and the warm start.
 
     use_gpu (with faiss-gpu and a GPU): the coarse k-means, the slow step at scale (nlist
     65,536 on a 1M sample), assigns points on every GPU; faiss's algorithm, seed and
     iterations are unchanged. Without GPUs in this faiss it trains on the CPU. opq_niter: the
-    OPQ rotation's alternating iterations (faiss's default 50). metric: data.metric. kmeans:
+    OPQ rotation's alternating iterations (faiss's default 50), opq_points the sample vectors
+    it trains on (faiss's default 65,536). metric: data.metric. kmeans:
     init.kmeans; two-level clusters on the CPU (with GPUs, flat k-means runs there)."""
     d = xt.shape[1]
     key = _codec(cfg)
@@ -83,7 +84,8 @@ def train_baseline(xt: np.ndarray, cfg: IndexConfig, niter: int = 20, seed: int 
         codec.pq.cp.seed = seed
     xt = np.ascontiguousarray(xt, dtype=np.float32)
     if cfg.opq:
-        faiss.downcast_VectorTransform(index.chain.at(0)).niter = opq_niter
+        opq = faiss.downcast_VectorTransform(index.chain.at(0))
+        opq.niter, opq.max_train_points = opq_niter, opq_points
     if cfg.nlist and kmeans == Kmeans.TWO_LEVEL and codec.clustering_index is None:
         _two_level(index, codec, xt, niter, seed, metric)
     index.train(xt)

@@ -32,7 +32,7 @@ def _train_baseline(sample_uri: str, out_uri: str, index_cfg, init_cfg, use_gpu:
     t0 = time.time()
     index = build.train_baseline(xt, index_cfg, niter=init_cfg.niter, seed=init_cfg.seed,
                                  use_gpu=use_gpu, opq_niter=init_cfg.opq_niter, metric=metric,
-                                 kmeans=init_cfg.kmeans)
+                                 kmeans=init_cfg.kmeans, opq_points=init_cfg.opq_train_points)
     with storage.scratch("init") as scratch:
         local = os.path.join(scratch, "baseline.index")
         faiss.write_index(index, local)
