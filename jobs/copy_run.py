@@ -20,6 +20,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline import lease, publish, storage  # noqa: E402
 from pipeline.config import PublishConfig  # noqa: E402
+from pipeline.errors import InputError
 from pipeline.index import ondisk  # noqa: E402
 
 
@@ -28,7 +29,7 @@ def _copy_file(src: str, dst: str, rel: str, want: dict, tmp: str, held) -> None
     storage.download_file(storage.join(src, rel), local)
     got = {"sha256": storage.sha256_file(local), "bytes": os.path.getsize(local)}
     if got != want:
-        raise ValueError(f"{storage.join(src, rel)}: {got} where its manifest gives {want}; "
+        raise InputError(f"{storage.join(src, rel)}: {got} where its manifest gives {want}; "
                          "the source version is damaged")
     held.check(held.timeout)
     storage.upload_file(local, storage.join(dst, rel))
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         manifest = copy_run(args.src, args.dst, args.lease_seconds, args.break_lease)
-    except (ValueError, lease.LeaseHeld) as e:
+    except (InputError, lease.LeaseHeld) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{args.dst}: version {manifest['version']}")

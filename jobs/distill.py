@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline import publish  # noqa: E402
 from pipeline.config import PublishConfig, load_config  # noqa: E402
 from pipeline.console import Console  # noqa: E402
+from pipeline.errors import InputError  # noqa: E402
 from pipeline.lease import LeaseHeld, LeaseLost  # noqa: E402
 from pipeline.report import format_table  # noqa: E402
 from pipeline.runner import STAGES, Interrupted, rollback, run_pipeline  # noqa: E402
@@ -127,7 +128,7 @@ def _exit_now(code: int, console: Console | None) -> None:
 def _run(args, exit_on_interrupt: bool, console: Console | None) -> int:
     try:
         _execute(args)
-    except ValueError as e:  # the input, the config or the arguments: the message says the fix
+    except InputError as e:  # the input, the config or the arguments: the message says the fix
         print(f"error: {e}", file=sys.stderr)
         return 2
     except LeaseHeld as e:

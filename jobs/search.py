@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline import publish, storage  # noqa: E402
 from pipeline.data import readers  # noqa: E402
+from pipeline.errors import InputError
 from pipeline.index import build, ondisk  # noqa: E402
 
 
@@ -47,7 +48,7 @@ def index_files(uri: str) -> tuple[str, list[str], list[str]]:
     headers = [n for n in names if ondisk.HEADER_RE.match(n)]
     if headers:
         return uri, headers, [n for n in names if ondisk.FASTSCAN_RE.match(n)]
-    raise ValueError(f"--index: {uri} holds neither a published run ({publish.POINTER}) nor "
+    raise InputError(f"--index: {uri} holds neither a published run ({publish.POINTER}) nor "
                      "an index's parts (index.index, or index.<p>.index)")
 
 
@@ -57,13 +58,13 @@ def open_index(uri: str, cache: str, fastscan: bool = False):
     folder, headers, fastscans = index_files(uri)
     if fastscan:
         if not fastscans:
-            raise ValueError(f"--fastscan: {folder} has no {ondisk.FASTSCAN}; publish with "
+            raise InputError(f"--fastscan: {folder} has no {ondisk.FASTSCAN}; publish with "
                              "--set build.fastscan=true (index.nbits=4)")
         local = storage.local_folder(folder, tuple(fastscans), cache)
         return ondisk.join_fastscan([faiss.read_index(os.path.join(local, f))
                                      for f in fastscans])
     if not headers:
-        raise ValueError(f"--index: {uri} is not an on-disk index part (index[.<p>].index)")
+        raise InputError(f"--index: {uri} is not an on-disk index part (index[.<p>].index)")
     names = tuple(n for h in headers for n in (ondisk.data_file(h), h))
     local = storage.local_folder(folder, names, cache)
     return ondisk.open_parts([os.path.join(local, h) for h in headers])
@@ -73,9 +74,9 @@ def check_search_args(index, k: int, nprobe: int) -> int:
     """Validates k and nprobe against the index; returns the nprobe to use (clamped to
     nlist, with a note on stderr)."""
     if nprobe < 1:
-        raise ValueError(f"--nprobe must be >= 1, got {nprobe}")
+        raise InputError(f"--nprobe must be >= 1, got {nprobe}")
     if not 1 <= k <= index.ntotal:
-        raise ValueError(f"-k must be between 1 and the index's {index.ntotal} vectors, got {k}")
+        raise InputError(f"-k must be between 1 and the index's {index.ntotal} vectors, got {k}")
     nlist = build.ivfpq_of(index).nlist
     if nprobe > nlist:
         print(f"note: --nprobe {nprobe} is more than the index's {nlist} lists; using {nlist}",
@@ -96,15 +97,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.nprobe < 1 or args.k < 1:  # before any I/O
-            raise ValueError(f"--nprobe and -k must be >= 1, got {args.nprobe} and {args.k}")
+            raise InputError(f"--nprobe and -k must be >= 1, got {args.nprobe} and {args.k}")
         qids, xq = readers.read_all(args.queries, "--queries")
         with tempfile.TemporaryDirectory() as cache:
             index = open_index(args.index, cache, args.fastscan)
             if xq.shape[1] != index.d:
-                raise ValueError(f"--queries have d={xq.shape[1]}, the index has d={index.d}")
+                raise InputError(f"--queries have d={xq.shape[1]}, the index has d={index.d}")
             build.set_nprobe(index, check_search_args(index, args.k, args.nprobe))
             D, I = index.search(xq, args.k)
-    except ValueError as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.out:

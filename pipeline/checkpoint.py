@@ -14,6 +14,7 @@ import zipfile
 import numpy as np
 import torch
 
+from pipeline.errors import InputError
 from pipeline.index.params import Params
 
 TREE = "__tree__"  # the JSON structure, stored as a uint8 array beside the others
@@ -76,9 +77,9 @@ def _load(f, arrays: bool):
             tree = json.loads(z[TREE].tobytes()) if TREE in z.files else None
             arrays = {k: z[k] for k in z.files} if arrays else None
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:  # pickles: ValueError
-        raise ValueError(f"not a checkpoint of arrays and JSON ({e})") from None
+        raise InputError(f"not a checkpoint of arrays and JSON ({e})") from None
     if tree is None:
-        raise ValueError("not a checkpoint of arrays and JSON (no structure)")
+        raise InputError("not a checkpoint of arrays and JSON (no structure)")
 
     def dec(x):
         if isinstance(x, list):
@@ -86,7 +87,7 @@ def _load(f, arrays: bool):
         if not isinstance(x, dict):
             return x
         if len(x) != 1:
-            raise ValueError("not a checkpoint: an entry of several kinds")
+            raise InputError("not a checkpoint: an entry of several kinds")
         (kind, v), = x.items()
         if arrays is None and kind in ("tensor", "array", "params"):
             return None
@@ -102,7 +103,7 @@ def _load(f, arrays: bool):
             return {_key(dec(k)): dec(val) for k, val in v}
         if kind == "tuple":
             return tuple(dec(e) for e in v)
-        raise ValueError(f"not a checkpoint: unknown entry {kind!r}")
+        raise InputError(f"not a checkpoint: unknown entry {kind!r}")
 
     return dec(tree)
 

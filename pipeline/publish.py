@@ -38,6 +38,7 @@ import re
 import time
 
 from pipeline import storage
+from pipeline.errors import InputError
 from pipeline.index import ondisk
 
 log = logging.getLogger("pipeline.publish")
@@ -64,22 +65,22 @@ def checked(manifest: dict, where: str) -> dict:
     ValueError naming the offending entry."""
     version = manifest.get("version")
     if not isinstance(version, str) or not is_version(version):
-        raise ValueError(f"{where}: the manifest's version {version!r} is not a version name")
+        raise InputError(f"{where}: the manifest's version {version!r} is not a version name")
     prefix = f"{VERSIONS}/{version}/"
     files = manifest.get("files")
     if not isinstance(files, dict):
-        raise ValueError(f"{where}: the manifest has no files table")
+        raise InputError(f"{where}: the manifest has no files table")
     names = list(files) + [manifest[k] for k in NAMED if k in manifest]
     for k in NAMED_LISTS:
         if k in manifest:
             if not isinstance(manifest[k], list):
-                raise ValueError(f"{where}: the manifest's {k} is not a list of files")
+                raise InputError(f"{where}: the manifest's {k} is not a list of files")
             names += manifest[k]
     for rel in names:
         if not (isinstance(rel, str) and rel.startswith(prefix) and "\\" not in rel
                 and ":" not in rel and posixpath.normpath(rel) == rel
                 and ".." not in rel.split("/")):
-            raise ValueError(f"{where}: the manifest names {rel!r}, which is not a file "
+            raise InputError(f"{where}: the manifest names {rel!r}, which is not a file "
                              f"under {prefix}; refusing to use it")
     return manifest
 
@@ -97,7 +98,7 @@ def resolve(output: str) -> dict:
     """The published manifest of `output`, for readers. Raises ValueError if none."""
     manifest, _ = read_pointer(output)
     if manifest is None:
-        raise ValueError(f"{output} has no {POINTER}: nothing is published there yet")
+        raise InputError(f"{output} has no {POINTER}: nothing is published there yet")
     return manifest
 
 
@@ -247,18 +248,18 @@ def rollback(output: str, version: str, held) -> dict:
     """Points the manifest at an earlier complete version, after checking its files."""
     have = versions(output)
     if version not in have:
-        raise ValueError(f"--rollback: {output} has no complete version {version!r}; it has: "
+        raise InputError(f"--rollback: {output} has no complete version {version!r}; it has: "
                          f"{', '.join(have) or 'none'}")
     uri = storage.join(output, VERSIONS, version, POINTER)
     data = storage.read_bytes(uri)
     manifest = checked(json.loads(data), uri)
     if manifest["version"] != version:
-        raise ValueError(f"--rollback: {uri} describes version {manifest['version']!r}; the "
+        raise InputError(f"--rollback: {uri} describes version {manifest['version']!r}; the "
                          "version is damaged")
     try:
         verify(output, manifest["files"])
     except RuntimeError as e:
-        raise ValueError(f"--rollback: version {version} is damaged ({e}); the manifest "
+        raise InputError(f"--rollback: version {version} is damaged ({e}); the manifest "
                          "still points where it did") from None
     current, tag = read_pointer(output)
     swap(output, data, tag, version, (current or {}).get("version"), held)

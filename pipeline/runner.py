@@ -21,6 +21,7 @@ from pipeline import keys, lease, publish, report, storage
 from pipeline.config import PipelineConfig, validate_for_pipeline
 from pipeline.distributed.autoscale import ensure_groups
 from pipeline.distributed.tasks import trim_heap
+from pipeline.errors import InputError
 from pipeline.index import build
 from pipeline.stages import encode, evaluate, ingest, init, teacher, train
 from pipeline.workflow.results import Plan
@@ -129,13 +130,13 @@ def check_output(cfg: PipelineConfig, output: str) -> None:
         if uri:
             storage.check_reachable(uri, what)
     if storage.is_file(output):
-        raise ValueError(f"--output {output} is a file; give a folder or an s3:// prefix "
+        raise InputError(f"--output {output} is a file; give a folder or an s3:// prefix "
                          "(it is created if missing)")
     try:
         storage.check_conditional_writes(output)
     except RuntimeError as e:
         if cfg.publish.require_conditional_writes:
-            raise ValueError(f"--output: {e}") from None
+            raise InputError(f"--output: {e}") from None
         log.warning("%s. Going on (publish.require_conditional_writes=false): two jobs on this "
                     "output are NOT kept apart", str(e).split(". Use a store")[0])
 
@@ -148,9 +149,9 @@ def run_pipeline(cfg: PipelineConfig, output: str, from_stage: str | None = None
     as each stage starts (benchmarks attribute resources by it).
     Returns {"rows": ..., "manifest": ..., "seconds": {stage: s}}."""
     if from_stage is not None and from_stage not in STAGES:
-        raise ValueError(f"--from-stage must be one of {', '.join(STAGES)}")
+        raise InputError(f"--from-stage must be one of {', '.join(STAGES)}")
     if incremental and from_stage:
-        raise ValueError("--incremental and --from-stage do not go together; choose one")
+        raise InputError("--incremental and --from-stage do not go together; choose one")
     validate_for_pipeline(cfg)
     check_output(cfg, output)
     with _interruptible() as arm, \
@@ -180,13 +181,13 @@ def _check_incremental(cfg: PipelineConfig, run: Run, plan: Plan) -> None:
     for name in FROZEN:
         record = run.record(name)
         if record is None:
-            raise ValueError(f"--incremental needs a finished run under {run.output} (its "
+            raise InputError(f"--incremental needs a finished run under {run.output} (its "
                              "quantizers are reused): run once without --incremental first")
         stage = BY_NAME[name]
         own = keys.fields(cfg, stage.sections, plan.inputs, stage.format)
         changed = [k for k in own if own[k] != record["fields"].get(k) and k not in CORPUS]
         if changed:
-            raise ValueError(f"--incremental keeps the trained quantizers, but "
+            raise InputError(f"--incremental keeps the trained quantizers, but "
                              f"{', '.join(changed)} changed since they were trained; rerun "
                              "without --incremental to retrain")
 

@@ -283,3 +283,27 @@ def test_search_clamps_nprobe_and_prints_only_results(small_index, tmp_path):
     assert [line.split("\t")[0] for line in lines] == ["0", "1", "2"], res.stdout
     assert all(len(line.split("\t")[1].split()) == 5 for line in lines)
     assert "using 8" in res.stderr and "IO_FLAG_ONDISK_SAME_DIR" in res.stderr
+
+
+def test_a_bug_keeps_its_traceback_and_a_mistake_is_one_line(smoke_data, tmp_path, ray_cluster):
+    """A ValueError of our own code (injected in encode, as numpy raises one) is no input
+    error: exit 1 with its traceback. A bad config is: exit 2, one line."""
+    import subprocess
+    import sys
+
+    from .test_e2e import ROOT, job_args
+
+    env = {**os.environ, "PIPELINE_HOOKS": "tests.fault_hooks", "PIPELINE_FAULT_RAISE": "encode",
+           "PYTHONPATH": ROOT}
+    res = subprocess.run([sys.executable, "jobs/distill.py",
+                          *job_args(smoke_data, str(tmp_path / "run"))], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "Traceback" in res.stderr and "injected at encode" in res.stderr
+    assert "error: injected" not in res.stderr  # not told as the user's mistake
+    res = subprocess.run([sys.executable, "jobs/distill.py", "--config",
+                          "jobs/configs/smoke.yaml", "--output", str(tmp_path / "r2"),
+                          "--set", "index.nlsit=16"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert len(res.stderr.strip().splitlines()) == 1 and "nlsit" in res.stderr

@@ -9,6 +9,7 @@ import yaml
 
 from pipeline.config.modes import coerce
 from pipeline.config.sections import PipelineConfig
+from pipeline.errors import InputError
 
 # Keys that an earlier layout of the config had, and where they live now: a config written
 # for it fails with the new name instead of a bare "unknown key".
@@ -35,15 +36,15 @@ MOVED = {
 
 def _build(cls, raw: dict, where: str):
     if not isinstance(raw, dict):
-        raise ValueError(f"{where or 'config'}: expected a mapping, got {raw!r}")
+        raise InputError(f"{where or 'config'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     moved = [f"{where}{k} is now {MOVED[where + k]}" for k in unknown if where + k in MOVED]
     if moved:
-        raise ValueError(f"config key(s) moved: {'; '.join(moved)} (docs/configuration.md)")
+        raise InputError(f"config key(s) moved: {'; '.join(moved)} (docs/configuration.md)")
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
             f"valid keys here: {', '.join(sorted(names))}"
         )
@@ -59,18 +60,18 @@ def _build(cls, raw: dict, where: str):
 
 def _apply_override(raw: dict, override: str) -> None:
     if "=" not in override:
-        raise ValueError(f"override {override!r} must look like section.key=value")
+        raise InputError(f"override {override!r} must look like section.key=value")
     key, text = override.split("=", 1)
     parts = key.strip().split(".")
     node = raw
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ValueError(f"override {override!r}: {p} is not a section")
+            raise InputError(f"override {override!r}: {p} is not a section")
     try:
         node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError as e:
-        raise ValueError(f"override {override!r}: the value is not valid YAML: {e}") from None
+        raise InputError(f"override {override!r}: the value is not valid YAML: {e}") from None
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> PipelineConfig:
@@ -80,11 +81,11 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> PipelineC
             with open(path) as f:
                 raw = yaml.safe_load(f) or {}
         except FileNotFoundError:
-            raise ValueError(f"--config: {path} does not exist") from None
+            raise InputError(f"--config: {path} does not exist") from None
         except yaml.YAMLError as e:
-            raise ValueError(f"--config: {path} is not valid YAML: {e}") from None
+            raise InputError(f"--config: {path} is not valid YAML: {e}") from None
         if not isinstance(raw, dict):
-            raise ValueError(f"--config: {path} must be a mapping of sections (data:, index:, "
+            raise InputError(f"--config: {path} must be a mapping of sections (data:, index:, "
                              f"...), not a {type(raw).__name__}")
     for o in overrides:
         _apply_override(raw, o)
@@ -99,13 +100,13 @@ def validate_for_pipeline(cfg: PipelineConfig) -> None:
         import torch
 
         if torch.version.cuda is None:
-            raise ValueError(
+            raise InputError(
                 f"ray.train_gpu=true needs a CUDA build of torch, and this one "
                 f"({torch.__version__}) is CPU-only: Ray Train would fail joining the workers "
                 "(no NCCL). Install the CUDA build (README: Install; the cluster image has it) "
                 "or set ray.train_gpu=false")
     if cfg.loss.contrastive_weight > 0:
-        raise ValueError(
+        raise InputError(
             "loss.contrastive_weight > 0 needs labels for the training queries, which the "
             "pipeline's teacher stream does not carry (and the shared data's rules forbid); "
             "compare it with bench/quality.py --train-labels PATH instead")
@@ -113,7 +114,7 @@ def validate_for_pipeline(cfg: PipelineConfig) -> None:
     # The pipeline's training streams (pipeline.data.teacher_stream); the benchmark trains
     # in memory and has none.
     if tr.streams < 1 or tr.streams % workers or tr.batch_size % tr.streams:
-        raise ValueError(
+        raise InputError(
             f"train.streams ({tr.streams}) must be a multiple of ray.train_workers "
             f"({workers}) and divide train.batch_size ({tr.batch_size}): every worker "
             "reads whole streams, and every stream gives each batch the same number of rows")
@@ -124,6 +125,6 @@ def validate(cfg: PipelineConfig) -> None:
     when they were made): an index with lists, a corpus.
     Checks against the data's dimension live in ingest."""
     if cfg.index.nlist < 1:
-        raise ValueError("index.nlist must be >= 1: the pipeline builds IVF indexes")
+        raise InputError("index.nlist must be >= 1: the pipeline builds IVF indexes")
     if not cfg.data.corpus:
-        raise ValueError("data.corpus is empty: set it to a local path or s3:// prefix")
+        raise InputError("data.corpus is empty: set it to a local path or s3:// prefix")

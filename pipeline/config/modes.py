@@ -4,6 +4,8 @@ from __future__ import annotations
 import enum
 import typing
 
+from pipeline.errors import InputError
+
 # value and hashes into stage keys as plain text.
 
 
@@ -98,15 +100,15 @@ def coerce(value, typ, where: str):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list of {inner.__name__}, got {value!r}")
+            raise InputError(f"{where}: expected a list of {inner.__name__}, got {value!r}")
         return tuple(coerce(v, inner, where) for v in value)
     if typ is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{where}: expected true or false, got {value!r}")
+            raise InputError(f"{where}: expected true or false, got {value!r}")
         return value
     if typ is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where}: expected an integer, got {value!r}")
+            raise InputError(f"{where}: expected an integer, got {value!r}")
         return value
     if typ is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
@@ -115,18 +117,18 @@ def coerce(value, typ, where: str):
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
+            raise InputError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if isinstance(typ, type) and issubclass(typ, enum.Enum):
         choices = [m.value for m in typ]
         if isinstance(value, bool):  # YAML 1.1 reads an unquoted off / on as a boolean
             value = {False: "off", True: "on"}[value]
         if value not in choices:
-            raise ValueError(f"{where} must be one of {', '.join(map(repr, choices))}, "
+            raise InputError(f"{where} must be one of {', '.join(map(repr, choices))}, "
                              f"got {value!r}")
         return typ(value)
     if typ is str:
         if not isinstance(value, str):
-            raise ValueError(f"{where}: expected a string, got {value!r}")
+            raise InputError(f"{where}: expected a string, got {value!r}")
         return value
     raise AssertionError(f"unsupported config type {typ} at {where}")

@@ -21,6 +21,7 @@ from pipeline.config.modes import (
     Verify,
     typed_modes,
 )
+from pipeline.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class DataConfig:
     def __post_init__(self):
         typed_modes(self)
         if self.rows_per_shard < 1 or self.train_sample < 1:
-            raise ValueError("data.rows_per_shard and data.train_sample must be >= 1")
+            raise InputError("data.rows_per_shard and data.train_sample must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -57,15 +58,15 @@ class IndexConfig:
         typed_modes(self)
         # nlist 0 is a flat index, which the benchmark compares; the pipeline needs lists.
         if self.nbits not in range(1, 17) or self.M < 1 or self.nlist < 0:
-            raise ValueError("index.M must be >= 1, index.nlist >= 1 and index.nbits in 1..16")
+            raise InputError("index.M must be >= 1, index.nlist >= 1 and index.nbits in 1..16")
         if self.quantizer != Quantizer.PQ and self.opq:
-            raise ValueError(f"index.quantizer={self.quantizer} takes no OPQ rotation: set "
+            raise InputError(f"index.quantizer={self.quantizer} takes no OPQ rotation: set "
                              "index.opq=false")
         if self.quantizer == Quantizer.LSQ and self.M < 4:
-            raise ValueError("index.quantizer=lsq needs index.M >= 4 (faiss's LSQ encoder "
+            raise InputError("index.quantizer=lsq needs index.M >= 4 (faiss's LSQ encoder "
                              "perturbs 4 codes at a time); use rq below 4 bytes")
         if self.rq_beam < 1:
-            raise ValueError("index.rq_beam must be >= 1 (1 encodes greedily)")
+            raise InputError("index.rq_beam must be >= 1 (1 encodes greedily)")
 
 
 @dataclass(frozen=True)
@@ -94,15 +95,15 @@ class TeacherConfig:
 
     def __post_init__(self):
         if self.k < 1 or self.query_block < 1:
-            raise ValueError("teacher.k and teacher.query_block must be >= 1")
+            raise InputError("teacher.k and teacher.query_block must be >= 1")
         if not 0 < self.val_fraction < 1:
-            raise ValueError(
+            raise InputError(
                 f"teacher.val_fraction must be in (0, 1), got {self.val_fraction}: the held-out "
                 "queries pick the student to export, and with none every student scores alike "
                 "and the warm start would ship as the distilled index")
         if (self.band_depth or self.band_size) and \
                 not 0 < self.band_size < self.band_depth - self.k:
-            raise ValueError(
+            raise InputError(
                 f"teacher.band_size={self.band_size} drawn from ranks {self.k + 1}.."
                 f"{self.band_depth} (teacher.band_depth): needs 0 < band_size < band_depth - "
                 "teacher.k; set both to 0 for no band")
@@ -128,12 +129,12 @@ class LossConfig:
     def __post_init__(self):
         typed_modes(self)
         if self.rank_top < 0:
-            raise ValueError(f"loss.rank_top must be >= 0 (0: all teacher.k), got {self.rank_top}")
+            raise InputError(f"loss.rank_top must be >= 0 (0: all teacher.k), got {self.rank_top}")
         if self.sinkhorn_iters < 1:
-            raise ValueError("loss.sinkhorn_iters must be >= 1")
+            raise InputError("loss.sinkhorn_iters must be >= 1")
         if min(self.balance_weight, self.contrastive_weight, self.recon_weight,
                self.ivf_weight) < 0:
-            raise ValueError("loss.*_weight values must be >= 0")
+            raise InputError("loss.*_weight values must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -149,9 +150,9 @@ class NegativesConfig:
     def __post_init__(self):
         typed_modes(self)
         if self.corpus < 0 or self.per_list < 0:
-            raise ValueError("negatives.corpus and negatives.per_list must be >= 0 (0: none)")
+            raise InputError("negatives.corpus and negatives.per_list must be >= 0 (0: none)")
         if self.ivf_nprobe < 1:
-            raise ValueError("negatives.ivf_nprobe must be >= 1")
+            raise InputError("negatives.ivf_nprobe must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -188,19 +189,19 @@ class TrainConfig:
     def __post_init__(self):
         typed_modes(self)
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"train.epochs and train.batch_size must be >= 1, got "
+            raise InputError(f"train.epochs and train.batch_size must be >= 1, got "
                              f"{self.epochs} and {self.batch_size}")
         if self.val_checks < 1 or not 0 < self.lr_backoff <= 1:
-            raise ValueError("train.val_checks must be >= 1 and train.lr_backoff in (0, 1] "
+            raise InputError("train.val_checks must be >= 1 and train.lr_backoff in (0, 1] "
                              "(1 keeps the learning rates)")
         if min(self.lr, self.rq_lr, self.rotation_lr) <= 0:
-            raise ValueError("train.lr, train.rq_lr and train.rotation_lr must be > 0 (freeze a "
+            raise InputError("train.lr, train.rq_lr and train.rotation_lr must be > 0 (freeze a "
                              "part with train.learn_ivf / learn_pq / learn_rotation instead)")
         if self.backoff_z < 0:
-            raise ValueError(
+            raise InputError(
                 f"train.backoff_z must be >= 0 (0: any fall backs off), got {self.backoff_z}")
         if self.val_pool < 1000:
-            raise ValueError(f"train.val_pool must be >= 1000 (a validation index needs "
+            raise InputError(f"train.val_pool must be >= 1000 (a validation index needs "
                              f"vectors to search), got {self.val_pool}")
 
 
@@ -219,7 +220,7 @@ class BuildConfig:
     def __post_init__(self):
         typed_modes(self)
         if self.output_parts < 0:
-            raise ValueError(f"build.output_parts must be >= 0 (0: one part per GiB of the "
+            raise InputError(f"build.output_parts must be >= 0 (0: one part per GiB of the "
                              f"index), got {self.output_parts}")
 
 
@@ -233,7 +234,7 @@ class EvalConfig:
 
     def __post_init__(self):
         if self.k < 1 or any(p < 1 for p in self.nprobe):
-            raise ValueError("eval.k and every eval.nprobe value must be >= 1")
+            raise InputError("eval.k and every eval.nprobe value must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -256,10 +257,10 @@ class RayConfig:
 
     def __post_init__(self):
         if self.gpus_per_task < 0:
-            raise ValueError("ray.gpus_per_task must be >= 0 (0 runs teacher and encode on CPUs)")
+            raise InputError("ray.gpus_per_task must be >= 0 (0 runs teacher and encode on CPUs)")
         if self.train_workers < 1 or self.train_cpus < 1 or self.max_failures < 0 or \
                 self.teacher_workers < 0 or self.node_wait_seconds < 0:
-            raise ValueError("ray.train_workers and ray.train_cpus must be >= 1, "
+            raise InputError("ray.train_workers and ray.train_cpus must be >= 1, "
                              "ray.max_failures >= 0 (0: a lost worker fails the job), "
                              "ray.teacher_workers >= 0 (0 picks them from the cluster), "
                              "ray.node_wait_seconds >= 0")
@@ -276,7 +277,7 @@ class PublishConfig:
 
     def __post_init__(self):
         if self.keep_versions < 2 or self.lease_seconds < 8 or self.grace_seconds < 0:
-            raise ValueError(
+            raise InputError(
                 "publish.keep_versions must be >= 2 (the current version and the one it "
                 "replaced always stay, since readers may hold either), publish.lease_seconds "
                 ">= 8 (a shorter lease cannot fit a storage call inside its margin) and "
@@ -300,13 +301,13 @@ class PipelineConfig:
     def __post_init__(self):
         ix = self.index
         if self.build.fastscan and (ix.nbits != 4 or ix.quantizer != Quantizer.PQ):
-            raise ValueError(
+            raise InputError(
                 f"build.fastscan packs 4-bit PQ codes; this index has index.quantizer="
                 f"{ix.quantizer.value} and index.nbits={ix.nbits}: set index.quantizer=pq and "
                 f"index.nbits=4 (and index.M to twice the bytes per vector)")
         tr, workers = self.train, self.ray.train_workers
         if tr.batch_size % workers:
-            raise ValueError(
+            raise InputError(
                 f"train.batch_size ({tr.batch_size}) must be divisible by ray.train_workers "
                 f"({workers}) so that every worker gets an equal slice of the global batch")
 

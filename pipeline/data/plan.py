@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass
 
+from pipeline.errors import InputError
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -36,7 +38,7 @@ def plan_shards(files: list[tuple], rows_per_shard: int) -> list[Shard]:
     exactly once, in file order.
     """
     if rows_per_shard < 1:
-        raise ValueError("data.rows_per_shard must be >= 1")
+        raise InputError("data.rows_per_shard must be >= 1")
     shards: list[Shard] = []
     offset = 0
     for uri, rows, *fp in files:

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import events, storage
+from pipeline.errors import InputError
 
 SUFFIXES = (".parquet", ".npy", ".fvecs", ".bvecs")
 
@@ -29,17 +30,17 @@ def list_inputs(uri: str, what: str = "data") -> list[str]:
         elif fs.isdir(path):
             files = sorted(p for p in fs.find(path) if p.endswith(SUFFIXES))
         else:
-            raise ValueError(
+            raise InputError(
                 f"{what}: {uri} does not exist (check the bucket name and path, and for S3 the "
                 "AWS_ENDPOINT_URL and credentials in the environment)"
             )
     except FileNotFoundError as e:
-        raise ValueError(f"{what}: {uri} does not exist: {e}") from None
+        raise InputError(f"{what}: {uri} does not exist: {e}") from None
     files = [f for f in files if not os.path.basename(f).startswith((".", "_"))]
     if not files:
-        raise ValueError(f"{what}: no {'/'.join(SUFFIXES)} files under {uri}")
+        raise InputError(f"{what}: no {'/'.join(SUFFIXES)} files under {uri}")
     if not files[0].endswith(SUFFIXES):
-        raise ValueError(f"{what}: {uri} is not one of {', '.join(SUFFIXES)}")
+        raise InputError(f"{what}: {uri} is not one of {', '.join(SUFFIXES)}")
     return [scheme + f for f in files]
 
 
@@ -65,7 +66,7 @@ def _parquet_file(uri: str) -> pq.ParquetFile:
         # Verifies the page checksums where the writer stored them (jobs/prepare_data.py does).
         return pq.ParquetFile(fs.open(path, "rb"), page_checksum_verification=True)
     except (OSError, pa.ArrowException) as e:
-        raise ValueError(_unreadable(uri, e)) from None
+        raise InputError(_unreadable(uri, e)) from None
 
 
 def _unreadable(uri: str, e: Exception) -> str:
@@ -89,13 +90,13 @@ def probe(uri: str, id_cols=("id", "embedding")) -> tuple[int, int | None]:
         names = pf.schema_arrow.names
         missing = [c for c in id_cols if c not in names]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"{uri}: missing column(s) {missing}; found {names}. The input contract is "
                 f"Parquet with columns {list(id_cols)}"
             )
         id_type = pf.schema_arrow.field(id_cols[0]).type
         if not pa.types.is_integer(id_type):
-            raise ValueError(f"{uri}: column {id_cols[0]!r} is {id_type}; ids must be integers "
+            raise InputError(f"{uri}: column {id_cols[0]!r} is {id_type}; ids must be integers "
                              "(int64, from 0 to 2**63 - 1)")
         t = pf.schema_arrow.field(id_cols[-1]).type
         d = t.list_size if pa.types.is_fixed_size_list(t) else None
@@ -104,17 +105,17 @@ def probe(uri: str, id_cols=("id", "embedding")) -> tuple[int, int | None]:
         if uri.endswith(".npy"):
             shape, fortran, dtype, _ = _npy_header(f)
             if len(shape) != 2 or fortran:
-                raise ValueError(f"{uri}: expected a C-order 2-D array, got shape {shape}")
+                raise InputError(f"{uri}: expected a C-order 2-D array, got shape {shape}")
             want = f.tell() + shape[0] * shape[1] * dtype.itemsize
             if fs.size(path) != want:
-                raise ValueError(f"{uri}: {fs.size(path)} bytes where its header promises "
+                raise InputError(f"{uri}: {fs.size(path)} bytes where its header promises "
                                  f"{want}; the file is truncated or corrupt: write it again")
             return shape[0], shape[1]
         (d,) = struct.unpack("<i", f.read(4))
     size = fs.size(path)
     row = 4 + d * (4 if uri.endswith(".fvecs") else 1)
     if d <= 0 or size % row:
-        raise ValueError(f"{uri}: not a valid {uri[-5:]} file (size {size}, d {d})")
+        raise InputError(f"{uri}: not a valid {uri[-5:]} file (size {size}, d {d})")
     return size // row, d
 
 
@@ -125,15 +126,15 @@ def _embedding_to_numpy(col: pa.ChunkedArray, uri: str) -> np.ndarray:
     elif pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
         lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
         if len(lengths) and (lengths.min() != lengths.max()):
-            raise ValueError(
+            raise InputError(
                 f"{uri}: embedding lengths disagree ({lengths.min()} to {lengths.max()}); "
                 "every row must have the same dimension"
             )
         d = int(lengths[0]) if len(lengths) else 0
     else:
-        raise ValueError(f"{uri}: embedding column must be a list of floats, got {arr.type}")
+        raise InputError(f"{uri}: embedding column must be a list of floats, got {arr.type}")
     if arr.null_count:
-        raise ValueError(f"{uri}: embedding column has {arr.null_count} null rows")
+        raise InputError(f"{uri}: embedding column has {arr.null_count} null rows")
     values = arr.flatten().to_numpy(zero_copy_only=False)
     return values.astype(np.float32, copy=False).reshape(len(arr), d)
 
@@ -154,7 +155,7 @@ def read_rows(uri: str, start: int, stop: int, id_offset: int = 0,
         try:
             table = pf.read_row_groups(groups, columns=list(columns))
         except (OSError, pa.ArrowException) as e:
-            raise ValueError(_unreadable(f"{uri} rows {start}-{stop}", e)) from None
+            raise InputError(_unreadable(f"{uri} rows {start}-{stop}", e)) from None
         events.emit("read", nbytes=sum(
             pf.metadata.row_group(g).column(c).total_compressed_size
             for g in groups for c in range(pf.metadata.num_columns)))
@@ -186,15 +187,15 @@ def checked_ids(col: pa.ChunkedArray, uri: str, name: str) -> np.ndarray:
     are integers in [0, 2**63) (faiss reserves -1 for "no result"), with no nulls."""
     where = f"{uri}: column {name!r}"
     if not pa.types.is_integer(col.type):
-        raise ValueError(f"{where} is {col.type}; ids must be integers (int64)")
+        raise InputError(f"{where} is {col.type}; ids must be integers (int64)")
     if col.null_count:
-        raise ValueError(f"{where} has {col.null_count} null ids; every row needs an id")
+        raise InputError(f"{where} has {col.null_count} null ids; every row needs an id")
     raw = col.to_numpy()
     if raw.dtype == np.uint64 and len(raw) and raw.max() >= 1 << 63:
-        raise ValueError(f"{where} has ids >= 2**63 (max {raw.max()}); faiss ids are int64")
+        raise InputError(f"{where} has ids >= 2**63 (max {raw.max()}); faiss ids are int64")
     ids = raw.astype(np.int64, copy=False)
     if len(ids) and ids.min() < 0:
-        raise ValueError(f"{where} has negative ids (min {ids.min()}); ids must be >= 0 "
+        raise InputError(f"{where} has negative ids (min {ids.min()}); ids must be >= 0 "
                          "(faiss uses -1 for no result)")
     return ids
 
@@ -202,17 +203,17 @@ def checked_ids(col: pa.ChunkedArray, uri: str, name: str) -> np.ndarray:
 def check_block(ids: np.ndarray, x: np.ndarray, where: str, d: int | None = None) -> None:
     """Raises ValueError naming the fix for non-finite values, bad dimension, duplicate ids."""
     if d is not None and x.shape[1] != d:
-        raise ValueError(f"{where}: dimension {x.shape[1]} disagrees with the corpus's {d}")
+        raise InputError(f"{where}: dimension {x.shape[1]} disagrees with the corpus's {d}")
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
         rows = np.flatnonzero(bad)[:5].tolist()
-        raise ValueError(
+        raise InputError(
             f"{where}: {int(bad.sum())} vector(s) contain NaN or inf (first ids "
             f"{ids[rows].tolist()}); clean or drop them before indexing"
         )
     if len(np.unique(ids)) != len(ids):
         u, c = np.unique(ids, return_counts=True)
-        raise ValueError(f"{where}: duplicate ids {u[c > 1][:5].tolist()}; ids must be unique")
+        raise InputError(f"{where}: duplicate ids {u[c > 1][:5].tolist()}; ids must be unique")
 
 
 def read_all(uri: str, what: str, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -230,7 +231,7 @@ def read_all(uri: str, what: str, limit: int = 0) -> tuple[np.ndarray, np.ndarra
         if limit and n >= limit:
             break
     if not n:
-        raise ValueError(f"{what}: {uri} holds no rows; give a non-empty set")
+        raise InputError(f"{what}: {uri} holds no rows; give a non-empty set")
     ids, x = np.concatenate(ids_parts), np.concatenate(x_parts)
     if limit:
         ids, x = ids[:limit], x[:limit]
@@ -248,13 +249,13 @@ def query_files(what: str, uri: str, d: int, content: bool = False
     out = []
     for f in files:
         if what == "eval.labels" and not f.endswith(".parquet"):
-            raise ValueError(f"eval.labels: {f} must be Parquet with columns query_id, doc_id")
+            raise InputError(f"eval.labels: {f} must be Parquet with columns query_id, doc_id")
         n, qd = probe(f, cols)
         if what != "eval.labels" and qd is not None and qd != d:
-            raise ValueError(f"{what}: dimension {qd} disagrees with the corpus's {d}")
+            raise InputError(f"{what}: dimension {qd} disagrees with the corpus's {d}")
         out.append((f, n, fingerprint(f, content)))
     if not sum(n for _, n, _ in out):
-        raise ValueError(f"{what}: {uri} holds no rows; give a non-empty set or leave "
+        raise InputError(f"{what}: {uri} holds no rows; give a non-empty set or leave "
                          f"{what} empty")
     return out
 
@@ -264,14 +265,14 @@ def read_labels(uri: str) -> dict[int, set[int]]:
     qrels: dict[int, set[int]] = {}
     for f in list_inputs(uri, "eval.labels"):
         if not f.endswith(".parquet"):
-            raise ValueError(f"eval.labels: {f} must be Parquet with columns query_id, doc_id")
+            raise InputError(f"eval.labels: {f} must be Parquet with columns query_id, doc_id")
         t = _parquet_file(f).read()
         if not {"query_id", "doc_id"} <= set(t.column_names):
-            raise ValueError(
+            raise InputError(
                 f"eval.labels: {f} needs columns query_id, doc_id; has {t.column_names}")
         for q, dd in zip(checked_ids(t.column("query_id"), f, "query_id"),
                          checked_ids(t.column("doc_id"), f, "doc_id")):
             qrels.setdefault(int(q), set()).add(int(dd))
     if not qrels:
-        raise ValueError(f"eval.labels: {uri} holds no labels; give some or leave it empty")
+        raise InputError(f"eval.labels: {uri} holds no labels; give some or leave it empty")
     return qrels

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.data.teacher_parts import table_arrays
+from pipeline.errors import InputError
 
 
 class _Parts:
@@ -81,7 +82,7 @@ class TeacherStream:
                  world: int = 1, shuffle_rows: int = 0,
                  gather: Callable[[np.ndarray], list[np.ndarray]] | None = None):
         if streams % world:
-            raise ValueError(f"train.streams ({streams}) must be a multiple of "
+            raise InputError(f"train.streams ({streams}) must be a multiple of "
                              f"ray.train_workers ({world})")
         self.parts = _Parts(uris)
         self.pool, self.streams, self.rank, self.world = pool, streams, rank, world
@@ -123,7 +124,7 @@ class TeacherStream:
     def batches(self, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1):
         """(global queries, local queries, local neighbour vectors, None) per step."""
         if batch_size % self.streams:
-            raise ValueError(f"train.batch_size ({batch_size}) must be a multiple of "
+            raise InputError(f"train.batch_size ({batch_size}) must be a multiple of "
                              f"train.streams ({self.streams})")
         per = batch_size // self.streams
         spans = [self._span(s, per, seed, epoch) for s in self.mine]

@@ -23,6 +23,7 @@ from pipeline.distributed.placement import (
     group_resource,
     remember,
 )
+from pipeline.errors import InputError
 
 log = logging.getLogger("pipeline.distributed.autoscale")
 
@@ -97,9 +98,9 @@ def _offered() -> str:
     return ", ".join(names) or "none"
 
 
-def _refuse(cfg: RayConfig, group: Group, why: str) -> ValueError:
+def _refuse(cfg: RayConfig, group: Group, why: str) -> InputError:
     name = group_resource(cfg, group)
-    return ValueError(f"ray.{group.value}_group: {why} the resource {name!r} (custom "
+    return InputError(f"ray.{group.value}_group: {why} the resource {name!r} (custom "
                       f"resources of the alive nodes: {_offered()}). Give a node type it in "
                       "its `resources` (infra/cluster-aws.yaml), or leave the setting empty.")
 

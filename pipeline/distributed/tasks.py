@@ -14,6 +14,7 @@ from pipeline import events
 from pipeline.config import RayConfig
 from pipeline.data import readers
 from pipeline.distributed.placement import Group, placement
+from pipeline.errors import InputError
 
 log = logging.getLogger("pipeline.distributed")
 
@@ -102,7 +103,7 @@ def check_unique_ids(cfg: RayConfig, spans: list, blocks: list[dict], what: str)
     ids = np.concatenate(ray.get([read_ids.remote(blocks[i]) for i in sorted(overlapping)]))
     u, c = np.unique(ids, return_counts=True)
     if (c > 1).any():
-        raise ValueError(f"{what}: duplicate ids across files {u[c > 1][:5].tolist()}; "
+        raise InputError(f"{what}: duplicate ids across files {u[c > 1][:5].tolist()}; "
                          "ids must be unique")
 
 
@@ -154,8 +155,8 @@ def _get(ref):
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as e:
-        # A task that met bad input raises the ValueError the user should read, without the
-        # remote traceback around it.
-        if isinstance(e.cause, ValueError):
-            raise ValueError(str(e.cause.args[0]) if e.cause.args else str(e.cause)) from None
+        # A task that met bad input raises the InputError the user should read, without the
+        # remote traceback around it; anything else keeps its traceback.
+        if isinstance(e.cause, InputError):
+            raise InputError(str(e.cause.args[0]) if e.cause.args else str(e.cause)) from None
         raise

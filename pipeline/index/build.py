@@ -10,6 +10,7 @@ import faiss
 import numpy as np
 
 from pipeline.config import Coarse, IndexConfig, Kmeans, Quantizer
+from pipeline.errors import InputError
 from pipeline.index.params import Params, QuantizerSpec
 
 # the flat (list-less) forms of the codecs
@@ -24,12 +25,12 @@ def check_shape(cfg: IndexConfig, d: int, n_train: int) -> None:
     """User-facing checks that need the data's dimension and the training sample size."""
     if cfg.quantizer == "pq" and d % cfg.M:
         divisors = [m for m in range(1, d + 1) if d % m == 0 and m <= 64]
-        raise ValueError(
+        raise InputError(
             f"index.M={cfg.M} does not divide the dimension d={d}; choose one of {divisors}"
         )
     need = max(cfg.nlist, 1 << cfg.nbits)
     if n_train < need:
-        raise ValueError(
+        raise InputError(
             f"{n_train} training vectors are fewer than the {need} centroids to learn "
             f"(index.nlist={cfg.nlist}, 2**index.nbits={1 << cfg.nbits}); lower them"
         )
@@ -188,7 +189,7 @@ def to_fastscan(index, bbs: int = 32):
     may be dropped. It holds its codes in memory (faiss has no on-disk fast-scan lists)."""
     inner = faiss.downcast_index(_inner(index))
     if not isinstance(inner, faiss.IndexIVFPQ) or inner.pq.nbits != 4:
-        raise ValueError("fast-scan takes a 4-bit IVF-PQ (index.nbits=4)")
+        raise InputError("fast-scan takes a 4-bit IVF-PQ (index.nbits=4)")
     fs = faiss.IndexIVFPQFastScan(inner, bbs)  # packs the lists; shares the quantizer
     # Not clone_index: it would copy every packed list once more. The coarse quantizer is
     # small; own a copy of it, and forget the source lists the constructor remembers.

@@ -20,6 +20,8 @@ import faiss
 import numpy as np
 import torch
 
+from pipeline.errors import InputError
+
 log = logging.getLogger("pipeline.index.knn")
 
 
@@ -39,7 +41,7 @@ class Band:
 
     def __post_init__(self):
         if not 0 < self.size < self.depth - self.k:
-            raise ValueError(f"a band of {self.size} drawn from ranks {self.k + 1}..{self.depth} "
+            raise InputError(f"a band of {self.size} drawn from ranks {self.k + 1}..{self.depth} "
                              "needs 0 < size < depth - k")
 
     @property

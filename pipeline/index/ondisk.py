@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import faiss
 import numpy as np
 
+from pipeline.errors import InputError
 from pipeline.index import gpu
 
 # With build.fastscan, beside the pair: the same index as IndexIVFPQFastScan, self-contained
@@ -143,19 +144,19 @@ class ShardLists:
         if l0 == 0:
             magic, n_lists, cs, ntotal = np.frombuffer(raw[:_HEAD], np.int64).tolist()
             if (magic, n_lists, cs, ntotal) != (_MAGIC, nlist, code_size, rows):
-                raise ValueError("not an encoded shard file of this layout, nlist, code size "
+                raise InputError("not an encoded shard file of this layout, nlist, code size "
                                  "and row count")
             raw = raw[_HEAD:]
         cum = np.frombuffer(raw, np.int64)
         if np.any(np.diff(cum) < 0) or cum[0] < 0 or cum[-1] > rows:
-            raise ValueError("an encoded shard file's list offsets are damaged")
+            raise InputError("an encoded shard file's list offsets are damaged")
         self.start, self.sizes = int(cum[0]), np.diff(cum)
         self.data_at = _HEAD + 8 * (nlist + 1)
 
     def _get(self, start: int, stop: int) -> bytes:
         raw = self.read(start, stop)
         if len(raw) != stop - start:
-            raise ValueError(f"an encoded shard file is truncated (bytes {start}..{stop})")
+            raise InputError(f"an encoded shard file is truncated (bytes {start}..{stop})")
         return raw
 
     def entries(self) -> bytes:
@@ -174,7 +175,7 @@ def merge_part(shards: list, out_ivfdata: str) -> np.ndarray:
 
     Returns the range's list sizes (l1 - l0,) int64."""
     if not shards:
-        raise ValueError("a part needs at least one encoded shard")
+        raise InputError("a part needs at least one encoded shard")
     cs = shards[0].cs
     sizes = np.stack([s.sizes for s in shards])  # (shards, lists)
     cap = sizes.sum(0)
@@ -289,7 +290,7 @@ def open_parts(paths: list[str]):
     for p, ivf in zip(parts, ivfs):
         if (ivf.nlist, ivf.code_size, p.d, p.metric_type) != \
                 (first.nlist, first.code_size, parts[0].d, parts[0].metric_type):
-            raise ValueError("the parts do not come from one trained index")
+            raise InputError("the parts do not come from one trained index")
     lists = faiss.InvertedListsPtrVector()
     for ivf in ivfs:
         lists.push_back(ivf.invlists)

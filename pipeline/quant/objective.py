@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import LossConfig
+from pipeline.errors import InputError
 from pipeline.quant.losses import ListLosses
 from pipeline.quant.model import Student, similarity
 
@@ -67,7 +68,7 @@ def _log_weights(slot_weights: torch.Tensor | None, t: torch.Tensor,
     if slot_weights is None:
         return None
     if slot_weights.shape != (K,):
-        raise ValueError(f"teacher lists of {K} neighbours, but the teacher config makes lists "
+        raise InputError(f"teacher lists of {K} neighbours, but the teacher config makes lists "
                          f"of {len(slot_weights)} (teacher.k + the band's slots): train with "
                          "the teacher.* the lists were drawn with")
     log_w = torch.zeros_like(t)

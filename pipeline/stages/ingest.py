@@ -17,6 +17,7 @@ from pipeline.data import readers
 from pipeline.data.plan import Shard, first_rows, plan_blocks, plan_shards
 from pipeline.distributed.placement import Group, largest_node_memory, memory, placement
 from pipeline.distributed.tasks import check_unique_ids, pin_threads, trim_heap
+from pipeline.errors import InputError
 from pipeline.index.build import check_shape
 from pipeline.workflow.results import Ingested, Plan
 from pipeline.workflow.stage import Context, Stage
@@ -32,7 +33,7 @@ def preflight(cfg: PipelineConfig) -> Plan:
     probed = [(f, *readers.probe(f)) for f in files]
     n = sum(rows for _, rows, _ in probed)
     if n == 0:
-        raise ValueError(f"data.corpus: {cfg.data.corpus} holds no rows (empty corpus)")
+        raise InputError(f"data.corpus: {cfg.data.corpus} holds no rows (empty corpus)")
     # list<float> Parquet gives its dimension only in the data: one row of each such file
     dims = {f: d if d is not None else readers.read_rows(f, 0, 1)[1].shape[1]
             for f, rows, d in probed if rows}
@@ -40,13 +41,13 @@ def preflight(cfg: PipelineConfig) -> Plan:
         by_d = {}
         for f, d in dims.items():
             by_d.setdefault(d, []).append(f)
-        raise ValueError("data.corpus: files disagree on the dimension: " + "; ".join(
+        raise InputError("data.corpus: files disagree on the dimension: " + "; ".join(
             f"d={d} in {', '.join(fs[:3])}{' ...' if len(fs) > 3 else ''}"
             for d, fs in sorted(by_d.items())))
     (d,) = set(dims.values())
     k_max = max(cfg.teacher.k, cfg.eval.k)
     if k_max > n:
-        raise ValueError(
+        raise InputError(
             f"teacher.k={cfg.teacher.k} / eval.k={cfg.eval.k} exceed the corpus size {n}; "
             "lower them"
         )
@@ -125,7 +126,7 @@ def check_sample_budget(cfg: PipelineConfig, n: int, d: int) -> str:
     rows = min(cfg.data.train_sample, n)
     need, node = 2 * 4 * d * rows, largest_node_memory(cfg.ray, Group.CPU)
     if node and need > node // 4:
-        raise ValueError(
+        raise InputError(
             f"data.train_sample={cfg.data.train_sample}: two copies of {rows} vectors of "
             f"d={d} take {need / 2**30:.1f} GiB in one task, more than a quarter of the "
             f"largest node's {node / 2**30:.1f} GiB; lower data.train_sample to at most "
@@ -152,7 +153,7 @@ def _scan(cfg: RayConfig, items: list[tuple[dict, float]], d: int, seed: int,
     errors = sorted(s["error"] for s in stats if s["error"])
     if errors:
         more = f" (and {len(errors) - 1} more shards)" if errors[1:] else ""
-        raise ValueError(errors[0] + more)
+        raise InputError(errors[0] + more)
     return sorted(stats, key=lambda s: s["at"])
 
 

@@ -27,6 +27,7 @@ from pipeline.data.teacher_parts import load_parts
 from pipeline.data.teacher_stream import TeacherStream
 from pipeline.distributed.placement import Group, largest_node_cpus, placement
 from pipeline.distributed.tasks import keep_freed_memory, pin_threads
+from pipeline.errors import InputError
 from pipeline.index import build
 from pipeline.quant.fit import fit
 from pipeline.quant.loop import TrainData, sum_touched_rows
@@ -136,7 +137,7 @@ def _resumable(ctx: Context, ckpt_uri: str) -> bool:
     try:
         state, why = _load_meta(ckpt_uri), "written under other settings"
         if not isinstance(state, dict):
-            raise ValueError("not a training state")
+            raise InputError("not a training state")
     except ValueError as e:
         state, why = {}, f"unreadable: {e}"
     key = state.get("stage_key")
@@ -155,7 +156,7 @@ def run(ctx: Context) -> Trained:
     ray_cfg = ctx.cfg.ray
     most = largest_node_cpus(ray_cfg, Group.GPU)
     if ray_cfg.train_cpus > most:  # such a worker could never be placed
-        raise ValueError(f"ray.train_cpus={ray_cfg.train_cpus}: no node of the training group "
+        raise InputError(f"ray.train_cpus={ray_cfg.train_cpus}: no node of the training group "
                          f"offers more than {most} CPUs; lower it")
     t0 = time.time()
     ckpt_uri = ctx.path(CHECKPOINT)

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from pipeline.errors import InputError
 from pipeline.storage import s3
 from pipeline.storage.base import Conflict, Store
 from pipeline.storage.local import LocalStore
@@ -81,7 +82,7 @@ def delete(uri: str, timeout: float | None = None) -> None:
 def copy(src: str, dst: str) -> None:
     """Copies one file within a store (S3: server-side; locally a hard link, else a copy)."""
     if is_s3(src) != is_s3(dst):
-        raise ValueError(f"copy {src} -> {dst}: both must be in one store")
+        raise InputError(f"copy {src} -> {dst}: both must be in one store")
     store(src).copy(src, dst)
 
 

@@ -11,6 +11,7 @@ import os
 import time
 import uuid
 
+from pipeline.errors import InputError
 from pipeline.storage.base import Conflict, Store
 
 PREFIX = "s3://"
@@ -153,9 +154,9 @@ def check_uri(uri: str, what: str, folder: bool = False) -> None:
     root shares with everything else in it."""
     bucket, _, prefix = uri[len(PREFIX):].strip("/").partition("/")
     if not bucket:
-        raise ValueError(f"{what}: {uri!r} names no bucket; give s3://BUCKET/PREFIX")
+        raise InputError(f"{what}: {uri!r} names no bucket; give s3://BUCKET/PREFIX")
     if folder and not prefix:
-        raise ValueError(f"{what}: {uri!r} is a whole bucket; give a prefix inside it, e.g. "
+        raise InputError(f"{what}: {uri!r} is a whole bucket; give a prefix inside it, e.g. "
                          f"s3://{bucket}/runs/NAME")
 
 
@@ -178,7 +179,7 @@ def check_reachable(uri: str, what: str, timeout: float) -> None:
                    f"({type(e).__name__}: {e})")
         else:
             why = f"S3 answered {code} ({e})"
-        raise ValueError(f"{what}: {uri}: {why}") from None
+        raise InputError(f"{what}: {uri}: {why}") from None
 
 
 def check_conditional_writes(store: S3Store, folder: str) -> None:

@@ -9,6 +9,8 @@ import json
 import typing
 from dataclasses import dataclass
 
+from pipeline.errors import InputError
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -104,13 +106,13 @@ def dump(result) -> dict:
 def load(cls, info: dict, stage: str):
     """The `cls` result that `dump` wrote, from stage `stage`'s record."""
     if not isinstance(info, dict):
-        raise ValueError(f"stage {stage}: its record holds no result; rerun it")
+        raise InputError(f"stage {stage}: its record holds no result; rerun it")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)
              if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     missing = [n for n in names if n not in info]
     if missing:
-        raise ValueError(f"stage {stage}: its record lacks {', '.join(missing)} (written by "
+        raise InputError(f"stage {stage}: its record lacks {', '.join(missing)} (written by "
                          "an older version?); rerun it with --from-stage " + stage)
     kwargs = {}
     for f in dataclasses.fields(cls):
