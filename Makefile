@@ -16,6 +16,7 @@ DEMO_OUT ?= runs/demo
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	@echo "install: $(TORCH) from $(if $(TORCH_INDEX),$(TORCH_INDEX),PyPI (its Linux wheel is the CUDA build, several GB, unless a CPU build is cached); for the CPU build: make install TORCH_INDEX=https://download.pytorch.org/whl/cpu)"
 	$(PY) -m pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -c constraints.txt -e ".[cpu,dev]"
 	touch $@

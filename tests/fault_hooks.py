@@ -26,8 +26,9 @@ def on_event(name: str, **info) -> None:
         open(os.path.join(hold.split(":", 1)[1], f"{name}-{os.getpid()}"), "w").close()
         while True:
             time.sleep(1)
-    if os.environ.get("PIPELINE_FAULT_RAISE") == name:  # a bug of ours, as numpy would raise it
-        raise ValueError(f"injected at {name}: operands could not be broadcast together")
+    raise_at = os.environ.get("PIPELINE_FAULT_RAISE", "")  # "event" or "task:<task name>"
+    if raise_at in (name, f"{name}:{info.get('task')}"):  # a bug of ours, as numpy raises one
+        raise ValueError(f"injected at {raise_at}: operands could not be broadcast together")
     spec = os.environ.get("PIPELINE_FAULT_KILL", "")
     if not spec.startswith(name + ":"):
         return

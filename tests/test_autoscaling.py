@@ -46,6 +46,9 @@ def test_the_job_scales_both_groups_up_from_zero_and_says_where_it_ran(autoscali
     for stage in ("init", "teacher", "encode"):
         assert devices[stage].startswith("cpu; faiss-cpu "), devices
     assert devices["train"].startswith("cpu; torch "), devices
+    assert manifest["devices"] == devices
+    # the nodes' faiss decides where k-means and encode run: the driver warns nothing
+    assert "faiss has no GPU support" not in text and "no node of the GPU group" not in text
 
 
 def test_a_group_no_node_type_offers_fails_at_once(autoscaling, smoke_data, tmp_path):

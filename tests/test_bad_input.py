@@ -286,20 +286,20 @@ def test_search_clamps_nprobe_and_prints_only_results(small_index, tmp_path):
 
 
 def test_a_bug_keeps_its_traceback_and_a_mistake_is_one_line(smoke_data, tmp_path, ray_cluster):
-    """A ValueError of our own code (injected in encode, as numpy raises one) is no input
-    error: exit 1 with its traceback. A bad config is: exit 2, one line."""
+    """A ValueError of our own code (injected as init's k-means task starts, as numpy raises
+    one) is no input error: exit 1 with its traceback. A bad config is: exit 2, one line."""
     import subprocess
     import sys
 
     from .test_e2e import ROOT, job_args
 
-    env = {**os.environ, "PIPELINE_HOOKS": "tests.fault_hooks", "PIPELINE_FAULT_RAISE": "encode",
-           "PYTHONPATH": ROOT}
+    env = {**os.environ, "PIPELINE_HOOKS": "tests.fault_hooks",
+           "PIPELINE_FAULT_RAISE": "task:_train_baseline", "PYTHONPATH": ROOT}
     res = subprocess.run([sys.executable, "jobs/distill.py",
                           *job_args(smoke_data, str(tmp_path / "run"))], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 1, res.stderr[-3000:]
-    assert "Traceback" in res.stderr and "injected at encode" in res.stderr
+    assert "Traceback" in res.stderr and "injected at task:_train_baseline" in res.stderr
     assert "error: injected" not in res.stderr  # not told as the user's mistake
     res = subprocess.run([sys.executable, "jobs/distill.py", "--config",
                           "jobs/configs/smoke.yaml", "--output", str(tmp_path / "r2"),

@@ -19,7 +19,13 @@ import ray
 from pipeline import events, storage
 from pipeline.data import readers
 from pipeline.data.plan import Shard
-from pipeline.distributed.placement import Group, memory, placement
+from pipeline.distributed.placement import (
+    Group,
+    largest_node_cpus,
+    largest_node_gpus,
+    memory,
+    placement,
+)
 from pipeline.distributed.tasks import pin_threads, task_window, wait_all, windowed
 from pipeline.index import build, gpu, ondisk
 from pipeline.index.params import Params
@@ -144,7 +150,12 @@ def run_encode(ctx: Context) -> Encoded:
     rows = max(Shard(**s).rows for s in ingested.shards)
     code = build.bytes_per_vector(ctx.cfg.index) + 8
     need = rows * (8 * ingested.d + 2 * code * len(methods)) + 2 * sum(sizes)
-    encode = _encode_shard.options(num_gpus=gpus, resources=placement(ctx.cfg.ray, group),
+    # A GPU encode task takes its share of its node's CPUs too: the OPQ rotation and the
+    # Parquet decode run there, and with one CPU they would starve the GPU.
+    cpus = max(1, int(gpus * largest_node_cpus(ctx.cfg.ray, group) /
+                      max(largest_node_gpus(ctx.cfg.ray, group), 1))) if gpus else 1
+    encode = _encode_shard.options(num_gpus=gpus, num_cpus=cpus,
+                                   resources=placement(ctx.cfg.ray, group),
                                    memory=memory(ctx.cfg.ray, group, need))
     # One task per shard encodes it for every method: the corpus is read once. The driver
     # holds the refs of a window of them, not of every shard.

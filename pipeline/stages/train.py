@@ -7,7 +7,10 @@ JSON (pipeline.checkpoint: nothing read back is unpickled), and at the end write
 student (params.npz) and the training's record (summary.json): the driver reads that record
 and the checkpoint's structure, never the model, so it holds nothing that grows with nlist.
 A worker that starts finds the checkpoint of its own key and resumes from it: after a rerun,
-or after Ray Train restarted the workers because one (or its node) was lost. A checkpoint of
+or after Ray Train restarted the workers because one (or its node) was lost. One worker
+(ray.train_workers=1) has nothing to all-reduce: it runs as a plain Ray task, which Ray
+retries on another node as Ray Train would restart it, without Ray Train's start-up (a
+controller, a worker group, a process group: about ten seconds). A checkpoint of
 another key, one that does not read as a checkpoint, or any when --from-stage forces
 training, is set aside before training starts.
 """
@@ -57,8 +60,12 @@ def _worker_loop(config: dict) -> None:
 
     pin_threads()
     ctx: Context = config["ctx"]
-    train_ctx = ray.train.get_context()
-    rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
+    alone = config.get("alone", False)  # a plain Ray task: one worker, no Ray Train
+    if alone:
+        rank, world = 0, 1
+    else:
+        train_ctx = ray.train.get_context()
+        rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
     cfg = ctx.cfg.train
     device = "cuda" if ctx.cfg.ray.train_gpu and torch.cuda.is_available() else "cpu"
     if ctx.cfg.ray.train_gpu and device == "cpu" and rank == 0:
@@ -112,8 +119,8 @@ def _worker_loop(config: dict) -> None:
             # own checkpoints, which would be a second copy of every epoch.
             storage.write_bytes(ckpt_uri, checkpoint.dumps({**st, "stage_key": ctx.key}))
             events.emit("train-epoch")  # a checkpoint written
-        # Scalars only: the per-step curve stays in the checkpoint's history.
-        ray.train.report({k: v for k, v in metrics.items() if not isinstance(v, list)})
+        if not alone:  # scalars only: the per-step curve stays in the checkpoint's history
+            ray.train.report({k: v for k, v in metrics.items() if not isinstance(v, list)})
 
     keep_freed_memory()  # this training process keeps its peak anyway: no re-faulting
     state = fit(params, data, val, ctx.cfg, rank, world, reduce_grads, state, on_epoch, device,
@@ -163,22 +170,10 @@ def run(ctx: Context) -> Trained:
     _resumable(ctx, ckpt_uri)  # sets a checkpoint of other settings aside
     for stale in ("reads", PARAMS, SUMMARY):  # this training writes them anew
         storage.delete(ctx.path(stale))
-    fs, path = storage.pyarrow_fs(ctx.path("ray"))
-    trainer = TorchTrainer(
-        _worker_loop,
-        train_loop_config={"ctx": ctx},
-        scaling_config=ScalingConfig(num_workers=ray_cfg.train_workers,
-                                     use_gpu=ray_cfg.train_gpu,
-                                     resources_per_worker={
-                                         "CPU": ray_cfg.train_cpus,
-                                         **placement(ray_cfg, Group.GPU)}),
-        run_config=RunConfig(name="distill", storage_path=path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
-                             # Ray Train runs the loop in a thread of its own: with one
-                             # arena it allocates where keep_freed_memory applies
-                             worker_runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "1"}}),
-    )
-    trainer.fit()
+    if ray_cfg.train_workers == 1:
+        _train_alone(ctx)
+    else:
+        _train_together(ctx)
     assert storage.exists(ctx.path(SUMMARY)), "rank 0 writes it when training ends"
     state = storage.read_json(ctx.path(SUMMARY))
     secs = time.time() - t0
@@ -196,6 +191,42 @@ def run(ctx: Context) -> Trained:
     return Trained(history=state["history"], warm_val=state["warm_val"],
                    best_val=state["best_val"], seconds=secs, worker_read_shares=shares,
                    worker_read_bytes=[r["bytes"] for r in reads], device=device)
+
+
+# The training loop allocates where keep_freed_memory applies only with one malloc arena (Ray
+# Train runs the loop in a thread of its own).
+_WORKER_ENV = {"env_vars": {"MALLOC_ARENA_MAX": "1"}}
+
+
+def _train_alone(ctx: Context) -> None:
+    """One worker, as a Ray task in the GPU group; Ray runs it again after a lost worker or
+    node (ray.max_failures times), and it resumes from the checkpoint."""
+    ray_cfg = ctx.cfg.ray
+    task = ray.remote(_worker_loop).options(
+        num_cpus=ray_cfg.train_cpus, num_gpus=1 if ray_cfg.train_gpu else 0,
+        resources=placement(ray_cfg, Group.GPU), max_retries=ray_cfg.max_failures,
+        runtime_env=_WORKER_ENV, name="train")
+    ray.get(task.remote({"ctx": ctx, "alone": True}))
+
+
+def _train_together(ctx: Context) -> None:
+    """ray.train_workers data-parallel Ray Train workers, restarted (ray.max_failures times)
+    after a lost worker or node."""
+    ray_cfg = ctx.cfg.ray
+    fs, path = storage.pyarrow_fs(ctx.path("ray"))
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"ctx": ctx},
+        scaling_config=ScalingConfig(num_workers=ray_cfg.train_workers,
+                                     use_gpu=ray_cfg.train_gpu,
+                                     resources_per_worker={
+                                         "CPU": ray_cfg.train_cpus,
+                                         **placement(ray_cfg, Group.GPU)}),
+        run_config=RunConfig(name="distill", storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
+                             worker_runtime_env=_WORKER_ENV),
+    )
+    trainer.fit()
 
 
 # The loss, negatives and optimisation it distils with, the teacher it learns from, the index
