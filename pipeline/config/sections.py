@@ -249,7 +249,7 @@ class RayConfig:
     gpu_group: str = ""  # teacher and training run only on nodes offering it; empty: any node
     cpu_group: str = ""  # ingest, init, encode, merge, evaluate run only on nodes offering it
     teacher_workers: int = 0  # search workers of the exact top-k (teacher, evaluation); 0: one per GPU, or per node of the GPU group
-    train_workers: int = 1  # Ray Train workers (data parallel)
+    train_workers: int = 1  # Ray Train workers (data parallel); 1 runs as a plain Ray task
     train_cpus: int = 1  # CPUs each training worker asks for and computes on (its step, validation and pool assignment)
     train_gpu: bool = False  # one GPU per training worker (needs a CUDA build of torch)
     max_failures: int = 3  # training worker restarts after a lost worker or node; they resume from the last checkpoint

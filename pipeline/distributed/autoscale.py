@@ -134,8 +134,8 @@ def ensure_groups(cfg: RayConfig, wait_s: float | None = None) -> dict:
                     remember(cfg, g)
                 return {g.value: s for g, s in waited.items()}
             if infeasible([_bundle(cfg, g) for g in pending]):
-                raise _refuse(cfg, _which_infeasible(cfg, pending), "no node type of the "
-                              "autoscaler offers")
+                raise _refuse(cfg, _which_infeasible(cfg, pending), "the autoscaler's answer "
+                              f"{now - t0:.0f}s after the job asked: no node type offers")
             if now - t0 > wait_s:
                 raise _refuse(cfg, pending[0], f"waited {now - t0:.0f}s (ray.node_wait_seconds) "
                               "for the autoscaler to start a node that offers")
