@@ -307,3 +307,16 @@ def test_a_bug_keeps_its_traceback_and_a_mistake_is_one_line(smoke_data, tmp_pat
                          text=True, timeout=120)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert len(res.stderr.strip().splitlines()) == 1 and "nlsit" in res.stderr
+
+
+def test_inner_product_on_vectors_that_are_not_unit_length_warns():
+    """data.metric=ip on unnormalised embeddings (a common slip: cosine meant) draws a warning
+    naming the fix; unit vectors and l2 draw none."""
+    from pipeline.stages.ingest import norm_warning
+
+    assert norm_warning("ip", [0.999, 1.0, 1.001]) == ""
+    assert norm_warning("l2", [3.0, 7.0, 12.0]) == ""
+    assert norm_warning("ip", []) == ""
+    text = norm_warning("ip", [3.0, 7.0, 12.0])
+    assert "L2-normalise" in text and "data.metric=l2" in text and "3 to 12" in text
+    assert norm_warning("ip", [0.95, 1.0, 1.0])  # a few short vectors are enough

@@ -102,12 +102,30 @@ def _scan_or_report(shard: dict, d: int, sample_p: float, seed: int, piece: str)
     return {**stats, "sampled": len(sample), "error": ""}
 
 
+# Inner product ranks by length as well as by direction: for cosine similarity the vectors
+# must be unit length. A sample whose 1st or 99th percentile norm is further than this from 1
+# draws a warning under data.metric=ip.
+UNIT_NORM_SLACK = 0.01
+
+
+def norm_warning(metric: str, norms: list[float]) -> str:
+    """The warning for a sample's (1st, 50th, 99th) percentile vector norms ('' if none)."""
+    if metric != "ip" or not norms or all(abs(q - 1) <= UNIT_NORM_SLACK for q in norms):
+        return ""
+    lo, mid, hi = norms
+    return (f"ingest: data.metric=ip, but the sample's vector norms run from {lo:.3g} to "
+            f"{hi:.3g} (1st-99th percentile; median {mid:.3g}), not 1: inner product then "
+            "ranks by length as well as direction. L2-normalise the embeddings for cosine "
+            "similarity, or set data.metric=l2 for Euclidean distance")
+
+
 @ray.remote
 def _join_sample(pieces: list[str], out_uri: str, seed: int, pseudo_uri: str,
-                 n_pseudo: int) -> int:
+                 n_pseudo: int) -> dict:
     """The shards' sample pieces as one shuffled sample (out_uri, sample.npz), and with
     `pseudo_uri` its first n_pseudo rows as the pseudo-queries. Holds two copies of the
-    sample; the driver holds none."""
+    sample; the driver holds none. Returns its rows and the 1st, 50th and 99th percentile
+    of its vectors' norms."""
     pin_threads()
     sample = np.concatenate([storage.load_npy(p) for p in pieces], dtype=np.float32) \
         if pieces else np.zeros((0, 0), np.float32)
@@ -115,7 +133,9 @@ def _join_sample(pieces: list[str], out_uri: str, seed: int, pseudo_uri: str,
     storage.save_npz(out_uri, x=sample)
     if pseudo_uri:
         storage.save_npy(pseudo_uri, sample[:n_pseudo])
-    return len(sample)
+    norms = np.percentile(np.linalg.norm(sample, axis=1), [1, 50, 99]).tolist() \
+        if len(sample) else []
+    return {"rows": len(sample), "norms": norms}
 
 
 def check_sample_budget(cfg: PipelineConfig, n: int, d: int) -> str:
@@ -213,9 +233,12 @@ def run(ctx: Context) -> Ingested:
     pseudo = ctx.path("pseudo_queries.npy") if n_pseudo else ""
     task = _join_sample.options(memory=memory(cfg.ray, Group.CPU, 2 * 4 * plan.d * sampled),
                                 resources=placement(cfg.ray, Group.CPU))
-    assert ray.get(task.remote([s["piece"] for s in stats if s["sampled"]],
-                               ctx.path("sample.npz"), cfg.data.seed, pseudo,
-                               n_pseudo)) == sampled
+    joined = ray.get(task.remote([s["piece"] for s in stats if s["sampled"]],
+                                 ctx.path("sample.npz"), cfg.data.seed, pseudo, n_pseudo))
+    assert joined["rows"] == sampled
+    warning = norm_warning(cfg.data.metric, joined["norms"])
+    if warning:
+        log.warning(warning)
     storage.delete(pieces)
     if pseudo:
         log.info("no data.train_queries: using %d corpus samples as pseudo-queries", n_pseudo)
