@@ -121,4 +121,7 @@ def test_the_gpu_check_runs_its_cpu_half(tmp_path):
     assert checks[0].startswith("teacher top-100") and "train pq" in checks[1] and \
         "train rq" in checks[2], checks
     assert all("pairs/s" in r["cpu"] or "steps/s" in r["cpu"] for r in rows[:3])
-    assert "cuda: not available" in res.stdout or "agreement" in res.stdout
+    import torch
+
+    if not torch.cuda.is_available():  # the device half says it did not run
+        assert "cuda: not available" in res.stdout and not any("device" in r for r in rows[:3])
