@@ -49,7 +49,7 @@ demo: install
 	fi; \
 	$(PY) infra/local_s3.py --bucket demo -- sh -c "\
 	  $(PY) jobs/prepare_data.py $$src --out $$prefix && \
-	  $(PY) jobs/distill.py --config jobs/configs/demo.yaml --output s3://demo/runs/demo \
+	  $(PY) jobs/distill.py --config demo --output s3://demo/runs/demo \
 	    --set data.corpus=$$prefix/corpus --set data.train_queries=$$prefix/train_queries \
 	    --set eval.queries=$$prefix/eval_queries --set eval.labels=$$prefix/labels \
 	    --log $$out.log && \

@@ -111,7 +111,7 @@ class Data:
 
 def default_data(cache: str) -> list[str]:
     """The shared data in the input contract, written once under `cache`."""
-    from jobs.prepare_data import from_shared, write_dataset
+    from pipeline.cli.prepare import from_shared, write_dataset
 
     if not os.path.exists(os.path.join(cache, "labels")):
         write_dataset(cache, *from_shared(SHARED), files=4)

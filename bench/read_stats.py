@@ -1,5 +1,5 @@
-"""bench/scale.py's watcher of pipeline.events (PIPELINE_HOOKS=bench.read_stats): with
-PIPELINE_READ_STATS=DIR, each process keeps the running total of the bytes it read from the
+"""bench/scale.py's watcher of pipeline.events (IVF_DISTILL_HOOKS=bench.read_stats): with
+IVF_DISTILL_READ_STATS=DIR, each process keeps the running total of the bytes it read from the
 corpus and query files in DIR/<pid>, so that the benchmark can add up what every task of a
 stage read."""
 import os
@@ -10,7 +10,7 @@ _total = 0
 
 def on_event(name: str, nbytes: int = 0, **_info) -> None:
     global _total
-    where = os.environ.get("PIPELINE_READ_STATS")
+    where = os.environ.get("IVF_DISTILL_READ_STATS")
     if name != "read" or not where:
         return
     _total += nbytes

@@ -188,7 +188,7 @@ def bare_faiss(out: str, corpus: str, k: int, rows: int = 0) -> dict:
 
 def read_bytes_so_far(stats_dir: str) -> int:
     """Corpus bytes read so far by every process of the run (bench/read_stats.py writes one
-    running total per process into PIPELINE_READ_STATS)."""
+    running total per process into IVF_DISTILL_READ_STATS)."""
     total = 0
     for name in os.listdir(stats_dir):
         try:
@@ -208,8 +208,7 @@ def search_published(out: str, corpus: str, nq: int, k: int, nprobe: int) -> dic
     """The published index, opened as a user opens it (jobs/search.py), searched with `nq`
     corpus vectors spread over the corpus: queries/s, and how often a query's own id is in
     its top k (each vector's exact nearest neighbour under inner product is itself)."""
-    from jobs import search
-    from pipeline.index import build
+    from pipeline.reader import open_index
 
     files = sorted(f for f in os.listdir(corpus) if f.endswith(".npy"))
     xs = [np.load(os.path.join(corpus, f), mmap_mode="r") for f in files]
@@ -219,11 +218,10 @@ def search_published(out: str, corpus: str, nq: int, k: int, nprobe: int) -> dic
     xq = np.stack([np.asarray(xs[f][i - starts[f]], dtype=np.float32)
                    for f, i in zip(where, qid)])
     t0 = time.time()
-    index = search.open_index(out, tempfile.mkdtemp(prefix="vq-search-"))
+    index = open_index(out, tempfile.mkdtemp(prefix="ivf-distill-search-"))
     opened = time.time() - t0
-    build.set_nprobe(index, nprobe)
     t0 = time.time()
-    _, found = index.search(xq, k)
+    _, found = index.search(xq, k, nprobe)
     secs = time.time() - t0
     return {"queries": len(xq), "seconds": secs, "qps": len(xq) / secs, "open_s": opened,
             "self_in_top_k": float(np.mean([q in row for q, row in zip(qid, found)])),
@@ -242,9 +240,9 @@ def run_one(n: int, data_root: str, config: str, overrides: list[str], nodes: in
     t0 = time.time()
     make_corpus(corpus, n, d=d)
     log.info("corpus of %d vectors ready in %.0fs", n, time.time() - t0)
-    stats_dir = tempfile.mkdtemp(prefix="vq-reads-")
+    stats_dir = tempfile.mkdtemp(prefix="ivf-distill-reads-")
     # bench/read_stats.py counts the bytes each process reads; the workers inherit this
-    watch = {"PIPELINE_READ_STATS": stats_dir, "PIPELINE_HOOKS": "bench.read_stats"}
+    watch = {"IVF_DISTILL_READ_STATS": stats_dir, "IVF_DISTILL_HOOKS": "bench.read_stats"}
     os.environ.update(watch)
     if nodes:
         from infra import local_cluster
@@ -253,7 +251,7 @@ def run_one(n: int, data_root: str, config: str, overrides: list[str], nodes: in
         overrides = [f"ray.gpu_group={local_cluster.GPU_GROUP}",
                      f"ray.cpu_group={local_cluster.CPU_GROUP}", *overrides]
     cfg = load_config(config, [f"data.corpus={corpus}", *overrides])
-    out = tempfile.mkdtemp(prefix=f"vq-scale-{n}-")
+    out = tempfile.mkdtemp(prefix=f"ivf-distill-scale-{n}-")
     sampler = Sampler()
     reads = {}
 

@@ -37,7 +37,7 @@ def start(nodes: int = 3, cpus_per_node: int = 2, gpu_nodes: int = 0,
 
     if nodes < 2:
         raise ValueError("--nodes: give at least 2 worker nodes (a GPU-group and a CPU-group one)")
-    scratch = scratch or tempfile.mkdtemp(prefix="vq-cluster-")
+    scratch = scratch or tempfile.mkdtemp(prefix="ivf-distill-cluster-")
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "object_store_memory": object_store_mb << 20,
         "include_dashboard": False,
@@ -58,7 +58,8 @@ def add_worker(cluster, group: str, cpus: int = 2, object_store_mb: int = 256,
     """One more worker node offering the custom resource `group` (the node-loss tests add
     nodes of a group of their own, and replacements). Its tasks' temporary files go under its
     own scratch directory; `env` adds environment variables to its processes."""
-    scratch = scratch or getattr(cluster, "scratch", None) or tempfile.mkdtemp(prefix="vq-")
+    scratch = (scratch or getattr(cluster, "scratch", None)
+               or tempfile.mkdtemp(prefix="ivf-distill-"))
     name = f"{group}-{len(cluster.worker_nodes)}"
     return cluster.add_node(num_cpus=cpus, num_gpus=gpus, resources={group: GROUP_CAPACITY},
                             object_store_memory=object_store_mb << 20,
@@ -74,7 +75,8 @@ def node_process(address: str, group: str, cpus: int = 2, object_store_mb: int =
 
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
     name = f"{group}-proc-{free_port()}"
-    env = {**os.environ, "TMPDIR": _scratch(scratch or tempfile.mkdtemp(prefix="vq-"), name)}
+    scratch = scratch or tempfile.mkdtemp(prefix="ivf-distill-")
+    env = {**os.environ, "TMPDIR": _scratch(scratch, name)}
     # Ports of its own: the agents' defaults are taken by the other nodes on this machine.
     ports = [f"--{flag}={free_port()}" for flag in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
@@ -155,7 +157,7 @@ class AutoscalingCluster:
         if not os.path.exists(defaults):
             with open(defaults, "w") as f:
                 json.dump(FAKE_PROVIDER_DEFAULTS, f)  # JSON is YAML
-        self.temp_dir = tempfile.mkdtemp(prefix="vq-as-")
+        self.temp_dir = tempfile.mkdtemp(prefix="ivf-distill-as-")
         port = free_port()
         head_id = node_provider.FAKE_HEAD_NODE_ID
         config = {**FAKE_PROVIDER_DEFAULTS, "idle_timeout_minutes": idle_timeout_minutes,

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 
 from pipeline import storage
 
-log = logging.getLogger("pipeline.lease")
+log = logging.getLogger("ivf_distill.lease")
 
 LEASE = "_lease.json"
 

@@ -41,7 +41,7 @@ from pipeline import storage
 from pipeline.errors import InputError
 from pipeline.index import ondisk
 
-log = logging.getLogger("pipeline.publish")
+log = logging.getLogger("ivf_distill.publish")
 
 POINTER = "manifest.json"
 VERSIONS = "versions"

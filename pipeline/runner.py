@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import ray
 
-from pipeline import keys, lease, publish, report, storage
+from pipeline import keys, lease, provenance, publish, report, storage
 from pipeline.config import PipelineConfig, validate_for_pipeline
 from pipeline.distributed.autoscale import ensure_groups
 from pipeline.distributed.tasks import trim_heap
@@ -27,7 +27,7 @@ from pipeline.stages import encode, evaluate, ingest, init, teacher, train
 from pipeline.workflow.results import Plan
 from pipeline.workflow.stage import METHODS, Context, Run, Stage, StageConfig
 
-log = logging.getLogger("pipeline.runner")
+log = logging.getLogger("ivf_distill.runner")
 
 # The declared graph, each stage after the stages it needs.
 GRAPH: list[Stage] = [ingest.STAGE, init.STAGE, teacher.STAGE, train.STAGE, encode.EXPORT,
@@ -104,7 +104,7 @@ def init_ray(cfg: PipelineConfig) -> None:
     if address:
         # The watchers of pipeline.events (and their settings) must reach the job's workers on
         # whichever node they run: a worker's environment is its node's.
-        watch = {k: v for k, v in os.environ.items() if k.startswith("PIPELINE_")}
+        watch = {k: v for k, v in os.environ.items() if k.startswith("IVF_DISTILL_")}
         ray.init(address=address, log_to_driver=True,
                  runtime_env={"env_vars": watch} if watch else None)
         return
@@ -275,10 +275,11 @@ def _publish(cfg: PipelineConfig, run: Run, rows: list[dict], seconds: dict,
         "config_hash": cfg.hash(),
         "stage_seconds": seconds,
         "devices": _devices(run),
-        "open_with": "faiss.read_index(path) for a local output, or "
-                     "faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR) after copying a "
-                     "part's .index and .ivfdata into one folder; several parts: "
-                     "pipeline.index.ondisk.open_parts(paths), or one part per server",
+        "software": provenance.software(),
+        "open_with": "pipeline.open_index(output), or faiss.read_index(path) for a local "
+                     "single-part output, or faiss.read_index(path, "
+                     "faiss.IO_FLAG_ONDISK_SAME_DIR) after copying a part's .index and "
+                     ".ivfdata into one folder; one part per server works too",
     }
     indexes = {METHODS[m][1]: (i.uri, i.files, i.parts, i.fastscan)
                for m, i in merged.indexes.items()}

@@ -86,7 +86,8 @@ def ray_cluster(cluster):
 def s3_smoke_run(ray_cluster, s3):
     """(data, output) of the smoke job run once through S3. test_e2e reads it as published;
     test_reruns (later in file order) then reruns into it."""
-    from jobs import distill, prepare_data
+    from pipeline.cli import build as distill
+    from pipeline.cli import prepare as prepare_data
     from tests.test_e2e import job_args
 
     data, out = "s3://test/smoke", "s3://test/runs/e2e"
@@ -98,7 +99,7 @@ def s3_smoke_run(ray_cluster, s3):
 @pytest.fixture(scope="session")
 def smoke_data(tmp_path_factory):
     """The smoke preset's synthetic dataset, written locally in the input contract."""
-    from jobs.prepare_data import synthetic, write_dataset
+    from pipeline.cli.prepare import synthetic, write_dataset
 
     out = str(tmp_path_factory.mktemp("smoke"))
     write_dataset(out, *synthetic(4000, 32), files=4)
@@ -149,8 +150,8 @@ class NodeLoss:
         self.cluster, self.group, self.hold_dir = cluster, group, str(hold_dir)
         os.makedirs(self.hold_dir, exist_ok=True)
         self.doomed = local_cluster.add_worker(
-            cluster, group, env={"PIPELINE_FAULT_HOLD": f"{point}:{self.hold_dir}",
-                                 "PIPELINE_HOOKS": "tests.fault_hooks"})
+            cluster, group, env={"IVF_DISTILL_FAULT_HOLD": f"{point}:{self.hold_dir}",
+                                 "IVF_DISTILL_HOOKS": "tests.fault_hooks"})
         self.replacement = None
         self.held: list[str] = []
         self._thread = threading.Thread(target=self._watch, daemon=True)

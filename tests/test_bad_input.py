@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import distill
-from jobs.prepare_data import embedding_table
 from pipeline import storage
+from pipeline.cli import build as distill
+from pipeline.cli.prepare import embedding_table
 
 from .conftest import normalized
 
@@ -22,7 +22,7 @@ def write(path, ids, x):
 
 
 def run_job(capsys, corpus, out, *extra):
-    code = distill.main(["--config", "jobs/configs/smoke.yaml", "--output", out,
+    code = distill.main(["--config", "smoke", "--output", out,
                          "--set", f"data.corpus={corpus}", "--set", "data.train_queries=",
                          "--set", "eval.queries=", "--set", "eval.labels=",
                          "--set", "data.train_sample=2000", *extra])
@@ -214,7 +214,7 @@ def test_output_is_a_file(where, capsys):
                                                            "embedding": emb(2000)}))
     out = storage.join(where, "out-file")
     storage.write_bytes(out, b"not a folder")
-    code = distill.main(["--config", "jobs/configs/smoke.yaml", "--output", out,
+    code = distill.main(["--config", "smoke", "--output", out,
                          "--set", f"data.corpus={corpus}", "--set", "data.train_queries=",
                          "--set", "eval.queries=", "--set", "eval.labels="])
     err = capsys.readouterr().err
@@ -228,11 +228,11 @@ def test_labels_nobody_can_match_are_counted(caplog):
     qrels = {0: {5}, 1: {6, 9999}, 77: {7}}  # query 77 unknown, doc 9999 outside the ids
     counts = label_misses(qrels, np.arange(10), {"a": [0, 499], "b": [500, 999]})
     assert counts == (4, 1, 1)
-    with caplog.at_level("WARNING", logger="pipeline"):
+    with caplog.at_level("WARNING", logger="ivf_distill"):
         warn_label_misses(*counts)
     assert "of 4 labels, 1 name a query" in caplog.text and "and 1 a document" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="pipeline"):
+    with caplog.at_level("WARNING", logger="ivf_distill"):
         warn_label_misses(*label_misses({0: {5}}, np.arange(10), {"a": [0, 999]}))
     assert caplog.text == ""
 
@@ -259,10 +259,10 @@ def small_index(tmp_path_factory):
     (["--nprobe", "0"], "--nprobe and -k must be >= 1"),
     (["--nprobe", "-1"], "--nprobe and -k must be >= 1"),
     (["-k", "0"], "--nprobe and -k must be >= 1"),
-    (["-k", "301"], "-k must be between 1 and the index's 300 vectors"),
+    (["-k", "301"], "k must be between 1 and the index's 300 vectors"),
 ])
 def test_search_refuses_bad_arguments(small_index, capsys, args, message):
-    from jobs import search
+    from pipeline.cli import search
 
     code = search.main(["--index", small_index, "--queries", f"{small_index}/q", *args])
     out, err = capsys.readouterr()
@@ -293,8 +293,8 @@ def test_a_bug_keeps_its_traceback_and_a_mistake_is_one_line(smoke_data, tmp_pat
 
     from .test_e2e import ROOT, job_args
 
-    env = {**os.environ, "PIPELINE_HOOKS": "tests.fault_hooks",
-           "PIPELINE_FAULT_RAISE": "task:_train_baseline", "PYTHONPATH": ROOT}
+    env = {**os.environ, "IVF_DISTILL_HOOKS": "tests.fault_hooks",
+           "IVF_DISTILL_FAULT_RAISE": "task:_train_baseline", "PYTHONPATH": ROOT}
     res = subprocess.run([sys.executable, "jobs/distill.py",
                           *job_args(smoke_data, str(tmp_path / "run"))], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
@@ -302,7 +302,7 @@ def test_a_bug_keeps_its_traceback_and_a_mistake_is_one_line(smoke_data, tmp_pat
     assert "Traceback" in res.stderr and "injected at task:_train_baseline" in res.stderr
     assert "error: injected" not in res.stderr  # not told as the user's mistake
     res = subprocess.run([sys.executable, "jobs/distill.py", "--config",
-                          "jobs/configs/smoke.yaml", "--output", str(tmp_path / "r2"),
+                          "smoke", "--output", str(tmp_path / "r2"),
                           "--set", "index.nlsit=16"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]

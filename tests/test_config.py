@@ -93,4 +93,4 @@ def test_corpus_required():
 
 def test_presets_load():
     for name in ("smoke", "demo", "example"):
-        load_config(f"jobs/configs/{name}.yaml")
+        load_config(name)

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from jobs import distill
 from pipeline import storage
+from pipeline.cli import build as distill
 
 from .answers import assert_same_answers
 from .conftest import open_published, published
@@ -21,7 +21,7 @@ GROUPS = ["--set", "ray.gpu_group=gpu_group", "--set", "ray.cpu_group=cpu_group"
 
 
 def job_args(data, out, *extra, groups=True):
-    return ["--config", "jobs/configs/smoke.yaml", "--output", out,
+    return ["--config", "smoke", "--output", out,
             "--set", f"data.corpus={data}/corpus",
             "--set", f"data.train_queries={data}/train_queries",
             "--set", f"eval.queries={data}/eval_queries",
@@ -75,7 +75,7 @@ def test_published_index_opens_with_plain_faiss(s3_run, tmp_path):
 def test_rerun_skips_finished_stages(s3_run, caplog):
     data, out = s3_run
     before = storage.read_bytes(storage.join(out, "manifest.json"))
-    with caplog.at_level("INFO", logger="pipeline"):
+    with caplog.at_level("INFO", logger="ivf_distill"):
         assert distill.main(job_args(data, out)) == 0
     skipped = [r.message for r in caplog.records if "skipped (unchanged)" in r.message]
     assert len(skipped) == 8
@@ -139,7 +139,7 @@ def test_an_index_in_parts_with_fastscan_is_published_and_searched(ray_cluster, 
     run, one part alone, and the fast-scan exports."""
     import faiss
 
-    from jobs import search
+    from pipeline.cli import search
     from pipeline.data import readers
     from pipeline.index import build, metrics, ondisk
 
@@ -205,7 +205,7 @@ def test_an_index_in_parts_with_fastscan_is_published_and_searched(ray_cluster, 
 
 
 def test_search_cli_answers_from_s3(s3_run, tmp_path):
-    from jobs import search
+    from pipeline.cli import search
     from pipeline.data import readers
     from pipeline.index import build
 

@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 
 from infra.local_s3 import free_port
-from jobs import distill, prepare_data
 from pipeline import checkpoint, publish, storage
+from pipeline.cli import build as distill
+from pipeline.cli import prepare as prepare_data
 from pipeline.data import readers
 from pipeline.index import build, ondisk
 
@@ -108,8 +109,8 @@ class DisturbedJob:
                         "32", "--files", "4", "--out", self.data], cwd=ROOT, check=True,
                        env={**os.environ, **self.env}, capture_output=True)
         self.proc = start_job(job_args(self.data, self.out, groups=False), tmp / "log",
-                              {**self.env, "PIPELINE_FAULT_KILL": f"encode:{tmp}",
-                               "PIPELINE_HOOKS": fault_hooks.HOOKS,
+                              {**self.env, "IVF_DISTILL_FAULT_KILL": f"encode:{tmp}",
+                               "IVF_DISTILL_HOOKS": fault_hooks.HOOKS,
                                "RAY_ADDRESS": ""})
         self.outage = threading.Thread(target=self._outage, daemon=True)
         self.outage.start()
@@ -151,7 +152,8 @@ EARLY: dict = {}  # {"disturbed": DisturbedJob} started at collection (tests/con
 
 
 def start_early() -> None:
-    EARLY["disturbed"] = DisturbedJob(pathlib.Path(tempfile.mkdtemp(prefix="vq-disturbed-")))
+    folder = tempfile.mkdtemp(prefix="ivf-distill-disturbed-")
+    EARLY["disturbed"] = DisturbedJob(pathlib.Path(folder))
 
 
 def abandon_early() -> None:
@@ -248,13 +250,13 @@ def test_job_killed_in_training_resumes_from_checkpoint(smoke_data, eval_x, tmp_
     ckpt = os.path.join(out, "stages", "train", "checkpoint.npz")
     hold = tmp_path / "hold"
     hold.mkdir()
-    job = start_job(args, tmp_path / "log1", {"PIPELINE_FAULT_HOLD": f"train-epoch:{hold}",
-                                              "PIPELINE_HOOKS": fault_hooks.HOOKS})
+    job = start_job(args, tmp_path / "log1", {"IVF_DISTILL_FAULT_HOLD": f"train-epoch:{hold}",
+                                              "IVF_DISTILL_HOOKS": fault_hooks.HOOKS})
     kill_when(job, str(hold / "train-epoch-*"))
     killed = checkpoint.loads(open(ckpt, "rb").read())
     assert killed["epoch"] == 1
     assert not os.path.exists(os.path.join(out, "manifest.json"))  # nothing published
-    with caplog.at_level("INFO", logger="pipeline"):
+    with caplog.at_level("INFO", logger="ivf_distill"):
         assert distill.main(args + ["--break-lease"]) == 0
     assert re.findall(r"resuming from \S+ after epoch (\d+)", caplog.text) == ["1"]
     state = checkpoint.loads(open(ckpt, "rb").read())
@@ -285,7 +287,7 @@ def test_job_killed_between_stages_skips_finished_ones(smoke_data, eval_x, train
     err = capsys.readouterr().err
     assert f"pid {trained_then_killed['pid']}" in err and "--break-lease" in err, err
     assert time.time() - t0 < 60, "a second job must fail at once, before any work"
-    with caplog.at_level("INFO", logger="pipeline"):
+    with caplog.at_level("INFO", logger="ivf_distill"):
         assert distill.main(args + ["--break-lease"]) == 0
     skipped = [s for s in ("ingest", "init", "teacher", "train")
                if f"stage {s}: skipped (unchanged)" in caplog.text]

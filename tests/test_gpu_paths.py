@@ -77,7 +77,7 @@ def test_additive_indexes_fall_back_to_the_cpu_with_one_warning(faiss_gpu, data,
     x, xq = data
     trained = build.train_baseline(x[:1500], IndexConfig(nlist=16, M=4, nbits=6, opq=False,
                                                          quantizer=quantizer), niter=4)
-    with caplog.at_level(logging.WARNING, logger="pipeline.index.gpu"):
+    with caplog.at_level(logging.WARNING, logger="ivf_distill.index.gpu"):
         for _ in range(2):
             got, device = gpu.encode(trained, np.arange(len(x)), x, use_gpu=True)
             assert device == "cpu"

@@ -36,7 +36,7 @@ def test_tasks_that_hold_data_declare_their_memory(smoke_data, tmp_path):
     logs.mkdir()
     proc = start_job(job_args(smoke_data, str(tmp_path / "run"), "--set",
                               "build.output_parts=2", groups=False), tmp_path / "log",
-                     {"PIPELINE_HOOKS": fault_hooks.HOOKS, "PIPELINE_TASK_LOG": str(logs),
+                     {"IVF_DISTILL_HOOKS": fault_hooks.HOOKS, "IVF_DISTILL_TASK_LOG": str(logs),
                       "RAY_ADDRESS": ""})
     assert proc.wait(timeout=600) == 0, open(tmp_path / "log").read()[-4000:]
     seen = {}

@@ -6,8 +6,9 @@ import faiss
 import numpy as np
 import pytest
 
-from jobs import distill, prepare_data
 from pipeline import storage
+from pipeline.cli import build as distill
+from pipeline.cli import prepare as prepare_data
 from pipeline.data import readers
 from pipeline.index import build, ondisk
 
@@ -38,7 +39,7 @@ def test_incremental_rebuild(ray_cluster, tmp_path, caplog):
     prepare_data.write_table(prepare_data.embedding_table(np.arange(1000, 2000), changed),
                              os.path.join(corpus, "part-0001.parquet"))
 
-    with caplog.at_level("INFO", logger="pipeline"):
+    with caplog.at_level("INFO", logger="ivf_distill"):
         assert distill.main(args + ["--incremental"]) == 0
     text = caplog.text
     assert "2 of 4 shards new or changed" in text
@@ -61,6 +62,6 @@ def test_incremental_rebuild(ray_cluster, tmp_path, caplog):
 
     # The kept quantizers now stand for the new corpus: a plain rerun has nothing to do.
     caplog.clear()
-    with caplog.at_level("INFO", logger="pipeline"):
+    with caplog.at_level("INFO", logger="ivf_distill"):
         assert distill.main(args) == 0
     assert caplog.text.count("skipped (unchanged)") == 8, caplog.text[-3000:]

@@ -83,7 +83,7 @@ def test_submit_smoke_job(head, smoke_data, tmp_path):
     address, env = head
     out = str(tmp_path / "run")
     job_id = submit(address, env, [
-        "python", "jobs/distill.py", "--config", "jobs/configs/smoke.yaml", "--output", out,
+        "python", "jobs/distill.py", "--config", "smoke", "--output", out,
         "--set", f"data.corpus={smoke_data}/corpus",
         "--set", f"data.train_queries={smoke_data}/train_queries",
         "--set", f"eval.queries={smoke_data}/eval_queries",

@@ -80,14 +80,17 @@ def test_benchmarks_and_layers_below_import_no_stage():
 # Lowest first. A module imports only modules of its own layer or of lower ones.
 LAYERS = [
     ("foundation", ["pipeline.config", "pipeline.storage", "pipeline.console", "pipeline.events",
-                    "pipeline.report", "pipeline.errors"]),
+                    "pipeline.report", "pipeline.errors", "pipeline.presets",
+                    "pipeline.provenance"]),
     ("math and data", ["pipeline.index", "pipeline.quant", "pipeline.data",
                        "pipeline.checkpoint"]),
-    ("runs", ["pipeline.keys", "pipeline.lease", "pipeline.publish", "pipeline.workflow"]),
+    ("runs", ["pipeline.keys", "pipeline.lease", "pipeline.publish", "pipeline.workflow",
+              "pipeline.reader"]),
     ("Ray plumbing", ["pipeline.distributed"]),
     ("stages", ["pipeline.stages"]),
     ("runner", ["pipeline.runner"]),
-    ("entry points", ["jobs", "bench"]),  # the commands and benchmarks: nothing imports them
+    ("commands", ["pipeline.cli", "pipeline.api", "pipeline.__main__"]),
+    ("entry points", ["jobs", "bench"]),  # the scripts and benchmarks: nothing imports them
 ]
 RAY_FROM = 3  # the first layer that may import Ray
 

@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from jobs import distill
 from pipeline import lease, publish, storage
+from pipeline.cli import build as distill
 from pipeline.config import load_config
 
 from .test_e2e import job_args
@@ -124,7 +124,7 @@ def test_sigterm_names_the_stage_releases_the_lease_and_the_rerun_resumes(
     assert not storage.exists(storage.join(out, "stages", stopped, "_manifest.json"))
     assert not storage.exists(storage.join(out, lease.LEASE))
     assert not storage.exists(storage.join(out, "manifest.json"))  # nothing published
-    with caplog.at_level("INFO", logger="pipeline"):
+    with caplog.at_level("INFO", logger="ivf_distill"):
         assert distill.main(args) == 0
     for done in ("ingest", "init"):
         assert f"stage {done}: skipped (unchanged)" in caplog.text, caplog.text[-3000:]
@@ -136,7 +136,7 @@ def test_sigterm_names_the_stage_releases_the_lease_and_the_rerun_resumes(
     info = storage.read_json(storage.join(out, "stages", "teacher", "_manifest.json"))["info"]
     got = load_parts(info["train"] + info["val"])
     ids, xb = readers.read_all(f"{smoke_data}/corpus", "corpus")
-    cfg = load_config("jobs/configs/smoke.yaml", [])
+    cfg = load_config("smoke", [])
     band = knn.Band.of(cfg.teacher)
     S, I, V = knn.finish(knn.block_topk(got["xq"], xb, ids, 10, "ip", True, band=band,
                                         qids=got["qids"]), band)

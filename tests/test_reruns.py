@@ -11,8 +11,10 @@ import threading
 import numpy as np
 import pytest
 
-from jobs import distill, prepare_data, search
 from pipeline import checkpoint, publish, storage
+from pipeline.cli import build as distill
+from pipeline.cli import prepare as prepare_data
+from pipeline.cli import search
 from pipeline.data import readers
 
 from .test_e2e import job_args
@@ -35,7 +37,7 @@ def output(request, ray_cluster, tmp_path_factory):
 
 def rerun(data, out, caplog, *extra) -> str:
     caplog.clear()
-    with caplog.at_level("INFO", logger="pipeline"):
+    with caplog.at_level("INFO", logger="ivf_distill"):
         assert distill.main(job_args(data, out, *extra)) == 0
     return caplog.text
 

@@ -26,7 +26,7 @@ from .conftest import NodeLoss, normalized
 
 
 def smoke_cfg(data, *extra):
-    return load_config("jobs/configs/smoke.yaml", [
+    return load_config("smoke", [
         f"data.corpus={data}/corpus", f"data.train_queries={data}/train_queries",
         f"eval.queries={data}/eval_queries", f"eval.labels={data}/labels",
         "ray.gpu_group=gpu_group", "ray.cpu_group=cpu_group", *extra])
@@ -325,7 +325,7 @@ def test_bad_query_block_is_the_users_error(prepared, tmp_path):
     ValueError that names the setting and the file, not as a remote traceback."""
     import pyarrow.parquet as pq
 
-    from jobs.prepare_data import embedding_table
+    from pipeline.cli.prepare import embedding_table
 
     d = corpus(prepared)[1].shape[1]
     x = normalized(np.random.default_rng(3), 50, d)

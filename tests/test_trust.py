@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from jobs import copy_run, distill, search
 from pipeline import checkpoint, lease, publish, storage
+from pipeline.cli import build as distill
+from pipeline.cli import copy as copy_run
+from pipeline.cli import search
 from pipeline.config import load_config
 from pipeline.data import readers
 from pipeline.data.teacher_parts import table_arrays, teacher_table
@@ -178,7 +180,7 @@ def test_a_planted_pickle_checkpoint_is_set_aside_unexecuted(tmp_path, caplog):
             np.savez(buf, __tree__=np.frombuffer(b'{"array": "a0"}', np.uint8),
                      a0=np.array([_Payload(flag)], dtype=object))
         storage.write_bytes(uri, buf.getvalue())
-        with caplog.at_level("INFO", logger="pipeline"):
+        with caplog.at_level("INFO", logger="ivf_distill"):
             assert not train_stage._resumable(ctx, uri)
         assert not os.path.exists(flag), "the payload ran"
         assert not storage.exists(uri) and "unreadable" in caplog.text
@@ -314,7 +316,7 @@ def test_pruning_keeps_what_readers_may_hold(out):
         assert publish.prune(out, 2, 3600.0, held) == []
         assert publish.prune(out, 2, 0.0, held) == [version(1)]
     with pytest.raises(ValueError, match="keep_versions must be >= 2"):
-        load_config("jobs/configs/smoke.yaml", ["publish.keep_versions=1"])
+        load_config("smoke", ["publish.keep_versions=1"])
 
 
 # --- 5. file identity --------------------------------------------------------------------
@@ -396,10 +398,10 @@ def test_a_409_is_retried(proxy, tmp_path):
 def test_a_store_that_ignores_conditions_is_refused_unless_allowed(proxy, tmp_path, caplog):
     out = f"s3://test/cond/{tmp_path.name}"
     proxy.mode = "strip"
-    cfg = load_config("jobs/configs/smoke.yaml", [f"data.corpus={out}/c"])
+    cfg = load_config("smoke", [f"data.corpus={out}/c"])
     with pytest.raises(ValueError, match="ignores If-None-Match"):
         check_output(cfg, out)
-    cfg = load_config("jobs/configs/smoke.yaml", [f"data.corpus={out}/c",
+    cfg = load_config("smoke", [f"data.corpus={out}/c",
                                                   "publish.require_conditional_writes=false"])
     check_output(cfg, out)
     assert "are NOT kept apart" in caplog.text
@@ -459,7 +461,7 @@ def test_s3_trouble_at_start_fails_fast_and_names_the_uri(s3, tmp_path, fault):
     try:
         t0 = time.time()
         res = subprocess.run([sys.executable, "jobs/distill.py", "--config",
-                              "jobs/configs/smoke.yaml", "--output", out, "--set",
+                              "smoke", "--output", out, "--set",
                               f"data.corpus={corpus}", "--set", "data.train_queries=",
                               "--set", "eval.queries=", "--set", "eval.labels="],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

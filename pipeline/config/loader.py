@@ -3,7 +3,9 @@ errors naming the key and what is accepted, before any work starts."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
+from importlib import resources
 
 import yaml
 
@@ -74,19 +76,56 @@ def _apply_override(raw: dict, override: str) -> None:
         raise InputError(f"override {override!r}: the value is not valid YAML: {e}") from None
 
 
-def load_config(path: str | None = None, overrides: list[str] = ()) -> PipelineConfig:
+def presets() -> list[str]:
+    """The names of the presets shipped with the package (pipeline/presets/*.yaml)."""
+    return sorted(f.name[:-5] for f in resources.files("pipeline.presets").iterdir()
+                  if f.name.endswith(".yaml"))
+
+
+def preset_text(name: str) -> str:
+    if name not in presets():
+        raise InputError(f"no preset {name!r}; the presets are {', '.join(presets())}")
+    return resources.files("pipeline.presets").joinpath(f"{name}.yaml").read_text()
+
+
+def _config_text(path: str) -> str:
+    """A preset's text by name (demo, smoke, example), else the file at path."""
+    if os.sep not in path and not path.endswith((".yaml", ".yml")) and path in presets():
+        return preset_text(path)
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise InputError(f"--config: {path} does not exist (a file, or one of the presets: "
+                         f"{', '.join(presets())})") from None
+
+
+def _merge(raw: dict, settings: dict, where: str = "") -> None:
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            node = raw.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise InputError(f"{where}{key} is not a section")
+            _merge(node, value, f"{where}{key}.")
+        else:
+            raw[key] = value
+
+
+def load_config(path: str | None = None, overrides: list[str] = (),
+                settings: dict | None = None) -> PipelineConfig:
+    """The config from a YAML file or a preset's name, then `settings` (sections as nested
+    dicts, e.g. {"index": {"M": 16}}), then `overrides` (KEY=VALUE strings) applied."""
     raw: dict = {}
     if path:
+        text = _config_text(path)
         try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise InputError(f"--config: {path} does not exist") from None
+            raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise InputError(f"--config: {path} is not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise InputError(f"--config: {path} must be a mapping of sections (data:, index:, "
                              f"...), not a {type(raw).__name__}")
+    _merge(raw, settings or {})
     for o in overrides:
         _apply_override(raw, o)
     cfg = _build(PipelineConfig, raw, "")

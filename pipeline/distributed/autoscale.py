@@ -25,7 +25,7 @@ from pipeline.distributed.placement import (
 )
 from pipeline.errors import InputError
 
-log = logging.getLogger("pipeline.distributed.autoscale")
+log = logging.getLogger("ivf_distill.distributed.autoscale")
 
 # How often the wait looks at the cluster, and how often it says so.
 POLL_S, REPORT_S = 1.0, 10.0

@@ -41,7 +41,7 @@ from pipeline.distributed.tasks import pin_threads, wait_all
 from pipeline.index import gpu
 from pipeline.index.knn import Band, block_topk, finish, merge_topk, pick_device
 
-log = logging.getLogger("pipeline.exact_knn")
+log = logging.getLogger("ivf_distill.exact_knn")
 
 MERGE_FANIN = 32  # worker results merged per task: bounds a merge task's memory
 PROGRESS_EVERY = 30.0  # seconds between a search worker's progress lines
@@ -64,7 +64,7 @@ class _Searcher:
         self.k, self.metric, self.band, self.threads = k, metric, band, threads
         self.exclude_self, self.keep = exclude_self, keep_vectors
         self.device = pick_device(gpus)
-        self.folder = tempfile.mkdtemp(prefix="vq-search-")
+        self.folder = tempfile.mkdtemp(prefix="ivf-distill-search-")
         self.held = []  # per shard read: (its ids sorted, their rows, its vectors' file)
 
     def where(self) -> str:

@@ -16,7 +16,7 @@ from pipeline.data import readers
 from pipeline.distributed.placement import Group, placement
 from pipeline.errors import InputError
 
-log = logging.getLogger("pipeline.distributed")
+log = logging.getLogger("ivf_distill.distributed")
 
 
 def trim_heap() -> None:

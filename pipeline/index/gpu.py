@@ -16,7 +16,7 @@ import logging
 
 import faiss
 
-log = logging.getLogger("pipeline.index.gpu")
+log = logging.getLogger("ivf_distill.index.gpu")
 
 # The shared memory faiss-gpu's IVFPQ scan may use for a query's float32 look-up table.
 GPU_LUT_BYTES = 48 << 10

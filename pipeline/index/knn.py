@@ -22,7 +22,7 @@ import torch
 
 from pipeline.errors import InputError
 
-log = logging.getLogger("pipeline.index.knn")
+log = logging.getLogger("ivf_distill.index.knn")
 
 
 @dataclass(frozen=True)

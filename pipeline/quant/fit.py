@@ -25,7 +25,7 @@ from pipeline.quant.loop import (
 )
 from pipeline.quant.model import Student
 
-log = logging.getLogger("pipeline.quant.fit")
+log = logging.getLogger("ivf_distill.quant.fit")
 
 
 def build_student(params: Params, cfg) -> Student:

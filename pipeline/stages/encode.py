@@ -38,7 +38,7 @@ from pipeline.workflow.results import (
 )
 from pipeline.workflow.stage import METHODS, Context, Stage, built_methods
 
-log = logging.getLogger("pipeline.stages.encode")
+log = logging.getLogger("ivf_distill.stages.encode")
 
 
 @ray.remote(max_retries=2)

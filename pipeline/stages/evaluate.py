@@ -26,7 +26,7 @@ from pipeline.index.knn import block_topk
 from pipeline.workflow.results import Evaluated, Ingested, Merged
 from pipeline.workflow.stage import METHODS, Context, Stage, method_names
 
-log = logging.getLogger("pipeline.stages.evaluate")
+log = logging.getLogger("ivf_distill.stages.evaluate")
 
 
 @ray.remote

@@ -22,7 +22,7 @@ from pipeline.index.build import check_shape
 from pipeline.workflow.results import Ingested, Plan
 from pipeline.workflow.stage import Context, Stage
 
-log = logging.getLogger("pipeline.stages.ingest")
+log = logging.getLogger("ivf_distill.stages.ingest")
 
 
 def preflight(cfg: PipelineConfig) -> Plan:

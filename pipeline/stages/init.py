@@ -21,7 +21,7 @@ from pipeline.index import build, gpu
 from pipeline.workflow.results import Initialized
 from pipeline.workflow.stage import Context, Stage
 
-log = logging.getLogger("pipeline.stages.init")
+log = logging.getLogger("ivf_distill.stages.init")
 
 
 @ray.remote

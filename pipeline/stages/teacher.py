@@ -15,7 +15,7 @@ from pipeline.workflow.stage import Context, Stage
 
 F16_MAX = 65504.0  # the largest finite float16
 
-log = logging.getLogger("pipeline.stages.teacher")
+log = logging.getLogger("ivf_distill.stages.teacher")
 
 
 def run(ctx: Context) -> Taught:

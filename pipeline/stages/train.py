@@ -37,7 +37,7 @@ from pipeline.quant.loop import TrainData, sum_touched_rows
 from pipeline.workflow.results import Taught, Trained
 from pipeline.workflow.stage import Context, Stage
 
-log = logging.getLogger("pipeline.stages.train")
+log = logging.getLogger("ivf_distill.stages.train")
 
 
 CHECKPOINT = "checkpoint.npz"

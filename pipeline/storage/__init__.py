@@ -218,7 +218,7 @@ def sha256_uri(uri: str) -> str:
 @contextmanager
 def scratch(prefix: str):
     """A local scratch folder for the block, removed on every way out of it."""
-    path = tempfile.mkdtemp(prefix=f"vq-{prefix}-")
+    path = tempfile.mkdtemp(prefix=f"ivf-distill-{prefix}-")
     try:
         yield path
     finally:

@@ -15,7 +15,7 @@ from pipeline import storage
 from pipeline.config import Baseline, BuildConfig, IndexConfig, PipelineConfig
 from pipeline.workflow import results
 
-log = logging.getLogger("pipeline.stages")
+log = logging.getLogger("ivf_distill.stages")
 
 # The sections every stage is given and no stage key covers: how the work is spread, which
 # changes no result (pipeline.config.RayConfig).
