@@ -50,7 +50,8 @@ HISTORY_LIMIT = 200  # entries kept in _history.json
 VERSION_RE = re.compile(r"^\d{8}T\d{6}(\.\d{6})?Z-[0-9a-f]{8}$")
 # The manifest fields that name files, beside its "files" table: each index's parts (headers,
 # in list order) and, for a one-part index, its pair by the names plain faiss users open.
-NAMED = ("index", "ivfdata", "baseline_index", "fastscan_index")
+NAMED = ("index", "ivfdata", "baseline_index", "fastscan_index", "id_map")
+ID_MAP = "ids.parquet"  # string corpus ids: (index_id int64, id string), beside the index
 NAMED_LISTS = ("index_parts", "baseline_parts", "fastscan_parts")
 ONE_PART = {"index": "index", "baseline": "baseline_index"}
 
@@ -198,6 +199,8 @@ def publish(output: str, indexes: dict, extra: dict, meta: dict, keys: dict, hel
                 manifest["fastscan_index"] = manifest["fastscan_parts"][0]
     if "index" in manifest:
         manifest["ivfdata"] = ondisk.data_file(manifest["index"])
+    if ID_MAP in extra:
+        manifest["id_map"] = f"{vrel}/{ID_MAP}"
     data = storage.json_bytes(manifest)
     held.write(storage.join(vdir, POINTER), data)  # the version is complete
     swap(output, data, tag, version, (current or {}).get("version"), held)

@@ -19,6 +19,8 @@ import ray
 
 from pipeline import keys, lease, provenance, publish, report, storage
 from pipeline.config import PipelineConfig, validate_for_pipeline
+from pipeline.data import readers
+from pipeline.data.plan import Shard
 from pipeline.distributed.autoscale import ensure_groups
 from pipeline.distributed.tasks import trim_heap
 from pipeline.errors import InputError
@@ -260,6 +262,8 @@ def _publish(cfg: PipelineConfig, run: Run, rows: list[dict], seconds: dict,
     ingested = run.result(ingest.STAGE)
     n = ingested.n
     extra = {"config.json": storage.json_bytes({"config": cfg.to_dict(), "hash": cfg.hash()})}
+    if ingested.string_ids:
+        extra[publish.ID_MAP] = readers.id_map_bytes([Shard(**s) for s in ingested.shards])
     if rows:
         train_info = dataclasses.asdict(run.result(train.STAGE))
         summary = {"index": "index/index.index" if merged.parts == 1

@@ -227,3 +227,55 @@ def _download_index(out, tmp_path):
     for name in ("index.index", "index.ivfdata"):
         storage.download_file(f"{folder}/{name}", str(tmp_path / name))
     return str(tmp_path / "index.index")
+
+
+def _user_table(ids, x, id_name: str, vec_name: str):
+    import pyarrow as pa
+
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(x).ravel()),
+                                            x.shape[1])
+    return pa.table({id_name: ids, vec_name: emb, "title": ids})  # one more column, ignored
+
+
+def test_string_ids_and_renamed_columns_come_back_as_the_users_ids(ray_cluster, tmp_path):
+    """A corpus as people export it: Parquet with string ids in `doc` and vectors in `vec`, and
+    queries with no id column at all. The published version maps the index's row numbers back
+    to the strings, and both the reader and the search command answer with them."""
+    import pyarrow.parquet as pq
+
+    from pipeline.cli.prepare import synthetic
+    from pipeline.reader import open_index
+
+    xb, xt, _, xq, _, _ = synthetic(3000, 32)
+    names = np.array([f"pkg-{i:05d}" for i in range(len(xb))])
+    data = tmp_path / "data"
+    for sub in ("corpus", "train", "eval"):
+        (data / sub).mkdir(parents=True)
+    for p, (a, b) in enumerate([(0, 1200), (1200, 3000)]):  # two files: offsets continue
+        pq.write_table(_user_table(names[a:b], xb[a:b], "doc", "vec"),
+                       data / "corpus" / f"part-{p}.parquet")
+    pq.write_table(_user_table(np.arange(len(xt)), xt, "doc", "vec").drop(["doc", "title"]),
+                   data / "train" / "q.parquet")
+    pq.write_table(_user_table(np.arange(len(xq)), xq, "doc", "vec").drop(["doc", "title"]),
+                   data / "eval" / "q.parquet")
+    out = str(tmp_path / "out")
+    assert distill.main(["--config", "smoke", "--output", out,
+                         "--set", f"data.corpus={data}/corpus",
+                         "--set", f"data.train_queries={data}/train",
+                         "--set", f"eval.queries={data}/eval", "--set", "eval.labels=",
+                         "--set", "data.id_column=doc", "--set", "data.embedding_column=vec",
+                         *GROUPS]) == 0
+    index = open_index(out)
+    scores, ids = index.search(xq[:50], k=5, nprobe=16)
+    assert ids.dtype == object and all(str(i).startswith("pkg-") for i in ids.ravel())
+    # The index holds row numbers across the files in sorted order; the map names each row
+    # by the string its file gave it.
+    D, rows = index.faiss.search(np.ascontiguousarray(xq[:50]), 5)
+    assert (ids == names[rows]).all() and np.array_equal(D, scores)
+    res = subprocess.run([sys.executable, "jobs/search.py", "--index", out, "--queries",
+                          f"{data}/eval", "-k", "3", "--nprobe", "16",
+                          "--embedding-column", "vec"], cwd=ROOT,
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    assert res.returncode == 0, res.stderr
+    first = res.stdout.splitlines()[0].split("\t")[1].split()
+    assert [h.split(":")[0] for h in first] == list(ids[0][:3])

@@ -32,6 +32,10 @@ def main(argv=None) -> int:
     ap.add_argument("-k", type=int, default=10)
     ap.add_argument("--nprobe", type=int, default=16)
     ap.add_argument("--out", help="write Parquet (query_id, rank, id, score) here instead")
+    ap.add_argument("--id-column", default="id",
+                    help="the queries' id column (Parquet; absent: row numbers)")
+    ap.add_argument("--embedding-column", default="embedding",
+                    help="the queries' vector column (Parquet)")
     ap.add_argument("--cache", metavar="FOLDER",
                     help="where copies of S3 files are kept between calls (default "
                          f"${reader.CACHE_ENV} or ~/.cache/ivf-distill)")
@@ -41,7 +45,8 @@ def main(argv=None) -> int:
     try:
         if args.nprobe < 1 or args.k < 1:  # before any I/O
             raise InputError(f"--nprobe and -k must be >= 1, got {args.nprobe} and {args.k}")
-        qids, xq = readers.read_all(args.queries, "--queries")
+        qids, xq = readers.read_all(args.queries, "--queries", 0,
+                                    (args.id_column, args.embedding_column))
         index = reader.open_index(args.index, args.cache, args.fastscan)
         if xq.shape[1] != index.d:
             raise InputError(f"--queries have d={xq.shape[1]}, the index has d={index.d}")

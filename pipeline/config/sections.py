@@ -35,11 +35,21 @@ class DataConfig:
     seed: int = 0  # seed of the training sample and of the pseudo-queries drawn from it
     metric: Metric = Metric.IP  # ip for normalised embeddings (cosine), l2 otherwise
     verify: Verify = Verify.METADATA  # how a rerun tells that an input file changed
+    id_column: str = "id"  # Parquet: the ids (int64, or strings: mapped, see docs/outputs.md); absent: row numbers
+    embedding_column: str = "embedding"  # Parquet: the vectors (list of float)
+
+    @property
+    def columns(self) -> tuple[str, str]:
+        return self.id_column, self.embedding_column
 
     def __post_init__(self):
         typed_modes(self)
         if self.rows_per_shard < 1 or self.train_sample < 1:
             raise InputError("data.rows_per_shard and data.train_sample must be >= 1")
+        if not self.id_column or not self.embedding_column \
+                or self.id_column == self.embedding_column:
+            raise InputError("data.id_column and data.embedding_column must name two different "
+                             "columns")
 
 
 @dataclass(frozen=True)

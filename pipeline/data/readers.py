@@ -1,8 +1,10 @@
 """Readers for the input contract: Parquet (id, embedding), .npy, texmex .fvecs / .bvecs.
 
-Every reader returns `(ids, x)`: ids (n,) int64 and x (n, d) float32. Files without an id
-column (.npy, .fvecs, .bvecs) get ids `id_offset + row`, with the offset given by the shard plan
-(files in sorted order, numbered consecutively).
+Every reader returns `(ids, x)`: ids (n,) int64 and x (n, d) float32. Files without an integer
+id column (.npy, .fvecs, .bvecs; Parquet without the id column, or with string ids) get ids
+`id_offset + row`, with the offset given by the shard plan (files in sorted order, numbered
+consecutively). String ids are kept apart (`read_id_strings`): the published id map turns the
+index's row numbers back into them.
 """
 from __future__ import annotations
 
@@ -82,22 +84,46 @@ def _npy_header(f):
     return shape, fortran, dtype, f.tell()
 
 
-def probe(uri: str, id_cols=("id", "embedding")) -> tuple[int, int | None]:
-    """(rows, d) from metadata alone; d is None where only the data tells (list<float>)."""
+def id_kind(uri: str, column: str = "id") -> str:
+    """How a file gives its ids: "int" (an integer column), "string" (a string column, mapped
+    to row numbers) or "rows" (no such column, or not Parquet: row numbers)."""
+    if not uri.endswith(".parquet"):
+        return "rows"
+    schema = _parquet_file(uri).schema_arrow
+    if column not in schema.names:
+        return "rows"
+    t = schema.field(column).type
+    if pa.types.is_integer(t):
+        return "int"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    raise InputError(f"{uri}: column {column!r} is {t}; ids must be integers (int64, from 0 to "
+                     "2**63 - 1) or strings (set data.id_column to the id column)")
+
+
+def probe(uri: str, id_cols=("id", "embedding"), optional_id: bool = False
+          ) -> tuple[int, int | None]:
+    """(rows, d) from metadata alone; d is None where only the data tells (list<float>).
+    optional_id: a vector file whose id column is absent or holds strings is read with row
+    numbers as ids (id_kind); label files (optional_id False) need both columns as integers."""
     fs, path = storage.get_fs(uri)
     if uri.endswith(".parquet"):
         pf = _parquet_file(uri)
         names = pf.schema_arrow.names
-        missing = [c for c in id_cols if c not in names]
+        missing = [c for c in id_cols if c not in names and not (optional_id and c == id_cols[0])]
         if missing:
             raise InputError(
                 f"{uri}: missing column(s) {missing}; found {names}. The input contract is "
-                f"Parquet with columns {list(id_cols)}"
+                f"Parquet with columns {list(id_cols)}" + (
+                    " (name the vectors' column: data.embedding_column, or --embedding-column)" if optional_id else "")
             )
-        id_type = pf.schema_arrow.field(id_cols[0]).type
-        if not pa.types.is_integer(id_type):
-            raise InputError(f"{uri}: column {id_cols[0]!r} is {id_type}; ids must be integers "
-                             "(int64, from 0 to 2**63 - 1)")
+        if optional_id:
+            id_kind(uri, id_cols[0])
+        else:
+            id_type = pf.schema_arrow.field(id_cols[0]).type
+            if not pa.types.is_integer(id_type):
+                raise InputError(f"{uri}: column {id_cols[0]!r} is {id_type}; ids must be "
+                                 "integers (int64, from 0 to 2**63 - 1)")
         t = pf.schema_arrow.field(id_cols[-1]).type
         d = t.list_size if pa.types.is_fixed_size_list(t) else None
         return pf.metadata.num_rows, d
@@ -152,15 +178,19 @@ def read_rows(uri: str, start: int, stop: int, id_offset: int = 0,
                 groups.append(g)
                 first = pos if first is None else first
             pos += n
+        int_ids = id_kind(uri, columns[0]) == "int"
+        wanted = list(columns) if int_ids else [columns[1]]
         try:
-            table = pf.read_row_groups(groups, columns=list(columns))
+            table = pf.read_row_groups(groups, columns=wanted)
         except (OSError, pa.ArrowException) as e:
             raise InputError(_unreadable(f"{uri} rows {start}-{stop}", e)) from None
+        names = pf.schema_arrow.names
         events.emit("read", nbytes=sum(
-            pf.metadata.row_group(g).column(c).total_compressed_size
-            for g in groups for c in range(pf.metadata.num_columns)))
+            pf.metadata.row_group(g).column(names.index(c)).total_compressed_size
+            for g in groups for c in wanted))
         table = table.slice(start - first, stop - start)
-        ids = checked_ids(table.column(columns[0]), uri, columns[0])
+        ids = checked_ids(table.column(columns[0]), uri, columns[0]) if int_ids else \
+            np.arange(id_offset + start, id_offset + stop, dtype=np.int64)
         return ids, _embedding_to_numpy(table.column(columns[1]), uri)
     ids = np.arange(id_offset + start, id_offset + stop, dtype=np.int64)
     with fs.open(path, "rb") as f:
@@ -180,6 +210,16 @@ def read_rows(uri: str, start: int, stop: int, id_offset: int = 0,
     body = raw[:, 4:]
     x = body.copy().view(np.float32) if itemsize == 4 else body.astype(np.float32)
     return ids, x
+
+
+def read_shard(s) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of a shard or query block (pipeline.data.plan.Shard)."""
+    return read_rows(s.uri, s.start, s.stop, s.id_offset, s.columns)
+
+
+def read_id_strings(uri: str, column: str) -> pa.Array:
+    """A file's string ids, in row order."""
+    return _parquet_file(uri).read(columns=[column]).column(column).combine_chunks()
 
 
 def checked_ids(col: pa.ChunkedArray, uri: str, name: str) -> np.ndarray:
@@ -216,14 +256,15 @@ def check_block(ids: np.ndarray, x: np.ndarray, where: str, d: int | None = None
         raise InputError(f"{where}: duplicate ids {u[c > 1][:5].tolist()}; ids must be unique")
 
 
-def read_all(uri: str, what: str, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def read_all(uri: str, what: str, limit: int = 0, columns=("id", "embedding")
+             ) -> tuple[np.ndarray, np.ndarray]:
     """Every row under `uri`, for query sets (which are assumed to fit in memory)."""
     ids_parts, x_parts, offset, n = [], [], 0, 0
     for f in list_inputs(uri, what):
-        rows, _ = probe(f)
+        rows, _ = probe(f, columns, optional_id=True)
         if not rows:
             continue
-        ids, x = read_rows(f, 0, rows, id_offset=offset)
+        ids, x = read_rows(f, 0, rows, id_offset=offset, columns=columns)
         offset += rows
         ids_parts.append(ids)
         x_parts.append(x)
@@ -239,18 +280,18 @@ def read_all(uri: str, what: str, limit: int = 0) -> tuple[np.ndarray, np.ndarra
     return ids, np.ascontiguousarray(x)
 
 
-def query_files(what: str, uri: str, d: int, content: bool = False
-                ) -> list[tuple[str, int, str]]:
+def query_files(what: str, uri: str, d: int, content: bool = False,
+                columns=("id", "embedding")) -> list[tuple[str, int, str]]:
     """Metadata checks of a query or label set (`what` names its setting): rows present, the
     corpus's dimension. Returns [(file, rows, fingerprint)] in order (content: see
     fingerprint)."""
     files = list_inputs(uri, what)
-    cols = ("query_id", "doc_id") if what == "eval.labels" else ("id", "embedding")
+    cols = ("query_id", "doc_id") if what == "eval.labels" else columns
     out = []
     for f in files:
         if what == "eval.labels" and not f.endswith(".parquet"):
             raise InputError(f"eval.labels: {f} must be Parquet with columns query_id, doc_id")
-        n, qd = probe(f, cols)
+        n, qd = probe(f, cols, optional_id=what != "eval.labels")
         if what != "eval.labels" and qd is not None and qd != d:
             raise InputError(f"{what}: dimension {qd} disagrees with the corpus's {d}")
         out.append((f, n, fingerprint(f, content)))
@@ -276,3 +317,26 @@ def read_labels(uri: str) -> dict[int, set[int]]:
     if not qrels:
         raise InputError(f"eval.labels: {uri} holds no labels; give some or leave it empty")
     return qrels
+
+
+def id_map_bytes(shards: list) -> bytes:
+    """The id map of a corpus with string ids, as Parquet (index_id int64, id string): the
+    index holds each vector under its row number across the files (Shard.id_offset + row),
+    and the map gives its string id back. Memory: one file's ids at a time, plus the map's
+    Parquet bytes (about the ids' size, compressed)."""
+    import io
+
+    files = {}
+    for s in shards:  # one entry per file, in corpus order
+        files.setdefault(s.uri, s)
+    buf = io.BytesIO()
+    schema = pa.schema([("index_id", pa.int64()), ("id", pa.large_string())])
+    with pq.ParquetWriter(buf, schema) as writer:
+        for uri, s in files.items():
+            ids = read_id_strings(uri, s.id_column).cast(pa.large_string())
+            if ids.null_count:
+                raise InputError(f"{uri}: column {s.id_column!r} has {ids.null_count} null ids; "
+                                 "every row needs an id")
+            index_ids = pa.array(np.arange(s.id_offset, s.id_offset + len(ids)), pa.int64())
+            writer.write_table(pa.table([index_ids, ids], schema=schema))
+    return buf.getvalue()

@@ -88,7 +88,7 @@ class _Searcher:
                 log.info("search worker: %d/%d shards searched, %.0fs elapsed, ETA %.0fs", i,
                          len(shards), last - t0, (last - t0) / i * (len(shards) - i))
             s = Shard(**shard)
-            ids, x = readers.read_rows(s.uri, s.start, s.stop, s.id_offset)
+            ids, x = readers.read_shard(s)
             if self.keep:
                 self._hold(ids, x)
             for b, (qids, q) in enumerate(zip(q_blocks[:n], q_blocks[n:])):
@@ -130,7 +130,7 @@ class _Searcher:
 def _read_block(block: dict, d: int, what: str) -> tuple[np.ndarray, np.ndarray]:
     """(ids, x) of one query block, checked as ingest checks the corpus."""
     b = Shard(**block)
-    ids, x = readers.read_rows(b.uri, b.start, b.stop, b.id_offset)
+    ids, x = readers.read_shard(b)
     readers.check_block(ids, x, f"{what}: {b.uri} rows {b.start}-{b.stop}", d)
     return ids, np.ascontiguousarray(x)
 

@@ -13,6 +13,7 @@ import ray
 from pipeline import events
 from pipeline.config import RayConfig
 from pipeline.data import readers
+from pipeline.data.plan import Shard
 from pipeline.distributed.placement import Group, placement
 from pipeline.errors import InputError
 
@@ -97,8 +98,7 @@ def check_unique_ids(cfg: RayConfig, spans: list, blocks: list[dict], what: str)
     overlapping = {i for a, b in zip(order, order[1:]) if b[0] <= a[1] for i in (a[2], b[2])}
     if not overlapping:
         return
-    read_ids = ray.remote(lambda sh: readers.read_rows(sh["uri"], sh["start"], sh["stop"],
-                                                       sh["id_offset"])[0])
+    read_ids = ray.remote(lambda sh: readers.read_shard(Shard(**sh))[0])
     read_ids = read_ids.options(resources=placement(cfg, Group.CPU))
     ids = np.concatenate(ray.get([read_ids.remote(blocks[i]) for i in sorted(overlapping)]))
     u, c = np.unique(ids, return_counts=True)

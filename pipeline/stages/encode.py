@@ -117,7 +117,7 @@ def _encode_shard(shard: dict, out_dirs: list[str], gpus: float, *trained: np.nd
         return {"counts": counts, "device": ""}
     pin_threads()
     device = ""
-    ids, x = readers.read_rows(s.uri, s.start, s.stop, s.id_offset)
+    ids, x = readers.read_shard(s)
     for i, (out_dir, blob) in enumerate(zip(out_dirs, trained)):
         if counts[i] is not None:
             continue

@@ -78,14 +78,15 @@ def _score(gt_uris: list[str], k: int, metric: str, labels_uri: str, spans: dict
 
 @ray.remote
 def _compare_on_sample(sample_uri: str, trained: dict, queries_uri: str, max_queries: int,
-                       k: int, nprobes: tuple, metric: str) -> dict:
+                       k: int, nprobes: tuple, metric: str, *,
+                       columns: tuple[str, str] = ("id", "embedding")) -> dict:
     """build.baseline=sample: each method's trained index over the training sample (ids
     0..n-1), searched by the evaluation queries against their exact neighbours in the
     sample. Returns {method: metric sums}. Memory: the sample, the queries and one index of
     the sample."""
     pin_threads()
     x = storage.load_npz(sample_uri)["x"]
-    qids, xq = readers.read_all(queries_uri, "eval.queries", max_queries)
+    qids, xq = readers.read_all(queries_uri, "eval.queries", max_queries, columns)
     gt = block_topk(xq, x, np.arange(len(x)), k, metric)[1]
     out = {}
     for method, uri in trained.items():
@@ -129,9 +130,10 @@ def run(ctx: Context) -> Evaluated:
     cfg = ctx.cfg
     plan: Ingested = ctx.inputs["ingest"]
     merged: Merged = ctx.inputs["merge"]
-    files = readers.query_files("eval.queries", cfg.eval.queries, plan.d)
+    files = readers.query_files("eval.queries", cfg.eval.queries, plan.d,
+                                columns=cfg.data.columns)
     blocks = [b.to_dict() for b in plan_blocks(files, cfg.teacher.query_block,
-                                                cfg.eval.max_queries)]
+                                                cfg.eval.max_queries, cfg.data.columns)]
     k = max(cfg.eval.k, 10)
     gt = distributed_topk(cfg.ray, cfg.data.metric, plan.shards, blocks, plan.d, k,
                           ctx.path("gt"), "evaluate: exact top-k of eval.queries",
@@ -164,7 +166,8 @@ def run(ctx: Context) -> Evaluated:
         trained = {m: ctx.upstream(*where) for m, (where, _) in METHODS.items()}
         refs.append(_compare_on_sample.options(resources=placement(cfg.ray, Group.CPU)).remote(
             ctx.upstream("ingest", "sample.npz"), trained, cfg.eval.queries,
-            cfg.eval.max_queries, k, cfg.eval.nprobe, cfg.data.metric))
+            cfg.eval.max_queries, k, cfg.eval.nprobe, cfg.data.metric,
+            columns=cfg.data.columns))
     results = wait_all(refs, "evaluate: searches")
     on_sample = results.pop() if cfg.build.baseline == Baseline.SAMPLE else {}
     log.info("evaluate: the searches read %d bytes of index parts",

@@ -30,12 +30,26 @@ def preflight(cfg: PipelineConfig) -> Plan:
     whole config against the data, so it reads every section: it is the job's boundary, not a
     stage, and records nothing."""
     files = readers.list_inputs(cfg.data.corpus, "data.corpus")
-    probed = [(f, *readers.probe(f)) for f in files]
+    columns = cfg.data.columns
+    probed = [(f, *readers.probe(f, columns, optional_id=True)) for f in files]
+    id_kinds = {readers.id_kind(f, cfg.data.id_column) for f in files}
+    if len(id_kinds) > 1:
+        raise InputError(f"data.corpus: some files give ids as {' and some as '.join(id_kinds)} "
+                         f"(column {cfg.data.id_column!r}: integers, strings, or absent for row "
+                         "numbers); every file must give them the same way")
+    (ids_as,) = id_kinds
+    if ids_as == "rows" and files[0].endswith(".parquet"):
+        log.warning("data.corpus: no column %r: the ids are row numbers across the files in "
+                    "sorted order (set data.id_column to the id column)", cfg.data.id_column)
+    if ids_as == "string" and cfg.eval.labels:
+        raise InputError("eval.labels with string corpus ids is not supported: labels name "
+                         "documents by int64 id. Leave eval.labels empty (recall against the "
+                         "exact neighbours is still measured), or give integer ids")
     n = sum(rows for _, rows, _ in probed)
     if n == 0:
         raise InputError(f"data.corpus: {cfg.data.corpus} holds no rows (empty corpus)")
     # list<float> Parquet gives its dimension only in the data: one row of each such file
-    dims = {f: d if d is not None else readers.read_rows(f, 0, 1)[1].shape[1]
+    dims = {f: d if d is not None else readers.read_rows(f, 0, 1, 0, columns)[1].shape[1]
             for f, rows, d in probed if rows}
     if len(set(dims.values())) > 1:
         by_d = {}
@@ -63,13 +77,14 @@ def preflight(cfg: PipelineConfig) -> Plan:
         section, field = name.split(".")
         uri = getattr(getattr(cfg, section), field)
         if uri:
-            query_files[name] = readers.query_files(name, uri, d, content)
+            query_files[name] = readers.query_files(name, uri, d, content, columns)
             fingerprints[name] = [(f, fp) for f, _, fp in query_files[name]]
     if cfg.eval.queries:  # NaN, inf or duplicate ids: found now, not after training
-        readers.read_all(cfg.eval.queries, "eval.queries", cfg.eval.max_queries)
+        readers.read_all(cfg.eval.queries, "eval.queries", cfg.eval.max_queries, columns)
     shards = plan_shards([(f, rows, fp) for (f, rows, _), (_, fp) in
-                          zip(probed, fingerprints["data.corpus"])], cfg.data.rows_per_shard)
-    return Plan(n=n, d=d, shards=[s.to_dict() for s in shards],
+                          zip(probed, fingerprints["data.corpus"])], cfg.data.rows_per_shard,
+                         columns)
+    return Plan(n=n, d=d, shards=[s.to_dict() for s in shards], string_ids=ids_as == "string",
                 train_query_files=[list(f) for f in query_files.get("data.train_queries", [])],
                 inputs={k: keys.input_digest(v) for k, v in fingerprints.items()})
 
@@ -77,7 +92,7 @@ def preflight(cfg: PipelineConfig) -> Plan:
 def scan_shard(shard: dict, d: int, sample_p: float, seed: int) -> dict:
     """Pure kernel: validate one shard and draw its Bernoulli sample of training vectors."""
     s = Shard(**shard)
-    ids, x = readers.read_rows(s.uri, s.start, s.stop, s.id_offset)
+    ids, x = readers.read_shard(s)
     readers.check_block(ids, x, f"{s.uri} rows {s.start}-{s.stop}", d)
     rng = np.random.default_rng([seed, s.shard_id])
     keep = rng.random(len(ids)) < sample_p
@@ -201,6 +216,7 @@ def run_incremental(ctx: Context) -> Ingested:
     log.info("ingest (incremental): %d of %d shards new or changed, %d vectors (%.1fs)",
              len(fresh), len(current), plan.n, time.time() - t0)
     return Ingested(n=plan.n, d=plan.d, shards=plan.shards, inputs=plan.inputs,
+                    string_ids=plan.string_ids,
                     train_query_files=prev.train_query_files, sample=prev.sample,
                     train_queries=prev.train_queries, spans=spans, max_abs=max_abs,
                     changed_shards=len(fresh))
@@ -216,7 +232,8 @@ def run(ctx: Context) -> Ingested:
              min(cfg.data.train_sample, plan.n), budget)
     p = min(1.0, cfg.data.train_sample / plan.n)
     qfiles = first_rows([tuple(f) for f in plan.train_query_files], cfg.data.max_train_queries)
-    qblocks = [b.to_dict() for b in plan_blocks(qfiles, cfg.data.rows_per_shard)]
+    qblocks = [b.to_dict() for b in plan_blocks(qfiles, cfg.data.rows_per_shard,
+                                                columns=cfg.data.columns)]
     pieces = ctx.path("sample-pieces")
     stats = _scan(cfg.ray, [(s, p) for s in plan.shards] + [(b, 0.0) for b in qblocks],
                   plan.d, cfg.data.seed, pieces)
@@ -249,6 +266,7 @@ def run(ctx: Context) -> Ingested:
              "queries (%.1fs)", plan.n, plan.d, len(plan.shards), sampled,
              n_queries, time.time() - t0)
     return Ingested(n=plan.n, d=plan.d, shards=plan.shards, inputs=plan.inputs,
+                    string_ids=plan.string_ids,
                     train_query_files=qfiles, sample=sampled, train_queries=n_queries,
                     spans=_spans(zip(plan.shards, stats)),
                     max_abs=max(s["max_abs"] for s in stats), changed_shards=len(plan.shards))

@@ -23,7 +23,7 @@ def run(ctx: Context) -> Taught:
     plan: Ingested = ctx.inputs["ingest"]
     te = ctx.cfg.teacher
     blocks = [b.to_dict() for b in plan_blocks([tuple(f) for f in plan.train_query_files],
-                                                te.query_block)]
+                                                te.query_block, columns=ctx.cfg.data.columns)]
     band = Band.of(te)
     # Neighbour vectors travel as float16, unless a coordinate would overflow it (inf, and
     # then masked as an empty slot): then as float32, at twice the bytes.

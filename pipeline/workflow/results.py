@@ -20,6 +20,7 @@ class Plan:
     shards: list  # Shard dicts (pipeline.data.plan.Shard.to_dict), in corpus order
     train_query_files: list  # [file, rows, fingerprint] of the training queries
     inputs: dict  # {"section.field": digest of that input's files' identities}
+    string_ids: bool = False  # the corpus's ids are strings: the index holds row numbers
 
 
 @dataclass(frozen=True)
