@@ -14,7 +14,8 @@ LOSS_PNG = "report-loss.png"
 # report row field -> its column head in text tables
 TABLE_COLUMNS = {"method": "method", "bytes_per_vector": "B/vec", "nlist": "nlist",
                  "nprobe": "nprobe", "recall_at_10": "R@10", "recall_at_100": "R@100",
-                 "mrr_at_10": "MRR@10", "label_recall_at_10": "labelR@10"}
+                 "mrr_at_10": "MRR@10", "label_recall_at_10": "labelR@10",
+                 "qps_1thread": "QPS(1 thread)", "codes_per_query": "codes/query"}
 
 
 def _figure(width: float, height: float, ncols: int = 1):
@@ -85,6 +86,9 @@ def loss_plot(history: list[dict], warm_val: float | None = None) -> bytes:
     return _png(plt, fig)
 
 
+SPEED_FORMATS = {"qps_1thread": "{:,.0f}", "codes_per_query": "{:,.0f}"}
+
+
 def _table(head: list[str], body: list[list], formats: list[str] | None = None) -> str:
     """An HTML table; `formats` gives each column's float format ("{:.4f}" by default).
     Text columns are left-aligned, numbers right-aligned."""
@@ -141,10 +145,14 @@ def render(rows: list[dict], train_info: dict | None, wall_seconds: dict, summar
         _table(["index", "vectors", "bytes/vector", "config hash"],
                [[summary["index"], summary["vectors"], summary["bytes_per_vector"],
                  summary["config_hash"]]]),
-        "<h2>Retrieval quality</h2>",
+        "<h2>Retrieval quality and speed</h2>",
         "<p>recall@k is the overlap with the exact top-k; MRR and label recall use the labels "
-        "when given.</p>",
-        _table([TABLE_COLUMNS[c] for c in cols], [[r.get(c) for c in cols] for r in rows]),
+        "when given. QPS is the evaluation's own single-thread search of up to "
+        "1,000 queries on the machine that ran it (every part searched in turn), and "
+        "codes/query the codes those searches scanned: pick nprobe for a latency budget "
+        "from them.</p>",
+        _table([TABLE_COLUMNS[c] for c in cols], [[r.get(c) for c in cols] for r in rows],
+               [SPEED_FORMATS.get(c, "{:.4f}") for c in cols]),
         *_gains(rows),
         f"<img src='{RECALL_PNG}' alt='recall against nprobe'>",
     ]

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import faiss
 import numpy as np
 import pytest
 
@@ -47,9 +48,17 @@ def test_job_publishes_report_and_manifest(s3_run):
     for nprobe in (1, 4, 16):
         faiss_row, ours = by["faiss-ivf-opq", nprobe], by["distilled-ivf-opq", nprobe]
         assert ours["recall_at_10"] > faiss_row["recall_at_10"], (nprobe, faiss_row, ours)
+    # Speed for choosing nprobe: at nprobe = nlist (16) a query scans every code of the corpus
+    for method in ("faiss-ivf-opq", "distilled-ivf-opq"):
+        codes = [by[method, p]["codes_per_query"] for p in (1, 4, 16)]
+        assert codes[0] < codes[1] < codes[2] == 4000, (method, codes)
+        assert all(by[method, p]["qps_1thread"] > 0 for p in (1, 4, 16))
     assert set(report["wall_seconds"]) >= {"ingest", "train", "merge", "evaluate"}
     manifest = storage.read_json(storage.join(out, "manifest.json"))
     assert manifest["counts"]["vectors"] == 4000
+    software = manifest["software"]
+    assert software["ivf-distill"] and software["faiss-cpu"] == faiss.__version__
+    assert {"torch", "ray", "numpy", "pyarrow", "git_commit"} <= set(software)
     for name, meta in manifest["files"].items():
         local = os.path.join(os.environ.get("TMPDIR", "/tmp"), "check-" + name.replace("/", "_"))
         storage.download_file(storage.join(out, name), local)

@@ -1,6 +1,9 @@
 """Retrieval quality metrics."""
 from __future__ import annotations
 
+import time
+
+import faiss
 import numpy as np
 
 
@@ -77,3 +80,27 @@ def score_rows(I_by_nprobe: dict, gt: np.ndarray, qids: np.ndarray, qrels: dict 
     """One report row per nprobe: base_row plus recall@10/100 against gt and, with labels,
     MRR@10 and label recall@10."""
     return rows_from_sums(score_sums(I_by_nprobe, gt, qids, qrels), base_row)
+
+
+def timed_search(index, xq: np.ndarray, k: int) -> tuple[float, int, int]:
+    """(seconds, queries, codes scanned) of searching xq on one thread: faiss's IVF counters
+    (indexIVF_stats.ndis) count the codes the lists held."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        faiss.cvar.indexIVF_stats.reset()
+        t0 = time.perf_counter()
+        index.search(np.ascontiguousarray(xq), k)
+        seconds = time.perf_counter() - t0
+        return seconds, len(xq), int(faiss.cvar.indexIVF_stats.ndis)
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
+def speed_of(parts: list[tuple[float, int, int]]) -> dict:
+    """Report fields of the parts' timed searches of the same queries: a query costs what it
+    costs in every part (searched one after another on one thread)."""
+    seconds = sum(p[0] for p in parts)
+    queries = parts[0][1]
+    return {"qps_1thread": queries / seconds if seconds > 0 else None,
+            "codes_per_query": sum(p[2] for p in parts) / max(queries, 1)}

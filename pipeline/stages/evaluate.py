@@ -29,6 +29,11 @@ from pipeline.workflow.stage import METHODS, Context, Stage, method_names
 log = logging.getLogger("ivf_distill.stages.evaluate")
 
 
+# Queries of the first block searched once more on one thread, timed, per part and nprobe:
+# the report's single-thread QPS and codes scanned per query, for choosing nprobe.
+SPEED_QUERIES = 1000
+
+
 @ray.remote
 def _search_part(folder_uri: str, files: tuple[str, ...], gt_uris: list[str], k: int,
                  nprobes: tuple) -> dict:
@@ -36,23 +41,25 @@ def _search_part(folder_uri: str, files: tuple[str, ...], gt_uris: list[str], k:
     ground-truth part holds its block's queries and exact neighbours). files: the part's
     (data, header) pair, or its one fast-scan export. A task reads its part and nothing else
     of the index. Returns {"found": [{nprobe: (D, I)} per block], "bytes": the part's
-    size}."""
+    size, "speed": {nprobe: (seconds, queries, codes scanned)} of metrics.timed_search}."""
     pin_threads()
     with storage.scratch("eval") as scratch:
         folder = storage.local_folder(folder_uri, files, scratch)
         path = os.path.join(folder, files[-1])
         index = ondisk.read_ondisk(path) if len(files) == 2 else faiss.read_index(path)
         nbytes = sum(os.path.getsize(os.path.join(folder, f)) for f in files)
-        found = []
-        for uri in gt_uris:
+        found, speed = [], {}
+        for b, uri in enumerate(gt_uris):
             xq = load_parts([uri])["xq"]
             block = {}
             for nprobe in nprobes:
                 build.set_nprobe(index, nprobe)
                 block[nprobe] = index.search(xq, k)
+                if b == 0:  # the same queries in every part: the parts' costs add up
+                    speed[nprobe] = metrics.timed_search(index, xq[:SPEED_QUERIES], k)
             found.append(block)
         del index
-    return {"found": found, "bytes": nbytes}
+    return {"found": found, "bytes": nbytes, "speed": speed}
 
 
 @ray.remote
@@ -73,7 +80,10 @@ def _score(gt_uris: list[str], k: int, metric: str, labels_uri: str, spans: dict
         metrics.add_sums(sums, metrics.score_sums(found, gt["I"], gt["qids"], qrels))
         qids.append(gt["qids"])
     labels = label_misses(qrels, np.concatenate(qids), spans) if qrels else None
-    return {"sums": sums, "labels": labels, "bytes": sum(p["bytes"] for p in parts)}
+    speed = {nprobe: metrics.speed_of([p["speed"][nprobe] for p in parts])
+             for nprobe in parts[0]["speed"]}
+    return {"sums": sums, "labels": labels, "bytes": sum(p["bytes"] for p in parts),
+            "speed": speed}
 
 
 @ray.remote
@@ -178,7 +188,8 @@ def run(ctx: Context) -> Evaluated:
     for (method, fs), res in zip(variants, results):
         base = {"method": names[method] + ("-fs" if fs else ""),
                 "bytes_per_vector": build.bytes_per_vector(cfg.index), "nlist": cfg.index.nlist}
-        rows += metrics.rows_from_sums(res["sums"], base)
+        rows += [{**r, **res["speed"][r["nprobe"]]}
+                 for r in metrics.rows_from_sums(res["sums"], base)]
     for method, sums in on_sample.items():  # named apart: they search the sample only
         base = {"method": names[method] + "-sample", "nlist": cfg.index.nlist,
                 "bytes_per_vector": build.bytes_per_vector(cfg.index), "vectors": plan.sample}
