@@ -84,7 +84,8 @@ def test_the_installed_command_builds_and_searches(installed):
 
     run("prepare", "--synthetic", "2000", "--dim", "16", "--out", "data")
     built = run("build", "--config", "smoke", "--output", "out",
-                "--set", "data.corpus=data/corpus", "--set", "data.train_queries=data/train_queries",
+                "--set", "data.corpus=data/corpus",
+                "--set", "data.train_queries=data/train_queries",
                 "--set", "eval.queries=data/eval_queries", "--set", "eval.labels=data/labels",
                 "--set", "ray.num_cpus=2")
     assert "version:" in built.stdout

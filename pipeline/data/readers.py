@@ -115,7 +115,8 @@ def probe(uri: str, id_cols=("id", "embedding"), optional_id: bool = False
             raise InputError(
                 f"{uri}: missing column(s) {missing}; found {names}. The input contract is "
                 f"Parquet with columns {list(id_cols)}" + (
-                    " (name the vectors' column: data.embedding_column, or --embedding-column)" if optional_id else "")
+                    " (name the vectors' column: data.embedding_column, or --embedding-column)"
+                    if optional_id else "")
             )
         if optional_id:
             id_kind(uri, id_cols[0])
