@@ -24,7 +24,7 @@ from pipeline.data.plan import Shard
 from pipeline.distributed.autoscale import ensure_groups
 from pipeline.distributed.tasks import trim_heap
 from pipeline.errors import InputError
-from pipeline.index import build
+from pipeline.index import build, sizing
 from pipeline.stages import encode, evaluate, ingest, init, teacher, train
 from pipeline.workflow.results import Plan
 from pipeline.workflow.stage import METHODS, Context, Run, Stage, StageConfig
@@ -159,6 +159,7 @@ def run_pipeline(cfg: PipelineConfig, output: str, from_stage: str | None = None
     with _interruptible() as arm, \
             lease.hold(output, cfg.publish.lease_seconds, break_lease) as held:
         plan = ingest.preflight(cfg)  # metadata checks before Ray starts or anything is written
+        cfg = cfg.with_values(plan.resolved) if plan.resolved else cfg  # the auto sizes
         log.info("corpus: %d vectors, d=%d, %d shards", plan.n, plan.d, len(plan.shards))
         if not cfg.eval.queries:
             log.warning("no eval.queries: the index is built but not evaluated")
@@ -175,6 +176,29 @@ def run_pipeline(cfg: PipelineConfig, output: str, from_stage: str | None = None
         built_from = {s: planned[s][0] for s in ("merge", "evaluate")}
         manifest = _publish(cfg, run, rows, seconds, held, built_from, fresh=bool(ran))
     return {"rows": rows, "manifest": manifest, "seconds": seconds}
+
+
+def dry_run(cfg: PipelineConfig, output: str) -> list[str]:
+    """What run_pipeline would build under `output` and what it would cost, from the inputs'
+    metadata alone: no Ray, no lease, nothing written."""
+    validate_for_pipeline(cfg)
+    plan = ingest.preflight(cfg)
+    notes = sizing.resolve(cfg.index, plan.n, plan.d, cfg.data.train_sample)[1]
+    cfg = cfg.with_values(plan.resolved) if plan.resolved else cfg
+    train_q = sum(f[1] for f in plan.train_query_files)
+    if cfg.data.max_train_queries:
+        train_q = min(train_q, cfg.data.max_train_queries)
+    eval_q = sum(f[1] for f in readers.query_files("eval.queries", cfg.eval.queries, plan.d,
+                                                   columns=cfg.data.columns)) \
+        if cfg.eval.queries else 0
+    if cfg.eval.max_queries:
+        eval_q = min(eval_q, cfg.eval.max_queries)
+    cores = cfg.ray.num_cpus or os.cpu_count() or 1
+    current = publish.read_pointer(output)[0] if storage.exists(output) else None
+    now = f"current version {current['version']}" if current else "nothing published yet"
+    return [f"output: {output} ({now}; the dry run writes nothing)",
+            *notes, *sizing.plan_lines(cfg, plan.n, plan.d, len(plan.shards), train_q, eval_q,
+                                       cores)]
 
 
 def _check_incremental(cfg: PipelineConfig, run: Run, plan: Plan) -> None:

@@ -4,8 +4,10 @@ snippet in an environment that holds only faiss-cpu, numpy, pyarrow and s3fs (an
 need), where torch, Ray and YAML cannot be imported."""
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import shutil
 import re
 import subprocess
 import sys
@@ -33,9 +35,12 @@ def installed(tmp_path_factory):
     site-packages through a path file (installing them again would take minutes and a
     network); the package itself, commands and presets come from the wheel alone."""
     tmp = tmp_path_factory.mktemp("install")
-    wheels = tmp / "wheels"
+    wheels, src = tmp / "wheels", tmp / "src"
+    # Built from a copy: a build writes build/ and *.egg-info beside the sources.
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "runs", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(wheels), str(ROOT)], check=True,
+                    "--no-build-isolation", "-w", str(wheels), str(src)], check=True,
                    cwd=tmp, env=_clean_env())
     wheel = next(wheels.glob("ivf_distill-*.whl"))
     venv = tmp / "venv"
@@ -87,10 +92,13 @@ def test_the_installed_command_builds_and_searches(installed):
                 "--set", "data.corpus=data/corpus",
                 "--set", "data.train_queries=data/train_queries",
                 "--set", "eval.queries=data/eval_queries", "--set", "eval.labels=data/labels",
-                "--set", "ray.num_cpus=2")
+                "--set", "ray.num_cpus=2", "--set", "index.nlist=auto")
     assert "version:" in built.stdout
-    manifest = (work / "out" / "manifest.json").read_text()
-    assert '"ivf-distill": "0.2.0"' in manifest and '"faiss-cpu"' in manifest
+    manifest = json.loads((work / "out" / "manifest.json").read_text())
+    assert manifest["software"]["ivf-distill"] == metadata.version("ivf-distill")
+    assert manifest["software"]["git_commit"] is None  # a wheel knows no checkout
+    # auto: 4 sqrt(2,000) = 179 -> 128, at most 2,000 / 39 = 51 -> 32
+    assert manifest["parameters"]["nlist"] == 32
     found = run("search", "--index", "out", "--queries", "data/eval_queries", "-k", "5",
                 "--nprobe", "4")
     lines = found.stdout.strip().splitlines()

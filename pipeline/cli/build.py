@@ -29,7 +29,7 @@ from pipeline.console import Console
 from pipeline.errors import InputError
 from pipeline.lease import LeaseHeld, LeaseLost
 from pipeline.report import format_table
-from pipeline.runner import STAGES, Interrupted, rollback, run_pipeline
+from pipeline.runner import STAGES, Interrupted, dry_run, rollback, run_pipeline
 
 
 def parse_args(argv):
@@ -49,6 +49,12 @@ def parse_args(argv):
     ap.add_argument("--log", metavar="FILE",
                     help="write everything the job, Ray and faiss print to stderr to FILE, and "
                          "show only the job's own progress, warnings and errors")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print what the job would build and an estimate of its size and "
+                         "stage times, from the inputs' metadata; start nothing, write nothing")
+    ap.add_argument("--memory-budget", metavar="SIZE",
+                    help="the index's size at most SIZE (e.g. 4GB): picks index.M "
+                         "(index.memory_budget=SIZE, index.M=auto)")
     ap.add_argument("--break-lease", action="store_true",
                     help="take over the output's lease even if another job seems to hold it "
                          "(only when that job is known to be dead)")
@@ -91,7 +97,12 @@ def _execute(args) -> None:
         m = rollback(args.output, args.rollback, publish_cfg.lease_seconds, args.break_lease)
         print(f"rolled back: {args.output.rstrip('/')}/manifest.json -> {m['version']}")
         return
-    cfg = load_config(args.config, args.overrides)
+    budget = [f"index.memory_budget={args.memory_budget}", "index.M=auto"] \
+        if args.memory_budget else []
+    cfg = load_config(args.config, budget + args.overrides)
+    if args.dry_run:
+        print("\n".join(dry_run(cfg, args.output)))
+        return
     t0 = time.time()
     result = run_pipeline(cfg, args.output, args.from_stage, args.incremental,
                           break_lease=args.break_lease)

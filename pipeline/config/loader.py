@@ -163,7 +163,7 @@ def validate(cfg: PipelineConfig) -> None:
     """What a config loaded for the pipeline needs beyond its sections' own checks (which ran
     when they were made): an index with lists, a corpus.
     Checks against the data's dimension live in ingest."""
-    if cfg.index.nlist < 1:
+    if cfg.index.nlist != "auto" and cfg.index.nlist < 1:
         raise InputError("index.nlist must be >= 1: the pipeline builds IVF indexes")
     if not cfg.data.corpus:
         raise InputError("data.corpus is empty: set it to a local path or s3:// prefix")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import enum
+import re
+import types
 import typing
 
 from pipeline.errors import InputError
@@ -93,8 +95,25 @@ def typed_modes(obj) -> None:
                 object.__setattr__(obj, name, coerce(value, typ, f"{type(obj).__name__}.{name}"))
 
 
+AUTO = "auto"  # a size the job derives from the data (pipeline.index.sizing)
+Auto = typing.Literal["auto"]
+
+
 def coerce(value, typ, where: str):
     origin = typing.get_origin(typ)
+    if origin is typing.Literal:
+        if value not in typing.get_args(typ):
+            raise InputError(f"{where} must be one of {typing.get_args(typ)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(typ):
+            try:
+                return coerce(value, arm, where)
+            except InputError:
+                pass
+        names = " or ".join(repr(typing.get_args(a)[0]) if typing.get_origin(a) is typing.Literal
+                            else a.__name__ for a in typing.get_args(typ))
+        raise InputError(f"{where}: expected {names}, got {value!r}")
     if origin is tuple:
         (inner, _ellipsis) = typing.get_args(typ)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -132,3 +151,23 @@ def coerce(value, typ, where: str):
             raise InputError(f"{where}: expected a string, got {value!r}")
         return value
     raise AssertionError(f"unsupported config type {typ} at {where}")
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str, where: str) -> int:
+    """Bytes from "4GB", "512MiB", "2e9" (decimal units: kB, MB, GB, TB; binary: KiB...)."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS:
+        raise InputError(f"{where}: {text!r} is not a size; write e.g. 4GB, 512MiB or 2e9")
+    try:
+        value = float(m.group(1)) * _UNITS[unit]
+    except ValueError:
+        raise InputError(f"{where}: {text!r} is not a size; write e.g. 4GB, 512MiB or 2e9"
+                         ) from None
+    if value < 1:
+        raise InputError(f"{where}: {text!r} must be a positive size")
+    return int(value)

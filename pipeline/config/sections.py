@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass, field
 
 from pipeline.config.modes import (
+    AUTO,
+    Auto,
     Baseline,
     Coarse,
     Kmeans,
@@ -19,6 +21,7 @@ from pipeline.config.modes import (
     NegativeSampler,
     Quantizer,
     Verify,
+    parse_size,
     typed_modes,
 )
 from pipeline.errors import InputError
@@ -54,8 +57,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    nlist: int = 256  # inverted lists (IVF)
-    M: int = 8  # sub-quantizers (PQ) or stages (RQ); bytes per vector = M * nbits / 8
+    nlist: int | Auto = 256  # inverted lists (IVF); auto: about 4 sqrt(corpus), at least 39 sample vectors a list
+    M: int | Auto = 8  # sub-quantizers (PQ) or stages (RQ); bytes per vector = M * nbits / 8; auto: the most that memory_budget allows
+    memory_budget: str = ""  # the index's size at most this (e.g. 4GB, 512MiB): picks M when it is auto, checks it otherwise
     nbits: int = 8  # bits per code; 4 with M = 2 x bytes for fast-scan
     opq: bool = True  # learn (and distil) an OPQ rotation in front of the PQ
     quantizer: Quantizer = Quantizer.PQ  # pq (IVF-PQ / IVF-OPQ), rq or lsq (KDindex's additive students; no OPQ)
@@ -67,12 +71,19 @@ class IndexConfig:
     def __post_init__(self):
         typed_modes(self)
         # nlist 0 is a flat index, which the benchmark compares; the pipeline needs lists.
-        if self.nbits not in range(1, 17) or self.M < 1 or self.nlist < 0:
+        if self.memory_budget:
+            parse_size(self.memory_budget, "index.memory_budget")
+        elif self.M == AUTO:
+            raise InputError("index.M=auto needs index.memory_budget (e.g. 4GB): the bytes "
+                             "per vector come from it")
+        # auto values are resolved against the data in ingest, and checked again then
+        M = 8 if self.M == AUTO else self.M
+        if self.nbits not in range(1, 17) or M < 1 or (self.nlist != AUTO and self.nlist < 0):
             raise InputError("index.M must be >= 1, index.nlist >= 1 and index.nbits in 1..16")
         if self.quantizer != Quantizer.PQ and self.opq:
             raise InputError(f"index.quantizer={self.quantizer} takes no OPQ rotation: set "
                              "index.opq=false")
-        if self.quantizer == Quantizer.LSQ and self.M < 4:
+        if self.quantizer == Quantizer.LSQ and M < 4:
             raise InputError("index.quantizer=lsq needs index.M >= 4 (faiss's LSQ encoder "
                              "perturbs 4 codes at a time); use rq below 4 bytes")
         if self.rq_beam < 1:

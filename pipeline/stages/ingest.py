@@ -18,6 +18,7 @@ from pipeline.data.plan import Shard, first_rows, plan_blocks, plan_shards
 from pipeline.distributed.placement import Group, largest_node_memory, memory, placement
 from pipeline.distributed.tasks import check_unique_ids, pin_threads, trim_heap
 from pipeline.errors import InputError
+from pipeline.index import sizing
 from pipeline.index.build import check_shape
 from pipeline.workflow.results import Ingested, Plan
 from pipeline.workflow.stage import Context, Stage
@@ -65,6 +66,10 @@ def preflight(cfg: PipelineConfig) -> Plan:
             f"teacher.k={cfg.teacher.k} / eval.k={cfg.eval.k} exceed the corpus size {n}; "
             "lower them"
         )
+    resolved, notes = sizing.resolve(cfg.index, n, d, cfg.data.train_sample)
+    for note in notes:
+        log.info(note)
+    cfg = cfg.with_values(resolved) if resolved else cfg
     check_shape(cfg.index, d, min(n, cfg.data.train_sample))
     content = cfg.data.verify == Verify.CONTENT
     log.info("input identity: %s (data.verify=%s)", "size, mtime, inode, ctime and a sha256 "
@@ -85,6 +90,7 @@ def preflight(cfg: PipelineConfig) -> Plan:
                           zip(probed, fingerprints["data.corpus"])], cfg.data.rows_per_shard,
                          columns)
     return Plan(n=n, d=d, shards=[s.to_dict() for s in shards], string_ids=ids_as == "string",
+                resolved=resolved,
                 train_query_files=[list(f) for f in query_files.get("data.train_queries", [])],
                 inputs={k: keys.input_digest(v) for k, v in fingerprints.items()})
 

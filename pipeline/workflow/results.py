@@ -21,6 +21,7 @@ class Plan:
     train_query_files: list  # [file, rows, fingerprint] of the training queries
     inputs: dict  # {"section.field": digest of that input's files' identities}
     string_ids: bool = False  # the corpus's ids are strings: the index holds row numbers
+    resolved: dict = dataclasses.field(default_factory=dict)  # {"index.nlist": n} for autos
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,0 @@
-"""The presets shipped with the package: `--config demo` (or smoke, example) loads one."""
