@@ -112,7 +112,8 @@ def coerce(value, typ, where: str):
             except InputError:
                 pass
         names = " or ".join(repr(typing.get_args(a)[0]) if typing.get_origin(a) is typing.Literal
-                            else a.__name__ for a in typing.get_args(typ))
+                            else {int: "an integer"}.get(a, a.__name__)
+                            for a in typing.get_args(typ))
         raise InputError(f"{where}: expected {names}, got {value!r}")
     if origin is tuple:
         (inner, _ellipsis) = typing.get_args(typ)
