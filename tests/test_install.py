@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
