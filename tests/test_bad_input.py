@@ -146,7 +146,8 @@ def emb(n: int, d: int = 32) -> pa.Array:
 
 IDS = {
     "float": (pa.array(np.arange(2000, dtype=np.float64)), "ids must be integers"),
-    "string": (pa.array([str(i) for i in range(2000)]), "ids must be integers"),
+    "bytes": (pa.array([str(i).encode() for i in range(2000)]), "ids must be integers"),
+    "null-string": (pa.array([str(i) for i in range(1999)] + [None]), "null ids"),
     "null": (pa.array(list(range(1999)) + [None], pa.int64()), "null ids"),
     "negative": (pa.array(np.arange(2000) - 5, pa.int64()), "negative ids"),
     "minus-one": (pa.array(np.r_[np.arange(1999), -1], pa.int64()), "negative ids"),

@@ -67,11 +67,20 @@ def answers(out: str, queries: str, tmp_path, tag: str) -> np.ndarray:
     return np.array(readers._parquet_file(res).read().column("id")).reshape(-1, 10)
 
 
+def exact_blocks(out: str) -> int:
+    """The query blocks whose exact top-k the last evaluate searched (its stage record)."""
+    record = storage.read_json(storage.join(out, "stages", "evaluate", "_manifest.json"))
+    return record["info"]["exact_blocks"]
+
+
 def test_changed_eval_field_reruns_evaluate_only(output, caplog):
     data, out, versions = output
     before = version_files(out)
+    searched_first = exact_blocks(out)
     text = rerun(data, out, caplog, "--set", "eval.nprobe=[2, 8]")
     assert stages_run(text) == ["evaluate"], text[-3000:]
+    # The ground truth depends on the corpus and the queries only: kept, none searched again
+    assert searched_first >= 1 and exact_blocks(out) == 0
     assert "stage evaluate: runs: eval.nprobe" in text
     assert text.count("skipped (unchanged)") == 7
     m = publish.resolve(out)

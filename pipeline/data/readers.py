@@ -118,8 +118,11 @@ def probe(uri: str, id_cols=("id", "embedding"), optional_id: bool = False
                     " (name the vectors' column: data.embedding_column, or --embedding-column)"
                     if optional_id else "")
             )
-        if optional_id:
-            id_kind(uri, id_cols[0])
+        if optional_id and id_kind(uri, id_cols[0]) == "string":
+            nulls = _null_count(pf, names.index(id_cols[0]))
+            if nulls:
+                raise InputError(f"{uri}: column {id_cols[0]!r} has {nulls} null ids; every "
+                                 "row needs an id")
         else:
             id_type = pf.schema_arrow.field(id_cols[0]).type
             if not pa.types.is_integer(id_type):
@@ -144,6 +147,15 @@ def probe(uri: str, id_cols=("id", "embedding"), optional_id: bool = False
     if d <= 0 or size % row:
         raise InputError(f"{uri}: not a valid {uri[-5:]} file (size {size}, d {d})")
     return size // row, d
+
+
+def _null_count(pf: pq.ParquetFile, column: int) -> int:
+    """Nulls in a column by its row groups' statistics (0 where a writer kept none)."""
+    total = 0
+    for g in range(pf.num_row_groups):
+        stats = pf.metadata.row_group(g).column(column).statistics
+        total += stats.null_count if stats is not None and stats.has_null_count else 0
+    return total
 
 
 def _embedding_to_numpy(col: pa.ChunkedArray, uri: str) -> np.ndarray:

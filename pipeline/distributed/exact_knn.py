@@ -255,8 +255,9 @@ def distributed_topk(cfg: RayConfig, metric: str, shards: list[dict], blocks: li
     Returns {"all": [uris]}, or with split=(val_fraction, seed) {"train": [uris], "val":
     [uris]}; "rows": the row count of each; "spans": each block's (id_min, id_max);
     "object_store_bytes": what the search results, merges and gathered vectors moved through
-    the object store in this call (the query blocks included); "workers". With a `key` (the
-    stage's), blocks already written under it are kept. exclude_self: the queries are corpus
+    the object store in this call (the query blocks included); "workers"; "searched": the
+    blocks this call searched. With a `key`, blocks already written under it are kept.
+    exclude_self: the queries are corpus
     samples, and a query's own row is no neighbour (knn.without_self).
     """
     names = [f"part-{b:05d}.parquet" for b in range(len(blocks))]
@@ -267,7 +268,7 @@ def distributed_topk(cfg: RayConfig, metric: str, shards: list[dict], blocks: li
     if len(todo) < len(blocks):
         log.info("%s: resuming: %d of %d query blocks already done", what,
                  len(blocks) - len(todo), len(blocks))
-    moved, workers, devices = 0, 0, []
+    moved, workers, devices, searched = 0, 0, [], len(todo)
     for attempt in range(ATTEMPTS):
         if not todo:
             break
@@ -293,7 +294,7 @@ def distributed_topk(cfg: RayConfig, metric: str, shards: list[dict], blocks: li
                for name in names] for g in groups}
     out["rows"] = {g: sum(c[g] for c in counts) for g in groups}
     out["spans"] = [c["span"] for c in counts]
-    out["object_store_bytes"], out["workers"] = moved, workers
+    out["object_store_bytes"], out["workers"], out["searched"] = moved, workers, searched
     out["device"] = ", ".join(sorted(set(devices))) or "nothing left to search"
     return out
 

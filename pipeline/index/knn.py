@@ -16,7 +16,6 @@ import logging
 import math
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import torch
 
@@ -115,12 +114,7 @@ def _search(xq: np.ndarray, xb: np.ndarray, k: int, metric: str, query_block: in
     exclude_self: the queries are corpus samples (pseudo-queries), and each one's own row,
     the first row of xb equal to it, is no neighbour (see without_self)."""
     nq, d = xq.shape
-    if device == "cpu":
-        index = faiss.IndexFlatIP(d) if metric == "ip" else faiss.IndexFlatL2(d)
-        index.add(np.ascontiguousarray(xb, dtype=np.float32))
-        search = index.search
-    else:
-        search = _torch_search(xb, metric, device)
+    search = _torch_search(xb, metric, device)
     kk = min(k + exclude_self, len(xb))
     S = np.full((nq, k), -np.inf, dtype=np.float32)
     L = np.full((nq, k), -1, dtype=np.int64)
@@ -165,19 +159,52 @@ def without_self(q: np.ndarray, xb: np.ndarray, D: np.ndarray, rows: np.ndarray,
     return D, rows
 
 
+# The score tile one GEMM fills: queries x corpus rows. Its memory (4 B a score, 128 MiB
+# here) stays flat in the shard size, and its top-k merges with the tiles before it.
+TILE_QUERIES, TILE_ROWS = 1024, 32768
+
+
 def _torch_search(xb: np.ndarray, metric: str, device: str):
-    """A faiss-like search(q, k) -> (D, L) over xb with torch on `device` (L2: squared)."""
+    """A faiss-like search(q, k) -> (D, L) over xb with torch on `device` (L2: squared): a
+    float32 GEMM and top-k per tile of TILE_QUERIES x TILE_ROWS, merged tile by tile. On
+    CPUs it beats faiss's flat search at the band's depth (k = 300), whose per-query heaps
+    cost more than the GEMM. Inner product needs no norms. Which of several documents tied
+    at the k-th score stays in is open (torch.topk's); the kept ones come best first, equal
+    scores by row."""
     xb_t = torch.as_tensor(np.ascontiguousarray(xb, dtype=np.float32), device=device)
-    norms = (xb_t * xb_t).sum(1)
+    norms = (xb_t * xb_t).sum(1) if metric == "l2" else None
+    n = len(xb_t)
+
+    def tile_scores(q_t, r0: int):
+        s = q_t @ xb_t[r0:r0 + TILE_ROWS].T
+        if metric == "l2":  # negated squared distance, so top-k by largest either way
+            s = 2 * s - norms[None, r0:r0 + TILE_ROWS] - (q_t * q_t).sum(1, keepdim=True)
+        return s
 
     def search(q: np.ndarray, k: int):
-        q_t = torch.as_tensor(q, device=device)
-        s = q_t @ xb_t.T
-        if metric == "l2":  # negated squared distance, so top-k by largest either way
-            s = 2 * s - norms[None] - (q_t * q_t).sum(1, keepdim=True)
-        D, L = torch.topk(s, k, dim=1)
-        D = D if metric == "ip" else -D
-        return D.cpu().numpy(), L.cpu().numpy()
+        D_out = np.empty((len(q), k), np.float32)
+        L_out = np.empty((len(q), k), np.int64)
+        for i0 in range(0, len(q), TILE_QUERIES):
+            q_t = torch.as_tensor(np.ascontiguousarray(q[i0:i0 + TILE_QUERIES]), device=device)
+            best_s = best_l = None
+            for r0 in range(0, n, TILE_ROWS):  # unsorted top-k per tile, sorted once at the end
+                s = tile_scores(q_t, r0)
+                ts, tl = torch.topk(s, min(k, s.shape[1]), dim=1, sorted=False)
+                tl += r0
+                if best_s is not None:
+                    ts, order = torch.topk(torch.cat([best_s, ts], 1), k, dim=1, sorted=False)
+                    tl = torch.gather(torch.cat([best_l, tl], 1), 1, order)
+                best_s, best_l = ts, tl
+            # Best first; equal scores by row, so that ties break the same way on any device
+            # and tiling (torch.topk leaves their order open).
+            by_row = torch.argsort(best_l, dim=1)
+            best_s, best_l = torch.gather(best_s, 1, by_row), torch.gather(best_l, 1, by_row)
+            order = torch.argsort(best_s, dim=1, descending=True, stable=True)
+            best_s, best_l = torch.gather(best_s, 1, order), torch.gather(best_l, 1, order)
+            D = best_s if metric == "ip" else -best_s
+            D_out[i0:i0 + len(q_t)] = D.cpu().numpy()
+            L_out[i0:i0 + len(q_t)] = best_l.cpu().numpy()
+        return D_out, L_out
     return search
 
 

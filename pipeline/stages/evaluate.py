@@ -6,6 +6,8 @@ It searches the merge stage's output, the very files that publishing then places
 version, so the report describes the version it ships with."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 
@@ -16,7 +18,7 @@ import ray
 from pipeline import storage
 from pipeline.config import Baseline
 from pipeline.data import readers
-from pipeline.data.plan import plan_blocks
+from pipeline.data.plan import Shard, plan_blocks
 from pipeline.data.teacher_parts import load_parts
 from pipeline.distributed.exact_knn import distributed_topk
 from pipeline.distributed.placement import Group, memory, placement
@@ -147,7 +149,7 @@ def run(ctx: Context) -> Evaluated:
     k = max(cfg.eval.k, 10)
     gt = distributed_topk(cfg.ray, cfg.data.metric, plan.shards, blocks, plan.d, k,
                           ctx.path("gt"), "evaluate: exact top-k of eval.queries",
-                          key=ctx.resume_key)
+                          key="" if ctx.fresh else truth_key(plan.shards, cfg.data.metric, k))
     check_unique_ids(cfg.ray, gt["spans"], blocks, "eval.queries")
     names = method_names(cfg.index)
     cpu = placement(cfg.ray, Group.CPU)
@@ -194,7 +196,16 @@ def run(ctx: Context) -> Evaluated:
         base = {"method": names[method] + "-sample", "nlist": cfg.index.nlist,
                 "bytes_per_vector": build.bytes_per_vector(cfg.index), "vectors": plan.sample}
         rows += metrics.rows_from_sums(sums, base)
-    return Evaluated(rows=rows, queries=gt["rows"]["all"])
+    return Evaluated(rows=rows, queries=gt["rows"]["all"], exact_blocks=gt["searched"])
+
+
+def truth_key(shards: list[dict], metric: str, k: int) -> str:
+    """What the exact top-k of the evaluation queries depends on: the corpus shards (files,
+    rows, ids, versions), the metric and k; each block's key adds its own query rows. The
+    index, the sweep (eval.nprobe) and the training do not enter it, so a rerun that changes
+    only them keeps the ground truth the last run wrote."""
+    raw = json.dumps([[Shard(**s).key for s in shards], metric, k])
+    return "truth-" + hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
 # The evaluation queries and labels and the sweep (eval), with what names and sizes the rows

@@ -98,6 +98,7 @@ class Merged:
 class Evaluated:
     rows: list  # report rows (pipeline.index.metrics.rows_from_sums)
     queries: int
+    exact_blocks: int = 0  # query blocks whose exact top-k this run searched (0: all kept)
 
 
 def dump(result) -> dict:
