@@ -263,7 +263,7 @@ class RayConfig:
     """How the work is spread: no stage key covers this section, since none of it changes a
     result (2 training workers train exactly as 1 does)."""
     address: str = ""  # Ray cluster to attach to; empty: RAY_ADDRESS, or a local cluster
-X
+    num_cpus: int = 0  # local cluster only; 0: max(4, cores, train_workers + 2), so Train's controller gets a slot
     gpus_per_task: float = 0.0  # GPUs per teacher and encode task (and one for init's k-means); 0: CPUs
     # Custom resources that tell the node groups of infra/cluster-aws.yaml apart. In no stage
     # key: placement changes no result.
