@@ -71,10 +71,33 @@ STRUCTURES = {"pq": (False, False, "pq"), "opq": (False, True, "pq"),
 # table's encode column shows it). ivf-rq-fs and ivf-lsq-fs are faiss's
 # IndexIVFResidualQuantizerFastScan and IndexIVFLocalSearchQuantizerFastScan: 4-bit codebooks,
 # M = 2 x bytes, SIMD-scanned with quantized tables.
-ADDITIVE = {"ivf-rq", "ivf-rq-b16", "ivf-rq-fs", "ivf-lsq", "ivf-lsq-fs", "rq", "lsq"}
+# faiss at full strength (--baselines names; faiss-only, built by its factory):
+# - ivf-rq-b32r / ivf-rq-b64r: the residual quantizer trained and encoded with a beam of 32 /
+#   64, its codebooks refined after training (Train_refine_codebook, 5 iterations), encoding
+#   through look-up tables (use_beam_LUT);
+# - ivf-prq / ivf-plsq: the product-additive forms, 2 splits of half the bytes each;
+# - ivf-lsq-x2: LSQ with twice faiss's default training and encoding iterations.
+# Anchors at their own bytes, built once whatever --sizes says (no re-ranking, as every row):
+# - ivf-rabitq: 1 bit a dimension plus its corrections (56 B at 384-d); ivf-rabitq-4: 4 bits;
+# - pca64-ivf-rabitq: PCA to 64 dimensions, then 1-bit RaBitQ (16 B).
+STRONG = {
+    "ivf-rq-b32r": ("IVF{nlist},RQ{size}x8", {"beam": 32}),
+    "ivf-rq-b64r": ("IVF{nlist},RQ{size}x8", {"beam": 64}),
+    "ivf-prq": ("IVF{nlist},PRQ2x{half}x8", {}),
+    "ivf-plsq": ("IVF{nlist},PLSQ2x{half}x8", {}),
+    "ivf-lsq-x2": ("IVF{nlist},LSQ{size}x8", {"lsq_iters": 2}),
+}
+ANCHORS = {
+    "ivf-rabitq": ("IVF{nlist},RaBitQ", {}),
+    "ivf-rabitq-4": ("IVF{nlist},RaBitQ4", {}),
+    "pca64-ivf-rabitq": ("PCA64,IVF{nlist},RaBitQ", {}),
+}
+STRUCTURES.update({name: (True, False, "rq") for name in (*STRONG, *ANCHORS)})
+ADDITIVE = {"ivf-rq", "ivf-rq-b16", "ivf-rq-fs", "ivf-lsq", "ivf-lsq-fs", "rq", "lsq",
+            "ivf-rq-b32r", "ivf-rq-b64r", "ivf-prq", "ivf-plsq", "ivf-lsq-x2"}
 RQ_BEAM = {"ivf-rq-b16": 16}
 ADDITIVE_FASTSCAN = {"ivf-rq-fs", "ivf-lsq-fs"}
-FAISS_ONLY = ADDITIVE_FASTSCAN  # baselines only: no student of their form
+FAISS_ONLY = ADDITIVE_FASTSCAN | set(STRONG) | set(ANCHORS)  # no student of their form
 # Fast-scan: 4-bit PQ codes (M = 2 x bytes, by residual), trained as IVF-PQ and searched as
 # faiss IndexIVFPQFastScan (pipeline.index.build.to_fastscan). A distilled fast-scan index is
 # also searched as the plain 4-bit IVF-PQ it was trained as (`-floatlut` rows: float look-up
@@ -269,6 +292,30 @@ def scann_rows(data: Data, size: int, nlist: int, nprobes, metric: str) -> list[
     return rows
 
 
+def strong_index(name: str, d: int, size: int, nlist: int, metric: str):
+    """An empty faiss index of a STRONG or ANCHORS row, set up as the comment above says."""
+    key, how = {**STRONG, **ANCHORS}[name]
+    index = faiss.index_factory(d, key.format(nlist=nlist, size=size, half=size // 2),
+                                build.faiss_metric(metric))
+    inner = faiss.downcast_index(faiss.extract_index_ivf(index))
+    if "beam" in how:
+        rq = inner.rq
+        rq.max_beam_size = how["beam"]
+        rq.train_type = faiss.ResidualQuantizer.Train_progressive_dim | \
+            faiss.ResidualQuantizer.Train_refine_codebook
+        rq.niter_codebook_refine = 5
+        rq.use_beam_LUT = 1
+    if "lsq_iters" in how:
+        inner.lsq.train_iters *= how["lsq_iters"]
+        inner.lsq.encode_ils_iters *= how["lsq_iters"]
+    return index
+
+
+def code_bytes(index) -> int:
+    """Bytes a vector's code takes in the index, as faiss stores it (ids aside)."""
+    return faiss.extract_index_ivf(index).code_size
+
+
 def train_faiss(xb: np.ndarray, icfg: IndexConfig, cfg: PipelineConfig, opq_cache: dict,
                 name: str = ""):
     """faiss's own training: (trained index, seconds). The OPQ rotation of a code size is
@@ -278,6 +325,11 @@ def train_faiss(xb: np.ndarray, icfg: IndexConfig, cfg: PipelineConfig, opq_cach
     rng = np.random.default_rng(cfg.data.seed)
     xt = xb[rng.choice(len(xb), min(cfg.data.train_sample, len(xb)), replace=False)]
     metric = cfg.data.metric
+    if name in STRONG or name in ANCHORS:
+        index = strong_index(name, xb.shape[1], icfg.M * icfg.nbits // 8, icfg.nlist, metric)
+        faiss.extract_index_ivf(index).cp.seed = cfg.init.seed
+        index.train(xt)
+        return index, time.time() - t0
     if icfg.quantizer == "lsq" or name in ADDITIVE_FASTSCAN:
         if name in ADDITIVE_FASTSCAN and metric != "ip":
             raise SystemExit(f"{name} is set up for inner products: with l2 it needs norm "
@@ -491,8 +543,10 @@ def main(argv=None) -> int:
             trained_by[key] = train_faiss(data.xb, icfg, cfg, opq_cache, name)
         return trained_by[key]
 
-    for size in sizes:
+    for s, size in enumerate(sizes):
         for name in dict.fromkeys(baselines + distilled):
+            if name in ANCHORS and s:  # at their own bytes: once
+                continue
             has_ivf, has_opq, quantizer = STRUCTURES[name]
             nbits = 4 if name in FASTSCAN | ADDITIVE_FASTSCAN else cfg.index.nbits
             icfg = dataclasses.replace(cfg.index, M=size * 8 // nbits, nbits=nbits,
@@ -502,6 +556,8 @@ def main(argv=None) -> int:
             base = {"bytes_per_vector": size, "nlist": icfg.nlist}
             searched = build.to_fastscan if name in FASTSCAN else (lambda index: index)
             trained, secs = trained_once(icfg, name)
+            if name in STRONG or name in ANCHORS:  # the bytes faiss stores, not the asked
+                base["bytes_per_vector"] = code_bytes(trained)
             log.info("faiss-%s %dB trained in %.0fs", name, size, secs)
             if name in baselines:
                 rows += evaluate(searched(trained), data, cfg.eval.nprobe,

@@ -3,6 +3,7 @@ and the equal-recall comparison (tests/test_quality_guard.py runs its training o
 import os
 
 import numpy as np
+import pytest
 
 from bench import quality
 from pipeline.config import load_config
@@ -55,3 +56,42 @@ def test_at_equal_recall_picks_the_fastest_distilled_row_with_no_more_bytes(caps
                                    _row("distilled-y", 8, 1, 0.4, 0.6, 10.0)])
     out = capsys.readouterr().out
     assert "R@10 0.5000: -" in out and "R@100 0.5000: distilled-y 8B nprobe 1 x1.00" in out
+
+
+@pytest.mark.parametrize("name, size, want", [
+    ("ivf-rq-b32r", 8, 8), ("ivf-rq-b64r", 8, 8), ("ivf-prq", 16, 16), ("ivf-plsq", 8, 8),
+    ("ivf-lsq-x2", 16, 16),
+    # anchors at their own bytes, at 384-d: 1 bit a dimension and 8 B of corrections; 4 bits;
+    # 64 bits after PCA to 64-d and the same corrections
+    ("ivf-rabitq", 8, 56), ("ivf-rabitq-4", 8, 212), ("pca64-ivf-rabitq", 8, 16),
+])
+def test_strong_baselines_store_the_bytes_their_rows_compare(name, size, want):
+    import faiss
+
+    index = quality.strong_index(name, 384, size, 16, "ip")
+    assert quality.code_bytes(index) == want
+    inner = faiss.downcast_index(faiss.extract_index_ivf(index))
+    if "-rq-b" in name:  # full strength: the beam in training and encoding, refined codebooks
+        rq = inner.rq
+        assert rq.max_beam_size == int(name[len("ivf-rq-b"):-1]) and rq.use_beam_LUT == 1
+        assert rq.train_type & faiss.ResidualQuantizer.Train_refine_codebook
+    if name == "ivf-lsq-x2":
+        default = faiss.LocalSearchQuantizer(384, size, 8)
+        assert inner.lsq.train_iters == 2 * default.train_iters
+        assert inner.lsq.encode_ils_iters == 2 * default.encode_ils_iters
+
+
+def test_an_anchor_trains_and_searches_with_its_codes():
+    """The 1-bit anchor on tiny data: what the benchmark adds and searches holds 56 B codes."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2000, 384)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = quality.strong_index("ivf-rabitq", 384, 8, 16, "ip")
+    index.train(x)
+    index.add(x)
+    import faiss
+
+    faiss.extract_index_ivf(index).nprobe = 16
+    D, I = index.search(x[:20], 10)
+    assert (I[:, 0] == np.arange(20)).mean() >= 0.9  # each finds itself among 2,000, 1 bit
+    assert faiss.extract_index_ivf(index).invlists.code_size == 56
