@@ -118,8 +118,9 @@ def probe(uri: str, id_cols=("id", "embedding"), optional_id: bool = False
                     " (name the vectors' column: data.embedding_column, or --embedding-column)"
                     if optional_id else "")
             )
-        if optional_id and id_kind(uri, id_cols[0]) == "string":
-            nulls = _null_count(pf, names.index(id_cols[0]))
+        if optional_id:
+            nulls = _null_count(pf, names.index(id_cols[0])) \
+                if id_kind(uri, id_cols[0]) == "string" else 0
             if nulls:
                 raise InputError(f"{uri}: column {id_cols[0]!r} has {nulls} null ids; every "
                                  "row needs an id")
