@@ -140,7 +140,7 @@ def test_changed_train_field_retrains_while_readers_see_whole_versions(output, c
         thread.join()
     assert stages_run(text) == ["train", "export", "encode", "merge", "evaluate"], text[-3000:]
     assert "stage train: runs: train.lr" in text
-    assert "resuming" not in text and "set aside" in text
+    assert "train: resuming" not in text and "set aside" in text
     new_params = params(out)
     assert any(not np.array_equal(old_params[k], new_params[k]) for k in new_params)
     ckpt = storage.read_bytes(storage.join(out, "stages", "train", "checkpoint.npz"))
@@ -171,7 +171,7 @@ def test_from_stage_train_retrains(output, caplog, request):
     text = rerun(data, out, caplog, "--from-stage", "train", "--set", "publish.keep_versions=2",
                      "--set", "publish.grace_seconds=0")
     assert stages_run(text) == ["train", "export", "encode", "merge", "evaluate"]
-    assert "resuming" not in text and "set aside (--from-stage)" in text
+    assert "train: resuming" not in text and "set aside (--from-stage)" in text
     assert storage.read_bytes(ckpt) != before  # a new training wrote a new checkpoint
     m = publish.resolve(out)
     # keep_versions 2: the first version is pruned, its files too
