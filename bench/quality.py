@@ -538,7 +538,8 @@ def main(argv=None) -> int:
     def trained_once(icfg: IndexConfig, name: str = ""):
         """train_faiss's (index, seconds), trained once per structure: the LSQ student's RQ
         warm start is the IVF-RQ baseline when both run."""
-        key = (icfg, name in ADDITIVE_FASTSCAN)
+        # the strong baselines and anchors share an IndexConfig with their plain forms
+        key = (icfg, name if name in ADDITIVE_FASTSCAN | set(STRONG) | set(ANCHORS) else "")
         if key not in trained_by:
             trained_by[key] = train_faiss(data.xb, icfg, cfg, opq_cache, name)
         return trained_by[key]
